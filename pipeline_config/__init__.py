@@ -1,0 +1,1 @@
+"""Typed configuration, templates and prompts."""

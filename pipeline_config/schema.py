@@ -1,0 +1,260 @@
+"""Typed configuration for the data half of the pipeline.
+
+Every field is documented here, once. The YAML files in this folder, the
+``culbot`` CLI help and the Prefect parameter form all read these descriptions.
+Load a profile with :func:`load_profile`; errors name the file and the field.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+BROWSER_UA = "Mozilla/5.0 (compatible; CulbotCrawler/0.1; +https://github.com/cbnu-culbot) AppleWebKit/537.36 Chrome/120 Safari/537.36"
+
+
+class HttpPolicy(_Strict):
+    user_agent: str = Field(BROWSER_UA, description="User-Agent sent with every request. univ100's API answers 403 to non-browser agents.")
+    rate_per_host: float = Field(1.0, gt=0, description="Most requests per second to one host.")
+    max_concurrency_per_host: int = Field(2, ge=1, description="Most requests in flight to one host at once.")
+    timeout_s: float = Field(20.0, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = Field(4, ge=0, description="Retries after the first try on 429, 5xx, timeouts and connection errors.")
+    backoff_base_s: float = Field(1.0, ge=0, description="First backoff delay; doubles each retry, with jitter.")
+    backoff_max_s: float = Field(60.0, ge=0, description="Largest backoff delay between retries.")
+    retry_after_max_s: float = Field(300.0, ge=0, description="Longest Retry-After we will honour; a longer one fails the request with a clear error.")
+    respect_robots: bool = Field(True, description="Fetch and obey robots.txt for every host.")
+
+
+class Univ100Config(_Strict):
+    enabled: bool = Field(True, description="Run this stage in data-refresh.")
+    source: Literal["api", "snapshot"] = Field("api", description="'api': the live JSON API over HTTP. 'snapshot': recorded API responses in `snapshot_dir` (offline).")
+    base_url: str = Field("https://api.univ100.kr", description="Base URL of the univ100 JSON API.")
+    snapshot_dir: Path | None = Field(None, description="Folder of recorded responses (list/*.json, detail/*.json) for source 'snapshot'.")
+    campus_id: int = Field(122, description="univ100 campus id (122 is believed to be CBNU; unverified upstream).")
+    dept_id: str = Field("", description="Optional department filter (deptId).")
+    keyword: str = Field("", description="Optional keyword filter.")
+    page_size: int = Field(20, ge=1, le=100, description="Questions per list page (limit); offset advances by this.")
+    max_pages: int | None = Field(None, ge=1, description="Stop after this many list pages (None: until an empty page).")
+    stop_after_known_pages: int = Field(1, ge=0, description="Incremental crawl: stop paging after this many consecutive pages holding only known questions (0: always page to the end).")
+    question_url: str = Field("https://www.univ100.kr/qna/question/{id}", description="Public URL of a question, with {id}; stored with each record.")
+    out_dir: Path = Field(Path("raw/univ100"), description="Crawl state folder: raw responses, records.jsonl, rows.jsonl, manifest.")
+    refresh_every_hours: float = Field(24.0, gt=0, description="In data-refresh, a crawl younger than this is reused from cache.")
+    answer_choice: Literal["first_nonempty", "longest"] = Field("first_nonempty", description="Which answer becomes the row's output.")
+    min_output_chars: int = Field(10, ge=0, description="Rows whose cleaned output is shorter are dropped (counted as 'short_output').")
+    drop_lone_jamo: bool = Field(True, description="Remove lone jamo runs such as ㅋㅋ and ㅠㅠ from community text.")
+    keep_url_domains: list[str] = Field(["cbnu.ac.kr"], description="URLs on these domains survive cleaning; all other URLs are removed as personal.")
+    http: HttpPolicy = Field(default_factory=HttpPolicy, description="Politeness and retry policy.")
+
+    @model_validator(mode="after")
+    def _snapshot_needs_dir(self):
+        if self.source == "snapshot" and self.snapshot_dir is None:
+            raise ValueError("source 'snapshot' needs snapshot_dir")
+        return self
+
+
+class CbnuConfig(_Strict):
+    enabled: bool = Field(True, description="Run this stage in data-refresh.")
+    source: Literal["site", "directory"] = Field("site", description="'site': crawl `seeds` over HTTP. 'directory': read .txt (file name = title) and .html files from `pages_dir`.")
+    seeds: list[str] = Field(["https://www.chungbuk.ac.kr/www/index.do"], description="Start URLs for the site crawl.")
+    allowed_domains: list[str] = Field(["chungbuk.ac.kr", "cbnu.ac.kr"], description="Only links on these domains (or their subdomains) are followed.")
+    pages_dir: Path | None = Field(None, description="Folder of .txt/.html documents for source 'directory'.")
+    max_pages: int = Field(200, ge=1, description="Most pages to fetch in one crawl.")
+    max_depth: int = Field(2, ge=0, description="Link depth from the seeds.")
+    include_patterns: list[str] = Field([], description="If set, only URLs matching one of these regexes are fetched (seeds always are).")
+    exclude_patterns: list[str] = Field([r"\.(pdf|hwp|hwpx|docx?|xlsx?|pptx?|zip|jpe?g|png|gif)(\?|$)", r"/login", r"/logout"], description="URLs matching any of these regexes are skipped.")
+    min_text_chars: int = Field(100, ge=0, description="Pages with less main text are quarantined as 'too_little_text'.")
+    out_dir: Path = Field(Path("raw/cbnu"), description="Crawl state folder: raw HTML, pages.jsonl, quarantine, manifest.")
+    refresh_every_hours: float = Field(24.0, gt=0, description="In data-refresh, a crawl younger than this is reused from cache.")
+    http: HttpPolicy = Field(default_factory=HttpPolicy, description="Politeness and retry policy.")
+
+    @model_validator(mode="after")
+    def _directory_needs_dir(self):
+        if self.source == "directory" and self.pages_dir is None:
+            raise ValueError("source 'directory' needs pages_dir")
+        return self
+
+
+class QAGenConfig(_Strict):
+    enabled: bool = Field(True, description="Run this stage in data-refresh.")
+    backend: Literal["openai", "replay"] = Field("openai", description="'openai': any OpenAI-compatible Chat Completions server. 'replay': answers recorded in `replay_dir`, keyed like the cache (offline).")
+    model: str = Field("gpt-3.5-turbo", description="Chat model name.")
+    base_url: str | None = Field(None, description="API base URL (vLLM, Ollama, ...). None: OPENAI_BASE_URL or the OpenAI default.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the API key. The key itself never goes in config.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature; part of the cache key.")
+    max_tokens: int = Field(2000, ge=1, description="Completion token limit per request.")
+    context_tokens: int = Field(4096, ge=256, description="Model context window; prompt + page chunk + max_tokens must fit.")
+    chunk_tokens: int | None = Field(None, ge=50, description="Page-text tokens per request. None: whatever fits in context_tokens after the prompt and max_tokens.")
+    token_counter: Literal["estimate", "tiktoken"] = Field("estimate", description="'tiktoken': exact counts (downloads its encoding once). 'estimate': a conservative offline estimate for Korean text.")
+    prompt: str = Field("v1", description="Prompt version: a folder name under pipeline_config/prompts/qa/, or a path. Its content hash is part of the cache key.")
+    replay_dir: Path | None = Field(None, description="Folder of recorded responses (*.jsonl) for backend 'replay'.")
+    record_replay: Path | None = Field(None, description="If set, every live answer is also appended to this replay file, for offline reruns.")
+    cache_dir: Path = Field(Path("raw/qa_cache"), description="Response cache, one file per (chunk hash, prompt version, model, temperature).")
+    max_in_flight: int = Field(4, ge=1, description="Most requests in flight at once.")
+    requests_per_minute: float = Field(60, gt=0, description="Most requests started per minute.")
+    max_retries: int = Field(4, ge=0, description="Retries on 429, 5xx, timeouts and connection errors, honouring Retry-After.")
+    parse_retries: int = Field(2, ge=0, description="Extra requests when an answer is not a parsable JSON list.")
+    backoff_base_s: float = Field(2.0, ge=0, description="First retry delay; doubles each retry, with jitter.")
+    retry_after_max_s: float = Field(120.0, ge=0, description="Longest Retry-After we will honour.")
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds.")
+    max_requests: int | None = Field(2000, ge=1, description="Hard budget: most API requests in one run (retries count). None: unlimited.")
+    max_cost_usd: float | None = Field(10.0, gt=0, description="Hard budget: most estimated spend in one run, in USD. None: unlimited.")
+    price_input_per_million: float = Field(0.5, ge=0, description="USD per million prompt tokens, for the ledger and budget.")
+    price_output_per_million: float = Field(1.5, ge=0, description="USD per million completion tokens, for the ledger and budget.")
+    items_per_chunk: int = Field(10, ge=1, description="How many QA items the prompt asks for per chunk.")
+    min_korean_ratio: float = Field(0.5, ge=0, le=1, description="Items whose instruction or output has a smaller share of Hangul letters are quarantined.")
+    max_output_words: int = Field(100, ge=1, description="Items whose output has more words are quarantined (the prompt asks for under 100).")
+    min_grounding: float = Field(0.35, ge=0, le=1, description="Items whose output shares less of its character bigrams with the source chunk are quarantined as ungrounded.")
+    out_dir: Path = Field(Path("raw/cbnu_qa"), description="Output folder: rows.jsonl, quarantine.jsonl, ledger.json, manifest.")
+
+    @model_validator(mode="after")
+    def _replay_needs_dir(self):
+        if self.backend == "replay" and self.replay_dir is None:
+            raise ValueError("backend 'replay' needs replay_dir")
+        return self
+
+
+class KullmConfig(_Strict):
+    enabled: bool = Field(True, description="Run this stage in data-refresh.")
+    source: Literal["hub", "file"] = Field("hub", description="'hub': load `hub_id` at `revision` with datasets. 'file': a local JSON/JSONL/Parquet file in KULLM's schema.")
+    hub_id: str = Field("nlpai-lab/kullm-v2", description="Hub dataset id.")
+    revision: str = Field("main", description="Hub revision; pin a commit sha for reproducible builds.")
+    split: str = Field("train", description="Split to load.")
+    file: Path | None = Field(None, description="Local file for source 'file'.")
+    max_rows: int | None = Field(None, ge=1, description="Keep at most this many rows (sampled with `seed`).")
+    fraction: float | None = Field(None, gt=0, le=1, description="Keep this fraction of rows (sampled with `seed`).")
+    seed: int = Field(42, description="Sampling seed.")
+    out_dir: Path = Field(Path("raw/kullm"), description="Output folder: rows.jsonl, quarantine.jsonl, manifest.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.source == "file" and self.file is None:
+            raise ValueError("source 'file' needs file")
+        if self.max_rows is not None and self.fraction is not None:
+            raise ValueError("set max_rows or fraction, not both")
+        return self
+
+
+class MergeConfig(_Strict):
+    source_priority: list[str] = Field(["cbnu", "univ100", "kullm"], description="On a duplicate (instruction, input), the row from the earliest source here wins.")
+    validation_fraction: float | None = Field(0.05, gt=0, lt=1, description="Share of each source held out for validation.")
+    validation_size: int | None = Field(None, ge=1, description="Total validation rows, spread over sources by size (overrides validation_fraction).")
+    seed: int = Field(42, description="Seed of the deterministic split.")
+    out_root: Path = Field(Path("artifacts/datasets"), description="Dataset versions go to <out_root>/<content-hash>/.")
+
+
+class FormatConfig(_Strict):
+    template_map: dict[str, str] = Field({"kullm": "kullm", "cbnu": "cbnu2", "univ100": "cbnu"}, description="Template per source, as upstream chose by its row tag.")
+    default_template: str = Field("kullm", description="Template for sources not in template_map.")
+    chat_tokenizer: str | None = Field(None, description="Tokenizer (path or hub id) whose chat template renders 'chat' templates.")
+    out_root: Path = Field(Path("artifacts/formatted"), description="Formatted datasets go to <out_root>/<content-hash>/.")
+
+
+class DataProfile(_Strict):
+    name: str = Field(description="Profile name, shown in run names and manifests.")
+    description: str = Field("", description="What this profile is for.")
+    univ100: Univ100Config = Field(default_factory=Univ100Config, description="univ100 crawl.")
+    cbnu: CbnuConfig = Field(default_factory=CbnuConfig, description="CBNU page crawl.")
+    qa: QAGenConfig = Field(default_factory=QAGenConfig, description="QA generation from CBNU pages.")
+    kullm: KullmConfig = Field(default_factory=KullmConfig, description="KULLM-v2 loading.")
+    merge: MergeConfig = Field(default_factory=MergeConfig, description="Merge, dedup, split and versioning.")
+    format: FormatConfig = Field(default_factory=FormatConfig, description="Prompt formatting.")
+
+
+# ----- loading ---------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file and the field."""
+
+
+def profile_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        return p
+    candidate = PACKAGE_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(x.stem for x in PACKAGE_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown profile {name_or_path!r}; shipped profiles: {known}, or give a path to a .yaml file")
+    return candidate
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'qa.max_in_flight=8' -> (['qa', 'max_in_flight'], 8). Values are parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. qa.max_in_flight=8")
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {k!r} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def _format_errors(err: ValidationError, source: str, overrides: list[str]) -> str:
+    overridden = {".".join(parse_override(o)[0]) for o in overrides}
+    lines = [f"{source}: invalid configuration ({err.error_count()} error(s))"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        where = f"--set {loc}" if loc in overridden else source
+        msg = "unknown field (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+        got = f" (got {e['input']!r})" if e["type"] not in ("missing", "extra_forbidden") and not isinstance(e.get("input"), dict) else ""
+        lines.append(f"  {where}: field '{loc}': {msg}{got}")
+    return "\n".join(lines)
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of fields")
+    return data
+
+
+def load_profile(name_or_path: str | Path = "sample", overrides: list[str] | tuple[str, ...] = ()) -> DataProfile:
+    """Load a data profile by shipped name (pipeline_config/<name>.yaml) or path, then apply --set overrides."""
+    path = profile_path(name_or_path)
+    data = apply_overrides(load_yaml(path), list(overrides))
+    data.setdefault("name", path.stem)
+    try:
+        return DataProfile.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path), list(overrides))) from None
+
+
+def field_doc(model: type[BaseModel], name: str) -> str:
+    """The one description of a field, for CLI help."""
+    return model.model_fields[name].description or ""
+
+
+def shipped_profiles() -> list[Path]:
+    return sorted(PACKAGE_DIR.glob("*.yaml"))

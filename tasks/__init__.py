@@ -1,0 +1,1 @@
+"""Culbot stages: pure cores plus thin Prefect tasks."""

@@ -1,0 +1,229 @@
+"""The artifact store: content hashes, atomic writes and manifests.
+
+Every stage output is a folder whose ``manifest.json`` is written last. A folder
+without a manifest (or whose files no longer match it) is unfinished and is never
+trusted by a later stage or by a cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import unicodedata
+from pathlib import Path
+from typing import Any, Iterable
+
+MANIFEST = "manifest.json"
+
+
+# ----- hashing -------------------------------------------------------------
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return sha256_bytes(text.encode("utf-8"))
+
+
+def canonical_json(obj: Any) -> str:
+    """One JSON text per value: sorted keys, no spaces, UTF-8 kept."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def hash_json(obj: Any) -> str:
+    return sha256_text(canonical_json(obj))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(folder: Path, exclude: Iterable[str] = (MANIFEST,)) -> dict[str, str]:
+    """relative path -> sha256 of every file below ``folder`` (sorted, stable)."""
+    folder = Path(folder)
+    skip = set(exclude)
+    out: dict[str, str] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(folder).as_posix()
+            if rel in skip or ".tmp-" in p.name:
+                continue
+            out[rel] = sha256_file(p)
+    return out
+
+
+def tree_hash(folder: Path, exclude: Iterable[str] = (MANIFEST,)) -> str:
+    """Content hash of a folder: its file names and bytes, not timestamps."""
+    return hash_json(file_hashes(folder, exclude))
+
+
+# ----- atomic writes -------------------------------------------------------
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write to a temporary file beside ``path``, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+    body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True, default=str) + "\n" for r in rows)
+    return atomic_write_text(path, body)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); fix or delete that line") from e
+    return rows
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ----- manifests -----------------------------------------------------------
+
+_CODE_VERSION: str | None = None
+
+
+def code_version() -> str:
+    """Git commit (with -dirty) of the checkout, else a hash of the installed sources."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        root = Path(__file__).resolve().parent.parent
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+                capture_output=True, text=True, timeout=5,
+            )
+            _CODE_VERSION = out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else ""
+        except (OSError, subprocess.SubprocessError):
+            _CODE_VERSION = ""
+        if not _CODE_VERSION:
+            src = {p.name: sha256_file(p) for p in sorted(Path(__file__).parent.glob("*.py"))}
+            _CODE_VERSION = "src-" + hash_json(src)[:12]
+    return _CODE_VERSION
+
+
+def write_manifest(
+    folder: Path,
+    *,
+    stage: str,
+    inputs: dict[str, Any],
+    config: dict[str, Any],
+    counts: dict[str, Any],
+    timings: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+    content_hash: str | None = None,
+) -> dict[str, Any]:
+    """Write ``manifest.json`` last. ``content_hash`` defaults to the folder's tree hash."""
+    folder = Path(folder)
+    files = file_hashes(folder)
+    manifest = {
+        "stage": stage,
+        "version": 1,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "code_version": code_version(),
+        "inputs": inputs,
+        "config": config,
+        "counts": counts,
+        "timings_s": {k: round(v, 3) for k, v in (timings or {}).items()},
+        "files": files,
+        "content_hash": content_hash or hash_json(files),
+    }
+    if extra:
+        manifest.update(extra)
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    p = Path(folder) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return read_json(p)
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+def verify(folder: Path) -> list[str]:
+    """Problems with a finished folder; an empty list means every file matches its manifest."""
+    folder = Path(folder)
+    m = read_manifest(folder)
+    if m is None:
+        return [f"{folder}: no readable {MANIFEST} (unfinished or corrupt output)"]
+    problems = []
+    for rel, want in m.get("files", {}).items():
+        p = folder / rel
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+        elif sha256_file(p) != want:
+            problems.append(f"{p}: content hash mismatch")
+    return problems
+
+
+def is_complete(folder: Path) -> bool:
+    return not verify(folder)
+
+
+def new_staging_dir(parent: Path, name: str) -> Path:
+    """A private folder beside the final one; renamed into place when complete."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-"))
+
+
+def promote(staging: Path, final: Path) -> Path:
+    """Move a finished staging folder to ``final``. An existing verified folder wins."""
+    staging, final = Path(staging), Path(final)
+    if final.exists():
+        if is_complete(final):
+            shutil.rmtree(staging, ignore_errors=True)
+            return final
+        shutil.rmtree(final)  # a half or corrupt folder is never trusted
+    os.replace(staging, final)
+    return final
+
+
+def nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)

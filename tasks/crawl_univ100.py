@@ -1,0 +1,351 @@
+"""Stage 1: crawl univ100 (대학백과) Q&A through its JSON API, incrementally.
+
+Run as: culbot crawl univ100 --base-url https://api.univ100.kr --campus 122 --out raw/univ100/
+
+Raw responses are kept under <out>/raw/ so parsing can be re-run without fetching
+(``culbot crawl univ100 --reparse --out DIR``). A second crawl fetches details only
+for questions it does not have yet.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from prefect import task
+
+from culbot.pipeline_config.schema import Univ100Config
+
+from . import _store, _text
+from ._prefect import stage_cache
+from ._http import FetchError, HttpSettings, PoliteClient, Progress, RobotsDisallowed
+
+log = logging.getLogger("culbot.crawl.univ100")
+
+LIST_PATH = "/find/qna/question/list"
+DETAIL_PATH = "/find/qna/question"
+
+
+class ParseError(ValueError):
+    """A response is not in the shape the univ100 API documents."""
+
+
+# ----- pure parsing ----------------------------------------------------------
+
+def _json(body: bytes | str, what: str) -> dict:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ParseError(f"{what}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("result"), dict):
+        raise ParseError(f"{what}: expected an object with a 'result' object")
+    return data["result"]
+
+
+def _qid(obj: dict) -> str:
+    for key in ("id", "questionId"):
+        if obj.get(key) not in (None, ""):
+            return str(obj[key])
+    raise ParseError("question has no 'id' or 'questionId'")
+
+
+def parse_list_page(body: bytes | str) -> list[str]:
+    """Question ids on one list page, in page order. An empty list ends paging."""
+    result = _json(body, "list page")
+    questions = result.get("questions")
+    if not isinstance(questions, list):
+        raise ParseError("list page: 'result.questions' is missing or not a list")
+    return [_qid(q) for q in questions if isinstance(q, dict)]
+
+
+def parse_question(body: bytes | str, *, campus_id: int, question_url: str, fetched_at: str) -> dict[str, Any]:
+    """A detail response -> one record with every answer, in the order the API gives."""
+    result = _json(body, "question detail")
+    q = result.get("question")
+    if not isinstance(q, dict):
+        raise ParseError("question detail: 'result.question' is missing")
+    qid = _qid(q)
+    title, text = q.get("title"), q.get("text")
+    if not isinstance(title, str) or not isinstance(text, str):
+        raise ParseError(f"question {qid}: 'title' and 'text' must be strings")
+    answers_raw = result.get("answers") or []
+    if not isinstance(answers_raw, list):
+        raise ParseError(f"question {qid}: 'result.answers' is not a list")
+    answers = [a.get("text") or "" for a in answers_raw if isinstance(a, dict)]
+    record = {
+        "id": qid,
+        "campus": q.get("campusId", campus_id),
+        "campus_name": q.get("campusName", ""),
+        "category": q.get("categoryName", ""),
+        "dept": q.get("deptName", ""),
+        "title": title,
+        "text": text,
+        "answers": answers,
+        "url": question_url.format(id=qid, campus=campus_id),
+        "fetched_at": fetched_at,
+    }
+    record["content_hash"] = _store.hash_json([title, text, answers])
+    return record
+
+
+@dataclass
+class RowRules:
+    answer_choice: str = "first_nonempty"
+    min_output_chars: int = 10
+    drop_lone_jamo: bool = True
+    keep_url_domains: tuple[str, ...] = ("cbnu.ac.kr",)
+
+
+def record_to_row(record: dict, rules: RowRules) -> tuple[dict | None, str | None, dict[str, int]]:
+    """(row, None, pii) or (None, drop reason, pii). Instruction = title + text; input is ''."""
+    clean = lambda s: _text.clean_community_text(s, drop_lone_jamo=rules.drop_lone_jamo, keep_url_domains=list(rules.keep_url_domains))
+    instruction, pii = clean(f"{record['title']}\n{record['text']}")
+    answers = [clean(a) for a in record.get("answers", [])]
+    for _, c in answers:
+        for k, v in c.items():
+            pii[k] += v
+    texts = [a for a, _ in answers if a]
+    if not instruction:
+        return None, "empty_instruction", pii
+    if not texts:
+        return None, "empty_output", pii
+    output = max(texts, key=len) if rules.answer_choice == "longest" else texts[0]
+    if len(output) < rules.min_output_chars:
+        return None, "short_output", pii
+    row = {"id": f"univ100:{record['id']}", "source": "univ100", "instruction": instruction, "input": "", "output": output, "url": record["url"]}
+    return row, None, pii
+
+
+def build_rows(records: list[dict], rules: RowRules) -> tuple[list[dict], list[dict], dict[str, int], dict[str, int]]:
+    rows, dropped = [], []
+    reasons: dict[str, int] = {}
+    pii_total = {"email": 0, "phone": 0, "url": 0}
+    for rec in records:
+        row, reason, pii = record_to_row(rec, rules)
+        for k, v in pii.items():
+            pii_total[k] += v
+        if row is None:
+            reasons[reason] = reasons.get(reason, 0) + 1
+            dropped.append({"id": rec["id"], "reason": reason, "record": rec})
+        else:
+            rows.append(row)
+    return rows, dropped, reasons, pii_total
+
+
+# ----- sources: the live API and an offline snapshot -------------------------
+
+class Univ100Source(Protocol):
+    async def list_page(self, offset: int) -> tuple[str, bytes]: ...
+    async def detail(self, qid: str) -> tuple[str, bytes]: ...
+
+
+class Univ100Api:
+    """The live JSON API over the polite client."""
+
+    def __init__(self, client: PoliteClient, base_url: str, campus_id: int, page_size: int, dept_id: str = "", keyword: str = ""):
+        self.c, self.base = client, base_url.rstrip("/")
+        self.campus_id, self.page_size, self.dept_id, self.keyword = campus_id, page_size, dept_id, keyword
+
+    async def list_page(self, offset: int) -> tuple[str, bytes]:
+        params = {"campusId": self.campus_id, "deptId": self.dept_id, "keyword": self.keyword, "limit": self.page_size, "offset": offset}
+        url = self.base + LIST_PATH
+        r = await self.c.get(url, params=params)
+        if r.status_code != 200:
+            raise FetchError(str(r.url), f"HTTP {r.status_code}", r.status_code)
+        return str(r.url), r.content
+
+    async def detail(self, qid: str) -> tuple[str, bytes]:
+        r = await self.c.get(self.base + DETAIL_PATH, params={"questionId": qid})
+        if r.status_code != 200:
+            raise FetchError(str(r.url), f"HTTP {r.status_code}", r.status_code)
+        return str(r.url), r.content
+
+
+class Univ100Snapshot:
+    """Recorded API responses on disk, same wire format: list/offset-<n>.json, detail/<id>.json."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        if not (self.folder / "list").is_dir():
+            raise FileNotFoundError(f"{self.folder}: not a univ100 snapshot (no list/ folder)")
+
+    async def list_page(self, offset: int) -> tuple[str, bytes]:
+        p = self.folder / "list" / f"offset-{offset}.json"
+        # A page past the last recorded one is the API's empty page.
+        return f"snapshot:list/{p.name}", p.read_bytes() if p.exists() else b'{"result":{"questions":[]}}'
+
+    async def detail(self, qid: str) -> tuple[str, bytes]:
+        p = self.folder / "detail" / f"{qid}.json"
+        if not p.exists():
+            raise FetchError(f"snapshot:detail/{p.name}", "not in snapshot")
+        return f"snapshot:detail/{p.name}", p.read_bytes()
+
+
+# ----- the crawl -------------------------------------------------------------
+
+async def crawl(
+    source: Univ100Source,
+    out_dir: Path,
+    *,
+    campus_id: int,
+    page_size: int,
+    question_url: str,
+    rules: RowRules,
+    max_pages: int | None = None,
+    stop_after_known_pages: int = 1,
+) -> dict[str, Any]:
+    """Page the list, fetch details of unknown questions, write records/rows; returns the manifest."""
+    out_dir = Path(out_dir)
+    t0 = time.monotonic()
+    (out_dir / _store.MANIFEST).unlink(missing_ok=True)  # unfinished until the new manifest lands
+    raw = out_dir / "raw"
+    records = {r["id"]: r for r in _store.read_jsonl(out_dir / "records.jsonl")}
+    known = set(records)
+    quarantine: list[dict] = []
+    new_ids: list[str] = []
+    seen: set[str] = set()
+    pages = malformed_pages = known_streak = 0
+    offset = 0
+    incomplete = None
+
+    while True:
+        try:
+            url, body = await source.list_page(offset)
+        except RobotsDisallowed as e:
+            raise FetchError(e.url, "the list API is disallowed by robots.txt; nothing can be crawled") from None
+        except FetchError as e:
+            incomplete = f"list page at offset {offset} failed: {e.reason}"
+            quarantine.append({"stage": "crawl_univ100", "url": e.url, "reason": f"fetch_failed: {e.reason}"})
+            break
+        _store.atomic_write_bytes(raw / "list" / f"offset-{offset}.json", body)
+        pages += 1
+        try:
+            ids = parse_list_page(body)
+        except ParseError as e:
+            quarantine.append({"stage": "crawl_univ100", "url": url, "reason": f"malformed: {e}", "raw": body.decode("utf-8", "replace")[:20000]})
+            malformed_pages += 1
+            if malformed_pages >= 3:
+                incomplete = "three malformed list pages in a row"
+                break
+            offset += page_size
+            continue
+        malformed_pages = 0
+        if not ids:
+            break
+        seen.update(ids)
+        fresh = [i for i in ids if i not in known and i not in new_ids]
+        new_ids.extend(fresh)
+        known_streak = 0 if fresh else known_streak + 1
+        if stop_after_known_pages and known_streak >= stop_after_known_pages:
+            log.info("page at offset %d holds only known questions; stopping (incremental)", offset)
+            break
+        if max_pages and pages >= max_pages:
+            break
+        offset += page_size
+
+    log.info("univ100: %d list pages, %d new question(s) to fetch, %d already known", pages, len(new_ids), len(known))
+    progress = Progress("univ100 details", total=len(new_ids), logger=log)
+    failed = 0
+
+    async def fetch_one(qid: str) -> None:
+        nonlocal failed
+        try:
+            url, body = await source.detail(qid)
+        except FetchError as e:
+            failed += 1
+            quarantine.append({"stage": "crawl_univ100", "id": qid, "url": e.url, "reason": f"fetch_failed: {e.reason}"})
+            return
+        finally:
+            progress.advance()
+        _store.atomic_write_bytes(raw / "detail" / f"{qid}.json", body)
+        try:
+            rec = parse_question(body, campus_id=campus_id, question_url=question_url, fetched_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        except ParseError as e:
+            failed += 1
+            quarantine.append({"stage": "crawl_univ100", "id": qid, "url": url, "reason": f"malformed: {e}", "raw": body.decode("utf-8", "replace")[:20000]})
+            return
+        records[rec["id"]] = rec
+
+    await asyncio.gather(*(fetch_one(q) for q in new_ids))
+    if new_ids:
+        log.info(progress.line())
+
+    manifest = _write_outputs(
+        out_dir, records, quarantine, rules,
+        counts={"list_pages": pages, "questions_listed": len(seen), "new": len(new_ids) - failed, "already_known": len(known), "failed": failed},
+        inputs={"campus_id": campus_id},
+        timings={"crawl": time.monotonic() - t0},
+        incomplete=incomplete,
+    )
+    if incomplete:
+        raise FetchError(str(out_dir), f"crawl incomplete ({incomplete}); what was fetched is saved and the next crawl continues from it")
+    return manifest
+
+
+def _write_outputs(out_dir, records, quarantine, rules, *, counts, inputs, timings, incomplete=None) -> dict:
+    ordered = [records[k] for k in sorted(records, key=lambda x: (len(x), x))]
+    rows, dropped, reasons, pii = build_rows(ordered, rules)
+    _store.atomic_write_jsonl(out_dir / "records.jsonl", ordered)
+    _store.atomic_write_jsonl(out_dir / "rows.jsonl", rows)
+    _store.atomic_write_jsonl(out_dir / "dropped.jsonl", dropped)
+    _store.atomic_write_jsonl(out_dir / "quarantine.jsonl", quarantine)
+    counts = {**counts, "records": len(ordered), "rows": len(rows), "dropped": reasons, "quarantined": len(quarantine), "pii_removed": pii}
+    if incomplete:
+        return {"counts": counts, "incomplete": incomplete}
+    return _store.write_manifest(
+        out_dir, stage="crawl_univ100", inputs=inputs,
+        config={"rules": rules.__dict__}, counts=counts, timings=timings,
+        content_hash=_store.sha256_file(out_dir / "rows.jsonl"),
+    )
+
+
+def reparse(out_dir: Path, *, campus_id: int, question_url: str, rules: RowRules) -> dict:
+    """Rebuild records and rows from the raw detail responses, with no network."""
+    out_dir = Path(out_dir)
+    (out_dir / _store.MANIFEST).unlink(missing_ok=True)
+    old = {r["id"]: r for r in _store.read_jsonl(out_dir / "records.jsonl")}
+    records, quarantine = {}, []
+    for p in sorted((out_dir / "raw" / "detail").glob("*.json")):
+        fetched = old.get(p.stem, {}).get("fetched_at", "")
+        try:
+            rec = parse_question(p.read_bytes(), campus_id=campus_id, question_url=question_url, fetched_at=fetched)
+        except ParseError as e:
+            quarantine.append({"stage": "crawl_univ100", "id": p.stem, "url": f"raw:detail/{p.name}", "reason": f"malformed: {e}", "raw": p.read_text("utf-8", "replace")[:20000]})
+            continue
+        records[rec["id"]] = rec
+    return _write_outputs(out_dir, records, quarantine, rules, counts={"reparsed": len(records)}, inputs={"campus_id": campus_id}, timings={})
+
+
+def rules_from(cfg) -> RowRules:
+    return RowRules(cfg.answer_choice, cfg.min_output_chars, cfg.drop_lone_jamo, tuple(cfg.keep_url_domains))
+
+
+def run_crawl(cfg, out_dir: Path | None = None) -> dict:
+    """Crawl with a ``Univ100Config``: the live API or a snapshot, per ``cfg.source``."""
+    out_dir = Path(out_dir or cfg.out_dir)
+
+    async def main() -> dict:
+        kwargs = dict(campus_id=cfg.campus_id, page_size=cfg.page_size, question_url=cfg.question_url, rules=rules_from(cfg),
+                      max_pages=cfg.max_pages, stop_after_known_pages=cfg.stop_after_known_pages)
+        if cfg.source == "snapshot":
+            return await crawl(Univ100Snapshot(cfg.snapshot_dir), out_dir, **kwargs)
+        async with PoliteClient(HttpSettings(**cfg.http.model_dump())) as client:
+            m = await crawl(Univ100Api(client, cfg.base_url, cfg.campus_id, cfg.page_size, cfg.dept_id, cfg.keyword), out_dir, **kwargs)
+            log.info("univ100 http: %s", dict(client.stats))
+            return m
+
+    return asyncio.run(main())
+
+
+# ----- Prefect task -----------------------------------------------------------
+
+@task(name="crawl-univ100", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=[10, 60])
+def crawl_univ100_task(config: dict, window: str) -> dict:
+    """Network stage, so retried. ``window`` (a time bucket, or the snapshot's hash) bounds cache reuse."""
+    cfg = Univ100Config.model_validate(config)
+    m = run_crawl(cfg)
+    return {"path": str(Path(cfg.out_dir).resolve()), "content_hash": m["content_hash"], "counts": m["counts"]}

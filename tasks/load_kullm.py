@@ -1,0 +1,100 @@
+"""Stage 3: load KULLM-v2 (nlpai-lab/kullm-v2) with datasets, keeping `input`.
+
+Run as: culbot load-kullm --hub-id nlpai-lab/kullm-v2 --revision <sha> --out raw/kullm/
+    or: culbot load-kullm --file raw/samples/kullm_sample.jsonl --out raw/kullm/
+
+Upstream's conversion wrote input "" for every row; we keep it. Rows with a
+missing or non-text field go to quarantine.jsonl with the reason.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from culbot.pipeline_config.schema import KullmConfig
+
+from . import _store
+from ._prefect import stage_cache
+
+log = logging.getLogger("culbot.load_kullm")
+
+FIELDS = ("id", "instruction", "input", "output")
+
+
+def check_row(row: dict[str, Any], n: int) -> tuple[dict | None, str | None]:
+    """A KULLM row in our schema, or the reason it is broken."""
+    out = {}
+    for key in ("instruction", "input", "output"):
+        v = row.get(key, "" if key == "input" else None)
+        if v is None and key == "input":
+            v = ""
+        if not isinstance(v, str):
+            return None, f"{key}_missing_or_not_text"
+        out[key] = v
+    if not out["instruction"].strip():
+        return None, "empty_instruction"
+    rid = row.get("id")
+    out["id"] = f"kullm:{rid if rid not in (None, '') else n}"
+    out["source"] = "kullm"
+    return out, None
+
+
+def load_dataset_rows(cfg: KullmConfig):
+    """The datasets.Dataset for the configured source (hub id at a revision, or a local file)."""
+    import datasets
+
+    if cfg.source == "hub":
+        log.info("loading %s@%s (%s) from the Hub", cfg.hub_id, cfg.revision, cfg.split)
+        return datasets.load_dataset(cfg.hub_id, revision=cfg.revision, split=cfg.split)
+    path = Path(cfg.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"kullm.file: {path} not found")
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+    if kind is None:
+        raise ValueError(f"kullm.file: {path}: unsupported type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)")
+    return datasets.load_dataset(kind, data_files=str(path), split="train")
+
+
+def sample(ds, *, max_rows: int | None, fraction: float | None, seed: int):
+    n = len(ds)
+    keep = min(n, max_rows) if max_rows else (round(n * fraction) if fraction else n)
+    if keep >= n:
+        return ds
+    return ds.shuffle(seed=seed).select(range(keep))
+
+
+def run_load(cfg: KullmConfig, out_dir: Path | None = None) -> dict:
+    out_dir = Path(out_dir or cfg.out_dir)
+    t0 = time.monotonic()
+    (out_dir / _store.MANIFEST).unlink(missing_ok=True)
+    ds = load_dataset_rows(cfg)
+    total = len(ds)
+    ds = sample(ds, max_rows=cfg.max_rows, fraction=cfg.fraction, seed=cfg.seed)
+    rows, quarantine = [], []
+    for n, row in enumerate(ds):
+        clean, reason = check_row(row, n)
+        if clean is None:
+            quarantine.append({"stage": "load_kullm", "row": n, "reason": reason, "item": row})
+        else:
+            rows.append(clean)
+    _store.atomic_write_jsonl(out_dir / "rows.jsonl", rows)
+    _store.atomic_write_jsonl(out_dir / "quarantine.jsonl", quarantine)
+    with_input = sum(1 for r in rows if r["input"].strip())
+    counts = {"loaded": total, "sampled": len(ds), "rows": len(rows), "with_input": with_input, "quarantined": len(quarantine)}
+    log.info("kullm: %s", counts)
+    inputs = {"hub_id": cfg.hub_id, "revision": cfg.revision} if cfg.source == "hub" else {"file": str(cfg.file), "sha256": _store.sha256_file(Path(cfg.file))}
+    return _store.write_manifest(out_dir, stage="load_kullm", inputs=inputs, config=cfg.model_dump(mode="json"),
+                                 counts=counts, timings={"load": time.monotonic() - t0},
+                                 content_hash=_store.sha256_file(out_dir / "rows.jsonl"))
+
+
+@task(name="load-kullm", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=30)
+def load_kullm_task(config: dict, source_hash: str) -> dict:
+    """Network stage when loading from the Hub. ``source_hash``: the file's sha256 or hub id@revision."""
+    cfg = KullmConfig.model_validate(config)
+    m = run_load(cfg)
+    return {"path": str(Path(cfg.out_dir).resolve()), "content_hash": m["content_hash"], "counts": m["counts"]}

@@ -1,0 +1,203 @@
+"""Stage 4: merge univ100, CBNU QA and KULLM rows; dedup, split and version.
+
+Run as: culbot merge --univ100 raw/univ100 --cbnu-qa raw/cbnu_qa --kullm raw/kullm --out artifacts/datasets
+
+A version is addressed by the content hash of its rows:
+artifacts/datasets/<hash>/{train,validation}.parquet, stats.json, dropped.jsonl
+and manifest.json (written last). The same inputs give the same version.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from culbot.pipeline_config.schema import MergeConfig
+
+from . import _store, _text
+from ._prefect import stage_cache
+
+log = logging.getLogger("culbot.merge")
+
+COLUMNS = ("id", "source", "instruction", "input", "output")
+
+
+def normalize_row(row: dict[str, Any], source: str) -> tuple[dict | None, str | None]:
+    """One schema {id, source, instruction, input, output}; NFC and whitespace normalised."""
+    out = {"id": str(row.get("id") or ""), "source": source}
+    for key in ("instruction", "input", "output"):
+        v = row.get(key, "" if key == "input" else None)
+        if v is None and key == "input":
+            v = ""
+        if not isinstance(v, str):
+            return None, f"broken_row: {key} missing or not text"
+        out[key] = _text.normalize_ws(_text.nfc(v))
+    if not out["instruction"]:
+        return None, "empty_instruction"
+    if not out["output"]:
+        return None, "empty_output"
+    if not out["id"]:
+        out["id"] = f"{source}:{_store.hash_json([out['instruction'], out['input'], out['output']])[:12]}"
+    return out, None
+
+
+def dedup_key(row: dict) -> str:
+    return _text.one_line(row["instruction"] + "\n" + row["input"]).lower()
+
+
+def merge_sources(sources: dict[str, list[dict]], priority: list[str]) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """Rows in priority order with exact duplicates on (instruction, input) removed."""
+    order = [s for s in priority if s in sources] + sorted(s for s in sources if s not in priority)
+    kept: dict[str, dict] = {}
+    dropped: list[dict] = []
+    reasons: dict[str, int] = {}
+    for source in order:
+        for row in sources[source]:
+            clean, reason = normalize_row(row, source)
+            if clean is not None:
+                k = dedup_key(clean)
+                if k in kept:
+                    clean, reason = None, f"duplicate_of_{kept[k]['source']}"
+                    dropped.append({"reason": reason, "duplicate_of": kept[k]["id"], "row": row})
+                else:
+                    kept[k] = clean
+            else:
+                dropped.append({"reason": reason, "row": row})
+            if reason:
+                r = reason.split(":")[0]
+                reasons[r] = reasons.get(r, 0) + 1
+    return list(kept.values()), dropped, reasons
+
+
+def split_rows(rows: list[dict], *, seed: int, fraction: float | None, size: int | None) -> tuple[list[dict], list[dict]]:
+    """Validation split stratified by source, deterministic by seed and independent of row order."""
+    by_source: dict[str, list[dict]] = {}
+    for r in rows:
+        by_source.setdefault(r["source"], []).append(r)
+    total = len(rows)
+    quota: dict[str, int] = {}
+    if size:
+        size = min(size, total)
+        exact = {s: size * len(rs) / total for s, rs in by_source.items()}
+        quota = {s: int(v) for s, v in exact.items()}
+        for s in sorted(exact, key=lambda s: (-(exact[s] - quota[s]), s))[: size - sum(quota.values())]:
+            quota[s] += 1  # largest remainder
+    else:
+        for s, rs in by_source.items():
+            q = round(len(rs) * (fraction or 0))
+            quota[s] = 1 if q == 0 and fraction and len(rs) >= 2 else q
+    train, val = [], []
+    for s in sorted(by_source):
+        ranked = sorted(by_source[s], key=lambda r: _store.sha256_text(f"{seed}:{r['id']}"))
+        val_ids = {r["id"] for r in ranked[: quota[s]]}
+        for r in by_source[s]:
+            (val if r["id"] in val_ids else train).append(r)
+    key = lambda r: (r["source"], r["id"])
+    return sorted(train, key=key), sorted(val, key=key)
+
+
+def dataset_stats(train: list[dict], val: list[dict], drops: dict[str, int], inputs: dict[str, int]) -> dict:
+    def per_source(rows):
+        out: dict[str, int] = {}
+        for r in rows:
+            out[r["source"]] = out.get(r["source"], 0) + 1
+        return dict(sorted(out.items()))
+
+    def lengths(rows, key):
+        if not rows:
+            return {}
+        ls = sorted(len(r[key]) for r in rows)
+        return {"min": ls[0], "median": ls[len(ls) // 2], "max": ls[-1]}
+
+    rows = train + val
+    return {
+        "rows_in": inputs,
+        "train": len(train), "validation": len(val),
+        "train_by_source": per_source(train), "validation_by_source": per_source(val),
+        "dropped": dict(sorted(drops.items())),
+        "with_input": sum(1 for r in rows if r["input"]),
+        "output_chars": lengths(rows, "output"), "instruction_chars": lengths(rows, "instruction"),
+    }
+
+
+def stats_markdown(version: str, stats: dict) -> str:
+    """The Prefect report of a dataset version."""
+    lines = [f"# Dataset version `{version[:16]}`", "", f"train **{stats['train']}**, validation **{stats['validation']}**, rows with input {stats['with_input']}", "",
+             "| source | rows in | train | validation |", "|---|---:|---:|---:|"]
+    for s in sorted(stats["rows_in"]):
+        lines.append(f"| {s} | {stats['rows_in'][s]} | {stats['train_by_source'].get(s, 0)} | {stats['validation_by_source'].get(s, 0)} |")
+    if stats["dropped"]:
+        lines += ["", "| dropped because | rows |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in stats["dropped"].items()]
+    if stats["output_chars"]:
+        o = stats["output_chars"]
+        lines += ["", f"output length in characters: min {o['min']}, median {o['median']}, max {o['max']}"]
+    return "\n".join(lines) + "\n"
+
+
+def _write_parquet(rows: list[dict], path: Path) -> None:
+    import datasets
+
+    features = datasets.Features({c: datasets.Value("string") for c in COLUMNS})
+    datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS}, features=features).to_parquet(str(path))
+
+
+def read_split(folder: Path, split: str) -> list[dict]:
+    import datasets
+
+    path = Path(folder) / f"{split}.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {folder} a finished dataset version?")
+    return datasets.Dataset.from_parquet(str(path)).to_list()
+
+
+def run_merge(inputs: dict[str, Path], cfg: MergeConfig, out_root: Path | None = None) -> dict:
+    """Merge the rows.jsonl of each input folder (source name -> folder) into a dataset version."""
+    t0 = time.monotonic()
+    out_root = Path(out_root or cfg.out_root)
+    sources, input_hashes = {}, {}
+    for name, folder in inputs.items():
+        folder = Path(folder)
+        problems = _store.verify(folder)
+        if problems:
+            raise RuntimeError(f"merge input {name!r} is not a finished stage output: {problems[0]}")
+        sources[name] = _store.read_jsonl(folder / "rows.jsonl")
+        input_hashes[name] = _store.read_manifest(folder)["content_hash"]
+    rows, dropped, drops = merge_sources(sources, cfg.source_priority)
+    train, val = split_rows(rows, seed=cfg.seed, fraction=cfg.validation_fraction, size=cfg.validation_size)
+    version = _store.hash_json({"train": train, "validation": val})
+    final = out_root / version[:16]
+    stats = dataset_stats(train, val, drops, {k: len(v) for k, v in sources.items()})
+    if _store.is_complete(final):
+        log.info("dataset version %s already exists; reusing it", version[:16])
+        manifest = _store.read_manifest(final)
+    else:
+        staging = _store.new_staging_dir(out_root, version[:16])
+        _write_parquet(train, staging / "train.parquet")
+        _write_parquet(val, staging / "validation.parquet")
+        _store.atomic_write_json(staging / "stats.json", stats)
+        _store.atomic_write_jsonl(staging / "dropped.jsonl", dropped)
+        _store.write_manifest(staging, stage="merge", inputs=input_hashes, config=cfg.model_dump(mode="json"),
+                              counts=stats, timings={"merge": time.monotonic() - t0}, content_hash=version,
+                              extra={"dataset_version": version[:16], "columns": list(COLUMNS)})
+        _store.promote(staging, final)
+        manifest = _store.read_manifest(final)
+        _store.atomic_write_text(out_root / "LATEST", version[:16] + "\n")
+        history = _store.read_jsonl(out_root / "versions.jsonl")
+        history.append({"version": version[:16], "created_at": manifest["created_at"], "train": len(train), "validation": len(val), "inputs": input_hashes})
+        _store.atomic_write_jsonl(out_root / "versions.jsonl", history)
+        log.info("dataset version %s: train %d, validation %d, dropped %s", version[:16], len(train), len(val), drops)
+    return manifest | {"path": str(final)}
+
+
+@task(name="merge", cache_policy=stage_cache(__name__), persist_result=True)
+def merge_task(config: dict, inputs: dict) -> dict:
+    """``inputs``: source name -> stage result ({path, content_hash}); hashes make the cache key."""
+    from prefect.artifacts import create_markdown_artifact
+
+    cfg = MergeConfig.model_validate(config)
+    m = run_merge({k: Path(v["path"]) for k, v in inputs.items()}, cfg)
+    create_markdown_artifact(stats_markdown(m["content_hash"], m["counts"]), key="dataset-stats", description="Dataset version stats")
+    return {"path": str(Path(m["path"]).resolve()), "content_hash": m["content_hash"], "counts": m["counts"]}
