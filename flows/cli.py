@@ -150,6 +150,7 @@ def _dispatch(args) -> int:
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "culbot")
+        os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
         load_profile(args.profile, overrides)  # fail fast, before Prefect starts
         from culbot.flows.data_refresh import data_refresh
 

@@ -89,6 +89,7 @@ class QAGenConfig(_Strict):
     model: str = Field("gpt-3.5-turbo", description="Chat model name.")
     base_url: str | None = Field(None, description="API base URL (vLLM, Ollama, ...). None: OPENAI_BASE_URL or the OpenAI default.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the API key. The key itself never goes in config.")
+    api_key_secret_block: str | None = Field(None, description="Name of a Prefect Secret block holding the API key, used when the environment variable is unset.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature; part of the cache key.")
     max_tokens: int = Field(2000, ge=1, description="Completion token limit per request.")
     context_tokens: int = Field(4096, ge=256, description="Model context window; prompt + page chunk + max_tokens must fit.")

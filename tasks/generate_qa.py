@@ -285,13 +285,14 @@ class OpenAIBackend:
 
     live = True
 
-    def __init__(self, *, model: str, base_url: str | None, api_key_env: str, temperature: float, max_tokens: int, timeout_s: float):
+    def __init__(self, *, model: str, base_url: str | None, api_key_env: str, temperature: float, max_tokens: int, timeout_s: float,
+                 secret_block: str | None = None):
         import openai
 
-        key = os.environ.get(api_key_env)
+        key = os.environ.get(api_key_env) or (_secret_block(secret_block) if secret_block else None)
         if not key:
             if base_url is None and not os.environ.get("OPENAI_BASE_URL"):
-                raise ConfigError(f"qa.api_key_env: environment variable {api_key_env} is not set. Export the key, or use qa.backend=replay for offline runs.")
+                raise ConfigError(f"qa.api_key_env: environment variable {api_key_env} is not set (and no qa.api_key_secret_block). Export the key, or use qa.backend=replay for offline runs.")
             key = "not-needed"  # local servers (vLLM, Ollama) usually ignore the key
         self._openai = openai
         # max_retries=0: we retry ourselves, so every attempt is counted against the budget.
@@ -325,6 +326,16 @@ class OpenAIBackend:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _secret_block(name: str) -> str:
+    """The key from a Prefect Secret block; never logged."""
+    from prefect.blocks.system import Secret
+
+    try:
+        return Secret.load(name, _sync=True).get()
+    except ValueError as e:
+        raise ConfigError(f"qa.api_key_secret_block: Prefect Secret block {name!r} not found ({e})") from None
 
 
 def _retry_after(headers) -> float | None:
@@ -630,7 +641,8 @@ def make_backend(cfg: QAGenConfig) -> ChatBackend:
     if cfg.backend == "replay":
         return ReplayBackend(cfg.replay_dir)
     return OpenAIBackend(model=cfg.model, base_url=cfg.base_url, api_key_env=cfg.api_key_env,
-                         temperature=cfg.temperature, max_tokens=cfg.max_tokens, timeout_s=cfg.timeout_s)
+                         temperature=cfg.temperature, max_tokens=cfg.max_tokens, timeout_s=cfg.timeout_s,
+                         secret_block=cfg.api_key_secret_block)
 
 
 def run_generate(cfg: QAGenConfig, pages_dir: Path, out_dir: Path | None = None, *, retry_failed: bool = False,

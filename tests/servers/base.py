@@ -1,0 +1,59 @@
+"""A real HTTP server on 127.0.0.1 in a background thread, for tests."""
+from __future__ import annotations
+
+import json
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Subclasses implement do_GET/do_POST; ``self.server.app`` holds the test's state."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    @property
+    def app(self):
+        return self.server.app
+
+    def send(self, status: int, body: bytes | str = b"", content_type: str = "application/json", headers: dict | None = None) -> None:
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        self.send_response(status)
+        if body or status not in (204, 304):
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if body:
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    def send_json(self, status: int, obj, headers: dict | None = None) -> None:
+        self.send(status, json.dumps(obj, ensure_ascii=False), "application/json; charset=utf-8", headers)
+
+    def read_body(self) -> bytes:
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+
+@contextmanager
+def serve(handler: type[Handler], app) -> Iterator[str]:
+    """Run ``handler`` with ``app`` as state; yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    server.app = app
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

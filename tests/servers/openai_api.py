@@ -1,0 +1,80 @@
+"""An OpenAI-compatible Chat Completions server with scripted answers per page.
+
+The script maps a marker (text that appears in the user message, e.g. a page title)
+to a list of responses consumed in order; the last one repeats.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .base import Handler
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    content: str = "[]"
+    finish_reason: str = "stop"
+    headers: dict = field(default_factory=dict)
+
+
+@dataclass
+class OpenAIApp:
+    script: dict[str, list[Reply]]
+    latency_s: float = 0.0
+    requests: int = 0
+    by_marker: Counter = field(default_factory=Counter)
+    bodies: list = field(default_factory=list)
+    auth: set = field(default_factory=set)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def next_reply(self, text: str) -> tuple[str, Reply]:
+        with self.lock:
+            for marker, replies in self.script.items():
+                if marker in text:
+                    self.by_marker[marker] += 1
+                    return marker, (replies.pop(0) if len(replies) > 1 else replies[0])
+        return "", Reply(content="[]")
+
+
+def items_json(items: list[tuple[str, str, str]]) -> str:
+    return json.dumps([{"instruction": a, "input": b, "output": c} for a, b, c in items], ensure_ascii=False)
+
+
+class OpenAIHandler(Handler):
+    def do_POST(self) -> None:
+        app: OpenAIApp = self.app
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            return self.send_json(404, {"error": {"message": "unknown path", "type": "invalid_request_error"}})
+        body = json.loads(self.read_body() or b"{}")
+        with app.lock:
+            app.requests += 1
+            app.bodies.append(body)
+            app.auth.add(self.headers.get("Authorization", ""))
+            app.in_flight += 1
+            app.max_in_flight = max(app.max_in_flight, app.in_flight)
+        try:
+            if app.latency_s:
+                time.sleep(app.latency_s)
+            text = "\n".join(m.get("content", "") for m in body.get("messages", []))
+            _, reply = app.next_reply(text)
+            if reply.status != 200:
+                err = {"error": {"message": f"scripted {reply.status}", "type": "rate_limit_error" if reply.status == 429 else "server_error"}}
+                return self.send_json(reply.status, err, headers=reply.headers)
+            resp = {
+                "id": f"chatcmpl-{app.requests}", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model", ""),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.content}, "finish_reason": reply.finish_reason}],
+                "usage": {"prompt_tokens": 500, "completion_tokens": 200, "total_tokens": 700},
+            }
+            headers = {"x-ratelimit-remaining-requests": "99", "x-ratelimit-limit-requests": "100", **reply.headers}
+            self.send_json(200, resp, headers=headers)
+        finally:
+            with app.lock:
+                app.in_flight -= 1

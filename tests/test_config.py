@@ -1,0 +1,92 @@
+"""Config: every shipped YAML loads, errors name the file and the field, --set works."""
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from culbot.pipeline_config import schema
+from culbot.pipeline_config.schema import ConfigError, DataProfile, load_profile, shipped_profiles
+
+
+@pytest.mark.parametrize("path", shipped_profiles(), ids=lambda p: p.name)
+def test_every_shipped_profile_loads(path):
+    prof = load_profile(path)
+    assert prof.name == path.stem
+
+
+def test_shipped_profiles_are_sample_and_production():
+    assert {p.stem for p in shipped_profiles()} >= {"sample", "production"}
+
+
+def test_sample_profile_is_offline():
+    prof = load_profile("sample")
+    assert prof.univ100.source == "snapshot"
+    assert prof.cbnu.source == "directory"
+    assert prof.qa.backend == "replay"
+    assert prof.kullm.source == "file"
+
+
+def _walk(model: type[BaseModel], prefix=""):
+    for name, f in model.model_fields.items():
+        yield prefix + name, f
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _walk(ann, prefix + name + ".")
+
+
+def test_every_field_is_documented_once_where_declared():
+    undocumented = [n for n, f in _walk(DataProfile) if not (f.description or "").strip()]
+    assert undocumented == []
+
+
+def test_unknown_field_names_file_and_field(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({"qa": {"modle": "gpt-4"}}))
+    with pytest.raises(ConfigError) as e:
+        load_profile(p)
+    msg = str(e.value)
+    assert str(p) in msg and "qa.modle" in msg and "unknown field" in msg
+
+
+def test_bad_value_names_file_field_and_value(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("univ100:\n  http:\n    rate_per_host: -3\n")
+    with pytest.raises(ConfigError) as e:
+        load_profile(p)
+    assert f"{p}: field 'univ100.http.rate_per_host'" in str(e.value)
+    assert "-3" in str(e.value)
+
+
+def test_cross_field_check_names_section(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("qa:\n  backend: replay\n")
+    with pytest.raises(ConfigError, match=r"field 'qa'.*replay_dir"):
+        load_profile(p)
+
+
+def test_set_overrides_are_typed_and_named_in_errors():
+    prof = load_profile("sample", ["qa.max_in_flight=8", "univ100.keep_url_domains=[a.kr, b.kr]", "kullm.max_rows=null"])
+    assert prof.qa.max_in_flight == 8
+    assert prof.univ100.keep_url_domains == ["a.kr", "b.kr"]
+    with pytest.raises(ConfigError, match=r"--set qa.max_in_flight: field 'qa.max_in_flight'"):
+        load_profile("sample", ["qa.max_in_flight=0"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_profile("sample", ["qa.max_in_flight"])
+
+
+def test_unknown_profile_lists_shipped_ones():
+    with pytest.raises(ConfigError, match="sample"):
+        load_profile("nope")
+
+
+def test_invalid_yaml_is_named(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("qa: [unclosed\n")
+    with pytest.raises(ConfigError, match=str(p)):
+        load_profile(p)
+
+
+def test_templates_and_prompts_ship_inside_the_package():
+    assert (schema.PACKAGE_DIR / "templates" / "kullm.json").is_file()
+    assert (schema.PACKAGE_DIR / "prompts" / "qa" / "v1" / "user.txt").is_file()

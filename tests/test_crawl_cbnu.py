@@ -1,0 +1,88 @@
+"""CBNU page crawl against a real local site: boilerplate, links, encodings, refresh, quarantine."""
+from culbot.pipeline_config.schema import CbnuConfig
+from culbot.tasks import _store
+from culbot.tasks.crawl_cbnu import extract_page, read_directory, run_crawl
+from tests.conftest import SAMPLES, fast_http
+from tests.servers.base import serve
+from tests.servers.cbnu_site import SiteApp, SiteHandler, page
+
+LONG = "충북대학교 중앙도서관은 평일 오전 9시부터 오후 10시까지 운영합니다. " * 4
+
+
+def _site() -> SiteApp:
+    links = ["/www/library.do", "/www/dorm.do", "/www/files/guide.pdf", "/private/admin.do", "/www/missing.do", "https://example.com/out"]
+    return SiteApp(pages={
+        "/www/index.do": (page("충북대학교", f"<p>{LONG}</p>", links), "text/html", "utf-8"),
+        "/www/library.do": (page("도서관 안내", f"<p>{LONG}</p><p>열람실은 시험기간에 24시간 개방합니다.</p>", ["/www/index.do", "/www/deep.do"]), "text/html", "utf-8"),
+        "/www/dorm.do": (page("생활관 안내", "<p>" + "생활관은 개성재, 양성재, 양진재로 구성되어 있습니다. " * 4 + "</p>", charset="euc-kr"), "text/html", "euc-kr"),
+        "/www/deep.do": (page("깊은 페이지", f"<p>{LONG}</p>"), "text/html", "utf-8"),
+        "/www/files/guide.pdf": ("%PDF-1.4", "application/pdf", "latin-1"),
+        "/private/admin.do": (page("관리자", f"<p>{LONG}</p>"), "text/html", "utf-8"),
+    })
+
+
+def _cfg(base, out, **kw) -> CbnuConfig:
+    return CbnuConfig(source="site", seeds=[base + "/www/index.do"], allowed_domains=["127.0.0.1"], out_dir=out,
+                      max_depth=1, min_text_chars=50, http=fast_http(), **kw)
+
+
+def test_site_crawl_extracts_main_text_and_follows_allowed_links(tmp_path):
+    app = _site()
+    with serve(SiteHandler, app) as base:
+        m = run_crawl(_cfg(base, tmp_path / "c"))
+    pages = {p["url"].replace(base, ""): p for p in _store.read_jsonl(tmp_path / "c" / "pages.jsonl")}
+    assert sorted(pages) == ["/www/dorm.do", "/www/index.do", "/www/library.do"]      # depth 1, pdf excluded
+    assert "/www/deep.do" not in app.hits and "/www/files/guide.pdf" not in app.hits   # depth / exclude pattern
+    assert app.hits["/private/admin.do"] == 0                                          # robots.txt
+    lib = pages["/www/library.do"]
+    assert lib["title"] == "도서관 안내"
+    assert lib["text"].startswith("도서관 안내\n충북대학교 중앙도서관은")
+    for boiler in ("로그인", "Copyright", "tracking", "충대로"):
+        assert boiler not in lib["text"]
+    assert "개성재, 양성재, 양진재" in pages["/www/dorm.do"]["text"]                   # EUC-KR decoded
+    reasons = sorted(q["reason"] for q in _store.read_jsonl(tmp_path / "c" / "quarantine.jsonl"))
+    assert reasons == ["http_404", "http_404", "robots_disallowed"]   # / (header logo link) and /www/missing.do
+    assert m["counts"]["new"] == 3 and m["counts"]["pages"] == 3
+    assert len(list((tmp_path / "c" / "html").glob("*.html"))) == 3
+
+
+def test_refresh_skips_unchanged_pages_and_detects_changes(tmp_path):
+    app = _site()
+    with serve(SiteHandler, app) as base:
+        first = run_crawl(_cfg(base, tmp_path / "c"))
+        again = run_crawl(_cfg(base, tmp_path / "c"))
+        assert again["counts"]["unchanged"] == 3 and again["counts"]["not_modified"] == 3
+        assert again["content_hash"] == first["content_hash"]
+        html, ct, cs = app.pages["/www/library.do"]
+        app.pages["/www/library.do"] = (html.replace("24시간", "새벽 2시까지"), ct, cs)
+        third = run_crawl(_cfg(base, tmp_path / "c"))
+    assert third["counts"]["changed"] == 1 and third["counts"]["unchanged"] == 2
+    assert third["content_hash"] != first["content_hash"]
+
+
+def test_max_pages_is_respected_and_reported(tmp_path):
+    app = _site()
+    with serve(SiteHandler, app) as base:
+        m = run_crawl(_cfg(base, tmp_path / "c", max_pages=2))
+    assert m["counts"]["fetched"] == 2 and m["counts"]["not_fetched_max_pages"] >= 1
+
+
+def test_extract_drops_boilerplate_by_class_and_keeps_links():
+    html = ('<html><head><title>T</title></head><body><div class="lnb"><a href="/a">메뉴</a></div>'
+            '<main><p>본문 내용</p><a href="b.do#x">링크</a><a href="javascript:void(0)">x</a></main></body></html>')
+    ex = extract_page(html, "https://www.chungbuk.ac.kr/www/p.do")
+    assert ex["text"] == "본문 내용\n링크\nx"
+    assert ex["links"] == ["https://www.chungbuk.ac.kr/a", "https://www.chungbuk.ac.kr/www/b.do"]
+
+
+def test_directory_source_reads_txt_and_html(tmp_path):
+    pages, quarantine = read_directory(SAMPLES / "cbnu_pages", min_text_chars=50)
+    titles = sorted(p["title"] for p in pages)
+    assert titles == ["생활관 입사 안내 | 충북대학교 생활관", "소프트웨어학과 소개", "장학금 안내", "중앙도서관 이용 안내", "학사일정 및 수강신청"]
+    dorm = [p for p in pages if p["url"] == "file:생활관 입사 안내.html"][0]
+    assert "window.dataLayer" not in dorm["text"] and "Copyright" not in dorm["text"] and "공지사항" not in dorm["text"].split("\n")[0]
+    assert quarantine == []
+    (tmp_path / "짧은 문서.txt").write_text("짧다")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    pages, quarantine = read_directory(tmp_path, min_text_chars=10)
+    assert pages == [] and sorted(q["reason"] for q in quarantine) == ["too_little_text", "unsupported file type '.png'"]

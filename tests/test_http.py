@@ -1,0 +1,108 @@
+"""The polite client against a real local server: retries, Retry-After, robots, pacing, UA."""
+import asyncio
+import time
+
+import pytest
+
+from culbot.tasks._http import FetchError, HttpSettings, PoliteClient, RobotsDisallowed, backoff_delay, parse_retry_after
+from tests.conftest import fast_http
+from tests.servers.base import serve
+from tests.servers.univ100 import Univ100App, Univ100Handler, make_questions
+
+LIST = "/find/qna/question/list"
+
+
+def _settings(**kw) -> HttpSettings:
+    return HttpSettings(user_agent="Mozilla/5.0 CulbotTest", **fast_http(**kw))
+
+
+def _get(base, settings, path, params=None):
+    async def main():
+        async with PoliteClient(settings) as c:
+            r = await c.get(base + path, params=params)
+            return r, dict(c.stats)
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def app():
+    qs, ans = make_questions(5)
+    return Univ100App(questions=qs, answers=ans)
+
+
+def test_retries_429_honouring_retry_after(app):
+    app.faults["list:0"] = ["429"]
+    with serve(Univ100Handler, app) as base:
+        t0 = time.monotonic()
+        r, stats = _get(base, _settings(), LIST, {"offset": 0, "limit": 20})
+        elapsed = time.monotonic() - t0
+    assert r.status_code == 200
+    assert app.hits["list:0"] == 2
+    assert stats["retries"] == 1 and stats["status_429"] == 1
+    assert elapsed >= 1.0  # Retry-After: 1 beat the 0.05 s backoff
+
+
+def test_5xx_retries_are_bounded(app):
+    app.faults["list:0"] = ["500"] * 10
+    with serve(Univ100Handler, app) as base:
+        with pytest.raises(FetchError, match=r"HTTP 500 after 3 attempts"):
+            _get(base, _settings(max_retries=2), LIST, {"offset": 0})
+    assert app.hits["list:0"] == 3
+
+
+def test_timeouts_are_retried(app):
+    app.faults["list:0"] = ["slow"]
+    app.slow_s = 1.0
+    with serve(Univ100Handler, app) as base:
+        r, stats = _get(base, _settings(timeout_s=0.3), LIST, {"offset": 0})
+    assert r.status_code == 200 and stats["timeouts"] == 1
+
+
+def test_retry_after_over_the_cap_fails_clearly(app):
+    app.faults["list:0"] = ["429"]
+    with serve(Univ100Handler, app) as base:
+        with pytest.raises(FetchError, match="over retry_after_max_s"):
+            _get(base, _settings(retry_after_max_s=0.5), LIST, {"offset": 0})
+
+
+def test_robots_disallow_is_obeyed(app):
+    app.robots = "User-agent: *\nDisallow: /find/qna/question/list\n"
+    with serve(Univ100Handler, app) as base:
+        with pytest.raises(RobotsDisallowed):
+            _get(base, _settings(), LIST, {"offset": 0})
+    assert app.hits["list:0"] == 0 and app.hits["robots"] == 1
+
+
+def test_rate_limit_spaces_requests_per_host(app):
+    async def main(base):
+        async with PoliteClient(_settings(rate_per_host=5.0, max_concurrency_per_host=4, respect_robots=False)) as c:
+            await asyncio.gather(*(c.get(base + LIST, params={"offset": 0}) for _ in range(6)))
+
+    with serve(Univ100Handler, app) as base:
+        asyncio.run(main(base))
+    gaps = [b - a for a, b in zip(app.times, app.times[1:])]
+    assert len(app.times) == 6
+    # 5 requests/s: starts are reserved 0.2 s apart; arrival times carry some network jitter
+    assert app.times[-1] - app.times[0] >= 0.9 and min(gaps) >= 0.1
+
+
+def test_user_agent_is_sent(app):
+    with serve(Univ100Handler, app) as base:
+        _get(base, _settings(), LIST, {"offset": 0})
+    assert app.user_agents == {"Mozilla/5.0 CulbotTest"}
+
+
+def test_parse_retry_after_forms():
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
+    assert parse_retry_after("soon") is None
+
+
+def test_backoff_grows_and_is_capped():
+    import random
+
+    rng = random.Random(0)
+    ds = [backoff_delay(a, 1.0, 8.0, rng) for a in range(6)]
+    assert 0.5 <= ds[0] <= 1.0 and 4.0 <= ds[5] <= 8.0

@@ -1,0 +1,51 @@
+"""KULLM loading through datasets: input kept, broken rows quarantined, deterministic sampling."""
+import json
+
+import pytest
+
+from culbot.pipeline_config.schema import KullmConfig
+from culbot.tasks import _store
+from culbot.tasks.load_kullm import run_load
+from tests.conftest import SAMPLES
+
+
+def test_sample_file_keeps_input_and_quarantines_broken_rows(tmp_path):
+    m = run_load(KullmConfig(source="file", file=SAMPLES / "kullm_sample.jsonl", out_dir=tmp_path / "k"))
+    assert m["counts"] == {"loaded": 24, "sampled": 24, "rows": 23, "with_input": 10, "quarantined": 1}
+    rows = _store.read_jsonl(tmp_path / "k" / "rows.jsonl")
+    translate = [r for r in rows if r["id"] == "kullm:alpaca_2"][0]
+    assert translate["input"] == "나는 도서관에서 공부하는 것을 좋아한다."   # upstream lost every input
+    q = _store.read_jsonl(tmp_path / "k" / "quarantine.jsonl")
+    assert q[0]["reason"] == "output_missing_or_not_text" and q[0]["item"]["id"] == "broken_1"
+
+
+def test_sampling_is_deterministic_by_seed(tmp_path):
+    def ids(seed, out):
+        run_load(KullmConfig(source="file", file=SAMPLES / "kullm_sample.jsonl", max_rows=5, seed=seed, out_dir=tmp_path / out))
+        return [r["id"] for r in _store.read_jsonl(tmp_path / out / "rows.jsonl")]
+
+    a, b, c = ids(1, "a"), ids(1, "b"), ids(2, "c")
+    assert a == b and len(a) <= 5 and a != c
+
+
+def test_fraction_and_parquet_source(tmp_path):
+    import datasets
+
+    rows = [{"id": str(i), "instruction": f"명령 {i}", "input": "", "output": f"응답 {i}"} for i in range(40)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "k.parquet"))
+    m = run_load(KullmConfig(source="file", file=tmp_path / "k.parquet", fraction=0.25, out_dir=tmp_path / "k"))
+    assert m["counts"]["rows"] == 10
+
+
+def test_hub_source_goes_through_datasets_and_fails_clearly_offline(tmp_path):
+    # HF_HUB_OFFLINE=1 in tests: the real load_dataset(hub id, revision) path runs and refuses to download.
+    with pytest.raises(Exception, match="(?i)offline|couldn't find|connection|not found"):
+        run_load(KullmConfig(source="hub", hub_id="nlpai-lab/kullm-v2", revision="main", out_dir=tmp_path / "k"))
+    assert _store.read_manifest(tmp_path / "k") is None
+
+
+def test_unsupported_file_type_is_named(tmp_path):
+    p = tmp_path / "k.txt"
+    p.write_text("x")
+    with pytest.raises(ValueError, match=r"kullm.file: .*k.txt: unsupported type '.txt'"):
+        run_load(KullmConfig(source="file", file=p, out_dir=tmp_path / "k"))
