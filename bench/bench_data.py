@@ -1,0 +1,131 @@
+"""Data-half benchmarks: crawl and generation throughput against local servers, data-refresh cold vs warm.
+
+Run as: python bench/bench_data.py [--questions 200] [--chunks 48] [--latency 1.0] [--out bench/results/data.json]
+
+Every server is real HTTP on 127.0.0.1 (the test servers); nothing leaves the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.servers.base import serve  # noqa: E402
+from tests.servers.openai_api import OpenAIApp, OpenAIHandler, Reply, items_json  # noqa: E402
+from tests.servers.univ100 import Univ100App, Univ100Handler, make_questions  # noqa: E402
+
+
+def bench_univ100(n: int, rate: float, tmp: Path) -> dict:
+    from culbot.pipeline_config.schema import Univ100Config
+    from culbot.tasks.crawl_univ100 import run_crawl
+
+    qs, ans = make_questions(n)
+    app = Univ100App(questions=qs, answers=ans)
+    with serve(Univ100Handler, app) as base:
+        cfg = Univ100Config(source="api", base_url=base, out_dir=tmp / "u",
+                            http={"rate_per_host": rate, "max_concurrency_per_host": 4, "backoff_base_s": 0.05})
+        t0 = time.perf_counter()
+        m = run_crawl(cfg)
+        cold = time.perf_counter() - t0
+        requests = sum(app.hits.values())
+        app.hits.clear()
+        t0 = time.perf_counter()
+        m2 = run_crawl(cfg)
+        warm = time.perf_counter() - t0
+    return {"questions": m["counts"]["records"], "rate_limit_rps": rate, "requests": requests, "seconds": round(cold, 2),
+            "requests_per_s": round(requests / cold, 2), "questions_per_s": round(n / cold, 2),
+            "incremental_rerun_s": round(warm, 2), "incremental_rerun_requests": sum(app.hits.values()), "new_on_rerun": m2["counts"]["new"]}
+
+
+def bench_generation(chunks: int, latency: float, in_flight: int, rpm: float, tmp: Path) -> dict:
+    from culbot.pipeline_config.schema import QAGenConfig
+    from culbot.tasks import _store
+    from culbot.tasks.generate_qa import run_generate
+
+    pages = []
+    script = {}
+    for i in range(chunks):
+        tag = f"문서{i:03d}"
+        text = f"{tag} 안내: 충북대학교 {tag} 업무는 평일 오전 9시부터 오후 6시까지 처리합니다."
+        pages.append({"url": f"https://x/{i}", "title": tag, "text": text, "content_hash": _store.sha256_text(text)})
+        script[tag] = [Reply(content=items_json([(f"{tag} 업무 시간은?", "", f"충북대학교 {tag} 업무는 평일 오전 9시부터 오후 6시까지 처리합니다.")]))]
+    folder = tmp / "pages"
+    _store.atomic_write_jsonl(folder / "pages.jsonl", pages)
+    _store.write_manifest(folder, stage="crawl_cbnu", inputs={}, config={}, counts={})
+    app = OpenAIApp(script=script, latency_s=latency)
+    os.environ.setdefault("OPENAI_API_KEY", "sk-bench-local")
+    with serve(OpenAIHandler, app) as base:
+        cfg = QAGenConfig(backend="openai", base_url=base + "/v1", max_in_flight=in_flight, requests_per_minute=rpm,
+                          cache_dir=tmp / "cache", out_dir=tmp / "qa", max_cost_usd=None)
+        t0 = time.perf_counter()
+        m = run_generate(cfg, folder)
+        cold = time.perf_counter() - t0
+        reqs = app.requests
+        t0 = time.perf_counter()
+        run_generate(cfg, folder)
+        warm = time.perf_counter() - t0
+    bound = min(in_flight / latency, rpm / 60.0)
+    return {"chunks": chunks, "latency_s": latency, "max_in_flight": in_flight, "requests_per_minute": rpm,
+            "requests": reqs, "seconds": round(cold, 2), "achieved_rps": round(reqs / cold, 2), "bound_rps": round(bound, 2),
+            "efficiency": round(reqs / cold / bound, 3), "rows": m["counts"]["rows"],
+            "cached_rerun_s": round(warm, 2), "cached_rerun_requests": app.requests - reqs, "max_in_flight_seen": app.max_in_flight}
+
+
+def bench_refresh(tmp: Path) -> dict:
+    work = tmp / "work"
+    (work / "raw").mkdir(parents=True)
+    os.symlink(REPO / "raw" / "samples", work / "raw" / "samples")
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "run", "data-refresh"], cwd=work, env=env, capture_output=True, text=True)
+        times.append(time.perf_counter() - t0)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-2000:])
+    return {"cold_s": round(times[0], 2), "warm_s": round(times[1], 2), "cold_over_warm": round(times[0] / times[1], 2),
+            "note": "wall time of `culbot run data-refresh`, including Python start-up and the ephemeral Prefect server"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--questions", type=int, default=200)
+    ap.add_argument("--rate", type=float, default=20.0, help="univ100 requests/s for the throughput run (production default is 1)")
+    ap.add_argument("--chunks", type=int, default=48)
+    ap.add_argument("--latency", type=float, default=1.0)
+    ap.add_argument("--in-flight", type=int, default=8)
+    ap.add_argument("--rpm", type=float, default=600)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "data.json")
+    args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    tmp = Path(tempfile.mkdtemp(prefix="culbot-bench-"))
+    try:
+        res = {"univ100_crawl": bench_univ100(args.questions, args.rate, tmp),
+               "qa_generation": bench_generation(args.chunks, args.latency, args.in_flight, args.rpm, tmp),
+               "data_refresh": bench_refresh(tmp)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for section, vals in res.items():
+        print(f"\n{section}")
+        for k, v in vals.items():
+            print(f"  {k:<28} {v}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
