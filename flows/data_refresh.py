@@ -9,6 +9,7 @@ cache; a cached result whose folder no longer verifies is rebuilt, never trusted
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -43,7 +44,16 @@ def cbnu_window(cfg: DataProfile) -> str:
 
 def kullm_source_hash(cfg: DataProfile) -> str:
     k = cfg.kullm
-    return f"{k.hub_id}@{k.revision}" if k.source == "hub" else _store.sha256_file(Path(k.file))
+    if k.source == "file":
+        return _store.sha256_file(Path(k.file))
+    pinned = re.fullmatch(r"[0-9a-f]{40}", k.revision) is not None
+    # A commit sha never changes; a branch such as "main" is re-read once a day.
+    return f"{k.hub_id}@{k.revision}" + ("" if pinned else "-" + _time_window(24))
+
+
+def ref(result: dict) -> dict:
+    """What the next stage needs: the folder and its content hash (counts would spoil cache keys)."""
+    return {"path": result["path"], "content_hash": result["content_hash"]}
 
 
 def run_stage(task, force: bool, **kwargs) -> dict:
@@ -85,16 +95,16 @@ def data_refresh(profile: str = "sample", overrides: list[str] | None = None, fo
     if cfg.cbnu.enabled:
         results["crawl-cbnu"] = pages = run_stage(crawl_cbnu_task, force, config=cfg.cbnu.model_dump(mode="json"), window=cbnu_window(cfg))
         if cfg.qa.enabled:
-            results["generate-qa"] = sources["cbnu"] = run_stage(generate_qa_task, force, config=cfg.qa.model_dump(mode="json"), pages=pages)
+            results["generate-qa"] = sources["cbnu"] = run_stage(generate_qa_task, force, config=cfg.qa.model_dump(mode="json"), pages=ref(pages))
     if cfg.kullm.enabled:
         results["load-kullm"] = sources["kullm"] = run_stage(
             load_kullm_task, force, config=cfg.kullm.model_dump(mode="json"), source_hash=kullm_source_hash(cfg))
     if not sources:
         raise ValueError(f"profile {cfg.name!r}: every source stage is disabled; nothing to merge")
-    inputs = {k: {"path": v["path"], "content_hash": v["content_hash"]} for k, v in sources.items()}
+    inputs = {k: ref(v) for k, v in sources.items()}
     results["merge"] = dataset = run_stage(merge_task, force, config=cfg.merge.model_dump(mode="json"), inputs=inputs)
     results["format"] = formatted = run_stage(
-        format_task, force, config=cfg.format.model_dump(mode="json"), dataset={"path": dataset["path"], "content_hash": dataset["content_hash"]})
+        format_task, force, config=cfg.format.model_dump(mode="json"), dataset=ref(dataset))
     create_markdown_artifact(summary_markdown(cfg.name, results), key="data-refresh-summary", description="data-refresh outputs")
     log.info("dataset version %s at %s; formatted at %s", dataset["content_hash"][:16], dataset["path"], formatted["path"])
     return {"dataset": dataset, "formatted": formatted, "stages": results}

@@ -274,6 +274,10 @@ class RetryableError(RuntimeError):
         self.reason, self.retry_after = reason, retry_after
 
 
+class RequestRejected(RuntimeError):
+    """The server refused this request for good (e.g. HTTP 400: prompt too long); not retried."""
+
+
 class ChatBackend(Protocol):
     live: bool
 
@@ -314,7 +318,9 @@ class OpenAIBackend:
         except o.APIConnectionError as e:
             raise RetryableError(f"connection error: {e}") from None
         except o.AuthenticationError:
-            raise ConfigError(f"qa: the API rejected the key (HTTP 401). Check the key in the environment variable, not in config.") from None
+            raise ConfigError("qa: the API rejected the key (HTTP 401). Check the key in the environment variable, not in config.") from None
+        except o.APIStatusError as e:
+            raise RequestRejected(f"HTTP {e.status_code}: {e.message}") from None
         self.rate_limit_headers = {k: v for k, v in raw.headers.items() if k.lower().startswith("x-ratelimit-")}
         resp = raw.parse()
         if not resp.choices:
@@ -580,6 +586,8 @@ async def generate(
             quarantine.append({"stage": "generate_qa", "url": ch.url, "chunk_index": ch.index, "chunk_hash": ch.hash, "reason": "no_recorded_answer", "detail": str(e)})
         except RetryableError as e:
             quarantine.append({"stage": "generate_qa", "url": ch.url, "chunk_index": ch.index, "chunk_hash": ch.hash, "reason": "request_failed", "detail": e.reason})
+        except RequestRejected as e:
+            quarantine.append({"stage": "generate_qa", "url": ch.url, "chunk_index": ch.index, "chunk_hash": ch.hash, "reason": "request_rejected", "detail": str(e)})
         except (BudgetExceeded, ConfigError) as e:
             if not stop:
                 stop.append(e)

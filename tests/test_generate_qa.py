@@ -221,3 +221,14 @@ def test_key_from_a_prefect_secret_block(tmp_path, monkeypatch, prefect_harness)
         m = run_generate(cfg(tmp_path, base, api_key_secret_block="culbot-openai-test"), pages)
     assert app.auth == {"Bearer sk-from-block-456"} and m["counts"]["rows"] == 3
     assert "sk-from-block-456" not in (tmp_path / "qa" / "manifest.json").read_text()
+
+
+def test_rejected_request_is_quarantined_not_retried(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    pages = write_pages(tmp_path / "pages", [page_for("가가"), page_for("나나")])
+    app = OpenAIApp(script={"가가 안내": [Reply(status=400)], "나나 안내": [Reply(content=items_json(facts("나나")))]})
+    with serve(OpenAIHandler, app) as base:
+        m = run_generate(cfg(tmp_path, base), pages)
+    assert app.by_marker["가가 안내"] == 1 and m["counts"]["rows"] == 3
+    q = _store.read_jsonl(tmp_path / "qa" / "quarantine.jsonl")
+    assert [x["reason"] for x in q] == ["request_rejected"] and "HTTP 400" in q[0]["detail"]
