@@ -99,3 +99,23 @@ def contacts(text: str) -> set[str]:
     found = {m.group(0).lower() for m in EMAIL_RE.finditer(text)}
     found |= {re.sub(r"\D", "", m.group(0)) for m in PHONE_RE.finditer(text)}
     return found
+
+
+def instruction_fields(item: dict, *, normalize: bool = True) -> tuple[dict[str, str] | None, str | None]:
+    """instruction, input and output as text (a missing or null input is ""), or the reason they are not.
+
+    The one check every source's rows go through: KULLM rows, LLM items and merge input.
+    """
+    out = {}
+    for key in ("instruction", "input", "output"):
+        v = item.get(key)
+        if v is None and key == "input":
+            v = ""
+        if not isinstance(v, str):
+            return None, f"{key}_missing_or_not_text"
+        out[key] = normalize_ws(nfc(v)) if normalize else v
+    if not out["instruction"].strip():
+        return None, "empty_instruction"
+    if not out["output"].strip():
+        return None, "empty_output"
+    return out, None

@@ -231,18 +231,9 @@ def validate_item(item: Any, source_text: str, rules: ItemRules) -> tuple[dict |
     """(clean item, None) or (None, reason)."""
     if not isinstance(item, dict):
         return None, "not_an_object"
-    fields = {}
-    for key in ("instruction", "input", "output"):
-        v = item.get(key, "" if key == "input" else None)
-        if v is None and key == "input":
-            v = ""
-        if not isinstance(v, str):
-            return None, f"{key}_missing_or_not_text"
-        fields[key] = _text.normalize_ws(_text.nfc(v))
-    if not fields["instruction"]:
-        return None, "empty_instruction"
-    if not fields["output"]:
-        return None, "empty_output"
+    fields, reason = _text.instruction_fields(item)
+    if fields is None:
+        return None, reason
     letters_text = fields["instruction"] + " " + fields["output"]
     if _text.LETTER_RE.search(letters_text) and _text.hangul_ratio(letters_text) < rules.min_korean_ratio:
         return None, "not_korean"

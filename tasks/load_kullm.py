@@ -17,7 +17,7 @@ from prefect import task
 
 from culbot.pipeline_config.schema import KullmConfig
 
-from . import _store
+from . import _store, _text
 from ._prefect import stage_cache
 
 log = logging.getLogger("culbot.load_kullm")
@@ -26,17 +26,10 @@ FIELDS = ("id", "instruction", "input", "output")
 
 
 def check_row(row: dict[str, Any], n: int) -> tuple[dict | None, str | None]:
-    """A KULLM row in our schema, or the reason it is broken."""
-    out = {}
-    for key in ("instruction", "input", "output"):
-        v = row.get(key, "" if key == "input" else None)
-        if v is None and key == "input":
-            v = ""
-        if not isinstance(v, str):
-            return None, f"{key}_missing_or_not_text"
-        out[key] = v
-    if not out["instruction"].strip():
-        return None, "empty_instruction"
+    """A KULLM row in our schema, or the reason it is broken. Text is kept as published; merge normalises."""
+    out, reason = _text.instruction_fields(row, normalize=False)
+    if out is None:
+        return None, reason
     rid = row.get("id")
     out["id"] = f"kullm:{rid if rid not in (None, '') else n}"
     out["source"] = "kullm"

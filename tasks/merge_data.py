@@ -27,18 +27,10 @@ COLUMNS = ("id", "source", "instruction", "input", "output")
 
 def normalize_row(row: dict[str, Any], source: str) -> tuple[dict | None, str | None]:
     """One schema {id, source, instruction, input, output}; NFC and whitespace normalised."""
-    out = {"id": str(row.get("id") or ""), "source": source}
-    for key in ("instruction", "input", "output"):
-        v = row.get(key, "" if key == "input" else None)
-        if v is None and key == "input":
-            v = ""
-        if not isinstance(v, str):
-            return None, f"broken_row: {key} missing or not text"
-        out[key] = _text.normalize_ws(_text.nfc(v))
-    if not out["instruction"]:
-        return None, "empty_instruction"
-    if not out["output"]:
-        return None, "empty_output"
+    fields, reason = _text.instruction_fields(row)
+    if fields is None:
+        return None, reason if reason.startswith("empty_") else f"broken_row: {reason}"
+    out = {"id": str(row.get("id") or ""), "source": source, **fields}
     if not out["id"]:
         out["id"] = f"{source}:{_store.hash_json([out['instruction'], out['input'], out['output']])[:12]}"
     return out, None

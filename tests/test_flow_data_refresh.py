@@ -44,8 +44,8 @@ def test_data_refresh_cold_then_fully_cached_then_rebuilds_corruption(tmp_path, 
     out = state.result()
     d = out["dataset"]
     assert d["counts"]["train"] + d["counts"]["validation"] == 55
-    assert d["counts"]["rows_in"] == {"cbnu": 25, "kullm": 23, "univ100": 10}
-    assert d["counts"]["dropped"] == {"duplicate_of_kullm": 1, "duplicate_of_univ100": 1, "empty_output": 1}
+    assert d["counts"]["rows_in"] == {"cbnu": 25, "kullm": 22, "univ100": 10}
+    assert d["counts"]["dropped"] == {"duplicate_of_kullm": 1, "duplicate_of_univ100": 1}
     assert _store.is_complete(d["path"]) and _store.is_complete(out["formatted"]["path"])
     cold = _task_states(state.state_details.flow_run_id)
     assert [s for _, s in cold] == ["Completed"] * 6

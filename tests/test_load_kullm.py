@@ -11,12 +11,12 @@ from tests.conftest import SAMPLES
 
 def test_sample_file_keeps_input_and_quarantines_broken_rows(tmp_path):
     m = run_load(KullmConfig(source="file", file=SAMPLES / "kullm_sample.jsonl", out_dir=tmp_path / "k"))
-    assert m["counts"] == {"loaded": 24, "sampled": 24, "rows": 23, "with_input": 10, "quarantined": 1}
+    assert m["counts"] == {"loaded": 24, "sampled": 24, "rows": 22, "with_input": 10, "quarantined": 2}
     rows = _store.read_jsonl(tmp_path / "k" / "rows.jsonl")
     translate = [r for r in rows if r["id"] == "kullm:alpaca_2"][0]
     assert translate["input"] == "나는 도서관에서 공부하는 것을 좋아한다."   # upstream lost every input
     q = _store.read_jsonl(tmp_path / "k" / "quarantine.jsonl")
-    assert q[0]["reason"] == "output_missing_or_not_text" and q[0]["item"]["id"] == "broken_1"
+    assert [(x["item"]["id"], x["reason"]) for x in q] == [("alpaca_13", "empty_output"), ("broken_1", "output_missing_or_not_text")]
 
 
 def test_sampling_is_deterministic_by_seed(tmp_path):
