@@ -9,6 +9,7 @@ missing or non-text field go to quarantine.jsonl with the reason.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,22 @@ def check_row(row: dict[str, Any], n: int) -> tuple[dict | None, str | None]:
     return out, None
 
 
-def load_dataset_rows(cfg: KullmConfig):
+def resolve_revision(hub_id: str, revision: str) -> str:
+    """A branch or tag resolved to its commit sha, so the manifest records exactly what was loaded."""
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import HfApi
+
+    return HfApi().dataset_info(hub_id, revision=revision).sha
+
+
+def load_dataset_rows(cfg: KullmConfig, revision: str | None = None):
     """The datasets.Dataset for the configured source (hub id at a revision, or a local file)."""
     import datasets
 
     if cfg.source == "hub":
-        log.info("loading %s@%s (%s) from the Hub", cfg.hub_id, cfg.revision, cfg.split)
-        return datasets.load_dataset(cfg.hub_id, revision=cfg.revision, split=cfg.split)
+        log.info("loading %s@%s (%s) from the Hub", cfg.hub_id, revision or cfg.revision, cfg.split)
+        return datasets.load_dataset(cfg.hub_id, revision=revision or cfg.revision, split=cfg.split)
     path = Path(cfg.file)
     if not path.is_file():
         raise FileNotFoundError(f"kullm.file: {path} not found")
@@ -64,7 +74,8 @@ def run_load(cfg: KullmConfig, out_dir: Path | None = None) -> dict:
     out_dir = Path(out_dir or cfg.out_dir)
     t0 = time.monotonic()
     (out_dir / _store.MANIFEST).unlink(missing_ok=True)
-    ds = load_dataset_rows(cfg)
+    sha = resolve_revision(cfg.hub_id, cfg.revision) if cfg.source == "hub" else None
+    ds = load_dataset_rows(cfg, sha)
     total = len(ds)
     ds = sample(ds, max_rows=cfg.max_rows, fraction=cfg.fraction, seed=cfg.seed)
     rows, quarantine = [], []
@@ -79,7 +90,7 @@ def run_load(cfg: KullmConfig, out_dir: Path | None = None) -> dict:
     with_input = sum(1 for r in rows if r["input"].strip())
     counts = {"loaded": total, "sampled": len(ds), "rows": len(rows), "with_input": with_input, "quarantined": len(quarantine)}
     log.info("kullm: %s", counts)
-    inputs = {"hub_id": cfg.hub_id, "revision": cfg.revision} if cfg.source == "hub" else {"file": str(cfg.file), "sha256": _store.sha256_file(Path(cfg.file))}
+    inputs = {"hub_id": cfg.hub_id, "revision": cfg.revision, "commit": sha} if cfg.source == "hub" else {"file": str(cfg.file), "sha256": _store.sha256_file(Path(cfg.file))}
     return _store.write_manifest(out_dir, stage="load_kullm", inputs=inputs, config=cfg.model_dump(mode="json"),
                                  counts=counts, timings={"load": time.monotonic() - t0},
                                  content_hash=_store.sha256_file(out_dir / "rows.jsonl"))

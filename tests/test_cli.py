@@ -75,3 +75,16 @@ def test_runtime_error_is_one_clear_line(tmp_path):
     r = culbot("generate-qa", "--pages", str(tmp_path / "missing"))
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: FileNotFoundError:") and "Traceback" not in r.stderr
+
+
+def test_crawl_cbnu_stage_alone_against_a_url(tmp_path):
+    from tests.servers.cbnu_site import SiteApp, SiteHandler, page
+
+    body = "<p>" + "충북대학교 학생생활관은 매 학기 입사 신청을 받습니다. " * 5 + "</p>"
+    app = SiteApp(pages={"/www/index.do": (page("생활관", body, ["/www/b.do"]), "text/html", "utf-8"),
+                         "/www/b.do": (page("두 번째", body), "text/html", "utf-8")})
+    with serve(SiteHandler, app) as base:
+        r = culbot("crawl", "cbnu", "--seed", base + "/www/index.do", "--allow-domain", "127.0.0.1", "--out", str(tmp_path / "c"),
+                   "--set", "cbnu.http.rate_per_host=100")
+    assert r.returncode == 0, r.stderr
+    assert '"pages": 2' in r.stdout and _store.is_complete(tmp_path / "c")
