@@ -123,7 +123,7 @@ class PoliteClient:
                 robots_url = f"{parts.scheme}://{parts.netloc}/robots.txt"
                 rp = RobotFileParser(robots_url)
                 try:
-                    r = await self._request(robots_url, host, check_robots=False)
+                    r = await self._request(robots_url, host)
                     if r.status_code in (401, 403):
                         rp.disallow_all = True
                     elif r.status_code >= 400:
@@ -145,9 +145,9 @@ class PoliteClient:
             if not rp.can_fetch(self.s.user_agent, full):
                 self.stats["robots_disallowed"] += 1
                 raise RobotsDisallowed(full, "disallowed by robots.txt")
-        return await self._request(url, host, headers=headers, params=params, check_robots=False)
+        return await self._request(url, host, headers=headers, params=params)
 
-    async def _request(self, url, host, *, headers=None, params=None, check_robots=True) -> httpx.Response:
+    async def _request(self, url: str, host: _Host, *, headers=None, params=None) -> httpx.Response:
         last_reason = ""
         for attempt in range(self.s.max_retries + 1):
             await self._wait_turn(host)
