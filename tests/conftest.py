@@ -41,3 +41,35 @@ def fast_http(**kw) -> dict:
             "backoff_base_s": 0.05, "backoff_max_s": 0.2, "retry_after_max_s": 5.0}
     base.update(kw)
     return base
+
+
+@pytest.fixture(scope="session")
+def sample_formatted(tmp_path_factory) -> Path:
+    """The sample data half run through the stage cores (no Prefect): a formatted dataset folder."""
+    from culbot.pipeline_config.schema import load_profile
+    from culbot.tasks import crawl_cbnu, crawl_univ100, format_prompts, generate_qa, load_kullm, merge_data
+
+    root = tmp_path_factory.mktemp("sample-data")
+    raw = root / "raw"
+    prof = load_profile("sample", [
+        f"univ100.snapshot_dir={SAMPLES / 'univ100'}", f"univ100.out_dir={raw / 'univ100'}",
+        f"cbnu.pages_dir={SAMPLES / 'cbnu_pages'}", f"cbnu.out_dir={raw / 'cbnu'}",
+        f"qa.replay_dir={SAMPLES / 'qa_replay'}", f"qa.cache_dir={raw / 'cache'}", f"qa.out_dir={raw / 'qa'}",
+        f"kullm.file={SAMPLES / 'kullm_sample.jsonl'}", f"kullm.out_dir={raw / 'kullm'}",
+        f"merge.out_root={root / 'datasets'}", f"format.out_root={root / 'formatted'}",
+    ])
+    crawl_univ100.run_crawl(prof.univ100)
+    crawl_cbnu.run_crawl(prof.cbnu)
+    generate_qa.run_generate(prof.qa, prof.cbnu.out_dir)
+    load_kullm.run_load(prof.kullm)
+    d = merge_data.run_merge({"univ100": prof.univ100.out_dir, "cbnu": prof.qa.out_dir, "kullm": prof.kullm.out_dir}, prof.merge)
+    return Path(format_prompts.run_format(d["path"], prof.format)["path"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from culbot.tasks.tiny_model import build_tiny_model, sample_corpus
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    build_tiny_model(out, sample_corpus(SAMPLES))
+    return out

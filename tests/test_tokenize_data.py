@@ -1,0 +1,76 @@
+"""Tokenization: EOS only when not truncated, prompt labels masked, cutoff handling, EOS agreement."""
+import pytest
+
+from culbot.tasks.tokenize_data import IGNORE, EosMismatch, build_example, check_eos
+
+
+def test_eos_appended_and_prompt_masked():
+    ex, _ = build_example([5, 6, 7], [8, 9], eos_id=2, cutoff_len=10, train_on_inputs=False, overlength="truncate")
+    assert ex["input_ids"] == [5, 6, 7, 8, 9, 2]
+    assert ex["labels"] == [IGNORE, IGNORE, IGNORE, 8, 9, 2]
+    assert ex["truncated"] is False
+
+
+def test_train_on_inputs_keeps_prompt_labels():
+    ex, _ = build_example([5, 6], [8], eos_id=2, cutoff_len=10, train_on_inputs=True, overlength="truncate")
+    assert ex["labels"] == [5, 6, 8, 2]
+
+
+def test_truncation_drops_eos_and_counts():
+    ex, _ = build_example([5, 6, 7], [8, 9, 10, 11], eos_id=2, cutoff_len=5, train_on_inputs=False, overlength="truncate")
+    assert ex["input_ids"] == [5, 6, 7, 8, 9] and ex["labels"] == [IGNORE, IGNORE, IGNORE, 8, 9] and ex["truncated"]
+    assert build_example([5, 6, 7], [8, 9, 10], eos_id=2, cutoff_len=5, train_on_inputs=False, overlength="drop") == (None, "over_cutoff")
+    assert build_example([1] * 6, [8], eos_id=2, cutoff_len=5, train_on_inputs=False, overlength="truncate") == (None, "prompt_fills_cutoff")
+    ex, _ = build_example([5, 6, 7], [8], eos_id=2, cutoff_len=5, train_on_inputs=False, overlength="drop")
+    assert ex["input_ids"] == [5, 6, 7, 8, 2]   # exactly at the cutoff, EOS included
+
+
+def test_eos_mismatch_is_a_clear_error():
+    class Tok:
+        eos_token_id = 2
+
+    class Cfg:
+        eos_token_id = 0
+
+    with pytest.raises(EosMismatch, match="tokenizer eos_token_id=2 but model config eos_token_id=0"):
+        check_eos(Tok(), Cfg())
+    Cfg.eos_token_id = 2
+    assert check_eos(Tok(), Cfg()) == 2
+
+
+def test_tokenize_formatted_sample_with_the_tiny_tokenizer(tmp_path, sample_formatted, tiny_model):
+    import datasets
+    from transformers import AutoTokenizer
+
+    from culbot.tasks import _store
+    from culbot.tasks.format_prompts import load_template, render_prompt
+    from culbot.tasks.tokenize_data import run_tokenize
+
+    m = run_tokenize(sample_formatted, str(tiny_model), tmp_path / "tok", cutoff_len=128)
+    train = datasets.Dataset.from_parquet(str(tmp_path / "tok" / m["content_hash"][:16] / "train.parquet")).to_list()
+    assert m["counts"]["train"]["kept"] + m["counts"]["train"]["over_cutoff"] + m["counts"]["train"]["prompt_fills_cutoff"] == 50
+    assert all(len(r["input_ids"]) <= 128 and len(r["labels"]) == len(r["input_ids"]) for r in train)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    formatted = {r["id"]: r for r in datasets.Dataset.from_parquet(str(sample_formatted / "train.parquet")).to_list()}
+    ex = next(r for r in train if not r["truncated"])
+    src = formatted[ex["id"]]
+    # the prompt tokens are exactly those that inference gets from the same template code
+    template = load_template(src["template"])
+    assert src["prompt"] == render_prompt(template, *_instruction_input(src, template))
+    n_prompt = len(tok(src["prompt"], add_special_tokens=False)["input_ids"])
+    assert ex["input_ids"][:n_prompt] == tok(src["prompt"], add_special_tokens=False)["input_ids"]
+    assert ex["labels"][:n_prompt] == [IGNORE] * n_prompt and ex["input_ids"][-1] == 2 and ex["labels"][-1] == 2
+    assert tok.decode(ex["input_ids"][n_prompt:-1]) == src["response"]
+    again = run_tokenize(sample_formatted, str(tiny_model), tmp_path / "tok", cutoff_len=128)
+    assert again["created_at"] == m["created_at"]
+    assert run_tokenize(sample_formatted, str(tiny_model), tmp_path / "tok", cutoff_len=64)["content_hash"] != m["content_hash"]
+    assert _store.is_complete(m["path"])
+
+
+def _instruction_input(formatted_row, template):
+    """Recover instruction/input from a rendered prompt (test helper for the round trip)."""
+    p = formatted_row["prompt"]
+    if "### 입력:\n" in p:
+        head, rest = p.split("### 명령어:\n", 1)[1].split("\n\n### 입력:\n", 1)
+        return head, rest.split("\n\n### 응답:\n", 1)[0]
+    return p.split("### 명령어:\n", 1)[1].split("\n\n### 응답:\n", 1)[0], ""
