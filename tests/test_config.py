@@ -90,3 +90,39 @@ def test_invalid_yaml_is_named(tmp_path):
 def test_templates_and_prompts_ship_inside_the_package():
     assert (schema.PACKAGE_DIR / "templates" / "kullm.json").is_file()
     assert (schema.PACKAGE_DIR / "prompts" / "qa" / "v1" / "user.txt").is_file()
+
+
+# ----- training profiles --------------------------------------------------------
+
+from culbot.pipeline_config.train_schema import TrainProfile, load_train_profile, train_profiles  # noqa: E402
+
+
+@pytest.mark.parametrize("path", train_profiles(), ids=lambda p: p.name)
+def test_every_training_profile_loads_with_exact_batch_arithmetic(path):
+    t = load_train_profile(path)
+    assert t.train.micro_batch_size * t.train.gradient_accumulation_steps * t.hardware.gpus == t.train.global_batch_size
+
+
+def test_shipped_training_profiles_match_the_upstream_targets():
+    assert {p.stem for p in train_profiles()} == {"a6000x4", "runpod-a100x2", "gcp-l4", "cpu-tiny"}
+    a = load_train_profile("a6000x4")
+    assert (a.hardware.gpus, a.train.micro_batch_size, a.data.cutoff_len, a.train.global_batch_size) == (4, 8, 1024, 128)
+    assert (a.lora.r, a.lora.alpha, a.lora.dropout, a.lora.target_modules) == (8, 16, 0.05, ["query_key_value"])
+    assert (a.train.learning_rate, a.train.lr_scheduler, a.train.warmup_steps, a.train.gradient_accumulation_steps) == (3e-4, "linear", 100, 4)
+    r = load_train_profile("runpod-a100x2")
+    assert r.deepspeed_path().name == "zero3.json" and r.model.dtype == "bf16" and r.hardware.gpus == 2
+    g = load_train_profile("gcp-l4")
+    assert (g.model.quantization, g.model.bnb_4bit_quant_type, g.train.micro_batch_size, g.model.gradient_checkpointing, g.train.optim) == \
+        ("4bit", "nf4", 2, True, "paged_adamw_8bit")
+
+
+def test_upstream_batch_bug_is_an_error_at_load(tmp_path):
+    # upstream: 128 // 12 // 4 = 2 accumulation steps with micro 12 on 4 GPUs -> an effective batch of 96, not 128
+    with pytest.raises(ConfigError, match=r"micro_batch_size 12 × gradient_accumulation_steps 2 × gpus 4 = 96, not global_batch_size 128"):
+        load_train_profile("a6000x4", ["train.micro_batch_size=12", "train.gradient_accumulation_steps=2"])
+    with pytest.raises(ConfigError, match="not a multiple"):
+        load_train_profile("a6000x4", ["train.micro_batch_size=12"])
+
+
+def test_training_profile_fields_are_documented():
+    assert [n for n, f in _walk(TrainProfile) if not (f.description or "").strip()] == []

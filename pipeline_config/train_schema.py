@@ -1,0 +1,140 @@
+"""Typed configuration of a training profile: hardware, model, LoRA, data, schedule and guards.
+
+Profiles live in pipeline_config/profiles/<name>.yaml; DeepSpeed configs in
+pipeline_config/deepspeed/. Load one with :func:`load_train_profile`; the batch
+arithmetic (micro × accumulation × world = global) is checked here, at load.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from .schema import PACKAGE_DIR, ConfigError, _format_errors, _Strict, apply_overrides, load_yaml
+
+PROFILE_DIR = PACKAGE_DIR / "profiles"
+DEEPSPEED_DIR = PACKAGE_DIR / "deepspeed"
+TINY = "culbot:tiny"
+
+
+class Hardware(_Strict):
+    gpus: int = Field(1, ge=1, description="Processes to launch on the host (one per GPU); the world size.")
+    gpu_name: str = Field("cpu", description="GPU model, for the planner and the model card.")
+    gpu_memory_gb: float = Field(0, ge=0, description="Memory per GPU in GB (0 for CPU).")
+    launcher: Literal["python", "torchrun", "deepspeed"] = Field("torchrun", description="How the training entrypoint is started.")
+    use_cpu: bool = Field(False, description="Train on CPU (CI and laptops without a GPU).")
+    work_pool: str = Field("cpu", description="Prefect work pool whose workers run on this hardware.")
+    hourly_usd: float | None = Field(None, ge=0, description="Price per hour of the whole host, for cost estimates.")
+
+
+class ModelSpec(_Strict):
+    base: str = Field(description=f"Base model: a Hub id (e.g. EleutherAI/polyglot-ko-12.8b), a local path, or {TINY!r} for the built-in tiny GPT-NeoX.")
+    revision: str = Field("main", description="Hub revision; resolved to its commit sha and recorded with the adapter.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the base weights and of mixed-precision training.")
+    quantization: Literal["none", "8bit", "4bit"] = Field("none", description="bitsandbytes quantisation of the frozen base (QLoRA for 4bit).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantise the 4-bit quantisation constants too.")
+    bnb_4bit_compute_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Compute dtype of 4-bit layers.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+
+class LoraSpec(_Strict):
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(["query_key_value"], description="Module names to adapt, or 'all-linear' (every linear layer but the output head).")
+
+
+class DataSpec(_Strict):
+    cutoff_len: int = Field(1024, ge=8, description="Longest sequence in tokens.")
+    train_on_inputs: bool = Field(False, description="Also learn the prompt tokens (else their labels are -100).")
+    overlength: Literal["truncate", "drop"] = Field("truncate", description="What to do with rows longer than cutoff_len (counted either way).")
+    packing: bool = Field(False, description="Pack several examples into one row with position_ids, without cross-attention.")
+
+
+class Schedule(_Strict):
+    micro_batch_size: int = Field(1, ge=1, description="Examples per GPU per forward pass.")
+    global_batch_size: int = Field(1, ge=1, description="Examples per optimizer step over all GPUs.")
+    gradient_accumulation_steps: int | None = Field(None, ge=1, description="None: global / (micro × world). If set, must make the product exact.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear", description="Learning-rate schedule.")
+    warmup_steps: float = Field(100, ge=0, description="Warm-up steps (a value below 1 is a ratio of all steps).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optim: str = Field("adamw_torch_fused", description="transformers optimizer name, e.g. adamw_torch_fused, paged_adamw_8bit.")
+    seed: int = Field(42, description="Training seed.")
+    logging_steps: int = Field(10, ge=1, description="Log loss every N optimizer steps.")
+    eval_steps: int = Field(200, ge=1, description="Evaluate every N optimizer steps.")
+    save_steps: int = Field(200, ge=1, description="Save a full checkpoint (adapter, optimizer, scheduler, RNG) every N steps.")
+    save_total_limit: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted.")
+    dataloader_num_workers: int = Field(2, ge=0, description="Data loader worker processes.")
+    torch_compile: bool = Field(False, description="torch.compile the model (measure before enabling).")
+    report_to: Literal["auto", "none", "wandb"] = Field("auto", description="'auto': W&B online when WANDB_API_KEY is set, else offline.")
+
+
+class Guards(_Strict):
+    collapse_below: float = Field(0.02, ge=0, description="A logged loss under this counts towards collapse.")
+    collapse_logs: int = Field(5, ge=1, description="Stop when this many consecutive logged losses are under collapse_below.")
+    grad_norm_limit: float = Field(1e4, gt=0, description="Stop when the logged grad norm exceeds this (explosion).")
+
+
+class TrainProfile(_Strict):
+    name: str = Field(description="Profile name.")
+    description: str = Field("", description="What hardware and run this profile is for.")
+    hardware: Hardware = Field(default_factory=Hardware, description="Where it runs.")
+    model: ModelSpec = Field(description="Base model and how it is loaded.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Tokenization settings.")
+    train: Schedule = Field(default_factory=Schedule, description="Batch sizes and schedule.")
+    guards: Guards = Field(default_factory=Guards, description="Stop conditions for a diverging or collapsing run.")
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON in pipeline_config/deepspeed/ (or a path); needs launcher deepspeed or torchrun.")
+
+    @model_validator(mode="after")
+    def _batch_arithmetic(self):
+        t, world = self.train, self.hardware.gpus
+        if t.gradient_accumulation_steps is None:
+            if t.global_batch_size % (t.micro_batch_size * world):
+                raise ValueError(f"global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size {t.micro_batch_size} × gpus {world}")
+            t.gradient_accumulation_steps = t.global_batch_size // (t.micro_batch_size * world)
+        elif t.micro_batch_size * t.gradient_accumulation_steps * world != t.global_batch_size:
+            raise ValueError(f"micro_batch_size {t.micro_batch_size} × gradient_accumulation_steps {t.gradient_accumulation_steps} × gpus {world} = "
+                             f"{t.micro_batch_size * t.gradient_accumulation_steps * world}, not global_batch_size {t.global_batch_size}")
+        if self.model.quantization != "none" and self.hardware.use_cpu and self.model.quantization == "8bit":
+            raise ValueError("8-bit quantisation needs a GPU; use 4bit or none on CPU")
+        if self.deepspeed and self.hardware.launcher == "python":
+            raise ValueError("deepspeed needs launcher 'deepspeed' or 'torchrun'")
+        return self
+
+    def deepspeed_path(self) -> Path | None:
+        if not self.deepspeed:
+            return None
+        p = Path(self.deepspeed)
+        return p if p.is_file() else DEEPSPEED_DIR / self.deepspeed
+
+
+def train_profiles() -> list[Path]:
+    return sorted(PROFILE_DIR.glob("*.yaml"))
+
+
+def load_train_profile(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainProfile:
+    p = Path(name_or_path)
+    if p.suffix not in (".yaml", ".yml"):
+        p = PROFILE_DIR / f"{name_or_path}.yaml"
+        if not p.is_file():
+            raise ConfigError(f"unknown training profile {name_or_path!r}; shipped: {', '.join(x.stem for x in train_profiles())}")
+    elif not p.is_file():
+        raise ConfigError(f"{p}: training profile not found")
+    data = apply_overrides(load_yaml(p), list(overrides))
+    data.setdefault("name", p.stem)
+    try:
+        prof = TrainProfile.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(p), list(overrides))) from None
+    ds = prof.deepspeed_path()
+    if ds is not None and not ds.is_file():
+        raise ConfigError(f"{p}: field 'deepspeed': {ds} not found")
+    return prof
