@@ -1,0 +1,273 @@
+"""Training entrypoint: LoRA/QLoRA fine-tuning with the transformers Trainer. No Prefect in here.
+
+Run as: python -m culbot.tasks.train_entry --config RUN/config.json
+        torchrun --nproc_per_node 4 -m culbot.tasks.train_entry --config RUN/config.json
+        deepspeed --num_gpus 2 tasks/train_entry.py --config RUN/config.json
+
+RUN/config.json is written by `culbot train` / the Prefect train task: the
+resolved profile, the base model path and revision, the tokenized data folder
+and the run folder. A rerun resumes from the newest complete checkpoint.
+Exit codes: 0 done, 3 stopped by a guard (never publishable), 75 preempted
+(SIGTERM; a checkpoint was saved), anything else a crash.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+EXIT_GUARD = 3
+EXIT_PREEMPTED = 75
+MARKER = "culbot_complete.json"
+
+
+class GuardTripped(RuntimeError):
+    """The loss or gradient went wrong; the run is failed and can never be published."""
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def say(msg: str) -> None:
+    if rank() == 0:
+        print(f"[culbot.train] {msg}", flush=True)
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# ----- checkpoints ----------------------------------------------------------------
+
+def newest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint-N with our completion marker and a readable trainer_state.json."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
+                   key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    for p in found:
+        try:
+            json.loads((p / "trainer_state.json").read_text())
+            json.loads((p / MARKER).read_text())
+        except (OSError, json.JSONDecodeError):
+            say(f"skipping incomplete or corrupt checkpoint {p.name}")
+            continue
+        return p
+    return None
+
+
+# ----- model -----------------------------------------------------------------------
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def linear_module_names(model) -> list[str]:
+    """Names of the linear layers to adapt for 'all-linear' (the output head excluded)."""
+    import torch
+
+    names = set()
+    for name, mod in model.named_modules():
+        cls = type(mod).__name__
+        if isinstance(mod, torch.nn.Linear) or cls in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.rsplit(".", 1)[-1])
+    names.discard("embed_out")
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def load_model(spec: dict, model_path: str, revision: str | None, use_cpu: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = getattr(torch, DTYPES[spec["dtype"]])
+    kwargs = {"dtype": dtype, "attn_implementation": spec["attn_implementation"], "revision": revision}
+    if spec["quantization"] == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=spec["bnb_4bit_quant_type"],
+            bnb_4bit_use_double_quant=spec["bnb_4bit_use_double_quant"],
+            bnb_4bit_compute_dtype=getattr(torch, DTYPES[spec["bnb_4bit_compute_dtype"]]))
+    elif spec["quantization"] == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if not use_cpu and "LOCAL_RANK" in os.environ and spec["quantization"] != "none":
+        kwargs["device_map"] = {"": int(os.environ["LOCAL_RANK"])}
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if spec["quantization"] != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gradient_checkpointing"])
+    elif spec["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    return model
+
+
+def apply_lora(model, lora: dict):
+    from peft import LoraConfig, get_peft_model
+
+    targets = linear_module_names(model) if lora["target_modules"] == "all-linear" else lora["target_modules"]
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                     target_modules=targets, bias="none")
+    model = get_peft_model(model, cfg)
+    trainable, total = model.get_nb_trainable_parameters()
+    say(f"LoRA on {targets}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    return model, targets
+
+
+# ----- callbacks --------------------------------------------------------------------
+
+def make_callbacks(guards: dict, ckpt_dir: Path, run_dir: Path):
+    from transformers import TrainerCallback
+
+    class Guard(TrainerCallback):
+        """Stop on NaN/inf loss, on a loss collapsing towards 0, or on an exploding grad norm."""
+
+        def __init__(self):
+            self.low = 0
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            for key in ("loss", "eval_loss"):
+                v = logs.get(key)
+                if v is not None and not math.isfinite(v):
+                    raise GuardTripped(f"{key} is {v} at step {state.global_step}")
+            loss = logs.get("loss")
+            if loss is not None:
+                self.low = self.low + 1 if loss < guards["collapse_below"] else 0
+                if self.low >= guards["collapse_logs"]:
+                    raise GuardTripped(f"loss collapsed: {self.low} consecutive logs below {guards['collapse_below']} (last {loss:.5f}) at step {state.global_step}")
+            g = logs.get("grad_norm")
+            if g is not None and (not math.isfinite(g) or g > guards["grad_norm_limit"]):
+                raise GuardTripped(f"grad norm {g} exceeds {guards['grad_norm_limit']} at step {state.global_step}")
+
+    class Preemption(TrainerCallback):
+        """On SIGTERM (spot pods), save a checkpoint at the end of the step and stop."""
+
+        def __init__(self):
+            self.requested = False
+            signal.signal(signal.SIGTERM, self._on_term)
+
+        def _on_term(self, signum, frame):
+            self.requested = True
+            say("SIGTERM received: saving a checkpoint and stopping")
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.requested:
+                control.should_save = True
+                control.should_training_stop = True
+
+    class CheckpointMarker(TrainerCallback):
+        """Mark a checkpoint complete only after the Trainer finished writing it."""
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                p = ckpt_dir / f"checkpoint-{state.global_step}"
+                if p.is_dir():
+                    write_json(p / MARKER, {"step": state.global_step, "at": time.time()})
+
+    class LogLines(TrainerCallback):
+        """One JSON line per log, for the Prefect side to stream and summarise."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                print("culbot-log " + json.dumps({"step": state.global_step, "max_steps": state.max_steps, **logs}), flush=True)
+
+    return Guard(), Preemption(), CheckpointMarker(), LogLines()
+
+
+# ----- main ---------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Culbot LoRA training entrypoint")
+    ap.add_argument("--config", type=Path, required=True, help="Resolved run config written by `culbot train`.")
+    ap.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher.")
+    args = ap.parse_args(argv)
+    cfg = json.loads(args.config.read_text())
+    prof, run_dir = cfg["profile"], Path(cfg["run_dir"])
+    ckpt_dir = run_dir / "checkpoints"
+
+    import datasets
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
+
+    from culbot.tasks.collate import PackingCollator, PadCollator
+    from culbot.tasks.tokenize_data import check_eos
+
+    hw, spec, sched, data = prof["hardware"], prof["model"], prof["train"], prof["data"]
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model_path"], revision=cfg.get("revision"))
+    check_eos(tokenizer, AutoConfig.from_pretrained(cfg["model_path"], revision=cfg.get("revision")))
+    model = load_model(spec, cfg["model_path"], cfg.get("revision"), hw["use_cpu"])
+    model, targets = apply_lora(model, prof["lora"])
+
+    tok_dir = Path(cfg["data"])
+    train_ds = datasets.Dataset.from_parquet(str(tok_dir / "train.parquet")).select_columns(["input_ids", "labels"])
+    eval_ds = datasets.Dataset.from_parquet(str(tok_dir / "validation.parquet")).select_columns(["input_ids", "labels"])
+    if data["packing"]:
+        mask_dtype = torch.bool if spec["attn_implementation"] == "sdpa" else getattr(torch, DTYPES[spec["dtype"]])
+        collator = PackingCollator(tokenizer.pad_token_id, data["cutoff_len"], mask_dtype)
+    else:
+        collator = PadCollator(tokenizer.pad_token_id)
+
+    report = sched["report_to"]
+    if report == "auto":
+        if not os.environ.get("WANDB_API_KEY"):
+            os.environ.setdefault("WANDB_MODE", "offline")
+        report = "wandb"
+    precision = {} if hw["use_cpu"] or spec["dtype"] == "fp32" else {spec["dtype"]: True}
+    targs = TrainingArguments(
+        output_dir=str(ckpt_dir), run_name=cfg["run_name"], seed=sched["seed"], use_cpu=hw["use_cpu"],
+        per_device_train_batch_size=sched["micro_batch_size"], per_device_eval_batch_size=sched["micro_batch_size"],
+        gradient_accumulation_steps=sched["gradient_accumulation_steps"], num_train_epochs=sched["epochs"], max_steps=sched["max_steps"],
+        learning_rate=sched["learning_rate"], lr_scheduler_type=sched["lr_scheduler"], warmup_steps=sched["warmup_steps"],
+        weight_decay=sched["weight_decay"], max_grad_norm=sched["max_grad_norm"], optim=sched["optim"],
+        logging_steps=sched["logging_steps"], save_strategy="steps", save_steps=sched["save_steps"], save_total_limit=sched["save_total_limit"],
+        eval_strategy="steps" if len(eval_ds) else "no", eval_steps=sched["eval_steps"],
+        dataloader_num_workers=sched["dataloader_num_workers"], dataloader_pin_memory=not hw["use_cpu"],
+        gradient_checkpointing=False,  # enabled on the model itself, before LoRA, where needed
+        remove_unused_columns=False, report_to=report, disable_tqdm=True, torch_compile=sched["torch_compile"],
+        ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        deepspeed=cfg.get("deepspeed"), **precision,
+    )
+    guard, preempt, marker, lines = make_callbacks(prof["guards"], ckpt_dir, run_dir)
+    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds if len(eval_ds) else None,
+                      data_collator=collator, processing_class=tokenizer, callbacks=[guard, preempt, marker, lines])
+    trainer.remove_callback(PrinterCallback)  # LogLines prints the same logs as parseable JSON
+    resume = newest_complete_checkpoint(ckpt_dir)
+    say(f"resuming from {resume.name}" if resume else "starting from step 0")
+    t0 = time.time()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except GuardTripped as e:
+        say(f"GUARD: {e}")
+        if rank() == 0:
+            write_json(run_dir / "train_result.json", {"status": "failed_guard", "reason": str(e), "log_history": trainer.state.log_history})
+        return EXIT_GUARD
+    if preempt.requested:
+        if rank() == 0:
+            write_json(run_dir / "train_result.json", {"status": "preempted", "step": trainer.state.global_step})
+        return EXIT_PREEMPTED
+    if trainer.is_world_process_zero():
+        adapter = run_dir / "adapter"
+        trainer.model.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
+        meta = {**cfg["metadata"], "lora_targets": targets, "train_metrics": result.metrics, "global_step": trainer.state.global_step,
+                "resumed_from": resume.name if resume else None}
+        write_json(adapter / "culbot.json", meta)
+        write_json(run_dir / "train_result.json", {"status": "completed", "metrics": result.metrics, "seconds": time.time() - t0,
+                                                    "global_step": trainer.state.global_step, "log_history": trainer.state.log_history})
+        say(f"done: {trainer.state.global_step} steps, train loss {result.metrics.get('train_loss'):.4f}; adapter at {adapter}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
