@@ -1,0 +1,150 @@
+"""Training on CPU with the tiny GPT-NeoX: the real Trainer, peft, torchrun, DeepSpeed and bitsandbytes."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from culbot.pipeline_config.train_schema import load_train_profile
+from culbot.tasks.train import GuardFailure, launch_command, prepare_run, run_training
+from culbot.tasks.train_entry import EXIT_PREEMPTED, MARKER, GuardTripped, make_callbacks, newest_complete_checkpoint
+from tests.conftest import SAMPLES
+
+
+def _run(tmp_path, sample_formatted, tiny_model, *overrides):
+    prof = load_train_profile("cpu-tiny", list(overrides))
+    cfg = prepare_run(prof, sample_formatted, runs_root=tmp_path / "runs", models_root=tiny_model.parent,
+                      tokenized_root=tmp_path / "tok", samples_dir=SAMPLES)
+    return prof, cfg
+
+
+def _losses(result):
+    return [(h["step"], round(h["loss"], 6)) for h in result["log_history"] if "loss" in h]
+
+
+def test_tiny_training_writes_exactly_these_files(tmp_path, sample_formatted, tiny_model):
+    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "train.max_steps=6", "train.save_steps=3", "train.eval_steps=3")
+    assert launch_command(prof, cfg) == [sys.executable, "-m", "culbot.tasks.train_entry", "--config", str(cfg)]
+    result = run_training(cfg, prof)
+    run = cfg.parent
+    assert result["status"] == "completed" and result["global_step"] == 6
+    files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    ckpt = ["README.md", "adapter_config.json", "adapter_model.safetensors", MARKER, "optimizer.pt", "rng_state.pth", "scheduler.pt",
+            "tokenizer.json", "tokenizer_config.json", "trainer_state.json", "training_args.bin"]
+    assert files == sorted(
+        ["config.json", "train_result.json",
+         "adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/culbot.json", "adapter/tokenizer.json",
+         "adapter/tokenizer_config.json"]
+        + [f"checkpoints/checkpoint-{n}/{f}" for n in (3, 6) for f in ckpt])
+    meta = json.loads((run / "adapter" / "culbot.json").read_text())
+    assert meta["base_model"] == str(tiny_model) and meta["profile"] == "cpu-tiny"
+    assert meta["templates"]["kullm"]["prompt_no_input"].startswith("아래는 작업을 설명하는 명령어입니다.")
+    assert meta["hyperparameters"]["lora"]["r"] == 8 and meta["lora_targets"] == ["query_key_value"]
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model)
+    # a rerun of a completed run returns at once
+    t0 = time.monotonic()
+    assert run_training(cfg, prof)["global_step"] == 6 and time.monotonic() - t0 < 1
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, sample_formatted, tiny_model):
+    prof, cfg = _run(tmp_path / "a", sample_formatted, tiny_model, "train.max_steps=8", "train.save_steps=4", "train.logging_steps=1",
+                     "train.save_total_limit=5")
+    full = run_training(cfg, prof)
+    # B: same config, holding only A's checkpoint-4 plus a half-written checkpoint-6 that must be skipped.
+    b = tmp_path / "b"
+    shutil.copytree(cfg.parent / "checkpoints" / "checkpoint-4", b / "checkpoints" / "checkpoint-4")
+    (b / "checkpoints" / "checkpoint-6").mkdir()
+    (b / "checkpoints" / "checkpoint-6" / "trainer_state.json").write_text("{ half")
+    conf = json.loads(cfg.read_text())
+    conf["run_dir"] = str(b)
+    (b / "config.json").write_text(json.dumps(conf))
+    lines = []
+    resumed = run_training(b / "config.json", prof, on_line=lines.append)
+    assert any("resuming from checkpoint-4" in l for l in lines)
+    assert any("skipping incomplete or corrupt checkpoint checkpoint-6" in l for l in lines)
+    tail = [x for x in _losses(full) if x[0] > 4]
+    assert len(tail) == 4
+    assert [x for x in _losses(resumed) if x[0] > 4] == tail
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_preempted(tmp_path, sample_formatted, tiny_model):
+    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "train.max_steps=400", "train.save_steps=1000", "train.logging_steps=1",
+                     "train.eval_steps=1000")
+    proc = subprocess.Popen(launch_command(prof, cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("culbot-log ") and json.loads(line[11:])["step"] >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED
+    ckpt = newest_complete_checkpoint(cfg.parent / "checkpoints")
+    assert ckpt is not None and 3 <= int(ckpt.name.split("-")[1]) < 400
+    assert json.loads((cfg.parent / "train_result.json").read_text())["status"] == "preempted"
+
+
+def test_collapse_guard_stops_the_run_and_marks_it_failed(tmp_path, sample_formatted, tiny_model):
+    # real losses (~6.9) sit under a threshold of 100: the collapse guard must fire after 2 logs
+    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "train.max_steps=20", "train.logging_steps=1",
+                     "guards.collapse_below=100", "guards.collapse_logs=2")
+    with pytest.raises(GuardFailure, match="can never be published"):
+        run_training(cfg, prof)
+    res = json.loads((cfg.parent / "train_result.json").read_text())
+    assert res["status"] == "failed_guard" and "loss collapsed: 2 consecutive logs" in res["reason"]
+    assert not (cfg.parent / "adapter").exists()
+
+
+class _State:
+    global_step = 7
+    is_world_process_zero = True
+
+
+def test_guard_fires_on_an_injected_nan_loss_and_on_exploding_gradients(tmp_path):
+    guards = {"collapse_below": 0.02, "collapse_logs": 3, "grad_norm_limit": 100.0}
+    guard = make_callbacks(guards, tmp_path, tmp_path)[0]
+    guard.on_log(None, _State(), None, logs={"loss": 1.2, "grad_norm": 3.0})
+    with pytest.raises(GuardTripped, match="loss is nan at step 7"):
+        guard.on_log(None, _State(), None, logs={"loss": float("nan")})
+    with pytest.raises(GuardTripped, match="grad norm 1000.0 exceeds 100.0"):
+        guard.on_log(None, _State(), None, logs={"loss": 1.0, "grad_norm": 1000.0})
+    g2 = make_callbacks(guards, tmp_path, tmp_path)[0]
+    for _ in range(2):
+        g2.on_log(None, _State(), None, logs={"loss": 0.001})
+    with pytest.raises(GuardTripped, match="collapsed"):
+        g2.on_log(None, _State(), None, logs={"loss": 0.001})
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path, sample_formatted, tiny_model):
+    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "hardware.gpus=2", "hardware.launcher=torchrun",
+                     "train.global_batch_size=16", "train.max_steps=4", "train.save_steps=4")
+    assert launch_command(prof, cfg)[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    result = run_training(cfg, prof)
+    assert result["status"] == "completed" and result["global_step"] == 4
+    assert (cfg.parent / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_under_torchrun_two_processes(tmp_path, sample_formatted, tiny_model):
+    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "hardware.gpus=2", "hardware.launcher=torchrun", "deepspeed=zero2.json",
+                     "train.global_batch_size=16", "train.max_steps=3", "train.save_steps=3")
+    lines = []
+    result = run_training(cfg, prof, on_line=lines.append, env={"TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions")})
+    assert result["status"] == "completed" and result["global_step"] == 3
+    assert any("DeepSpeed" in l or "deepspeed" in l for l in lines)
+    assert (cfg.parent / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_qlora_4bit_step_on_cpu(tmp_path, sample_formatted, tiny_model):
+    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "model.quantization=4bit", "model.bnb_4bit_compute_dtype=fp32",
+                     "train.max_steps=2", "train.save_steps=2")
+    lines = []
+    result = run_training(cfg, prof, on_line=lines.append)
+    assert result["status"] == "completed" and result["global_step"] == 2
