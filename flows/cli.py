@@ -86,6 +86,32 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--template", action="append", metavar="SOURCE=NAME", help="Template for a source, e.g. cbnu=cbnu2 (repeatable).")
     _common(f)
 
+    def _train_common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--profile", default="cpu-tiny", help="Training profile: a name in pipeline_config/profiles/ (a6000x4, runpod-a100x2, gcp-l4, cpu-tiny) or a YAML path.")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Override a training-profile field, e.g. --set train.max_steps=10.")
+
+    tr = sub.add_parser("train", help="Tokenize a formatted dataset and train a LoRA adapter with a training profile.")
+    tr.add_argument("--data", type=Path, required=True, help="A formatted dataset folder (artifacts/formatted/<hash>).")
+    tr.add_argument("--dry-run", action="store_true", help="Resolve, tokenize and print the launch command without training.")
+    _train_common(tr)
+    ev = sub.add_parser("eval", help="Evaluate a trained run: validation loss, perplexity, probe answers.")
+    ev.add_argument("--run", type=Path, required=True, help="A run folder (artifacts/runs/<run>).")
+    _train_common(ev)
+    ma = sub.add_parser("merge-adapter", help="Merge a run's adapter into its base model and verify it.")
+    ma.add_argument("--run", type=Path, required=True, help="A run folder (artifacts/runs/<run>).")
+    ma.add_argument("--out", type=Path, help="Models root (default: <artifacts_root>/models).")
+    _train_common(ma)
+    pb = sub.add_parser("publish", help="Publish the merged model and/or adapter (Hub or local folder).")
+    pb.add_argument("--run", type=Path, required=True, help="A run folder (artifacts/runs/<run>).")
+    pb.add_argument("--model", type=Path, help="A merged model folder (artifacts/models/<hash>).")
+    pb.add_argument("--target", choices=["local", "hub"], help="Where to publish.")
+    pb.add_argument("--repo-id", help="Hub repo id for the merged model.")
+    pb.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
+    _train_common(pb)
+    tm = sub.add_parser("tiny-model", help="Build the tiny GPT-NeoX and its tokenizer from the shipped samples.")
+    tm.add_argument("--out", type=Path, default=Path("artifacts/models/tiny"))
+    tm.add_argument("--samples", type=Path, default=Path("raw/samples"))
+
     cfg = sub.add_parser("config", help="Show the resolved config, or every field with its documentation.")
     cfg.add_argument("what", choices=["show", "docs"])
     _common(cfg)
@@ -144,6 +170,14 @@ def _dispatch(args) -> int:
         else:
             print(render_prompt(t, "충북대학교 중앙도서관은 몇 시에 여나요?", "") + "…")
         return 0
+
+    if cmd == "tiny-model":
+        from culbot.tasks.tiny_model import build_tiny_model, sample_corpus
+
+        _print_manifest(build_tiny_model(args.out, sample_corpus(args.samples)), args.out)
+        return 0
+    if cmd in ("train", "eval", "merge-adapter", "publish"):
+        return _train_side(args)
 
     overrides = list(args.overrides)
     if cmd == "run":
@@ -249,6 +283,42 @@ def _dispatch(args) -> int:
         _print_manifest(m, m["path"])
         return 0
     raise AssertionError(cmd)
+
+
+def _train_side(args) -> int:
+    from culbot.pipeline_config.train_schema import load_train_profile
+
+    overrides = list(args.overrides)
+    if args.command == "publish":
+        overrides += _sets("publish", target=args.target, repo_id=args.repo_id, endpoint=args.endpoint)
+    prof = load_train_profile(args.profile, overrides)
+    if args.command == "train":
+        from culbot.tasks.train import launch_command, prepare_run, run_training
+
+        cfg = prepare_run(prof, args.data)
+        print("launch: " + " ".join(launch_command(prof, cfg)))
+        if args.dry_run:
+            return 0
+        res = run_training(cfg, prof)
+        print(f"run: {cfg.parent}\nstatus: {res['status']}, steps {res['global_step']}, train loss {res['metrics'].get('train_loss', float('nan')):.4f}")
+        return 0
+    if args.command == "eval":
+        from culbot.tasks.evaluate import run_eval
+
+        res = run_eval(args.run, prof.eval)
+        print(f"eval {res['status']}: loss {res['eval_loss']:.4f}, perplexity {res['perplexity']:.2f}; report {args.run / 'eval.md'}")
+        return 0 if res["status"] == "passed" else 1
+    if args.command == "merge-adapter":
+        from culbot.tasks.merge_adapter import run_merge_adapter
+
+        m = run_merge_adapter(args.run, prof.merge, args.out or Path(prof.artifacts_root) / "models", prof.eval.probes)
+        _print_manifest(m, m["path"])
+        return 0
+    from culbot.tasks.publish import run_publish
+
+    rec = run_publish(args.run, args.model, prof.publish)
+    print(json.dumps(rec["published"], ensure_ascii=False, indent=2))
+    return 0
 
 
 def _docs(model, prefix: str) -> None:

@@ -82,6 +82,41 @@ class Guards(_Strict):
     grad_norm_limit: float = Field(1e4, gt=0, description="Stop when the logged grad norm exceeds this (explosion).")
 
 
+DEFAULT_PROBES = [
+    "충북대학교 중앙도서관의 평일 운영 시간은 어떻게 되나요?",
+    "수강신청은 어디에서 하나요?",
+    "생활관 입사 신청은 언제 하나요?",
+    "성적장학금을 받으려면 어떤 조건이 필요한가요?",
+    "소프트웨어학과는 어느 단과대학 소속인가요?",
+]
+
+
+class EvalSpec(_Strict):
+    probes: list[str] = Field(default_factory=lambda: list(DEFAULT_PROBES), description="Korean CBNU questions answered by the model in the eval report.")
+    probe_source: str = Field("cbnu", description="Rows of this source's template format the probes, exactly as in training.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation length for probes.")
+    max_eval_loss: float | None = Field(None, gt=0, description="Eval gate: a higher validation loss fails the run (None: only finite).")
+    batch_size: int = Field(8, ge=1, description="Eval batch size.")
+
+
+class MergeSpec(_Strict):
+    dtype: Literal["bf16", "fp16", "fp32"] | None = Field(None, description="Dtype of the merged model (None: the base model's training dtype; fp32 on CPU).")
+    max_shard_size: str = Field("2GB", description="Safetensors shard size.")
+    atol: float = Field(1e-3, gt=0, description="Largest allowed logit difference between merged and base + adapter.")
+
+
+class PublishSpec(_Strict):
+    target: Literal["local", "hub"] = Field("local", description="'hub': upload with huggingface_hub. 'local': write the same folder to local_dir.")
+    what: Literal["merged", "adapter", "both"] = Field("both", description="Which folders to publish.")
+    repo_id: str | None = Field(None, description="Hub repo for the merged model (the adapter goes to <repo_id>-lora).")
+    private: bool = Field(True, description="Create Hub repos as private.")
+    tag: str | None = Field(None, description="Optional tag for the uploaded revision.")
+    endpoint: str | None = Field(None, description="Hub endpoint (None: HF_ENDPOINT or huggingface.co).")
+    token_secret_block: str | None = Field(None, description="Prefect Secret block with the Hub token, used when HF_TOKEN is unset.")
+    local_dir: Path = Field(Path("artifacts/publish"), description="Folder for target 'local'.")
+    license: str = Field("apache-2.0", description="License in the model card.")
+
+
 class TrainProfile(_Strict):
     name: str = Field(description="Profile name.")
     description: str = Field("", description="What hardware and run this profile is for.")
@@ -91,6 +126,11 @@ class TrainProfile(_Strict):
     data: DataSpec = Field(default_factory=DataSpec, description="Tokenization settings.")
     train: Schedule = Field(default_factory=Schedule, description="Batch sizes and schedule.")
     guards: Guards = Field(default_factory=Guards, description="Stop conditions for a diverging or collapsing run.")
+    artifacts_root: Path = Field(Path("artifacts"), description="Runs, tokenized data and merged models go to runs/, tokenized/ and models/ below this.")
+    samples_dir: Path = Field(Path("raw/samples"), description="Shipped samples; the tiny model's tokenizer is trained on them.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation and the eval gate.")
+    merge: MergeSpec = Field(default_factory=MergeSpec, description="Merging the adapter into the base model.")
+    publish: PublishSpec = Field(default_factory=PublishSpec, description="Where the model goes.")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON in pipeline_config/deepspeed/ (or a path); needs launcher deepspeed or torchrun.")
 
     @model_validator(mode="after")

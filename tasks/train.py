@@ -57,10 +57,14 @@ def resolve_base(spec_base: str, revision: str, *, models_root: Path, samples_di
     return spec_base, HfApi().model_info(spec_base, revision=revision).sha
 
 
-def prepare_run(profile: TrainProfile, formatted_dir: Path, *, runs_root: Path, models_root: Path, tokenized_root: Path,
-                samples_dir: Path) -> Path:
+def prepare_run(profile: TrainProfile, formatted_dir: Path, *, runs_root: Path | None = None, models_root: Path | None = None,
+                tokenized_root: Path | None = None, samples_dir: Path | None = None) -> Path:
     """Resolve the base model, tokenize, and write runs/<id>/config.json. Returns the config path."""
     from .tokenize_data import run_tokenize
+
+    root = Path(profile.artifacts_root)
+    runs_root, models_root, tokenized_root = runs_root or root / "runs", models_root or root / "models", tokenized_root or root / "tokenized"
+    samples_dir = samples_dir or profile.samples_dir
 
     formatted_dir = Path(formatted_dir)
     fm = _store.read_manifest(formatted_dir)
@@ -70,6 +74,9 @@ def prepare_run(profile: TrainProfile, formatted_dir: Path, *, runs_root: Path, 
     tok = run_tokenize(formatted_dir, model_path, tokenized_root, revision=sha, cutoff_len=profile.data.cutoff_len,
                        train_on_inputs=profile.data.train_on_inputs, overlength=profile.data.overlength)
     resolved = profile.model_dump(mode="json")
+    saved_templates = _store.read_json(formatted_dir / "templates.json")
+    dataset_manifest = _store.read_manifest(fm["inputs"]["dataset_path"]) or {}
+    data_counts = dataset_manifest.get("counts", {})
     run_id = _store.hash_json({"tokenized": tok["content_hash"], "profile": resolved, "base": profile.model.base, "sha": sha})[:16]
     run_dir = Path(runs_root).resolve() / f"{profile.name}-{run_id}"
     ds = profile.deepspeed_path()
@@ -87,7 +94,10 @@ def prepare_run(profile: TrainProfile, formatted_dir: Path, *, runs_root: Path, 
             "dataset_hash": fm["inputs"]["dataset"],
             "formatted_hash": fm["content_hash"],
             "tokenized_hash": tok["content_hash"],
-            "templates": tok.get("templates", {}),
+            "templates": saved_templates["templates"],
+            "template_map": saved_templates["map"],
+            "default_template": saved_templates["default"],
+            "data_mix": {"train": data_counts.get("train_by_source", {}), "validation": data_counts.get("validation_by_source", {})},
             "profile": profile.name,
             "hyperparameters": {"lora": resolved["lora"], "train": resolved["train"], "data": resolved["data"],
                                 "model": resolved["model"]},

@@ -1,0 +1,184 @@
+"""Stage 10: publish the merged model and/or the adapter, with a model card: the Hugging Face Hub, or a local folder.
+
+Run as: culbot publish --run artifacts/runs/<run> --model artifacts/models/<hash> [--target hub --repo-id ORG/NAME]
+
+Publishing is refused unless training completed (no guard fired) and eval passed.
+The Hub token comes only from HF_TOKEN or a Prefect Secret block; it is never written
+to the card, the logs or the publish record.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from culbot.pipeline_config.train_schema import PublishSpec
+
+from . import _store
+
+log = logging.getLogger("culbot.publish")
+
+
+class PublishRefused(RuntimeError):
+    """The run did not pass the guards and the eval gate."""
+
+
+def check_publishable(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    tr = run_dir / "train_result.json"
+    status = _store.read_json(tr)["status"] if tr.is_file() else "missing"
+    if status != "completed":
+        raise PublishRefused(f"{run_dir.name}: training status is {status!r}; only a completed run that passed its guards is published")
+    ev = run_dir / "eval.json"
+    if not ev.is_file():
+        raise PublishRefused(f"{run_dir.name}: no eval.json; run `culbot eval` first")
+    evaluation = _store.read_json(ev)
+    if evaluation["status"] != "passed":
+        raise PublishRefused(f"{run_dir.name}: eval gate failed ({evaluation['reason']})")
+    return evaluation
+
+
+def model_card(meta: dict, evaluation: dict, kind: str, repo_name: str, license: str) -> str:
+    """README.md with Hub metadata: base model, data mix, template, hyperparameters, profile, eval, use and limits."""
+    hp = meta["hyperparameters"]
+    base = meta["base_model"]
+    front = {"language": ["ko"], "license": license, "library_name": "peft" if kind == "adapter" else "transformers",
+             "tags": ["culbot", "cbnu", "korean", "lora", "gpt_neox"], "datasets": ["nlpai-lab/kullm-v2"], "pipeline_tag": "text-generation"}
+    if "/" in base and not Path(base).exists():
+        front["base_model"] = base
+    mix = meta.get("data_mix", {})
+    name = meta["template_map"].get("cbnu", meta["default_template"])
+    t = meta["templates"][name]
+    rows = "\n".join(f"| {s} | {n} | {mix.get('validation', {}).get(s, 0)} |" for s, n in sorted(mix.get("train", {}).items()))
+    hyper = "\n".join(f"| {k} | {v} |" for k, v in [
+        ("LoRA r / alpha / dropout", f"{hp['lora']['r']} / {hp['lora']['alpha']} / {hp['lora']['dropout']}"),
+        ("LoRA targets", ", ".join(meta.get("lora_targets", []))),
+        ("micro batch × accumulation → global", f"{hp['train']['micro_batch_size']} × {hp['train']['gradient_accumulation_steps']} → {hp['train']['global_batch_size']}"),
+        ("epochs / max steps", f"{hp['train']['epochs']} / {hp['train']['max_steps']}"),
+        ("learning rate / schedule / warmup", f"{hp['train']['learning_rate']} / {hp['train']['lr_scheduler']} / {hp['train']['warmup_steps']}"),
+        ("cutoff / train on inputs / packing", f"{hp['data']['cutoff_len']} / {hp['data']['train_on_inputs']} / {hp['data']['packing']}"),
+        ("dtype / quantisation", f"{hp['model']['dtype']} / {hp['model']['quantization']}"),
+        ("optimizer steps", meta.get("global_step"))])
+    probe = evaluation["probes"][0] if evaluation.get("probes") else None
+    usage = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(\"%s\")" % repo_name) if kind == "adapter" \
+        else ("from transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained(\"%s\")\n"
+              "tokenizer = AutoTokenizer.from_pretrained(\"%s\")" % (repo_name, repo_name))
+    body = f"""# {repo_name}
+
+A Korean campus assistant for Chungbuk National University (충북대학교, CBNU), built by the Culbot pipeline:
+{'a LoRA adapter for' if kind == 'adapter' else 'LoRA fine-tuning merged into'} `{base}`{f" (revision `{meta['base_revision']}`)" if meta.get('base_revision') else ''}.
+
+## Data
+
+Dataset version `{meta['dataset_hash'][:16]}` (KULLM-v2, QA generated from CBNU web pages, univ100 student Q&A).
+
+| source | train rows | validation rows |
+|---|---:|---:|
+{rows}
+
+## Prompt template `{name}`
+
+Format prompts exactly like this (the template is also saved as `culbot_template.json`):
+
+```
+{t.get('prompt_no_input', '')}
+```
+
+## Training
+
+Profile `{meta['profile']}`.
+
+| setting | value |
+|---|---|
+{hyper}
+
+## Evaluation
+
+Validation loss **{evaluation['eval_loss']:.4f}**, perplexity **{evaluation['perplexity']:.2f}** ({evaluation['status']}: {evaluation['reason']}).
+{f"Example: **Q:** {probe['question']} **A:** {probe['answer'] or '(empty)'}" if probe else ''}
+
+## Use
+
+```python
+{usage}
+```
+
+## Intended use and limits
+
+For answering questions about CBNU campus life, admissions and administration, in Korean. Part of the training data
+was generated by a language model from university web pages and part is informal student advice from univ100; answers
+can be outdated or wrong. Check official CBNU sources for anything that matters (deadlines, fees, requirements).
+Not for medical, legal or financial advice.
+"""
+    return "---\n" + yaml.safe_dump(front, allow_unicode=True, sort_keys=False) + "---\n\n" + body
+
+
+def hub_token(spec: PublishSpec) -> str:
+    tok = os.environ.get("HF_TOKEN")
+    if not tok and spec.token_secret_block:
+        from prefect.blocks.system import Secret
+
+        tok = Secret.load(spec.token_secret_block, _sync=True).get()
+    if not tok:
+        raise PublishRefused("no Hub token: set HF_TOKEN, or publish.token_secret_block to a Prefect Secret block")
+    return tok
+
+
+def _folders(spec: PublishSpec, run_dir: Path, model_dir: Path | None) -> dict[str, Path]:
+    out = {}
+    if spec.what in ("merged", "both"):
+        if model_dir is None or not _store.is_complete(model_dir):
+            raise PublishRefused(f"merged model {model_dir} is missing or does not verify; run `culbot merge-adapter` first")
+        out["merged"] = Path(model_dir)
+    if spec.what in ("adapter", "both"):
+        out["adapter"] = Path(run_dir) / "adapter"
+    return out
+
+
+def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishSpec) -> dict:
+    run_dir = Path(run_dir)
+    evaluation = check_publishable(run_dir)
+    meta = _store.read_json(run_dir / "adapter" / "culbot.json")
+    folders = _folders(spec, run_dir, model_dir)
+    base_name = spec.repo_id or f"culbot-{meta['profile']}-{meta['dataset_hash'][:8]}"
+    names = {"merged": base_name, "adapter": f"{base_name}-lora"}
+    commit_message = f"culbot: dataset {meta['dataset_hash'][:16]}, run {run_dir.name}"
+    record = {"target": spec.target, "run": run_dir.name, "dataset_hash": meta["dataset_hash"], "published": {}, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if spec.target == "local":
+        root = Path(spec.local_dir) / base_name.replace("/", "__")
+        staging = _store.new_staging_dir(root.parent, root.name)
+        for kind, folder in folders.items():
+            dest = staging / kind
+            shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("manifest.json", ".*"))
+            (dest / "README.md").write_text(model_card(meta, evaluation, kind, names[kind], spec.license), encoding="utf-8")
+            record["published"][kind] = str(root / kind)
+        _store.write_manifest(staging, stage="publish", inputs={"run": run_dir.name}, config=spec.model_dump(mode="json"), counts={"folders": len(folders)},
+                              extra={"commit_message": commit_message})
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(staging, root)
+    else:
+        from huggingface_hub import HfApi
+
+        if not spec.repo_id:
+            raise PublishRefused("publish.repo_id is required for target 'hub'")
+        api = HfApi(endpoint=spec.endpoint, token=hub_token(spec))
+        for kind, folder in folders.items():
+            repo = names[kind]
+            url = api.create_repo(repo, private=spec.private, exist_ok=True, repo_type="model")
+            with tempfile.TemporaryDirectory() as tmp:
+                upload = Path(tmp) / "upload"
+                shutil.copytree(folder, upload, ignore=shutil.ignore_patterns("manifest.json", ".*"))
+                (upload / "README.md").write_text(model_card(meta, evaluation, kind, repo, spec.license), encoding="utf-8")
+                info = api.upload_folder(folder_path=str(upload), repo_id=repo, repo_type="model", commit_message=commit_message)
+            if spec.tag:
+                api.create_tag(repo, tag=spec.tag, revision=info.oid, repo_type="model")
+            record["published"][kind] = {"repo": repo, "url": str(url), "commit": info.oid}
+            log.info("published %s to %s (commit %s)", kind, url, info.oid[:10])
+    _store.atomic_write_json(run_dir / "publish.json", record)
+    return record
