@@ -16,7 +16,7 @@ from culbot.pipeline_config.schema import (
     CbnuConfig, ConfigError, FormatConfig, KullmConfig, MergeConfig, QAGenConfig, Univ100Config, field_doc, load_profile,
 )
 
-FLOWS = ("data-refresh",)
+FLOWS = ("data-refresh", "full")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -30,9 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="Show tracebacks on errors.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="Run a flow (Prefect; ephemeral server unless PREFECT_API_URL is set).")
+    run = sub.add_parser("run", help="Run a flow: 'full' (data refresh, train, eval, merge, publish) or 'data-refresh'. "
+                                      "Prefect runs an ephemeral server unless PREFECT_API_URL is set.")
     run.add_argument("flow", choices=FLOWS)
     run.add_argument("--force", action="store_true", help="Ignore caches; rebuild every stage.")
+    run.add_argument("--train-profile", default="cpu-tiny", help="Training profile for 'full' (a6000x4, runpod-a100x2, gcp-l4, cpu-tiny).")
+    run.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="Override a training-profile field for 'full', e.g. --train-set publish.target=hub.")
     _common(run)
 
     crawl = sub.add_parser("crawl", help="Crawl a source.")
@@ -186,6 +190,21 @@ def _dispatch(args) -> int:
         os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "culbot")
         os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
         load_profile(args.profile, overrides)  # fail fast, before Prefect starts
+        if args.flow == "full":
+            from culbot.pipeline_config.train_schema import load_train_profile
+
+            load_train_profile(args.train_profile, args.train_overrides)
+            from culbot.flows.culbot import culbot
+
+            out = culbot(profile=args.profile, train_profile=args.train_profile, overrides=overrides,
+                         train_overrides=args.train_overrides, force=args.force)
+            print(f"dataset version {out['data']['dataset']['content_hash'][:16]}: {out['data']['dataset']['path']}")
+            print(f"run: {out['run']['run_dir']}  (eval loss {out['eval']['counts']['eval_loss']:.4f}, {out['eval']['counts']['status']})")
+            if out["model"]:
+                print(f"merged model: {out['model']['path']}")
+            for kind, where in out["publish"]["published"].items():
+                print(f"published {kind}: {where if isinstance(where, str) else where['url']}")
+            return 0
         from culbot.flows.data_refresh import data_refresh
 
         out = data_refresh(profile=args.profile, overrides=overrides, force=args.force)

@@ -3,8 +3,8 @@
 Run as: culbot eval --run artifacts/runs/<run>
 
 Probes are formatted with the same template code as training (format_prompts.render_prompt),
-using the template recorded with the adapter. The result is eval.json (with the gate's
-verdict) and eval.md beside the run.
+using the template recorded with the adapter. The result is <run>/eval/: eval.json
+(with the gate's verdict), eval.md and a manifest.
 """
 from __future__ import annotations
 
@@ -115,7 +115,11 @@ def run_eval(run_dir: Path, spec: EvalSpec) -> dict:
     res = {"run": run_dir.name, "status": "passed" if ok else "failed", "reason": reason, "eval_loss": loss,
            "perplexity": math.exp(loss) if math.isfinite(loss) and loss < 50 else float("inf"), "label_tokens": n,
            "template": template.name, "probes": probes, "seconds": round(time.monotonic() - t0, 2)}
-    _store.atomic_write_json(run_dir / "eval.json", res)
-    _store.atomic_write_text(run_dir / "eval.md", report_markdown(res))
+    out = run_dir / "eval"
+    (out / _store.MANIFEST).unlink(missing_ok=True)
+    _store.atomic_write_json(out / "eval.json", res)
+    _store.atomic_write_text(out / "eval.md", report_markdown(res))
+    _store.write_manifest(out, stage="eval", inputs={"adapter": _store.tree_hash(run_dir / "adapter")}, config=spec.model_dump(mode="json"),
+                          counts={"eval_loss": loss, "label_tokens": n, "status": res["status"]}, timings={"eval": res["seconds"]})
     log.info("eval %s: loss %.4f, perplexity %.2f (%s)", res["status"], loss, res["perplexity"], reason)
     return res

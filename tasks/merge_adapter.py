@@ -70,7 +70,7 @@ def run_merge_adapter(run_dir: Path, spec: MergeSpec, out_root: Path, probes: li
     merged.save_pretrained(staging, max_shard_size=spec.max_shard_size)
     tokenizer.padding_side = "right"
     tokenizer.save_pretrained(staging)
-    eval_file = run_dir / "eval.json"
+    eval_file = run_dir / "eval" / "eval.json"
     evaluation = _store.read_json(eval_file) if eval_file.is_file() else None
     _store.atomic_write_json(staging / "culbot_template.json", {"map": meta["template_map"], "default": meta["default_template"], "templates": meta["templates"]})
     reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=tdtype).eval()

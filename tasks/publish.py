@@ -34,7 +34,7 @@ def check_publishable(run_dir: Path) -> dict:
     status = _store.read_json(tr)["status"] if tr.is_file() else "missing"
     if status != "completed":
         raise PublishRefused(f"{run_dir.name}: training status is {status!r}; only a completed run that passed its guards is published")
-    ev = run_dir / "eval.json"
+    ev = run_dir / "eval" / "eval.json"
     if not ev.is_file():
         raise PublishRefused(f"{run_dir.name}: no eval.json; run `culbot eval` first")
     evaluation = _store.read_json(ev)
@@ -180,5 +180,9 @@ def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishSpec) -> dic
                 api.create_tag(repo, tag=spec.tag, revision=info.oid, repo_type="model")
             record["published"][kind] = {"repo": repo, "url": str(url), "commit": info.oid}
             log.info("published %s to %s (commit %s)", kind, url, info.oid[:10])
-    _store.atomic_write_json(run_dir / "publish.json", record)
+    out = run_dir / "publish"
+    (out / _store.MANIFEST).unlink(missing_ok=True)
+    _store.atomic_write_json(out / "record.json", record)
+    _store.write_manifest(out, stage="publish", inputs={"run": run_dir.name}, config=spec.model_dump(mode="json"),
+                          counts={"published": len(record["published"])})
     return record

@@ -139,7 +139,7 @@ def run_training(config_path: Path, profile: TrainProfile, *, on_line: Callable[
     config_path = Path(config_path)
     run_dir = config_path.parent
     done = run_dir / "train_result.json"
-    if done.is_file() and json.loads(done.read_text()).get("status") == "completed" and (run_dir / "adapter" / "culbot.json").is_file():
+    if done.is_file() and json.loads(done.read_text()).get("status") == "completed" and _store.is_complete(run_dir / "adapter"):
         log.info("run %s already completed; nothing to do", run_dir.name)
         return json.loads(done.read_text())
     done.unlink(missing_ok=True)
@@ -167,5 +167,8 @@ def run_training(config_path: Path, profile: TrainProfile, *, on_line: Callable[
     if code != 0:
         raise TrainingFailed(f"training exited with status {code}. Last lines:\n{last}")
     result = json.loads(done.read_text())
+    _store.write_manifest(run_dir / "adapter", stage="train", inputs={"config": _store.sha256_file(config_path)},
+                          config=profile.model_dump(mode="json"), counts={"global_step": result["global_step"], **result["metrics"]},
+                          timings={"train": time.monotonic() - t0})
     log.info("training finished in %.1fs", time.monotonic() - t0)
     return result

@@ -12,7 +12,7 @@ def _commands():
 def test_readme_has_exactly_two_setup_commands():
     cmds = _commands()
     assert len(cmds) == 2
-    assert cmds[0].endswith("culbot run data-refresh") and "torch==2.13.0" in cmds[0]
+    assert cmds[0].endswith("culbot run full") and "torch==2.13.0" in cmds[0]
     assert cmds[1].endswith("python -m pytest") and cmds[0].index("torch==2.13.0") < cmds[0].index("-e .")
 
 

@@ -37,7 +37,7 @@ def test_eval_reports_loss_perplexity_and_probe_answers(run_dir):
     assert res["probes"][0]["prompt"] == (
         "아래는 충북대학교와 관련한 작업을 설명하는 명령어입니다. 충북대학교의 공식 정보에 근거하여 요청을 적절히 완료하는 응답을 작성하세요."
         "\n\n### 명령어:\n도서관은 몇 시에 여나요?\n\n### 응답:\n")
-    md = (run_dir / "eval.md").read_text()
+    md = (run_dir / "eval" / "eval.md").read_text()
     assert "**PASSED**" in md and "도서관은 몇 시에 여나요?" in md
     failed = run_eval(run_dir, EvalSpec(probes=["x"], max_new_tokens=1, max_eval_loss=0.001))
     assert failed["status"] == "failed" and "> gate 0.001" in failed["reason"]
@@ -69,13 +69,13 @@ def test_publish_local_writes_cards_and_refuses_failed_runs(run_dir, tmp_path):
     assert "Intended use and limits" in card and "Validation loss" in card
     assert (merged / "config.json").is_file() and (merged.parent / "adapter" / "adapter_config.json").is_file()
     # a run whose eval failed is refused
-    ev = json.loads((run_dir / "eval.json").read_text())
-    (run_dir / "eval.json").write_text(json.dumps({**ev, "status": "failed", "reason": "validation loss 9 > gate 1"}))
+    ev = json.loads((run_dir / "eval" / "eval.json").read_text())
+    (run_dir / "eval" / "eval.json").write_text(json.dumps({**ev, "status": "failed", "reason": "validation loss 9 > gate 1"}))
     try:
         with pytest.raises(PublishRefused, match="eval gate failed"):
             run_publish(run_dir, m["path"], PublishSpec(target="local", local_dir=tmp_path / "pub2"))
     finally:
-        (run_dir / "eval.json").write_text(json.dumps(ev))
+        (run_dir / "eval" / "eval.json").write_text(json.dumps(ev))
 
 
 def test_hub_round_trip_through_a_local_hub(run_dir, tmp_path):
@@ -106,5 +106,5 @@ def test_hub_round_trip_through_a_local_hub(run_dir, tmp_path):
     assert TOKEN not in everything
     for f in list(repo["files"].values()) + list(app.repos["cbnu-lab/culbot-tiny-lora"]["files"].values()):
         assert TOKEN.encode() not in f
-    assert TOKEN not in (run_dir / "publish.json").read_text()
+    assert TOKEN not in (run_dir / "publish" / "record.json").read_text()
     assert app.tokens_seen >= {f"Bearer {TOKEN}"}

@@ -40,7 +40,7 @@ def test_tiny_training_writes_exactly_these_files(tmp_path, sample_formatted, ti
     assert files == sorted(
         ["config.json", "train_result.json",
          "adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/culbot.json", "adapter/tokenizer.json",
-         "adapter/tokenizer_config.json"]
+         "adapter/manifest.json", "adapter/tokenizer_config.json"]
         + [f"checkpoints/checkpoint-{n}/{f}" for n in (3, 6) for f in ckpt])
     meta = json.loads((run / "adapter" / "culbot.json").read_text())
     assert meta["base_model"] == str(tiny_model) and meta["profile"] == "cpu-tiny"
