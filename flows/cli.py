@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--repo-id", help="Hub repo id for the merged model.")
     pb.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
     _train_common(pb)
+    tk = sub.add_parser("tokenize", help="Tokenize a formatted dataset with a model's tokenizer (EOS, label masking, cutoff).")
+    tk.add_argument("--data", type=Path, required=True, help="A formatted dataset folder (artifacts/formatted/<hash>).")
+    tk.add_argument("--out", type=Path, help="Tokenized root (default: <artifacts_root>/tokenized).")
+    _train_common(tk)
     tm = sub.add_parser("tiny-model", help="Build the tiny GPT-NeoX and its tokenizer from the shipped samples.")
     tm.add_argument("--out", type=Path, default=Path("artifacts/models/tiny"))
     tm.add_argument("--samples", type=Path, default=Path("raw/samples"))
@@ -180,7 +184,7 @@ def _dispatch(args) -> int:
 
         _print_manifest(build_tiny_model(args.out, sample_corpus(args.samples)), args.out)
         return 0
-    if cmd in ("train", "eval", "merge-adapter", "publish"):
+    if cmd in ("train", "eval", "merge-adapter", "publish", "tokenize"):
         return _train_side(args)
 
     overrides = list(args.overrides)
@@ -311,6 +315,15 @@ def _train_side(args) -> int:
     if args.command == "publish":
         overrides += _sets("publish", target=args.target, repo_id=args.repo_id, endpoint=args.endpoint)
     prof = load_train_profile(args.profile, overrides)
+    if args.command == "tokenize":
+        from culbot.tasks.tokenize_data import run_tokenize
+        from culbot.tasks.train import resolve_base
+
+        model, sha = resolve_base(prof.model.base, prof.model.revision, models_root=Path(prof.artifacts_root) / "models", samples_dir=prof.samples_dir)
+        m = run_tokenize(args.data, model, args.out or Path(prof.artifacts_root) / "tokenized", revision=sha, cutoff_len=prof.data.cutoff_len,
+                         train_on_inputs=prof.data.train_on_inputs, overlength=prof.data.overlength)
+        _print_manifest(m, m["path"])
+        return 0
     if args.command == "train":
         from culbot.tasks.train import launch_command, prepare_run, run_training
 

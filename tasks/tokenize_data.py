@@ -1,6 +1,6 @@
 """Stage 6: tokenize a formatted dataset for training: EOS, label masking, cutoff.
 
-Run as: culbot tokenize --data artifacts/formatted/<hash> --model artifacts/models/tiny --out artifacts/tokenized
+Run as: culbot tokenize --data artifacts/formatted/<hash> --profile cpu-tiny [--out artifacts/tokenized]
 
 Prompt and response are tokenized separately and concatenated, so the prompt's
 tokens are exactly what inference sees when it tokenizes the prompt alone. EOS

@@ -148,3 +148,10 @@ def test_qlora_4bit_step_on_cpu(tmp_path, sample_formatted, tiny_model):
     lines = []
     result = run_training(cfg, prof, on_line=lines.append)
     assert result["status"] == "completed" and result["global_step"] == 2
+
+
+def test_training_with_packing(tmp_path, sample_formatted, tiny_model):
+    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "data.packing=true", "train.max_steps=3", "train.save_steps=3")
+    result = run_training(cfg, prof)
+    assert result["status"] == "completed" and result["global_step"] == 3
+    assert all(h["loss"] == h["loss"] for h in result["log_history"] if "loss" in h)   # finite losses
