@@ -98,8 +98,9 @@ def load_model(spec: dict, model_path: str, revision: str | None, use_cpu: bool)
             bnb_4bit_compute_dtype=getattr(torch, DTYPES[spec["bnb_4bit_compute_dtype"]]))
     elif spec["quantization"] == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if not use_cpu and "LOCAL_RANK" in os.environ and spec["quantization"] != "none":
-        kwargs["device_map"] = {"": int(os.environ["LOCAL_RANK"])}
+    if not use_cpu and spec["quantization"] != "none":
+        # k-bit weights are quantised as they load onto the GPU: place each rank's copy on its own device
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if spec["quantization"] != "none":
         from peft import prepare_model_for_kbit_training
