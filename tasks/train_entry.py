@@ -199,12 +199,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import datasets
     import torch
-    from transformers import AutoConfig, AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
+    from transformers import AutoConfig, AutoTokenizer, PrinterCallback, Trainer, TrainingArguments, set_seed
 
     from culbot.tasks.collate import PackingCollator, PadCollator
     from culbot.tasks.tokenize_data import check_eos
 
     hw, spec, sched, data = prof["hardware"], prof["model"], prof["train"], prof["data"]
+    set_seed(sched["seed"])  # before LoRA init, which draws random A matrices; the Trainer seeds only later
     tokenizer = AutoTokenizer.from_pretrained(cfg["model_path"], revision=cfg.get("revision"))
     check_eos(tokenizer, AutoConfig.from_pretrained(cfg["model_path"], revision=cfg.get("revision")))
     model = load_model(spec, cfg["model_path"], cfg.get("revision"), hw["use_cpu"])
