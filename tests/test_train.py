@@ -167,3 +167,13 @@ def test_same_config_gives_the_same_adapter(tmp_path, sample_formatted, tiny_mod
         runs.append(load_file(str(cfg.parent / "adapter" / "adapter_model.safetensors")))
     assert runs[0].keys() == runs[1].keys()
     assert all((runs[0][k] == runs[1][k]).all() for k in runs[0])
+
+
+@pytest.mark.slow
+def test_wandb_runs_offline_without_a_key(tmp_path, sample_formatted, tiny_model, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "train.report_to=auto", "train.max_steps=2", "train.save_steps=2")
+    result = run_training(cfg, prof, env={"WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
+    assert result["status"] == "completed"
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "expected an offline W&B run"
