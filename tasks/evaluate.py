@@ -39,14 +39,19 @@ def probe_template(meta: dict, source: str) -> Template:
     return Template(**{**t, "name": name})
 
 
-def load_adapted(adapter_dir: Path, dtype: str = "float32"):
-    """Base model from the adapter's own metadata, plus the adapter; and the tokenizer saved with it."""
+def load_adapted(adapter_dir: Path):
+    """Base model from the adapter's own metadata, plus the adapter; and the tokenizer saved with it.
+
+    On a GPU host: bf16 on the GPU(s); on CPU: fp32.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     meta = read_meta(adapter_dir)
-    base = AutoModelForCausalLM.from_pretrained(meta["base_model"], revision=meta.get("base_revision"), dtype=getattr(torch, dtype))
+    gpu = torch.cuda.is_available()
+    base = AutoModelForCausalLM.from_pretrained(meta["base_model"], revision=meta.get("base_revision"),
+                                                dtype=torch.bfloat16 if gpu else torch.float32, device_map="auto" if gpu else None)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     return model, AutoTokenizer.from_pretrained(str(adapter_dir)), meta
 
@@ -60,7 +65,7 @@ def eval_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> tuple[fl
     collate, total, count = PadCollator(pad_id), 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            b = collate(rows[i:i + batch_size])
+            b = {k: v.to(model.device) for k, v in collate(rows[i:i + batch_size]).items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
             labels = b["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
@@ -75,7 +80,7 @@ def answer_probes(model, tokenizer, template: Template, probes: list[str], max_n
     out = []
     for q in probes:
         prompt = render_prompt(template, q, "", tokenizer)
-        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
         with torch.no_grad():
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
