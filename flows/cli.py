@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     tm.add_argument("--out", type=Path, default=Path("artifacts/models/tiny"))
     tm.add_argument("--samples", type=Path, default=Path("raw/samples"))
 
+    dp = sub.add_parser("deploy", help="Create the work pools and deploy every flow in deploy/prefect.yaml (needs PREFECT_API_URL).")
+    dp.add_argument("--prefect-file", type=Path, default=Path("deploy/prefect.yaml"), help="Deployment file.")
+    dp.add_argument("--home", type=Path, default=Path(os.environ.get("CULBOT_HOME", ".")),
+                    help="Working directory of the flows on the workers (where raw/ and artifacts/ live). Default: $CULBOT_HOME or here.")
+
     cfg = sub.add_parser("config", help="Show the resolved config, or every field with its documentation.")
     cfg.add_argument("what", choices=["show", "docs"])
     _common(cfg)
@@ -179,6 +184,11 @@ def _dispatch(args) -> int:
             print(render_prompt(t, "충북대학교 중앙도서관은 몇 시에 여나요?", "") + "…")
         return 0
 
+    if cmd == "deploy":
+        from culbot.flows.deploy import deploy
+
+        deploy(args.prefect_file, args.home)
+        return 0
     if cmd == "tiny-model":
         from culbot.tasks.tiny_model import build_tiny_model, sample_corpus
 

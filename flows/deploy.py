@@ -1,0 +1,68 @@
+"""`culbot deploy`: create the work pools and deploy everything in deploy/prefect.yaml, idempotently.
+
+Run as: PREFECT_API_URL=http://HOST:4200/api CULBOT_HOME=/srv/culbot culbot deploy
+
+Pools are process pools: `cpu` for the data stages and the orchestrating flows, and one
+per GPU host kind, named by the training profiles' hardware.work_pool, with concurrency 1.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from culbot.pipeline_config.schema import ConfigError
+from culbot.pipeline_config.train_schema import load_train_profile, train_profiles
+
+
+def pools() -> dict[str, int | None]:
+    """Pool name -> concurrency limit (None: unlimited)."""
+    out: dict[str, int | None] = {"cpu": None}
+    for p in train_profiles():
+        pool = load_train_profile(p).hardware.work_pool
+        if pool != "cpu":
+            out[pool] = 1
+    return out
+
+
+def _prefect(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "prefect", *args], capture_output=True, text=True, env=env)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"`prefect {' '.join(args)}` failed ({r.returncode}):\n{(r.stdout + r.stderr)[-2000:]}")
+    return r
+
+
+def ensure_pools(log=print) -> list[str]:
+    """Create missing process pools and set their concurrency limits; returns the names created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    created = []
+    with get_client(sync_client=True) as client:
+        for name, limit in pools().items():
+            try:
+                pool = client.read_work_pool(name)
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(name=name, type="process", concurrency_limit=limit))
+                created.append(name)
+                log(f"created work pool {name}" + (f" (concurrency {limit})" if limit else ""))
+                continue
+            if pool.concurrency_limit != limit:
+                client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit))
+    return created
+
+
+def deploy(prefect_file: Path, home: Path, log=print) -> list[str]:
+    """Create missing pools, set GPU pools to concurrency 1, deploy all; returns the deployment names."""
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError("culbot deploy needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    if not Path(prefect_file).is_file():
+        raise ConfigError(f"{prefect_file}: deployment file not found (run from the repository root or pass --prefect-file)")
+    env = {**os.environ, "CULBOT_HOME": str(Path(home).resolve())}
+    ensure_pools(log)
+    r = _prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file), env=env)
+    names = [line.split("'")[1] for line in r.stdout.splitlines() if "prefect deployment run '" in line]
+    log(f"deployed {len(names)}: {', '.join(names)} (working directory {env['CULBOT_HOME']})")
+    return names

@@ -1,0 +1,100 @@
+"""CI smoke on a real Prefect server: pools, deployments from deploy/prefect.yaml, a process worker, culbot/smoke twice."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import REPO
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _task_states(api: str, flow_run_id: str) -> list[tuple[str, str]]:
+    r = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}}, timeout=30)
+    r.raise_for_status()
+    return sorted((t["name"].rsplit("-", 1)[0], t["state"]["name"]) for t in r.json())
+
+
+def _run_smoke(env: dict) -> str:
+    r = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "culbot/smoke", "--watch", "--watch-timeout", "600"],
+                       capture_output=True, text=True, env=env, timeout=700)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "Completed" in out, out[-3000:]
+    return re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+
+
+@pytest.mark.slow
+def test_smoke_deployment_on_a_real_server(tmp_path):
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2", "PREFECT_LOGGING_EXTRA_LOGGERS": "culbot"}
+    work = tmp_path / "work"
+    (work / "raw").mkdir(parents=True)
+    os.symlink(REPO / "raw" / "samples", work / "raw" / "samples")
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    worker = None
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(1)
+
+        d = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "deploy", "--prefect-file", str(REPO / "deploy" / "prefect.yaml"),
+                            "--home", str(work)], capture_output=True, text=True, env=env, timeout=300)
+        assert d.returncode == 0, d.stdout + d.stderr
+        for name in ("culbot/full", "culbot/data-refresh", "culbot/smoke", "train-stage/train-a6000x4", "train-stage/train-gcp-l4",
+                     "train-stage/train-runpod-a100x2", "eval-stage/eval", "merge-stage/merge", "publish-stage/publish"):
+            assert name in d.stdout, d.stdout
+        pools = {p["name"]: p for p in httpx.post(f"{api}/work_pools/filter", json={}, timeout=30).json()}
+        assert set(pools) >= {"cpu", "a6000x4", "runpod-a100x2", "gcp-l4"} and pools["a6000x4"]["concurrency_limit"] == 1
+        refresh = httpx.get(f"{api}/deployments/name/culbot/data-refresh", timeout=30).json()
+        assert refresh["schedules"][0]["schedule"]["cron"] == "0 3 * * 1" and refresh["schedules"][0]["schedule"]["timezone"] == "Asia/Seoul"
+        # deploying again changes nothing and does not fail
+        again = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "deploy", "--prefect-file", str(REPO / "deploy" / "prefect.yaml"),
+                                "--home", str(work)], capture_output=True, text=True, env=env, timeout=300)
+        assert again.returncode == 0 and "created work pool" not in again.stdout
+
+        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu"],
+                                  stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        first = _run_smoke(env)
+        states = [x for x in _task_states(api, first) if x[0] != "data-refresh"]
+        assert [n for n, _ in states] == ["eval", "merge-adapter", "publish", "train"] and {s for _, s in states} == {"Completed"}
+        assert list((work / "artifacts" / "datasets").glob("*/manifest.json"))
+        assert list((work / "artifacts" / "runs").glob("cpu-tiny-*/adapter/adapter_model.safetensors"))
+        assert list((work / "artifacts" / "models").glob("*/manifest.json"))
+        cards = list((work / "artifacts" / "publish").glob("*/merged/README.md"))
+        assert cards and cards[0].read_text().startswith("---\nlanguage:")
+
+        second = _run_smoke(env)
+        assert [x for x in _task_states(api, second) if x[0] != "data-refresh"] == [(n, "Cached") for n, _ in states]
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(server)
