@@ -37,6 +37,20 @@ def stage_cache(*core_modules: str) -> CachePolicy:
     return INPUTS + TASK_SOURCE + CoreSource(modules=tuple(core_modules))
 
 
+def report(key: str, title: str, counts: dict, extra: str = "") -> None:
+    """A markdown artifact with a stage's counts (nested dicts flattened as a.b)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    flat: list[tuple[str, object]] = []
+    for k, v in counts.items():
+        if isinstance(v, dict):
+            flat += [(f"{k}.{kk}", vv) for kk, vv in v.items()]
+        else:
+            flat.append((k, v))
+    rows = "\n".join(f"| {k} | {v} |" for k, v in flat)
+    create_markdown_artifact(f"# {title}\n\n| count | value |\n|---|---:|\n{rows}\n{extra}", key=key, description=title)
+
+
 def output_ok(result: dict | None) -> bool:
     """A cached stage result is trusted only if its folder still verifies against its manifest."""
     if not result or "path" not in result:

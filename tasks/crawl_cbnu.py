@@ -24,7 +24,7 @@ from culbot.pipeline_config.schema import CbnuConfig
 
 from . import _store, _text
 from ._http import FetchError, HttpSettings, PoliteClient, Progress, RobotsDisallowed
-from ._prefect import stage_cache
+from ._prefect import report, stage_cache
 
 log = logging.getLogger("culbot.crawl.cbnu")
 
@@ -250,4 +250,5 @@ def crawl_cbnu_task(config: dict, window: str) -> dict:
     """Network stage, so retried. ``window`` (a time bucket, or the folder's hash) bounds cache reuse."""
     cfg = CbnuConfig.model_validate(config)
     m = run_crawl(cfg)
+    report("crawl-cbnu", f"CBNU pages ({cfg.source})", m["counts"])
     return {"path": str(Path(cfg.out_dir).resolve()), "content_hash": m["content_hash"], "counts": m["counts"]}

@@ -21,7 +21,7 @@ from prefect import task
 from culbot.pipeline_config.schema import Univ100Config
 
 from . import _store, _text
-from ._prefect import stage_cache
+from ._prefect import report, stage_cache
 from ._http import FetchError, HttpSettings, PoliteClient, Progress, RobotsDisallowed
 
 log = logging.getLogger("culbot.crawl.univ100")
@@ -348,4 +348,5 @@ def crawl_univ100_task(config: dict, window: str) -> dict:
     """Network stage, so retried. ``window`` (a time bucket, or the snapshot's hash) bounds cache reuse."""
     cfg = Univ100Config.model_validate(config)
     m = run_crawl(cfg)
+    report("crawl-univ100", f"univ100 crawl (campus {cfg.campus_id})", m["counts"])
     return {"path": str(Path(cfg.out_dir).resolve()), "content_hash": m["content_hash"], "counts": m["counts"]}

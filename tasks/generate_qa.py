@@ -29,7 +29,7 @@ from culbot.pipeline_config.schema import PACKAGE_DIR, ConfigError, QAGenConfig
 
 from . import _store, _text
 from ._http import Progress, backoff_delay, parse_retry_after
-from ._prefect import stage_cache
+from ._prefect import report, stage_cache
 
 log = logging.getLogger("culbot.generate_qa")
 
@@ -714,4 +714,6 @@ def generate_qa_task(config: dict, pages: dict) -> dict:
             update_progress_artifact(art, pct, _sync=True)  # called from inside the asyncio loop
 
     m = run_generate(cfg, Path(pages["path"]), on_progress=on_progress)
+    ledger = (Path(cfg.out_dir) / "ledger.json").read_text(encoding="utf-8")
+    report("qa-ledger", f"QA generation ledger ({cfg.model}, {cfg.backend})", m["counts"], f"\n```json\n{ledger}```\n")
     return {"path": str(Path(cfg.out_dir).resolve()), "content_hash": m["content_hash"], "counts": m["counts"]}

@@ -19,7 +19,7 @@ from prefect import task
 from culbot.pipeline_config.schema import KullmConfig
 
 from . import _store, _text
-from ._prefect import stage_cache
+from ._prefect import report, stage_cache
 
 log = logging.getLogger("culbot.load_kullm")
 
@@ -101,4 +101,5 @@ def load_kullm_task(config: dict, source_hash: str) -> dict:
     """Network stage when loading from the Hub. ``source_hash``: the file's sha256 or hub id@revision."""
     cfg = KullmConfig.model_validate(config)
     m = run_load(cfg)
+    report("load-kullm", f"KULLM-v2 ({cfg.source})", m["counts"])
     return {"path": str(Path(cfg.out_dir).resolve()), "content_hash": m["content_hash"], "counts": m["counts"]}

@@ -34,6 +34,15 @@ def _task_states(flow_run_id):
     return sorted((r.name.rsplit("-", 1)[0], r.state.name) for r in runs)
 
 
+def _artifacts(flow_run_id) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: str(a.data) for a in arts if a.key}
+
+
 @pytest.mark.slow
 def test_data_refresh_cold_then_fully_cached_then_rebuilds_corruption(tmp_path, prefect_harness):
     from culbot.flows.data_refresh import data_refresh
@@ -49,6 +58,9 @@ def test_data_refresh_cold_then_fully_cached_then_rebuilds_corruption(tmp_path, 
     assert _store.is_complete(d["path"]) and _store.is_complete(out["formatted"]["path"])
     cold = _task_states(state.state_details.flow_run_id)
     assert [s for _, s in cold] == ["Completed"] * 6
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert set(arts) >= {"crawl-univ100", "crawl-cbnu", "qa-ledger", "qa-generation-progress", "load-kullm", "dataset-stats", "data-refresh-summary"}
+    assert '"replayed": 6' in arts["qa-ledger"] and "| rows | 10 |" in arts["crawl-univ100"]
 
     state2 = data_refresh(profile=profile, return_state=True)
     warm = _task_states(state2.state_details.flow_run_id)
