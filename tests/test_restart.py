@@ -1,0 +1,40 @@
+"""Restartability: SIGKILL the whole `culbot run full` process group mid-training, rerun, and check what was reused."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+TRAIN = ["--train-set", "train.max_steps=200", "--train-set", "train.save_steps=5", "--train-set", "train.logging_steps=5",
+         "--train-set", "train.eval_steps=1000", "--train-set", "eval.max_new_tokens=4"]
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_then_rerun_resumes(tmp_path):
+    work = tmp_path / "work"
+    (work / "raw").mkdir(parents=True)
+    os.symlink(REPO / "raw" / "samples", work / "raw" / "samples")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    cmd = [sys.executable, "-m", "culbot.flows.cli", "run", "full", *TRAIN]
+    first = subprocess.Popen(cmd, cwd=work, env=env, stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 400
+    try:
+        while not list((work / "artifacts" / "runs").glob("*/checkpoints/checkpoint-*/culbot_complete.json")):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)   # the flow, its ephemeral server and the trainer, as a crash would
+        first.wait()
+    assert not list((work / "artifacts" / "runs").glob("*/train_result.json"))
+
+    second = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert out.count("Finished in state Cached") >= 6          # crawl x2, generate-qa, load-kullm, merge, format
+    assert "resuming from checkpoint-" in out and "starting from step 0" not in out
+    assert "published merged:" in out
