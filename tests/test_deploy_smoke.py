@@ -30,9 +30,15 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _task_states(api: str, flow_run_id: str) -> list[tuple[str, str]]:
-    r = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}}, timeout=30)
-    r.raise_for_status()
-    return sorted((t["name"].rsplit("-", 1)[0], t["state"]["name"]) for t in r.json())
+    # Task-run states reach the API asynchronously: wait until every run has a final one.
+    for _ in range(60):
+        r = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}}, timeout=30)
+        r.raise_for_status()
+        runs = r.json()
+        if runs and all(t["state"] and t["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for t in runs):
+            break
+        time.sleep(0.5)
+    return sorted((t["name"].rsplit("-", 1)[0], t["state"]["name"] if t["state"] else "None") for t in runs)
 
 
 def _run_smoke(env: dict) -> str:

@@ -1,5 +1,6 @@
 """The data-refresh flow for real under prefect_test_harness: cold run, fully cached rerun, rebuild of a corrupted output."""
 import shutil
+import time
 
 import pytest
 import yaml
@@ -29,9 +30,14 @@ def _task_states(flow_run_id):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return sorted((r.name.rsplit("-", 1)[0], r.state.name) for r in runs)
+    # Task-run states reach the API asynchronously: wait until every run has one.
+    for _ in range(60):
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        if runs and all(r.state is not None and r.state.is_final() for r in runs):
+            break
+        time.sleep(0.5)
+    return sorted((r.name.rsplit("-", 1)[0], r.state.name if r.state else "None") for r in runs)
 
 
 def _artifacts(flow_run_id) -> dict:
