@@ -23,11 +23,10 @@ from typing import Callable
 from culbot.pipeline_config.train_schema import TINY, TrainProfile
 
 from . import _store
+from .train_entry import EXIT_GUARD, EXIT_PREEMPTED  # cheap: the entrypoint imports its heavy libraries in main()
 
 log = logging.getLogger("culbot.train")
 
-EXIT_GUARD = 3        # keep in step with train_entry.EXIT_GUARD
-EXIT_PREEMPTED = 75   # keep in step with train_entry.EXIT_PREEMPTED
 
 
 class TrainingFailed(RuntimeError):
