@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--train-profile", default="cpu-tiny", help="Training profile for 'full' (a6000x4, runpod-a100x2, gcp-l4, cpu-tiny).")
     run.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="Override a training-profile field for 'full', e.g. --train-set publish.target=hub.")
+    run.add_argument("--artifact-root", default=None, metavar="URL",
+                     help="Share stage outputs through this fsspec URL (a path, s3://, gs://, hf://). Default: $CULBOT_ARTIFACT_ROOT, else local disk only.")
     _common(run)
 
     crawl = sub.add_parser("crawl", help="Crawl a source.")
@@ -124,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--prefect-file", type=Path, default=Path("deploy/prefect.yaml"), help="Deployment file.")
     dp.add_argument("--home", type=Path, default=Path(os.environ.get("CULBOT_HOME", ".")),
                     help="Working directory of the flows on the workers (where raw/ and artifacts/ live). Default: $CULBOT_HOME or here.")
+    dp.add_argument("--artifact-root", default=os.environ.get("CULBOT_ARTIFACT_ROOT"), metavar="URL",
+                    help="fsspec URL every host shares (s3://, gs://, hf://, or a mounted path): set on every pool, and Prefect "
+                         "result storage goes to URL/prefect-results. Default: $CULBOT_ARTIFACT_ROOT, else none (one host).")
 
     cfg = sub.add_parser("config", help="Show the resolved config, or every field with its documentation.")
     cfg.add_argument("what", choices=["show", "docs"])
@@ -187,7 +192,7 @@ def _dispatch(args) -> int:
     if cmd == "deploy":
         from culbot.flows.deploy import deploy
 
-        deploy(args.prefect_file, args.home)
+        deploy(args.prefect_file, args.home, artifact_root=args.artifact_root)
         return 0
     if cmd == "tiny-model":
         from culbot.tasks.tiny_model import build_tiny_model, sample_corpus
@@ -211,7 +216,7 @@ def _dispatch(args) -> int:
             from culbot.flows.culbot import culbot
 
             out = culbot(profile=args.profile, train_profile=args.train_profile, overrides=overrides,
-                         train_overrides=args.train_overrides, force=args.force)
+                         train_overrides=args.train_overrides, force=args.force, artifact_root=args.artifact_root)
             print(f"dataset version {out['data']['dataset']['content_hash'][:16]}: {out['data']['dataset']['path']}")
             print(f"run: {out['run']['run_dir']}  (eval loss {out['eval']['counts']['eval_loss']:.4f}, {out['eval']['counts']['status']})")
             if out["model"]:
@@ -221,7 +226,7 @@ def _dispatch(args) -> int:
             return 0
         from culbot.flows.data_refresh import data_refresh
 
-        out = data_refresh(profile=args.profile, overrides=overrides, force=args.force)
+        out = data_refresh(profile=args.profile, overrides=overrides, force=args.force, artifact_root=args.artifact_root)
         d, f = out["dataset"], out["formatted"]
         print(f"dataset version {d['content_hash'][:16]}: {d['path']}  (train {d['counts']['train']}, validation {d['counts']['validation']})")
         print(f"formatted: {f['path']}")

@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from culbot.pipeline_config.schema import DataProfile, load_profile
 from culbot.tasks import _store
+from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks._prefect import output_ok
 from culbot.tasks.crawl_cbnu import crawl_cbnu_task
 from culbot.tasks.crawl_univ100 import crawl_univ100_task
@@ -56,10 +57,28 @@ def ref(result: dict) -> dict:
     return {"path": result["path"], "content_hash": result["content_hash"]}
 
 
-def run_stage(task, force: bool, **kwargs) -> dict:
-    """Run a stage task; rebuild if its cached output is missing or no longer matches its manifest."""
+def fetch_cached(result: dict | None, root: str | None) -> bool:
+    """A cached result whose folder is not on this host: pull it from the artifact root if it is there."""
+    if not root or not result or "path" not in result:
+        return False
+    try:
+        if "run_dir" in result:
+            _artifact_root.pull_run(Path(result["run_dir"]), root)
+        else:
+            _artifact_root.pull(Path(result["path"]), root)
+    except (_artifact_root.TransferError, FileNotFoundError) as e:
+        get_run_logger().info("not in the artifact root (%s); rebuilding", e)
+        return False
+    return output_ok(result)
+
+
+def run_stage(task, force: bool, root: str | None = None, **kwargs) -> dict:
+    """Run a stage task; rebuild if its cached output is missing or no longer matches its manifest.
+
+    With an artifact root, a cached output made on another host is pulled rather than rebuilt.
+    """
     result = (task.with_options(refresh_cache=True) if force else task)(**kwargs)
-    if not output_ok(result):
+    if not output_ok(result) and not fetch_cached(result, root):
         get_run_logger().warning("%s: cached output %s is missing or changed; rebuilding it", task.name, (result or {}).get("path"))
         result = task.with_options(refresh_cache=True)(**kwargs)
         if not output_ok(result):
@@ -77,14 +96,17 @@ def summary_markdown(profile: str, results: dict[str, dict]) -> str:
 
 # No log_prints: dill (used by datasets) prints bytecode through print(), which would flood the logs.
 @flow(name="data-refresh", flow_run_name="data-refresh-{profile}")
-def data_refresh(profile: str = "sample", overrides: list[str] | None = None, force: bool = False) -> dict:
+def data_refresh(profile: str = "sample", overrides: list[str] | None = None, force: bool = False,
+                 artifact_root: str | None = None) -> dict:
     """Refresh the training data.
 
     Args:
         profile: data profile, a name in pipeline_config/ (sample, production) or a YAML path.
         overrides: `section.field=value` settings applied on top of the profile.
         force: ignore every cache and rebuild each stage.
+        artifact_root: fsspec URL shared by all hosts (default $CULBOT_ARTIFACT_ROOT; unset: local disk only).
     """
+    root = _artifact_root.configured(artifact_root)
     cfg = load_profile(profile, overrides or [])
     log = get_run_logger()
     results: dict[str, dict] = {}
@@ -102,9 +124,13 @@ def data_refresh(profile: str = "sample", overrides: list[str] | None = None, fo
     if not sources:
         raise ValueError(f"profile {cfg.name!r}: every source stage is disabled; nothing to merge")
     inputs = {k: ref(v) for k, v in sources.items()}
-    results["merge"] = dataset = run_stage(merge_task, force, config=cfg.merge.model_dump(mode="json"), inputs=inputs)
+    results["merge"] = dataset = run_stage(merge_task, force, root, config=cfg.merge.model_dump(mode="json"), inputs=inputs)
     results["format"] = formatted = run_stage(
-        format_task, force, config=cfg.format.model_dump(mode="json"), dataset=ref(dataset))
+        format_task, force, root, config=cfg.format.model_dump(mode="json"), dataset=ref(dataset))
+    if root:  # the dataset version and its formatted form, for the training hosts
+        for out in (dataset, formatted):
+            _artifact_root.push(Path(out["path"]), root)
+        log.info("dataset %s and formatted data pushed to %s", dataset["content_hash"][:12], root)
     create_markdown_artifact(summary_markdown(cfg.name, results), key="data-refresh-summary", description="data-refresh outputs")
     log.info("dataset version %s at %s; formatted at %s", dataset["content_hash"][:16], dataset["path"], formatted["path"])
     return {"dataset": dataset, "formatted": formatted, "stages": results}

@@ -33,35 +33,78 @@ def _prefect(*args: str, env: dict, check: bool = True) -> subprocess.CompletedP
     return r
 
 
-def ensure_pools(log=print) -> list[str]:
-    """Create missing process pools and set their concurrency limits; returns the names created."""
+RESULTS_BLOCK = "culbot-results"
+
+
+def save_result_storage(artifact_root: str) -> str:
+    """Save the Prefect result storage block at <artifact_root>/prefect-results; returns its slug.
+
+    With it as every worker's default result storage, a task cached on one host is a cache
+    hit on another, and the `culbot` run can read the result of its training run.
+    """
+    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
+    base = f"{artifact_root.rstrip('/')}/prefect-results"
+    if "://" in base:
+        RemoteFileSystem(basepath=base).save(RESULTS_BLOCK, overwrite=True)
+        return f"remote-file-system/{RESULTS_BLOCK}"
+    LocalFileSystem(basepath=str(Path(base).resolve())).save(RESULTS_BLOCK, overwrite=True)
+    return f"local-file-system/{RESULTS_BLOCK}"
+
+
+def pool_env(artifact_root: str | None) -> dict[str, str]:
+    """Environment every flow run gets from its pool: the artifact root and the shared result storage."""
+    if not artifact_root:
+        return {}
+    return {"CULBOT_ARTIFACT_ROOT": artifact_root, "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": save_result_storage(artifact_root)}
+
+
+def _template(env: dict[str, str]) -> dict:
+    from prefect.workers.process import ProcessWorker
+
+    t = ProcessWorker.get_default_base_job_template()
+    t["variables"]["properties"]["env"]["default"] = env
+    return t
+
+
+def ensure_pools(log=print, env: dict[str, str] | None = None) -> list[str]:
+    """Create missing process pools, set their concurrency limits and default env; returns the names created."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
 
     created = []
+    env = env or {}
     with get_client(sync_client=True) as client:
         for name, limit in pools().items():
             try:
                 pool = client.read_work_pool(name)
             except ObjectNotFound:
-                client.create_work_pool(WorkPoolCreate(name=name, type="process", concurrency_limit=limit))
+                client.create_work_pool(WorkPoolCreate(name=name, type="process", concurrency_limit=limit, base_job_template=_template(env)))
                 created.append(name)
                 log(f"created work pool {name}" + (f" (concurrency {limit})" if limit else ""))
                 continue
-            if pool.concurrency_limit != limit:
-                client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit))
+            have = pool.base_job_template.get("variables", {}).get("properties", {}).get("env", {}).get("default", {})
+            if pool.concurrency_limit != limit or (env and have != env):
+                client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit,
+                                                             base_job_template=_template(env) if env else pool.base_job_template))
     return created
 
 
-def deploy(prefect_file: Path, home: Path, log=print) -> list[str]:
-    """Create missing pools, set GPU pools to concurrency 1, deploy all; returns the deployment names."""
+def deploy(prefect_file: Path, home: Path, log=print, artifact_root: str | None = None) -> list[str]:
+    """Create missing pools, set GPU pools to concurrency 1, deploy all; returns the deployment names.
+
+    With an artifact root, every pool's flow runs get it and the shared result storage in their env.
+    """
     if not os.environ.get("PREFECT_API_URL"):
         raise ConfigError("culbot deploy needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
     if not Path(prefect_file).is_file():
         raise ConfigError(f"{prefect_file}: deployment file not found (run from the repository root or pass --prefect-file)")
     env = {**os.environ, "CULBOT_HOME": str(Path(home).resolve())}
-    ensure_pools(log)
+    env_defaults = pool_env(artifact_root)
+    ensure_pools(log, env_defaults)
+    if env_defaults:
+        log(f"artifact root {artifact_root}; Prefect results in {env_defaults['PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK']}")
     r = _prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file), env=env)
     names = [line.split("'")[1] for line in r.stdout.splitlines() if "prefect deployment run '" in line]
     log(f"deployed {len(names)}: {', '.join(names)} (working directory {env['CULBOT_HOME']})")

@@ -26,6 +26,8 @@ class Hardware(_Strict):
     use_cpu: bool = Field(False, description="Train on CPU (CI and laptops without a GPU).")
     work_pool: str = Field("cpu", description="Prefect work pool whose workers run on this hardware.")
     hourly_usd: float | None = Field(None, ge=0, description="Price per hour of the whole host, for cost estimates.")
+    cuda_visible_devices: str | None = Field(None, description="CUDA_VISIBLE_DEVICES for the training run on this host (e.g. '0,1,2,3'); None leaves the worker's.")
+    hf_home: str | None = Field(None, description="HF_HOME (Hub cache) on this host, e.g. a large local disk; None leaves the worker's.")
 
 
 class ModelSpec(_Strict):
@@ -74,6 +76,7 @@ class Schedule(_Strict):
     dataloader_num_workers: int = Field(2, ge=0, description="Data loader worker processes.")
     torch_compile: bool = Field(False, description="torch.compile the model (measure before enabling).")
     report_to: Literal["auto", "none", "wandb"] = Field("auto", description="'auto': W&B online when WANDB_API_KEY is set, else offline.")
+    wandb_project: str = Field("culbot", description="W&B project (WANDB_PROJECT). The key itself comes only from the worker's environment.")
 
 
 class Guards(_Strict):
@@ -148,6 +151,15 @@ class TrainProfile(_Strict):
         if self.deepspeed and self.hardware.launcher == "python":
             raise ValueError("deepspeed needs launcher 'deepspeed' or 'torchrun'")
         return self
+
+    def run_env(self) -> dict[str, str]:
+        """Environment for the training run on its host (never a secret: these show in the Prefect UI)."""
+        env = {"WANDB_PROJECT": self.train.wandb_project}
+        if self.hardware.cuda_visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.hardware.cuda_visible_devices
+        if self.hardware.hf_home is not None:
+            env["HF_HOME"] = self.hardware.hf_home
+        return env
 
     def deepspeed_path(self) -> Path | None:
         if not self.deepspeed:

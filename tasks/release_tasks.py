@@ -48,7 +48,7 @@ def train_task(profile: dict, formatted: dict) -> dict:
     """Tokenize, launch the training subprocess, stream it; a retry after preemption resumes."""
     prof = TrainProfile.model_validate(profile)
     cfg = prepare_run(prof, Path(formatted["path"]))
-    result = run_training(cfg, prof, on_line=log_line)
+    result = run_training(cfg, prof, on_line=log_line, env=prof.run_env())
     adapter = cfg.parent / "adapter"
     create_markdown_artifact(curve_markdown(result, cfg.parent), key="training-curve", description="Training curve summary")
     return {"path": str(adapter), "run_dir": str(cfg.parent), "content_hash": _store.read_manifest(adapter)["content_hash"],

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from culbot.tasks import _store
 from tests.conftest import REPO
 
 
@@ -39,6 +40,14 @@ def _task_states(api: str, flow_run_id: str) -> list[tuple[str, str]]:
             break
         time.sleep(0.5)
     return sorted((t["name"].rsplit("-", 1)[0], t["state"]["name"] if t["state"] else "None") for t in runs)
+
+
+def _children(api: str, parent_id: str) -> dict:
+    r = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [f"culbot-parent:{parent_id}"]}}}, timeout=30)
+    r.raise_for_status()
+    runs = r.json()
+    assert len(runs) == 1, runs
+    return runs[0]
 
 
 def _run_smoke(env: dict) -> str:
@@ -72,34 +81,55 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
             assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(1)
 
+        remote = tmp_path / "remote"  # the shared artifact root; a local folder stands in for s3:// or gs://
         d = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "deploy", "--prefect-file", str(REPO / "deploy" / "prefect.yaml"),
-                            "--home", str(work)], capture_output=True, text=True, env=env, timeout=300)
+                            "--home", str(work), "--artifact-root", str(remote)], capture_output=True, text=True, env=env, timeout=300)
         assert d.returncode == 0, d.stdout + d.stderr
         for name in ("culbot/full", "culbot/data-refresh", "culbot/smoke", "train-stage/train-a6000x4", "train-stage/train-gcp-l4",
-                     "train-stage/train-runpod-a100x2", "eval-stage/eval", "merge-stage/merge", "publish-stage/publish"):
+                     "train-stage/train-runpod-a100x2", "train-stage/train-cpu-tiny", "eval-stage/eval", "merge-stage/merge", "publish-stage/publish"):
             assert name in d.stdout, d.stdout
         pools = {p["name"]: p for p in httpx.post(f"{api}/work_pools/filter", json={}, timeout=30).json()}
         assert set(pools) >= {"cpu", "a6000x4", "runpod-a100x2", "gcp-l4"} and pools["a6000x4"]["concurrency_limit"] == 1
+        pool_env = pools["gcp-l4"]["base_job_template"]["variables"]["properties"]["env"]["default"]
+        assert pool_env == {"CULBOT_ARTIFACT_ROOT": str(remote), "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": "local-file-system/culbot-results"}
         refresh = httpx.get(f"{api}/deployments/name/culbot/data-refresh", timeout=30).json()
         assert refresh["schedules"][0]["schedule"]["cron"] == "0 3 * * 1" and refresh["schedules"][0]["schedule"]["timezone"] == "Asia/Seoul"
         # deploying again changes nothing and does not fail
         again = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "deploy", "--prefect-file", str(REPO / "deploy" / "prefect.yaml"),
-                                "--home", str(work)], capture_output=True, text=True, env=env, timeout=300)
+                                "--home", str(work), "--artifact-root", str(remote)], capture_output=True, text=True, env=env, timeout=300)
         assert again.returncode == 0 and "created work pool" not in again.stdout
 
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu"],
                                   stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
         first = _run_smoke(env)
-        states = [x for x in _task_states(api, first) if x[0] != "data-refresh"]
-        assert [n for n, _ in states] == ["eval", "merge-adapter", "publish", "train"] and {s for _, s in states} == {"Completed"}
+        states = _task_states(api, first)
+        print("parent task runs:", states)
+        stages = [x for x in states if x[0] in ("eval", "merge-adapter", "publish", "train")]
+        assert [n for n, _ in stages] == ["eval", "merge-adapter", "publish"] and {s for _, s in stages} == {"Completed"}
+        # Training went to the train-cpu-tiny deployment as a child run, keyed by the parent and named by the dataset.
+        child = _children(api, first)
+        dataset = next((work / "artifacts" / "datasets").glob("*/manifest.json")).parent
+        dataset_hash = _store.read_manifest(dataset)["content_hash"]
+        assert child["name"] == f"train-cpu-tiny-{dataset_hash[:8]}" and child["idempotency_key"] == f"{first}:train"
+        assert child["state"]["type"] == "COMPLETED" and child["deployment_id"]
+        assert child["job_variables"]["env"]["CULBOT_ARTIFACT_ROOT"] == str(remote) and child["job_variables"]["env"]["WANDB_PROJECT"] == "culbot"
+        assert _task_states(api, child["id"]) == [("train", "Completed")]
+        parent = httpx.get(f"{api}/flow_runs/{first}", timeout=30).json()
+        assert parent["name"].startswith(f"culbot-sample-cpu-tiny-{dataset_hash[:8]}-to-publish")
         assert list((work / "artifacts" / "datasets").glob("*/manifest.json"))
         assert list((work / "artifacts" / "runs").glob("cpu-tiny-*/adapter/adapter_model.safetensors"))
         assert list((work / "artifacts" / "models").glob("*/manifest.json"))
         cards = list((work / "artifacts" / "publish").glob("*/merged/README.md"))
         assert cards and cards[0].read_text().startswith("---\nlanguage:")
 
+        run_dir = next((work / "artifacts" / "runs").glob("cpu-tiny-*"))
+        for rel in (f"artifacts/datasets/{dataset.name}", f"artifacts/runs/{run_dir.name}/adapter", f"artifacts/runs/{run_dir.name}"):
+            assert (remote / rel / "manifest.json").is_file(), rel
+        assert any((remote / "prefect-results").iterdir())
+
         second = _run_smoke(env)
-        assert [x for x in _task_states(api, second) if x[0] != "data-refresh"] == [(n, "Cached") for n, _ in states]
+        assert [x for x in _task_states(api, second) if x[0] in ("eval", "merge-adapter", "publish")] == [(n, "Cached") for n, _ in stages]
+        assert _task_states(api, _children(api, second)["id"]) == [("train", "Cached")]
     finally:
         if worker is not None:
             _stop(worker)
