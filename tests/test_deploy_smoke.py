@@ -50,6 +50,12 @@ def _children(api: str, parent_id: str) -> dict:
     return runs[0]
 
 
+def _trainers(work) -> list[str]:
+    """Training processes of this test's runs (found by their config path under its work folder)."""
+    out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "train_entry" in line and str(work) in line]
+
+
 def _run_smoke(env: dict) -> str:
     r = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "culbot/smoke", "--watch", "--watch-timeout", "600"],
                        capture_output=True, text=True, env=env, timeout=700)
@@ -130,6 +136,27 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
         second = _run_smoke(env)
         assert [x for x in _task_states(api, second) if x[0] in ("eval", "merge-adapter", "publish")] == [(n, "Cached") for n, _ in stages]
         assert _task_states(api, _children(api, second)["id"]) == [("train", "Cached")]
+
+        # Cancelling the parent mid-training cancels the child training run, and its trainer stops.
+        long = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "culbot/smoke", "-p", 'train_overrides=["train.max_steps=4000"]'],
+                              capture_output=True, text=True, env=env, timeout=120)
+        third = re.search(r"UUID:\s*([0-9a-f-]{36})", long.stdout + long.stderr).group(1)
+        deadline = time.monotonic() + 300
+        while True:
+            kids = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [f"culbot-parent:{third}"]}}}, timeout=30).json()
+            if kids and kids[0]["state"]["type"] == "RUNNING" and _trainers(work):
+                break
+            assert time.monotonic() < deadline, ([k["state"] for k in kids], _trainers(work), (tmp_path / "worker.log").read_text()[-3000:])
+            time.sleep(1)
+        r = httpx.post(f"{api}/flow_runs/{third}/set_state", json={"state": {"type": "CANCELLING"}, "force": True}, timeout=30)
+        assert r.status_code in (200, 201), r.text
+        deadline = time.monotonic() + 180
+        while True:
+            child = httpx.get(f"{api}/flow_runs/{kids[0]['id']}", timeout=30).json()
+            if child["state"]["type"] == "CANCELLED" and not _trainers(work):
+                break
+            assert time.monotonic() < deadline, (child["state"], _trainers(work), (tmp_path / "worker.log").read_text()[-3000:])
+            time.sleep(1)
     finally:
         if worker is not None:
             _stop(worker)
