@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--profile", default="cpu-tiny", help="Training profile: a name in pipeline_config/profiles/ (a6000x4, runpod-a100x2, gcp-l4, cpu-tiny) or a YAML path.")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Override a training-profile field, e.g. --set train.max_steps=10.")
 
+    pl = sub.add_parser("plan", help="Per-GPU memory, the largest micro batch that fits, and time and cost of a training profile.")
+    pl.add_argument("--profile", action="append", default=[], help="Training profile (repeatable). Default: every shipped profile.")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Override a training-profile field.")
+    pl.add_argument("--examples", type=int, default=160_000, help="Training rows per epoch (KULLM-v2 is ~153k).")
+    pl.add_argument("--tokens-per-example", type=float, default=None, help="Mean tokens per row (default: planner.yaml).")
+    pl.add_argument("--json", type=Path, default=None, help="Also write the plans as JSON here.")
+
     tr = sub.add_parser("train", help="Tokenize a formatted dataset and train a LoRA adapter with a training profile.")
     tr.add_argument("--data", type=Path, required=True, help="A formatted dataset folder (artifacts/formatted/<hash>).")
     tr.add_argument("--dry-run", action="store_true", help="Resolve, tokenize and print the launch command without training.")
@@ -189,6 +196,18 @@ def _dispatch(args) -> int:
             print(render_prompt(t, "충북대학교 중앙도서관은 몇 시에 여나요?", "") + "…")
         return 0
 
+    if cmd == "plan":
+        from culbot.pipeline_config.train_schema import load_train_profile, train_profiles
+        from culbot.tasks.plan import plan, plan_table
+
+        names = args.profile or [p.stem for p in train_profiles()]
+        plans = [plan(load_train_profile(n, args.overrides), examples=args.examples, tokens_per_example=args.tokens_per_example) for n in names]
+        print("\n\n".join(plan_table(p) for p in plans))
+        if args.json:
+            from culbot.tasks import _store
+
+            _store.atomic_write_json(args.json, [p.as_dict() for p in plans])
+        return 0 if all(p.fits is not False for p in plans) else 3
     if cmd == "deploy":
         from culbot.flows.deploy import deploy
 

@@ -1,6 +1,6 @@
 """Typed configuration of the planner: GPU kinds, model shapes and the constants of the memory model.
 
-Loaded from pipeline_config/planner.yaml. The memory model itself is in tasks/plan.py.
+Loaded from pipeline_config/planner/planner.yaml. The memory model itself is in tasks/plan.py.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError
 
 from .schema import PACKAGE_DIR, ConfigError, _format_errors, _Strict, apply_overrides, load_yaml
 
-PLANNER_FILE = PACKAGE_DIR / "planner.yaml"
+PLANNER_FILE = PACKAGE_DIR / "planner" / "planner.yaml"
 
 
 class GpuKind(_Strict):

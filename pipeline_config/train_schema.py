@@ -28,6 +28,7 @@ class Hardware(_Strict):
     hourly_usd: float | None = Field(None, ge=0, description="Price per hour of the whole host, for cost estimates.")
     cuda_visible_devices: str | None = Field(None, description="CUDA_VISIBLE_DEVICES for the training run on this host (e.g. '0,1,2,3'); None leaves the worker's.")
     hf_home: str | None = Field(None, description="HF_HOME (Hub cache) on this host, e.g. a large local disk; None leaves the worker's.")
+    plan_check: bool = Field(True, description="Refuse to launch when `culbot plan` estimates the profile does not fit in GPU memory.")
 
 
 class ModelSpec(_Strict):

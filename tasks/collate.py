@@ -51,10 +51,12 @@ def pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
 class PackingCollator:
     """Pack a batch's examples into rows of at most ``max_len`` tokens with a block-diagonal causal mask.
 
-    ``mask_dtype`` torch.bool suits sdpa; a float dtype (0 / -inf style) suits eager attention.
+    ``mask_dtype`` torch.bool suits sdpa; a float dtype (0 / -inf style) suits eager attention;
+    None gives position_ids only, for flash_attention_2, whose varlen path splits sequences where
+    position_ids restart (sdpa and eager ignore that and would attend across examples).
     """
 
-    def __init__(self, pad_id: int, max_len: int, mask_dtype: torch.dtype = torch.bool):
+    def __init__(self, pad_id: int, max_len: int, mask_dtype: torch.dtype | None = torch.bool):
         self.pad_id, self.max_len, self.mask_dtype = pad_id, max_len, mask_dtype
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
@@ -76,6 +78,8 @@ class PackingCollator:
                 pos[r, start:start + k] = torch.arange(k)
                 seg[r, start:start + k] = s
                 start += k
+        if self.mask_dtype is None:
+            return {"input_ids": ids, "labels": labels, "position_ids": pos}
         causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
         allowed = (seg[:, :, None] == seg[:, None, :]) & causal & (seg[:, :, None] >= 0)
         # A padding query row may not be all-masked (NaN in softmax): let it see itself.

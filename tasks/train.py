@@ -59,8 +59,10 @@ def resolve_base(spec_base: str, revision: str, *, models_root: Path, samples_di
 def prepare_run(profile: TrainProfile, formatted_dir: Path, *, runs_root: Path | None = None, models_root: Path | None = None,
                 tokenized_root: Path | None = None, samples_dir: Path | None = None) -> Path:
     """Resolve the base model, tokenize, and write runs/<id>/config.json. Returns the config path."""
+    from .plan import check_fits
     from .tokenize_data import run_tokenize
 
+    check_fits(profile)  # before tokenizing or downloading anything
     root = Path(profile.artifacts_root)
     runs_root, models_root, tokenized_root = runs_root or root / "runs", models_root or root / "models", tokenized_root or root / "tokenized"
     samples_dir = samples_dir or profile.samples_dir

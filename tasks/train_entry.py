@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     train_ds = datasets.Dataset.from_parquet(str(tok_dir / "train.parquet")).select_columns(["input_ids", "labels"])
     eval_ds = datasets.Dataset.from_parquet(str(tok_dir / "validation.parquet")).select_columns(["input_ids", "labels"])
     if data["packing"]:
-        mask_dtype = torch.bool if spec["attn_implementation"] == "sdpa" else getattr(torch, DTYPES[spec["dtype"]])
+        attn = spec["attn_implementation"]
+        mask_dtype = None if attn == "flash_attention_2" else torch.bool if attn == "sdpa" else getattr(torch, DTYPES[spec["dtype"]])
         collator = PackingCollator(tokenizer.pad_token_id, data["cutoff_len"], mask_dtype)
     else:
         collator = PadCollator(tokenizer.pad_token_id)

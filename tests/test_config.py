@@ -15,6 +15,22 @@ def test_every_shipped_profile_loads(path):
     assert prof.name == path.stem
 
 
+def test_the_shipped_planner_config_loads_and_covers_every_profile_gpu():
+    from culbot.pipeline_config.planner_schema import load_planner
+    from culbot.pipeline_config.train_schema import load_train_profile, train_profiles
+
+    planner = load_planner()
+    for p in train_profiles():
+        assert load_train_profile(p.stem).hardware.gpu_name in planner.gpus
+
+
+def test_a_planner_error_names_the_file_and_field(tmp_path):
+    from culbot.pipeline_config.planner_schema import PLANNER_FILE, load_planner
+
+    with pytest.raises(ConfigError, match=r"(?s)planner.yaml.*field 'memory.usable_fraction'"):
+        load_planner(PLANNER_FILE, ["memory.usable_fraction=2"])
+
+
 def test_shipped_profiles_are_sample_and_production():
     assert {p.stem for p in shipped_profiles()} >= {"sample", "production"}
 

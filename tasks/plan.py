@@ -1,0 +1,237 @@
+"""The planner: per-GPU memory, the largest micro batch that fits, and time and cost for a training profile.
+
+Run as: culbot plan --profile a6000x4 [--set train.micro_batch_size=4] [--examples 160000]
+
+The memory model (every constant is in pipeline_config/planner/planner.yaml):
+  weights      linear params × bytes (bf16 2, 8-bit 1, nf4 ≈0.52) + embeddings (fp32 once quantised: peft upcasts them);
+               divided by the world size under ZeRO-3
+  LoRA         trainable params × (4 weight + 4 grad + optimizer state: 8 AdamW, 2 8-bit AdamW); grads and states
+               divided by the world size under ZeRO-2/3
+  activations  one layer: b·s·h·34 bytes, plus 5·a·s²·b for eager attention (sdpa/flash store no scores);
+               without checkpointing every layer's; with it, each layer's input (b·s·h·2) plus one layer recomputed,
+               × backward_layer_factor
+  logits       b·s·V × 10 bytes (16-bit logits, fp32 upcast, fp32 gradient)
+  total        (sum) × (1 + fragmentation) + CUDA context; fits when ≤ GPU memory × usable_fraction
+
+FLOP convention (for time and MFU): model FLOPs per token = 4·N (forward 2·N plus the input-gradient backward 2·N,
+the weights being frozen) + 6·N_lora + 6·L·s·h (attention scores and values, forward and backward, causal half
+counted). Recomputation under gradient checkpointing is not counted.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from culbot.pipeline_config.planner_schema import ModelShape, PlannerConfig, load_planner
+from culbot.pipeline_config.schema import ConfigError
+from culbot.pipeline_config.train_schema import TINY, TrainProfile
+
+GB = 1e9
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit_8bit")
+
+
+class PlanDoesNotFit(RuntimeError):
+    """The profile needs more GPU memory than the GPU has; the message names the largest micro batch that fits."""
+
+
+def model_shape(profile: TrainProfile, planner: PlannerConfig) -> ModelShape:
+    base = profile.model.base
+    if base in planner.shapes:
+        return planner.shapes[base]
+    if base == TINY:
+        from .tiny_model import TINY_SHAPE
+
+        cfg = {**TINY_SHAPE, "vocab_size": 1024}
+    elif (Path(base) / "config.json").is_file():
+        cfg = json.loads((Path(base) / "config.json").read_text())
+    else:
+        try:  # a Hub id not listed: its config.json (a few KB) says
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(base, revision=profile.model.revision).to_dict()
+        except Exception as e:
+            raise ConfigError(f"{base}: no model shape known ({type(e).__name__}); add it under 'shapes' in pipeline_config/planner/planner.yaml") from None
+    return ModelShape(hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
+                      intermediate=cfg["intermediate_size"], vocab=cfg["vocab_size"])
+
+
+_MODULES = {  # GPT-NeoX linear layers: (in, out) as functions of the shape
+    "query_key_value": lambda s: (s.hidden, 3 * s.hidden),
+    "dense": lambda s: (s.hidden, s.hidden),
+    "dense_h_to_4h": lambda s: (s.hidden, s.intermediate),
+    "dense_4h_to_h": lambda s: (s.intermediate, s.hidden),
+}
+
+
+def param_counts(shape: ModelShape) -> dict[str, int]:
+    linear = sum(i * o for i, o in (f(shape) for f in _MODULES.values())) * shape.layers
+    embeddings = 2 * shape.vocab * shape.hidden  # embed_in and embed_out are separate in GPT-NeoX
+    return {"linear": linear, "embeddings": embeddings, "total": linear + embeddings}
+
+
+def lora_params(shape: ModelShape, profile: TrainProfile) -> int:
+    targets = list(_MODULES) if profile.lora.target_modules == "all-linear" else profile.lora.target_modules
+    unknown = [t for t in targets if t not in _MODULES]
+    if unknown:
+        raise ConfigError(f"lora.target_modules: {unknown} are not GPT-NeoX linear layers ({', '.join(_MODULES)})")
+    return sum(profile.lora.r * sum(_MODULES[t](shape)) for t in targets) * shape.layers
+
+
+def _zero_stage(profile: TrainProfile) -> int:
+    p = profile.deepspeed_path()
+    if not p:
+        return 0
+    return int(json.loads(p.read_text()).get("zero_optimization", {}).get("stage", 0))
+
+
+def memory_gb(profile: TrainProfile, planner: PlannerConfig, micro_batch: int | None = None,
+              gradient_checkpointing: bool | None = None) -> dict[str, float]:
+    """Per-GPU memory by component, in GB, and the total."""
+    shape, mem, m = model_shape(profile, planner), planner.memory, profile.model
+    b = micro_batch or profile.train.micro_batch_size
+    gc = m.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    s, h, L = profile.data.cutoff_len, shape.hidden, shape.layers
+    world, zero = profile.hardware.gpus, _zero_stage(profile)
+    dt = DTYPE_BYTES[m.dtype]
+    counts = param_counts(shape)
+    per_weight = {"none": dt, "8bit": 1.0, "4bit": 0.5 + (1 / 64 + 4 / (64 * 256) if m.bnb_4bit_use_double_quant else 4 / 64)}[m.quantization]
+    emb_bytes = 4 if m.quantization != "none" else dt
+    weights = counts["linear"] * per_weight + counts["embeddings"] * emb_bytes
+    if zero == 3:
+        weights /= world
+    n_lora = lora_params(shape, profile)
+    opt = 2 if profile.train.optim in EIGHT_BIT_OPTIMIZERS else 8
+    lora = n_lora * 4 + n_lora * (4 + opt) / (world if zero >= 2 else 1)
+    act_scale = dt / 2  # the 34-byte figure is for 16-bit activations
+    layer = b * s * h * mem.activation_bytes_per_token_hidden * act_scale
+    if m.attn_implementation == "eager":
+        layer += mem.eager_attention_bytes * shape.heads * s * s * b * act_scale
+    if gc:
+        activations = L * b * s * h * dt + mem.backward_layer_factor * layer
+    else:
+        activations = L * layer + (mem.backward_layer_factor - 1) * layer
+    logits = b * s * shape.vocab * mem.logits_bytes
+    live = weights + lora + activations + logits
+    parts = {"weights": weights, "lora_and_optimizer": lora, "activations": activations, "logits": logits,
+             "fragmentation": live * mem.fragmentation, "cuda_context": mem.cuda_context_gb * GB}
+    out = {k: v / GB for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def gpu_kind(profile: TrainProfile, planner: PlannerConfig):
+    name = profile.hardware.gpu_name
+    if name not in planner.gpus:
+        raise ConfigError(f"hardware.gpu_name {name!r}: unknown GPU kind; add it under 'gpus' in pipeline_config/planner/planner.yaml "
+                          f"(known: {', '.join(planner.gpus)})")
+    return planner.gpus[name]
+
+
+def usable_gb(profile: TrainProfile, planner: PlannerConfig) -> float:
+    cap = profile.hardware.gpu_memory_gb or gpu_kind(profile, planner).memory_gb
+    return cap * planner.memory.usable_fraction
+
+
+def largest_micro_batch(profile: TrainProfile, planner: PlannerConfig, gradient_checkpointing: bool | None = None) -> int:
+    """Largest micro batch whose estimate fits (0: not even 1)."""
+    limit, best = usable_gb(profile, planner), 0
+    for b in range(1, 513):
+        if memory_gb(profile, planner, b, gradient_checkpointing)["total"] > limit:
+            break
+        best = b
+    return best
+
+
+def flops_per_token(shape: ModelShape, profile: TrainProfile) -> float:
+    """Model FLOPs per trained token (see the module docstring for the convention)."""
+    n = param_counts(shape)["total"]
+    return 4 * n + 6 * lora_params(shape, profile) + 6 * shape.layers * profile.data.cutoff_len * shape.hidden
+
+
+@dataclass
+class Plan:
+    profile: str
+    gpu: str
+    gpus: int
+    memory_gb: dict[str, float]
+    usable_gb: float | None
+    fits: bool | None  # None on CPU: not checked
+    largest_micro_batch: int | None
+    largest_micro_batch_with_checkpointing: int | None
+    verdict: str
+    tokens_per_epoch: float
+    tokens_per_s_per_gpu: float | None
+    tokens_per_s_source: str
+    hours: float | None
+    cost_usd: float | None
+    flops_per_token: float
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan(profile: TrainProfile, planner: PlannerConfig | None = None, *, examples: int = 160_000,
+         tokens_per_example: float | None = None, padding_efficiency: float = 1.0) -> Plan:
+    """Memory verdict and time and cost for ``examples`` training rows (KULLM-v2 size by default)."""
+    planner = planner or load_planner()
+    shape, hw = model_shape(profile, planner), profile.hardware
+    mem = memory_gb(profile, planner)
+    tok_ex = tokens_per_example or planner.time.average_tokens_per_example
+    eff = 1.0 if profile.data.packing else padding_efficiency
+    tokens_epoch = examples * tok_ex / eff
+    fpt = flops_per_token(shape, profile)
+    notes = []
+    if hw.use_cpu:
+        return Plan(profile.name, "cpu", hw.gpus, mem, None, None, None, None, "CPU: GPU memory not checked", tokens_epoch, None,
+                    "none", None, None, fpt, ["CPU profile: memory and time are not planned"])
+    kind = gpu_kind(profile, planner)
+    limit = usable_gb(profile, planner)
+    fits = mem["total"] <= limit
+    best = largest_micro_batch(profile, planner)
+    best_gc = largest_micro_batch(profile, planner, gradient_checkpointing=True)
+    if fits:
+        verdict = f"fits: {mem['total']:.1f} of {limit:.1f} GB usable; largest micro batch that fits: {best}"
+        if profile.model.gradient_checkpointing and largest_micro_batch(profile, planner, gradient_checkpointing=False) >= profile.train.micro_batch_size:
+            notes.append("gradient checkpointing is on but not needed at this micro batch: turning it off saves ~1/3 of the compute")
+    else:
+        verdict = (f"does not fit: {mem['total']:.1f} GB > {limit:.1f} GB usable; largest micro batch that fits: {best}"
+                   + ("" if profile.model.gradient_checkpointing else f" ({best_gc} with gradient checkpointing)"))
+    if kind.tokens_per_s:  # measured on 12.8b; scale by FLOPs per token for other shapes
+        ref = flops_per_token(planner.shapes["EleutherAI/polyglot-ko-12.8b"], profile) if "EleutherAI/polyglot-ko-12.8b" in planner.shapes else fpt
+        tps, source = kind.tokens_per_s * ref / fpt, "measured"
+    else:
+        tps, source = planner.time.assumed_mfu * kind.bf16_tflops * 1e12 / fpt, f"assumed {planner.time.assumed_mfu:.0%} MFU"
+    if profile.model.gradient_checkpointing:
+        tps *= 3 / 4  # one more forward per step: 4N -> 6N of hardware work per token
+    seconds = profile.train.epochs * tokens_epoch / (tps * hw.gpus)
+    hours = seconds / 3600
+    price = hw.hourly_usd if hw.hourly_usd is not None else kind.hourly_usd * hw.gpus
+    return Plan(profile.name, hw.gpu_name, hw.gpus, mem, limit, fits, best, best_gc, verdict, tokens_epoch, tps, source, hours,
+                hours * price, fpt, notes)
+
+
+def check_fits(profile: TrainProfile, planner: PlannerConfig | None = None) -> Plan:
+    """Refuse a profile that does not fit, unless hardware.plan_check is off."""
+    p = plan(profile, planner)
+    if p.fits is False and profile.hardware.plan_check:
+        raise PlanDoesNotFit(f"profile {profile.name}: {p.verdict}. Lower train.micro_batch_size (raise gradient accumulation), "
+                             f"turn on model.gradient_checkpointing, or set hardware.plan_check=false to launch anyway.")
+    return p
+
+
+def plan_table(p: Plan) -> str:
+    lines = [f"profile {p.profile}: {p.gpus}× {p.gpu}", "", "| component | GB per GPU |", "|---|---:|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in p.memory_gb.items() if k != "total"]
+    lines += [f"| **total** | **{p.memory_gb['total']:.2f}** |"]
+    if p.usable_gb is not None:
+        lines += [f"| usable | {p.usable_gb:.2f} |"]
+    lines += ["", f"verdict: {p.verdict}"]
+    if p.hours is not None:
+        lines += [f"time: {p.tokens_per_epoch / 1e6:.1f} M tokens per epoch at {p.tokens_per_s_per_gpu:,.0f} tokens/s per GPU ({p.tokens_per_s_source}): "
+                  f"{p.hours:.1f} h, ${p.cost_usd:,.0f}"]
+    lines += [f"FLOPs per token: {p.flops_per_token / 1e9:.1f} G (4·N + 6·N_lora + 6·L·s·h; recompute not counted)"]
+    lines += [f"note: {n}" for n in p.notes]
+    return "\n".join(lines)
