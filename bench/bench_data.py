@@ -1,4 +1,4 @@
-"""Data-half benchmarks: crawl and generation throughput against local servers, data-refresh cold vs warm.
+"""Data-half benchmarks: crawl and generation throughput against local servers, data-refresh cold vs warm (bench_rerun.py).
 
 Run as: python bench/bench_data.py [--questions 200] [--chunks 48] [--latency 1.0] [--out bench/results/data.json]
 
@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.bench_rerun import cold_warm  # noqa: E402
 from tests.servers.base import serve  # noqa: E402
 from tests.servers.openai_api import OpenAIApp, OpenAIHandler, Reply, items_json  # noqa: E402
 from tests.servers.univ100 import Univ100App, Univ100Handler, make_questions  # noqa: E402
@@ -80,25 +80,7 @@ def bench_generation(chunks: int, latency: float, in_flight: int, rpm: float, tm
             "cached_rerun_s": round(warm, 2), "cached_rerun_requests": app.requests - reqs, "max_in_flight_seen": app.max_in_flight}
 
 
-def bench_refresh(tmp: Path) -> dict:
-    work = tmp / "work"
-    (work / "raw").mkdir(parents=True)
-    os.symlink(REPO / "raw" / "samples", work / "raw" / "samples")
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "run", "data-refresh"], cwd=work, env=env, capture_output=True, text=True)
-        times.append(time.perf_counter() - t0)
-        if r.returncode != 0:
-            raise RuntimeError(r.stderr[-2000:])
-    return {"cold_s": round(times[0], 2), "warm_s": round(times[1], 2), "cold_over_warm": round(times[0] / times[1], 2),
-            "note": "wall time of `culbot run data-refresh`, including Python start-up and the ephemeral Prefect server"}
-
-
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--questions", type=int, default=200)
     ap.add_argument("--rate", type=float, default=20.0, help="univ100 requests/s for the throughput run (production default is 1)")
@@ -106,16 +88,18 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=1.0)
     ap.add_argument("--in-flight", type=int, default=8)
     ap.add_argument("--rpm", type=float, default=600)
+    ap.add_argument("--no-refresh", action="store_true", help="skip the data-refresh cold/warm run (bench_rerun.py measures it too)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "data.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="culbot-bench-"))
     try:
         res = {"univ100_crawl": bench_univ100(args.questions, args.rate, tmp),
-               "qa_generation": bench_generation(args.chunks, args.latency, args.in_flight, args.rpm, tmp),
-               "data_refresh": bench_refresh(tmp)}
+               "qa_generation": bench_generation(args.chunks, args.latency, args.in_flight, args.rpm, tmp)}
+        if not args.no_refresh:
+            res["data_refresh"] = cold_warm("data-refresh", tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for section, vals in res.items():
@@ -125,6 +109,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"\nwrote {args.out}")
+    return res
 
 
 if __name__ == "__main__":

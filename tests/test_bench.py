@@ -1,0 +1,44 @@
+"""Every benchmark runs on CPU at small sizes and prints its table (figures come from the scripts, not from tests)."""
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_data_prep_and_padding_benchmark_prints_every_table(tmp_path, capsys):
+    from bench.bench_prep import main
+
+    res = main(["--rows", "1500", "--out", str(tmp_path / "prep.json")])
+    out = capsys.readouterr().out
+    for title in ("data prep: format + tokenize 1,500 rows", "padding efficiency", "packing keeps examples apart"):
+        assert title in out
+    pad = res["padding_efficiency"]
+    # Padding to the cutoff computes the most waste; the shipped packing keeps examples apart exactly.
+    assert pad["pad_to_cutoff"] < pad["pad_to_longest"] < pad["packing"] <= 1.0
+    assert res["packing_parity"]["within_1e-4"]
+    assert res["data_prep"]["share_truncated"] > 0  # the synthetic length distribution has a tail past the cutoff
+    assert json.loads((tmp_path / "prep.json").read_text())["data_prep"]["rows"] == 1500
+
+
+@pytest.mark.slow
+def test_training_throughput_benchmark_runs_on_cpu(tmp_path, capsys):
+    from bench.bench_train import main
+
+    res = main(["--shapes", "tiny", "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "train.json")])
+    out = capsys.readouterr().out
+    assert "LoRA training throughput" in out and "4·N" in out
+    assert res[0]["tokens_per_s"] > 0 and res[0]["flops_per_token"] > 4 * 2 * 30080 * 64
+
+
+@pytest.mark.slow
+def test_generation_crawl_and_rerun_benchmarks_print_their_tables(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-bench-local")  # the local server's; restored after the test
+    from bench.bench_data import main as data_main
+    from bench.bench_rerun import main as rerun_main
+
+    data = data_main(["--questions", "20", "--chunks", "6", "--latency", "0.2", "--no-refresh", "--out", str(tmp_path / "data.json")])
+    assert data["qa_generation"]["requests"] == 6 and data["univ100_crawl"]["questions"] == 20
+    rerun = rerun_main(["--flow", "data-refresh", "--out", str(tmp_path / "rerun.json")])
+    out = capsys.readouterr().out
+    assert "qa_generation" in out and "cold / warm" in out
+    assert rerun["cold_s"] > rerun["warm_s"] > 0
