@@ -7,7 +7,6 @@ Every server is real HTTP on 127.0.0.1 (the test servers); nothing leaves the ma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -17,6 +16,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench._report import write_results  # noqa: E402
 
 from bench.bench_rerun import cold_warm  # noqa: E402
 from tests.servers.base import serve  # noqa: E402
@@ -106,9 +107,7 @@ def main(argv=None) -> dict:
         print(f"\n{section}")
         for k, v in vals.items():
             print(f"  {k:<28} {v}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_results(args.out, res)
     return res
 
 

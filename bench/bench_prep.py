@@ -17,7 +17,6 @@ Run as: python bench/bench_prep.py [--rows 160000] [--cutoff 1024] [--batch 8] [
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import shutil
@@ -28,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench._report import write_results  # noqa: E402
 
 
 def synthetic_rows(n: int, tokens_per_char: float, seed: int = 0) -> list[dict]:
@@ -238,9 +239,7 @@ def main(argv=None) -> dict:
     print(table("packing keeps examples apart (tiny model)", [
         ("loss of the packed row", parity["packed_loss"]), ("token-weighted mean of per-example losses", parity["per_example_mean"]),
         ("|difference|", f"{parity['abs_diff']:.2e}")]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_results(args.out, res)
     return res
 
 

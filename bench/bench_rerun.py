@@ -9,7 +9,6 @@ so every stage is served from the cache; the figure includes Python and Prefect 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -19,6 +18,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench._report import write_results  # noqa: E402
 
 
 def cold_warm(flow: str, tmp: Path) -> dict:
@@ -53,9 +55,7 @@ def main(argv=None) -> dict:
     print(f"  cold               {res['cold_s']:>8.2f} s")
     print(f"  warm (all cached)  {res['warm_s']:>8.2f} s")
     print(f"  cold / warm        {res['cold_over_warm']:>8.2f}×")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_results(args.out, res)
     return res
 
 

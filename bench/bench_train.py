@@ -22,6 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench._report import write_results  # noqa: E402
+
 CPU_SHAPES = {"tiny": {"hidden": 64, "layers": 2, "heads": 4, "intermediate": 256, "vocab": 30080},
               "small": {"hidden": 256, "layers": 4, "heads": 4, "intermediate": 1024, "vocab": 30080}}
 
@@ -139,9 +141,7 @@ def main(argv=None) -> list[dict]:
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
         print(f"  {r['shape']:<6} {r['device'][:26]:<26} {str(r['micro_batch']) + '×' + str(r['seq']):>10} {r['tokens_per_s']:>10,.0f} "
               f"{r['tflops']:>8.2f} {mfu:>6} {r.get('peak_memory_gb', 'n/a'):>8} {r.get('planner_estimate_gb', 'n/a'):>8}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_results(args.out, res)
     return res
 
 
