@@ -54,7 +54,8 @@ class DataSpec(_Strict):
     cutoff_len: int = Field(1024, ge=8, description="Longest sequence in tokens.")
     train_on_inputs: bool = Field(False, description="Also learn the prompt tokens (else their labels are -100).")
     overlength: Literal["truncate", "drop"] = Field("truncate", description="What to do with rows longer than cutoff_len (counted either way).")
-    packing: bool = Field(False, description="Pack several examples into one row with position_ids, without cross-attention.")
+    packing: bool = Field(False, description="Pack a micro batch's examples into as few rows as fit, without cross-attention (82% real tokens at micro 8, cutoff 1024; bench/bench_prep.py).")
+    group_by_length: bool = Field(False, description="Batch examples of similar length (transformers' LengthGroupedSampler): 97% real tokens vs 43% for random batches at micro 8, cutoff 1024 (bench/bench_prep.py).")
 
 
 class Schedule(_Strict):

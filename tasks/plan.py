@@ -174,13 +174,14 @@ class Plan:
 
 
 def plan(profile: TrainProfile, planner: PlannerConfig | None = None, *, examples: int = 160_000,
-         tokens_per_example: float | None = None, padding_efficiency: float = 1.0) -> Plan:
+         tokens_per_example: float | None = None) -> Plan:
     """Memory verdict and time and cost for ``examples`` training rows (KULLM-v2 size by default)."""
     planner = planner or load_planner()
     shape, hw = model_shape(profile, planner), profile.hardware
     mem = memory_gb(profile, planner)
     tok_ex = tokens_per_example or planner.time.average_tokens_per_example
-    eff = 1.0 if profile.data.packing else padding_efficiency
+    strategy = "packing" if profile.data.packing else "group_by_length" if profile.data.group_by_length else "random"
+    eff = planner.time.real_token_share[strategy]  # computed tokens include the padding
     tokens_epoch = examples * tok_ex / eff
     fpt = flops_per_token(shape, profile)
     notes = []

@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     model, targets = apply_lora(model, prof["lora"])
 
     tok_dir = Path(cfg["data"])
-    train_ds = datasets.Dataset.from_parquet(str(tok_dir / "train.parquet")).select_columns(["input_ids", "labels"])
+    group = data.get("group_by_length", False)
+    train_ds = datasets.Dataset.from_parquet(str(tok_dir / "train.parquet")).select_columns(["input_ids", "labels"] + (["length"] if group else []))
     eval_ds = datasets.Dataset.from_parquet(str(tok_dir / "validation.parquet")).select_columns(["input_ids", "labels"])
     if data["packing"]:
         attn = spec["attn_implementation"]
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_strategy="steps" if len(eval_ds) else "no", eval_steps=sched["eval_steps"],
         dataloader_num_workers=sched["dataloader_num_workers"], dataloader_pin_memory=not hw["use_cpu"],
         gradient_checkpointing=False,  # enabled on the model itself, before LoRA, where needed
+        train_sampling_strategy="group_by_length" if group else "random", length_column_name="length",
         remove_unused_columns=False, report_to=report, disable_tqdm=True, torch_compile=sched["torch_compile"],
         ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         deepspeed=cfg.get("deepspeed"), **precision,
