@@ -61,8 +61,11 @@ def choose_train_on(train_on: TrainOn, tp: TrainProfile) -> Literal["pool", "her
 
 
 def train_on_pool(tp: TrainProfile, train_profile: str, train_overrides: list[str], formatted: dict, force: bool,
-                  root: str | None, dataset_hash: str) -> dict:
-    """Start the training deployment on the profile's pool, wait, and return its result (pulled here if needed)."""
+                  root: str | None) -> dict:
+    """Start the training deployment on the profile's pool, wait, and return its result (pulled here if needed).
+
+    The child names itself (train-<profile>-<dataset hash>, in flows/stages.py).
+    """
     from prefect.deployments import run_deployment
     from prefect.runtime import flow_run
 
@@ -76,7 +79,6 @@ def train_on_pool(tp: TrainProfile, train_profile: str, train_overrides: list[st
         name,
         parameters={"formatted": formatted["path"], "train_profile": train_profile, "train_overrides": train_overrides,
                     "force": force, "artifact_root": root},
-        flow_run_name=f"train-{tp.name}-{dataset_hash[:8]}",
         idempotency_key=f"{flow_run.id}:train",  # a retried parent finds its child instead of starting another
         tags=[f"{CHILD_TAG}{flow_run.id}"],
         job_variables={"env": env},
@@ -146,7 +148,7 @@ def culbot(profile: str = "sample", train_profile: str = "cpu-tiny", overrides: 
     if to_stage == "format":
         return result
     if choose_train_on(train_on, tp) == "pool":
-        run = train_on_pool(tp, train_profile, train_overrides or [], data["formatted"], force, root, dataset_hash)
+        run = train_on_pool(tp, train_profile, train_overrides or [], data["formatted"], force, root)
     else:
         run = run_stage(train_task, force, root, profile=tp.model_dump(mode="json"), formatted=ref(data["formatted"]))
         if root:

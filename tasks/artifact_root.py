@@ -17,6 +17,7 @@ Credentials come from the environment as fsspec expects (AWS_*, GOOGLE_APPLICATI
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -60,17 +61,21 @@ def url_for(local: Path, root: str) -> str:
     return f"{root.rstrip('/')}/{key_for(local)}"
 
 
-def _transfer_files(folder: Path) -> dict[str, str]:
-    """Files to copy: the manifest's list where there is one, else every file outside SKIP_DIRS."""
+def _stage_manifest(folder: Path) -> dict | None:
+    """The folder's own stage manifest; a transfer manifest (a run pulled earlier, which may have grown since) is not one."""
     m = _store.read_manifest(folder)
-    if m is not None and m.get("stage") != "transfer":
+    return None if m is None or m.get("stage") == "transfer" else m
+
+
+def _transfer_files(folder: Path) -> dict[str, str]:
+    """Files to copy: the stage manifest's list where there is one, else every file outside SKIP_DIRS."""
+    m = _stage_manifest(folder)
+    if m is not None:
         return m["files"]
     return {rel: h for rel, h in _store.file_hashes(folder).items() if rel.split("/")[0] not in SKIP_DIRS}
 
 
 def _remote_manifest(fs, base: str) -> dict | None:
-    import json
-
     try:
         with fs.open(f"{base}/{_store.MANIFEST}", "rb") as f:
             return json.loads(f.read().decode("utf-8"))
@@ -82,8 +87,7 @@ def push(local: Path, root: str) -> str:
     """Copy a finished folder to the root (manifest last); a no-op when the same content is there. Returns its URL."""
     local = Path(local)
     files = _transfer_files(local)
-    own = _store.read_manifest(local)
-    own = None if own is not None and own.get("stage") == "transfer" else own  # a run pulled earlier may have grown since
+    own = _stage_manifest(local)
     if own is not None and _store.verify(local):
         raise TransferError(f"{local}: does not match its own manifest; not pushing a corrupt folder")
     manifest = own or {"stage": "transfer", "version": 1, "files": files, "content_hash": _store.hash_json(files)}
@@ -94,8 +98,6 @@ def push(local: Path, root: str) -> str:
     for rel in files:
         fs.makedirs(f"{base}/{rel}".rsplit("/", 1)[0], exist_ok=True)
         fs.put_file(str(local / rel), f"{base}/{rel}")
-    import json
-
     with fs.open(f"{base}/{_store.MANIFEST}", "wb") as f:
         f.write((json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     log.info("pushed %s (%d files) to %s", key_for(local), len(files), url_for(local, root))
