@@ -3,7 +3,8 @@
 Run as: python bench/bench_train.py [--shapes 1.3b,5.8b,12.8b] [--micro 4] [--seq 1024] [--steps 10] [--out bench/results/train.json]
 
 On a GPU it builds the real polyglot-ko shapes (hidden, layers, heads, vocab 30080, rotary 0.5; no download) in bf16
-with sdpa, LoRA on query_key_value as in the profiles, packed full rows of `--seq` tokens, fused AdamW, and prints
+with sdpa, LoRA on query_key_value as in the profiles, packed full rows of `--seq` tokens holding
+`--examples-per-row` examples each (position_ids restart at each, as data.packing feeds them), fused AdamW, and prints
 tokens/s per GPU, peak GPU memory, achieved TFLOP/s and MFU against the GPU's dense bf16 peak from
 pipeline_config/planner/planner.yaml, next to the planner's memory estimate. On CPU it runs scaled-down shapes
 (`--shapes tiny,small`) in fp32 so CI checks that it works; CPU MFU is not meaningful and is not printed.
@@ -35,14 +36,28 @@ def build(shape: dict, dtype, device, attn: str):
     cfg = GPTNeoXConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
                         num_attention_heads=shape["heads"], intermediate_size=shape["intermediate"], rotary_pct=0.5,
                         max_position_embeddings=2048, use_parallel_residual=True, bos_token_id=0, eos_token_id=2,
-                        attn_implementation=attn)
+                        attn_implementation=attn, use_cache=False)  # as in training: packed position_ids then mask per example
     torch.manual_seed(0)
     with torch.device(device):
         model = GPTNeoXForCausalLM(cfg).to(dtype)
     return model
 
 
-def run_shape(name: str, shape: dict, *, micro: int, seq: int, steps: int, warmup: int, gc: bool, compile_: bool) -> dict:
+def packed_positions(micro: int, seq: int, per_row: int, seed: int = 0):
+    """position_ids of rows holding ``per_row`` examples of random lengths (restarts at each boundary)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(micro):
+        cuts = sorted(torch.randperm(seq - 1, generator=g)[:per_row - 1].add(1).tolist())
+        starts = [0] + cuts
+        rows.append(torch.cat([torch.arange(b - a) for a, b in zip(starts, cuts + [seq])]))
+    return torch.stack(rows)
+
+
+def run_shape(name: str, shape: dict, *, micro: int, seq: int, steps: int, warmup: int, gc: bool, compile_: bool,
+              per_row: int = 1) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -62,7 +77,7 @@ def run_shape(name: str, shape: dict, *, micro: int, seq: int, steps: int, warmu
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=gpu)
     ids = torch.randint(3, shape["vocab"], (micro, seq), device=device)
-    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(seq, device=device).expand(micro, seq)}
+    batch = {"input_ids": ids, "labels": ids, "position_ids": packed_positions(micro, seq, per_row).to(device)}
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -84,7 +99,7 @@ def run_shape(name: str, shape: dict, *, micro: int, seq: int, steps: int, warmu
     prof = load_train_profile("a6000x4", [f"data.cutoff_len={seq}", f"train.micro_batch_size={micro}", "train.global_batch_size=" + str(micro * 4),
                                           f"model.gradient_checkpointing={str(gc).lower()}"])
     fpt = flops_per_token(ms, prof)
-    out = {"shape": name, **shape, "micro_batch": micro, "seq": seq, "gradient_checkpointing": gc, "torch_compile": compile_,
+    out = {"shape": name, **shape, "micro_batch": micro, "seq": seq, "examples_per_row": per_row, "gradient_checkpointing": gc, "torch_compile": compile_,
            "device": torch.cuda.get_device_name() if gpu else "cpu", "dtype": str(dtype).replace("torch.", ""),
            "step_s": round(step, 4), "tokens_per_s": round(tps, 1), "flops_per_token": fpt, "tflops": round(tps * fpt / 1e12, 3),
            "loss": round(loss.item(), 4)}
@@ -110,6 +125,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--shapes", default=None, help="comma-separated: 1.3b, 5.8b, 12.8b (GPU) or tiny, small (CPU). Default by device.")
     ap.add_argument("--micro", type=int, default=None, help="micro batch (default: 4 on GPU, 2 on CPU)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per row (default: 1024 on GPU, 256 on CPU)")
+    ap.add_argument("--examples-per-row", type=int, default=3, help="examples packed per row (1: one example fills the row)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gradient-checkpointing", action="store_true")
@@ -127,12 +143,14 @@ def main(argv=None) -> list[dict]:
     for n, s in shapes.items():
         try:
             res.append(run_shape(n, s, micro=args.micro or (4 if gpu else 2), seq=args.seq or (1024 if gpu else 256), steps=args.steps,
-                                 warmup=args.warmup, gc=args.gradient_checkpointing, compile_=args.compile))
+                                 warmup=args.warmup, gc=args.gradient_checkpointing, compile_=args.compile,
+                                 per_row=args.examples_per_row))
         except torch.OutOfMemoryError:
             res.append({"shape": n, "error": "out of memory"})
             torch.cuda.empty_cache()
         print(json.dumps(res[-1]), flush=True)
-    print("\nLoRA training throughput (model FLOPs/token = 4·N + 6·N_lora + 6·L·s·h; recompute not counted)")
+    print(f"\nLoRA training throughput, {args.examples_per_row} packed examples per row "
+          "(model FLOPs/token = 4·N + 6·N_lora + 6·L·s·h; recompute not counted)")
     print(f"  {'shape':<6} {'device':<26} {'micro×seq':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8} {'plan GB':>8}")
     for r in res:
         if "error" in r:

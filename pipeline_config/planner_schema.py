@@ -43,7 +43,7 @@ class TimeModel(_Strict):
     assumed_mfu: float = Field(0.35, gt=0, le=1, description="MFU assumed when a GPU kind has no measured tokens/s.")
     average_tokens_per_example: float = Field(330, gt=0, description="Tokens per example when no tokenized dataset is given (KULLM-v2-like data).")
     real_token_share: dict[Literal["random", "group_by_length", "packing"], float] = Field(
-        default_factory=lambda: {"random": 0.425, "group_by_length": 0.971, "packing": 0.821},
+        default_factory=lambda: {"random": 0.425, "group_by_length": 0.971, "packing": 0.998},
         description="Real / computed tokens per batching strategy at micro 8, cutoff 1024 (measured by bench/bench_prep.py).")
 
 

@@ -20,12 +20,12 @@ TINY = "culbot:tiny"
 
 class Hardware(_Strict):
     gpus: int = Field(1, ge=1, description="Processes to launch on the host (one per GPU); the world size.")
-    gpu_name: str = Field("cpu", description="GPU model, for the planner and the model card.")
-    gpu_memory_gb: float = Field(0, ge=0, description="Memory per GPU in GB (0 for CPU).")
+    gpu_name: str = Field("cpu", description="GPU kind, a key of 'gpus' in pipeline_config/planner/planner.yaml (memory, peak TFLOP/s, price); also in the model card.")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="Memory per GPU in GB, overriding the GPU kind's (None: the kind's).")
     launcher: Literal["python", "torchrun", "deepspeed"] = Field("torchrun", description="How the training entrypoint is started.")
     use_cpu: bool = Field(False, description="Train on CPU (CI and laptops without a GPU).")
     work_pool: str = Field("cpu", description="Prefect work pool whose workers run on this hardware.")
-    hourly_usd: float | None = Field(None, ge=0, description="Price per hour of the whole host, for cost estimates.")
+    hourly_usd: float | None = Field(None, ge=0, description="Price per hour of the whole host, overriding the GPU kind's price × gpus (None: that).")
     cuda_visible_devices: str | None = Field(None, description="CUDA_VISIBLE_DEVICES for the training run on this host (e.g. '0,1,2,3'); None leaves the worker's.")
     hf_home: str | None = Field(None, description="HF_HOME (Hub cache) on this host, e.g. a large local disk; None leaves the worker's.")
     plan_check: bool = Field(True, description="Refuse to launch when `culbot plan` estimates the profile does not fit in GPU memory.")
@@ -54,13 +54,19 @@ class DataSpec(_Strict):
     cutoff_len: int = Field(1024, ge=8, description="Longest sequence in tokens.")
     train_on_inputs: bool = Field(False, description="Also learn the prompt tokens (else their labels are -100).")
     overlength: Literal["truncate", "drop"] = Field("truncate", description="What to do with rows longer than cutoff_len (counted either way).")
-    packing: bool = Field(False, description="Pack a micro batch's examples into as few rows as fit, without cross-attention (82% real tokens at micro 8, cutoff 1024; bench/bench_prep.py).")
-    group_by_length: bool = Field(False, description="Batch examples of similar length (transformers' LengthGroupedSampler): 97% real tokens vs 43% for random batches at micro 8, cutoff 1024 (bench/bench_prep.py).")
+    packing: bool = Field(False, description="Pack examples into rows of up to cutoff_len tokens (best-fit, position_ids restart per example, no cross-attention); micro and global batch sizes then count rows. 99% real tokens at cutoff 1024 (bench/bench_prep.py).")
+    group_by_length: bool = Field(False, description="Batch examples of similar length (transformers' LengthGroupedSampler): 97% real tokens vs 43% for random batches at micro 8, cutoff 1024 (bench/bench_prep.py). Not with packing.")
+
+    @model_validator(mode="after")
+    def _one_batching_strategy(self):
+        if self.packing and self.group_by_length:
+            raise ValueError("packing and group_by_length are exclusive: packed rows are already all about cutoff_len long")
+        return self
 
 
 class Schedule(_Strict):
-    micro_batch_size: int = Field(1, ge=1, description="Examples per GPU per forward pass.")
-    global_batch_size: int = Field(1, ge=1, description="Examples per optimizer step over all GPUs.")
+    micro_batch_size: int = Field(1, ge=1, description="Examples (packed rows with data.packing) per GPU per forward pass.")
+    global_batch_size: int = Field(1, ge=1, description="Examples (packed rows with data.packing) per optimizer step over all GPUs.")
     gradient_accumulation_steps: int | None = Field(None, ge=1, description="None: global / (micro × world). If set, must make the product exact.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")

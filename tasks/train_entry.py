@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoConfig, AutoTokenizer, PrinterCallback, Trainer, TrainingArguments, set_seed
 
-    from culbot.tasks.collate import PackingCollator, PadCollator
+    from culbot.tasks.collate import PackedRows, PadCollator, PositionCollator
     from culbot.tasks.tokenize_data import check_eos
 
     hw, spec, sched, data = prof["hardware"], prof["model"], prof["train"], prof["data"]
@@ -213,12 +213,17 @@ def main(argv: list[str] | None = None) -> int:
 
     tok_dir = Path(cfg["data"])
     group = data.get("group_by_length", False)
-    train_ds = datasets.Dataset.from_parquet(str(tok_dir / "train.parquet")).select_columns(["input_ids", "labels"] + (["length"] if group else []))
+    train_ds = datasets.Dataset.from_parquet(str(tok_dir / "train.parquet")).select_columns(["input_ids", "labels", "length"])
     eval_ds = datasets.Dataset.from_parquet(str(tok_dir / "validation.parquet")).select_columns(["input_ids", "labels"])
+    packing = None
     if data["packing"]:
-        attn = spec["attn_implementation"]
-        mask_dtype = None if attn == "flash_attention_2" else torch.bool if attn == "sdpa" else getattr(torch, DTYPES[spec["dtype"]])
-        collator = PackingCollator(tokenizer.pad_token_id, data["cutoff_len"], mask_dtype)
+        # Whole rows of up to cutoff_len tokens; position_ids keep examples apart, which needs no KV cache.
+        model.config.use_cache = False
+        train_ds = PackedRows(train_ds, data["cutoff_len"])
+        packing = train_ds.stats()
+        say(f"packed {packing['examples']:,} examples into {packing['rows']:,} rows of <= {packing['max_len']} tokens: "
+            f"{packing['real_token_share']:.1%} real tokens, {packing['examples_per_row']} examples per row")
+        collator = PositionCollator(tokenizer.pad_token_id, pad_to=data["cutoff_len"] if sched["torch_compile"] else None)
     else:
         collator = PadCollator(tokenizer.pad_token_id)
 
@@ -243,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         deepspeed=cfg.get("deepspeed"), **precision,
     )
+    say("batches: " + ("packed rows" if packing else "length-grouped (LengthGroupedSampler)" if group else "random, padded to the longest")
+        + f", micro {sched['micro_batch_size']} x accumulation {sched['gradient_accumulation_steps']}")
     guard, preempt, marker, lines = make_callbacks(prof["guards"], ckpt_dir, run_dir)
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds if len(eval_ds) else None,
                       data_collator=collator, processing_class=tokenizer, callbacks=[guard, preempt, marker, lines])
@@ -269,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                 "resumed_from": resume.name if resume else None}
         write_json(adapter / "culbot.json", meta)
         write_json(run_dir / "train_result.json", {"status": "completed", "metrics": result.metrics, "seconds": time.time() - t0,
-                                                    "global_step": trainer.state.global_step, "log_history": trainer.state.log_history})
+                                                    "global_step": trainer.state.global_step, "packing": packing,
+                                                    "log_history": trainer.state.log_history})
         say(f"done: {trainer.state.global_step} steps, train loss {result.metrics.get('train_loss'):.4f}; adapter at {adapter}")
     return 0
 

@@ -122,9 +122,10 @@ def test_every_training_profile_loads_with_exact_batch_arithmetic(path):
 def test_shipped_training_profiles_match_the_upstream_targets():
     assert {p.stem for p in train_profiles()} == {"a6000x4", "runpod-a100x2", "gcp-l4", "cpu-tiny"}
     a = load_train_profile("a6000x4")
-    assert (a.hardware.gpus, a.train.micro_batch_size, a.data.cutoff_len, a.train.global_batch_size) == (4, 8, 1024, 128)
+    # upstream: 128 examples per step; packed rows hold ~3.5 examples, so 32 rows per step
+    assert (a.hardware.gpus, a.train.micro_batch_size, a.data.cutoff_len, a.train.global_batch_size, a.data.packing) == (4, 8, 1024, 32, True)
     assert (a.lora.r, a.lora.alpha, a.lora.dropout, a.lora.target_modules) == (8, 16, 0.05, ["query_key_value"])
-    assert (a.train.learning_rate, a.train.lr_scheduler, a.train.warmup_steps, a.train.gradient_accumulation_steps) == (3e-4, "linear", 100, 4)
+    assert (a.train.learning_rate, a.train.lr_scheduler, a.train.warmup_steps, a.train.gradient_accumulation_steps) == (3e-4, "linear", 100, 1)
     r = load_train_profile("runpod-a100x2")
     assert r.deepspeed_path().name == "zero3.json" and r.model.dtype == "bf16" and r.hardware.gpus == 2
     g = load_train_profile("gcp-l4")
@@ -135,9 +136,15 @@ def test_shipped_training_profiles_match_the_upstream_targets():
 def test_upstream_batch_bug_is_an_error_at_load(tmp_path):
     # upstream: 128 // 12 // 4 = 2 accumulation steps with micro 12 on 4 GPUs -> an effective batch of 96, not 128
     with pytest.raises(ConfigError, match=r"micro_batch_size 12 × gradient_accumulation_steps 2 × gpus 4 = 96, not global_batch_size 128"):
-        load_train_profile("a6000x4", ["train.micro_batch_size=12", "train.gradient_accumulation_steps=2"])
+        load_train_profile("a6000x4", ["train.global_batch_size=128", "train.micro_batch_size=12", "train.gradient_accumulation_steps=2"])
     with pytest.raises(ConfigError, match="not a multiple"):
-        load_train_profile("a6000x4", ["train.micro_batch_size=12"])
+        load_train_profile("a6000x4", ["train.global_batch_size=128", "train.micro_batch_size=12"])
+
+
+def test_packing_and_length_grouping_are_exclusive():
+    with pytest.raises(ConfigError, match=r"field 'data'.*packing and group_by_length are exclusive"):
+        load_train_profile("a6000x4", ["data.group_by_length=true"])
+    assert load_train_profile("a6000x4", ["data.packing=false", "data.group_by_length=true"]).data.group_by_length
 
 
 def test_training_profile_fields_are_documented():

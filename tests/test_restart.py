@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import REPO
 
-TRAIN = ["--train-set", "train.max_steps=200", "--train-set", "train.save_steps=5", "--train-set", "train.logging_steps=5",
+TRAIN = ["--train-set", "train.max_steps=60", "--train-set", "train.save_steps=5", "--train-set", "train.logging_steps=5",
          "--train-set", "train.eval_steps=1000", "--train-set", "eval.max_new_tokens=4"]
 
 

@@ -159,9 +159,20 @@ def test_packed_training_twice_gives_the_same_adapter(tmp_path, sample_formatted
         result = run_training(cfg, prof)
         assert result["status"] == "completed" and result["global_step"] == 3
         assert all(h["loss"] == h["loss"] for h in result["log_history"] if "loss" in h)   # finite losses
+        packed = result["packing"]
+        assert packed["rows"] < packed["examples"] and packed["max_len"] == 256
+        assert packed["tokens"] <= packed["rows"] * 256 and packed["real_token_share"] > 0.9
         runs.append(load_file(str(cfg.parent / "adapter" / "adapter_model.safetensors")))
     assert runs[0].keys() == runs[1].keys()
     assert all((runs[0][k] == runs[1][k]).all() for k in runs[0])
+
+
+def test_length_grouped_training_uses_the_length_sampler(tmp_path, sample_formatted, tiny_model):
+    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "data.packing=false", "data.group_by_length=true", "train.max_steps=2", "train.save_steps=2")
+    lines = []
+    result = run_training(cfg, prof, on_line=lines.append)
+    assert result["status"] == "completed" and result["global_step"] == 2
+    assert any("batches: length-grouped" in l for l in lines), lines[-20:]
 
 
 @pytest.mark.slow
