@@ -195,8 +195,6 @@ def plan(profile: TrainProfile, planner: PlannerConfig | None = None, *, example
     best_gc = largest_micro_batch(profile, planner, gradient_checkpointing=True)
     if fits:
         verdict = f"fits: {mem['total']:.1f} of {limit:.1f} GB usable; largest micro batch that fits: {best}"
-        if profile.model.gradient_checkpointing and largest_micro_batch(profile, planner, gradient_checkpointing=False) >= profile.train.micro_batch_size:
-            notes.append("gradient checkpointing is on but not needed at this micro batch: turning it off saves ~1/3 of the compute")
     else:
         verdict = (f"does not fit: {mem['total']:.1f} GB > {limit:.1f} GB usable; largest micro batch that fits: {best}"
                    + ("" if profile.model.gradient_checkpointing else f" ({best_gc} with gradient checkpointing)"))
@@ -206,12 +204,29 @@ def plan(profile: TrainProfile, planner: PlannerConfig | None = None, *, example
     else:
         tps, source = planner.time.assumed_mfu * kind.bf16_tflops * 1e12 / fpt, f"assumed {planner.time.assumed_mfu:.0%} MFU"
     if profile.model.gradient_checkpointing:
-        tps *= 3 / 4  # one more forward per step: 4N -> 6N of hardware work per token
+        tps *= 2 / 3  # one more forward per token: 4N -> 6N of hardware work (frozen weights)
     seconds = profile.train.epochs * tokens_epoch / (tps * hw.gpus)
     hours = seconds / 3600
+    if fits and profile.model.gradient_checkpointing:
+        notes += checkpointing_notes(profile, planner, hours)
     price = hw.hourly_usd if hw.hourly_usd is not None else kind.hourly_usd * hw.gpus
     return Plan(profile.name, hw.gpu_name, hw.gpus, mem, limit, fits, best, best_gc, verdict, tokens_epoch, tps, source, hours,
                 hours * price, fpt, notes)
+
+
+def checkpointing_notes(profile: TrainProfile, planner: PlannerConfig, hours: float) -> list[str]:
+    """Is checkpointing needed? The largest micro batch without it that divides the per-GPU batch."""
+    t, gpus = profile.train, profile.hardware.gpus
+    per_gpu = t.global_batch_size // gpus
+    b = largest_micro_batch(profile, planner, gradient_checkpointing=False)
+    b = max((m for m in range(1, b + 1) if per_gpu % m == 0), default=0)
+    if b >= t.micro_batch_size:
+        return ["gradient checkpointing is on but not needed at this micro batch: turning it off saves ~1/3 of the compute"]
+    if b >= 1:
+        return [f"without gradient checkpointing micro batch {b} fits (accumulation {per_gpu // b}): no recompute, about "
+                f"{hours * 2 / 3:.1f} h instead of {hours:.1f} h at the same MFU; a smaller micro batch may lower MFU, so measure "
+                f"(bench/bench_train.py) before setting model.gradient_checkpointing=false train.micro_batch_size={b}"]
+    return []
 
 
 def check_fits(profile: TrainProfile, planner: PlannerConfig | None = None) -> Plan:
