@@ -35,6 +35,10 @@ def curve_markdown(result: dict, run_dir: Path) -> str:
     evals = [(h["step"], h["eval_loss"]) for h in result.get("log_history", []) if "eval_loss" in h]
     lines = [f"# Training `{run_dir.name}`", "", f"{result['global_step']} optimizer steps, train loss {result['metrics'].get('train_loss', float('nan')):.4f}", "",
              "| step | loss |", "|---:|---:|"]
+    if result.get("packing"):
+        pk = result["packing"]
+        lines[4:4] = [f"Packed {pk['examples']:,} examples into {pk['rows']:,} rows of up to {pk['max_len']} tokens: "
+                      f"{pk['real_token_share']:.1%} real tokens, {pk['examples_per_row']} examples per row.", ""]
     pick = losses if len(losses) <= 12 else [losses[i * (len(losses) - 1) // 11] for i in range(12)]
     lines += [f"| {s} | {v:.4f} |" for s, v in pick]
     if evals:
@@ -52,7 +56,7 @@ def train_task(profile: dict, formatted: dict) -> dict:
     adapter = cfg.parent / "adapter"
     create_markdown_artifact(curve_markdown(result, cfg.parent), key="training-curve", description="Training curve summary")
     return {"path": str(adapter), "run_dir": str(cfg.parent), "content_hash": _store.read_manifest(adapter)["content_hash"],
-            "counts": {"global_step": result["global_step"]}}
+            "counts": {"global_step": result["global_step"], "packing": result.get("packing")}}
 
 
 @task(name="eval", cache_policy=stage_cache("culbot.tasks.evaluate", "culbot.tasks.format_prompts"), persist_result=True)

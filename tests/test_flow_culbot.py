@@ -28,6 +28,7 @@ def test_full_chain_then_a_cached_rerun_on_a_host_without_the_artifacts(tmp_path
         assert state.is_completed(), state
         out = state.result()
         assert out["run"]["counts"]["global_step"] == 4 and out["eval"]["counts"]["status"] == "passed"
+        assert out["run"]["counts"]["packing"]["rows"] < out["run"]["counts"]["packing"]["examples"]   # cpu-tiny packs, as the GPU profiles
         assert _store.is_complete(out["model"]["path"]) and _store.is_complete(out["run"]["path"])
         pub = tmp_path / "publish"
         folder = next(pub.iterdir())

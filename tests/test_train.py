@@ -183,3 +183,15 @@ def test_wandb_runs_offline_without_a_key(tmp_path, sample_formatted, tiny_model
     result = run_training(cfg, prof, env={"WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
     assert result["status"] == "completed"
     assert list((tmp_path / "wandb").glob("offline-run-*")), "expected an offline W&B run"
+
+
+def test_training_curve_artifact_states_the_packing(tmp_path):
+    from culbot.tasks.release_tasks import curve_markdown
+
+    result = {"global_step": 4, "metrics": {"train_loss": 6.5},
+              "packing": {"examples": 56, "rows": 17, "max_len": 256, "tokens": 4000, "real_token_share": 0.919, "examples_per_row": 3.29},
+              "log_history": [{"step": 2, "loss": 6.9}, {"step": 4, "loss": 6.5}, {"step": 4, "eval_loss": 6.7}]}
+    md = curve_markdown(result, tmp_path / "cpu-tiny-abc")
+    assert md.splitlines()[:7] == ["# Training `cpu-tiny-abc`", "", "4 optimizer steps, train loss 6.5000", "",
+                                   "Packed 56 examples into 17 rows of up to 256 tokens: 91.9% real tokens, 3.29 examples per row.", "", "| step | loss |"]
+    assert "| 4 | 6.5000 |" in md and "| 4 | 6.7000 |" in md
