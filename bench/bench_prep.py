@@ -12,7 +12,8 @@ Run as: python bench/bench_prep.py [--rows 160000] [--cutoff 1024] [--batch 8] [
 2. Padding efficiency at the cutoff: real tokens / computed tokens for padding to the cutoff, to the longest in the
    batch, with length grouping (HF's megabatches of 50 batches), and with our packing (the split packed into rows of up
    to the cutoff, best-fit decreasing, rows shuffled into micro batches and padded to the longest row).
-   Then the check that packing keeps examples apart: on the tiny model, the loss of a packed row equals the
+   Then how fast a DataLoader serves packed micro batches (PackedRows + PositionCollator, one process), and the
+   check that packing keeps examples apart: on the tiny model, the loss of a packed row equals the
    token-weighted mean of the per-example losses.
 """
 from __future__ import annotations
@@ -138,7 +139,30 @@ def bench_data_prep(rows_n: int, cutoff: int, tmp: Path) -> tuple[dict, list[int
            "baseline_mean_tokens": round(sum(raw_lengths) / len(raw_lengths), 1)}
     if over is not None:
         res["rows_over_cutoff_checked"] = over
+    res["tokenized_path"] = m["path"]
     return res, list(lengths)
+
+
+def loader_throughput(tokenized: Path, cutoff: int, batch: int, max_batches: int = 2000) -> dict:
+    """Packed micro batches per second out of a DataLoader (one process), against what a GPU consumes."""
+    import datasets
+    import torch
+
+    from culbot.tasks.collate import PackedRows, PositionCollator
+
+    t0 = time.perf_counter()
+    rows = PackedRows(datasets.Dataset.from_parquet(str(tokenized / "train.parquet")).select_columns(["input_ids", "labels", "length"]), cutoff)
+    build_s = time.perf_counter() - t0
+    loader = torch.utils.data.DataLoader(rows, batch_size=batch, shuffle=True, collate_fn=PositionCollator(0), num_workers=0)
+    t0, n, tokens = time.perf_counter(), 0, 0
+    for b in loader:
+        n += 1
+        tokens += b["input_ids"].numel()
+        if n >= max_batches:
+            break
+    s = time.perf_counter() - t0
+    return {"batches": n, "micro_batch": batch, "tokens_per_s": round(tokens / s), "batches_per_s": round(n / s, 1),
+            "pack_and_open_s": round(build_s, 2)}
 
 
 def render_for_count(template, r):
@@ -228,10 +252,11 @@ def main(argv=None) -> dict:
     try:
         prep, lengths = bench_data_prep(args.rows, args.cutoff, tmp)
         pad = padding_efficiency(lengths, args.cutoff, args.batch)
+        loader = loader_throughput(Path(prep.pop("tokenized_path")), args.cutoff, args.batch)
         parity = packing_parity(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    res = {"data_prep": prep, "padding_efficiency": pad, "packing_parity": parity}
+    res = {"data_prep": prep, "padding_efficiency": pad, "loader": loader, "packing_parity": parity}
     print(table(f"data prep: format + tokenize {prep['rows']:,} rows (mean {prep['mean_tokens']} tokens, "
                 f"{prep['share_truncated']:.1%} over the cutoff {prep['cutoff']})", [
         ("ours (batched fast tokenizer, parquet, cached)", f"{prep['ours_rows_per_s']:>9,} rows/s  {prep['ours_s']:>7.2f} s"),
@@ -245,6 +270,11 @@ def main(argv=None) -> dict:
         (f"packing (ours: {pad['packed_rows']:,} rows, {pad['examples_per_row']} examples per row, packed in {pad['pack_s']} s)",
          f"{pad['packing']:.1%}"),
         ("packing, rows padded to the cutoff (static shapes, torch.compile)", f"{pad['packing_static_width']:.1%}")]))
+    print()
+    print(table("data loader, packed rows (one process, no workers; training adds dataloader_num_workers)", [
+        ("open the split and pack it", f"{loader['pack_and_open_s']} s"),
+        (f"micro batches of {loader['micro_batch']} rows", f"{loader['batches_per_s']:,} per s"),
+        ("tokens out of the loader", f"{loader['tokens_per_s']:,} per s (12.8b LoRA trains ~10^3-10^4 tokens/s per GPU: culbot plan)")]))
     print()
     print(table("packing keeps examples apart (tiny model)", [
         ("loss of the packed row", parity["packed_loss"]), ("token-weighted mean of per-example losses", parity["per_example_mean"]),

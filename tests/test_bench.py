@@ -16,6 +16,7 @@ def test_data_prep_and_padding_benchmark_prints_every_table(tmp_path, capsys):
     # Padding to the cutoff computes the most waste; the shipped packing keeps examples apart exactly.
     assert pad["pad_to_cutoff"] < pad["pad_to_longest"] < pad["packing"] <= 1.0
     assert res["packing_parity"]["within_1e-4"]
+    assert res["loader"]["batches"] > 0 and res["loader"]["tokens_per_s"] > 0 and "data loader, packed rows" in out
     assert res["data_prep"]["share_truncated"] > 0  # the synthetic length distribution has a tail past the cutoff
     assert json.loads((tmp_path / "prep.json").read_text())["data_prep"]["rows"] == 1500
 
