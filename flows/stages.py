@@ -33,6 +33,11 @@ def _run_ref(run_dir: str, root: str | None = None) -> dict:
     return {**_ref(str(Path(run_dir) / "adapter")), "run_dir": str(Path(run_dir).resolve())}
 
 
+def _setup(artifact_root: str | None, train_profile: str, train_overrides: list[str] | None):
+    """Every stage flow starts the same way: the artifact root in effect and the resolved training profile."""
+    return _artifact_root.configured(artifact_root), load_train_profile(train_profile, train_overrides or [])
+
+
 def _train_run_name() -> str:
     """train-<profile>-<dataset hash prefix>: what ran, on what data."""
     from prefect.runtime import flow_run
@@ -48,8 +53,7 @@ def _train_run_name() -> str:
 def train_stage(formatted: str, train_profile: str = "cpu-tiny", train_overrides: list[str] | None = None, force: bool = False,
                 artifact_root: str | None = None) -> dict:
     """Train an adapter on a formatted dataset folder (artifacts/formatted/<hash>)."""
-    root = _artifact_root.configured(artifact_root)
-    tp = load_train_profile(train_profile, train_overrides or [])
+    root, tp = _setup(artifact_root, train_profile, train_overrides)
     run = run_stage(train_task, force, root, profile=tp.model_dump(mode="json"), formatted=_ref(formatted, root))
     if root:
         _artifact_root.push_run(Path(run["run_dir"]), root)
@@ -60,8 +64,7 @@ def train_stage(formatted: str, train_profile: str = "cpu-tiny", train_overrides
 def eval_stage(run_dir: str, train_profile: str = "cpu-tiny", train_overrides: list[str] | None = None, force: bool = False,
                artifact_root: str | None = None) -> dict:
     """Evaluate a finished run folder (artifacts/runs/<run>)."""
-    root = _artifact_root.configured(artifact_root)
-    tp = load_train_profile(train_profile, train_overrides or [])
+    root, tp = _setup(artifact_root, train_profile, train_overrides)
     ev = run_stage(eval_task, force, root, run=_run_ref(run_dir, root), spec=tp.eval.model_dump(mode="json"))
     if root:
         _artifact_root.push_run(Path(run_dir), root)
@@ -72,8 +75,7 @@ def eval_stage(run_dir: str, train_profile: str = "cpu-tiny", train_overrides: l
 def merge_stage(run_dir: str, train_profile: str = "cpu-tiny", train_overrides: list[str] | None = None, force: bool = False,
                 artifact_root: str | None = None) -> dict:
     """Merge a run's adapter into its base model."""
-    root = _artifact_root.configured(artifact_root)
-    tp = load_train_profile(train_profile, train_overrides or [])
+    root, tp = _setup(artifact_root, train_profile, train_overrides)
     model = run_stage(merge_adapter_task, force, root, run=_run_ref(run_dir, root), spec=tp.merge.model_dump(mode="json"),
                       models_root=str(Path(tp.artifacts_root).resolve() / "models"), probes=tp.eval.probes)
     if root:
@@ -85,8 +87,7 @@ def merge_stage(run_dir: str, train_profile: str = "cpu-tiny", train_overrides: 
 def publish_stage(run_dir: str, model_dir: str | None = None, train_profile: str = "cpu-tiny", train_overrides: list[str] | None = None,
                   force: bool = False, artifact_root: str | None = None) -> dict:
     """Publish a run (and its merged model) to the configured target; refused unless guards and eval passed."""
-    root = _artifact_root.configured(artifact_root)
-    tp = load_train_profile(train_profile, train_overrides or [])
+    root, tp = _setup(artifact_root, train_profile, train_overrides)
     run = _run_ref(run_dir, root)
     return run_stage(publish_task, force, root, run=run, model=_ref(model_dir, root) if model_dir else None,
                      spec=tp.publish.model_dump(mode="json"), evaluation=_ref(str(Path(run_dir) / "eval")))

@@ -94,7 +94,7 @@ def run_tokenize(formatted_dir: Path, model: str, out_root: Path, *, cutoff_len:
     import pyarrow.parquet as pq
     from transformers import AutoConfig, AutoTokenizer
 
-    SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("input_ids", pa.list_(pa.int32())),
+    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("input_ids", pa.list_(pa.int32())),
                         ("labels", pa.list_(pa.int32())), ("length", pa.int32()), ("truncated", pa.bool_())])
     t0 = time.monotonic()
     formatted_dir, out_root = Path(formatted_dir), Path(out_root)
@@ -115,7 +115,7 @@ def run_tokenize(formatted_dir: Path, model: str, out_root: Path, *, cutoff_len:
         rows = pq.read_table(formatted_dir / f"{split}.parquet", columns=["id", "source", "prompt", "response"]).to_pylist()
         examples, counts[split] = tokenize_rows(rows, tokenizer, eos_id=eos, **settings)
         # pyarrow directly: 5x faster than datasets' per-example feature encoding; datasets reads it back as is.
-        table = pa.Table.from_pydict({c: [e[c] for e in examples] for c in SCHEMA.names}, schema=SCHEMA)
+        table = pa.Table.from_pydict({c: [e[c] for e in examples] for c in schema.names}, schema=schema)
         pq.write_table(table, staging / f"{split}.parquet")
     _store.write_manifest(staging, stage="tokenize", inputs={"formatted": fm["content_hash"], "formatted_path": str(formatted_dir), "model": model},
                           config=settings, counts=counts, timings={"tokenize": time.monotonic() - t0}, content_hash=key,

@@ -170,7 +170,7 @@ def run_training(config_path: Path, profile: TrainProfile, *, on_line: Callable[
     result = json.loads(done.read_text())
     _store.write_manifest(run_dir / "adapter", stage="train", inputs={"config": _store.sha256_file(config_path)},
                           config=profile.model_dump(mode="json"), counts={"global_step": result["global_step"], **result["metrics"],
-                                                    **({"packing": result["packing"]} if result.get("packing") else {})},
+                                                    "packing": result.get("packing")},
                           timings={"train": time.monotonic() - t0})
     log.info("training finished in %.1fs", time.monotonic() - t0)
     return result

@@ -212,13 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     model, targets = apply_lora(model, prof["lora"])
 
     tok_dir = Path(cfg["data"])
-    group = data.get("group_by_length", False)
+    group = data["group_by_length"]
     train_ds = datasets.Dataset.from_parquet(str(tok_dir / "train.parquet")).select_columns(["input_ids", "labels", "length"])
     eval_ds = datasets.Dataset.from_parquet(str(tok_dir / "validation.parquet")).select_columns(["input_ids", "labels"])
     packing = None
     if data["packing"]:
-        # Whole rows of up to cutoff_len tokens; position_ids keep examples apart, which needs no KV cache.
-        model.config.use_cache = False
+        # Whole rows of up to cutoff_len tokens; position_ids keep examples apart, because load_model turned the KV cache off.
         train_ds = PackedRows(train_ds, data["cutoff_len"])
         packing = train_ds.stats()
         say(f"packed {packing['examples']:,} examples into {packing['rows']:,} rows of <= {packing['max_len']} tokens: "
