@@ -42,9 +42,9 @@ def bench_univ100(n: int, rate: float, tmp: Path) -> dict:
         t0 = time.perf_counter()
         m2 = run_crawl(cfg)
         warm = time.perf_counter() - t0
-    return {"questions": m["counts"]["records"], "rate_limit_rps": rate, "requests": requests, "seconds": round(cold, 2),
+    return {"questions": m.counts["records"], "rate_limit_rps": rate, "requests": requests, "seconds": round(cold, 2),
             "requests_per_s": round(requests / cold, 2), "questions_per_s": round(n / cold, 2),
-            "incremental_rerun_s": round(warm, 2), "incremental_rerun_requests": sum(app.hits.values()), "new_on_rerun": m2["counts"]["new"]}
+            "incremental_rerun_s": round(warm, 2), "incremental_rerun_requests": sum(app.hits.values()), "new_on_rerun": m2.counts["new"]}
 
 
 def bench_generation(chunks: int, latency: float, in_flight: int, rpm: float, tmp: Path) -> dict:
@@ -61,7 +61,7 @@ def bench_generation(chunks: int, latency: float, in_flight: int, rpm: float, tm
         script[tag] = [Reply(content=items_json([(f"{tag} 업무 시간은?", "", f"충북대학교 {tag} 업무는 평일 오전 9시부터 오후 6시까지 처리합니다.")]))]
     folder = tmp / "pages"
     _store.atomic_write_jsonl(folder / "pages.jsonl", pages)
-    _store.write_manifest(folder, stage="crawl_cbnu", inputs={}, config={}, counts={})
+    _store.write_manifest(folder, stage="crawl-cbnu", inputs={}, config={}, counts={})
     app = OpenAIApp(script=script, latency_s=latency)
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench-local")
     with serve(OpenAIHandler, app) as base:
@@ -77,7 +77,7 @@ def bench_generation(chunks: int, latency: float, in_flight: int, rpm: float, tm
     bound = min(in_flight / latency, rpm / 60.0)
     return {"chunks": chunks, "latency_s": latency, "max_in_flight": in_flight, "requests_per_minute": rpm,
             "requests": reqs, "seconds": round(cold, 2), "achieved_rps": round(reqs / cold, 2), "bound_rps": round(bound, 2),
-            "efficiency": round(reqs / cold / bound, 3), "rows": m["counts"]["rows"],
+            "efficiency": round(reqs / cold / bound, 3), "rows": m.counts["rows"],
             "cached_rerun_s": round(warm, 2), "cached_rerun_requests": app.requests - reqs, "max_in_flight_seen": app.max_in_flight}
 
 

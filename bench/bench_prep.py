@@ -59,17 +59,17 @@ def synthetic_rows(n: int, tokens_per_char: float, seed: int = 0) -> list[dict]:
 
 def write_formatted(rows: list[dict], folder: Path, template) -> Path:
     """A formatted dataset folder, as the format stage writes it (parquet + templates + manifest last)."""
-    import datasets
-
     from culbot.tasks import _store
-    from culbot.tasks.format_prompts import format_rows
+    from culbot.tasks.contracts import TEMPLATES_FILE, TemplateSet
+    from culbot.tasks.format_prompts import COLUMNS, format_rows
 
-    formatted = format_rows(rows, {"kullm": template}, "kullm")
+    templates = TemplateSet(map={}, default="kullm", templates={"kullm": template})
+    formatted = format_rows(rows, templates)
     folder.mkdir(parents=True)
     cut = max(1, len(formatted) // 50)
-    datasets.Dataset.from_list(formatted[cut:]).to_parquet(str(folder / "train.parquet"))
-    datasets.Dataset.from_list(formatted[:cut]).to_parquet(str(folder / "validation.parquet"))
-    _store.atomic_write_json(folder / "templates.json", {"templates": {"kullm": template.to_json()}, "map": {}, "default": "kullm"})
+    _store.write_text_table(folder / "train.parquet", formatted[cut:], COLUMNS)
+    _store.write_text_table(folder / "validation.parquet", formatted[:cut], COLUMNS)
+    _store.write_model(folder / TEMPLATES_FILE, templates)
     _store.write_manifest(folder, stage="format", inputs={"dataset": "synthetic"}, config={}, counts={"rows": len(formatted)})
     return folder
 
@@ -78,7 +78,7 @@ def baseline_map(rows: list[dict], tokenizer, template, cutoff: int):
     """alpaca-lora's generate_and_tokenize_prompt, one row at a time through datasets.map."""
     import datasets
 
-    from culbot.tasks.format_prompts import render_prompt
+    from culbot.tasks.templates import render_prompt
 
     def tokenize(prompt, add_eos=True):
         result = tokenizer(prompt, truncation=True, max_length=cutoff, padding=False, return_tensors=None)
@@ -103,7 +103,9 @@ def bench_data_prep(rows_n: int, cutoff: int, tmp: Path) -> tuple[dict, list[int
     import datasets
     from transformers import AutoTokenizer
 
-    from culbot.tasks.format_prompts import load_template
+    from culbot.pipeline_config.train_schema import DataSpec
+    from culbot.tasks.contracts import BaseModelRef
+    from culbot.tasks.templates import load_template
     from culbot.tasks.tiny_model import build_tiny_model, sample_corpus
     from culbot.tasks.tokenize_data import run_tokenize
 
@@ -118,28 +120,29 @@ def bench_data_prep(rows_n: int, cutoff: int, tmp: Path) -> tuple[dict, list[int
 
     t0 = time.perf_counter()
     formatted = write_formatted(rows, tmp / "formatted", template)
-    m = run_tokenize(formatted, str(model), tmp / "tokenized", cutoff_len=cutoff)
+    base, data = BaseModelRef(name="tiny", path=str(model)), DataSpec(cutoff_len=cutoff)
+    m = run_tokenize(formatted, base, tmp / "tokenized", data)
     ours = time.perf_counter() - t0
     t0 = time.perf_counter()
-    run_tokenize(formatted, str(model), tmp / "tokenized", cutoff_len=cutoff)
+    run_tokenize(formatted, base, tmp / "tokenized", data)
     cached = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     base = baseline_map(rows, tok, template, cutoff)
     baseline = time.perf_counter() - t0
 
-    lengths = datasets.Dataset.from_parquet(str(Path(m["path"]) / "train.parquet"))["length"]
+    lengths = datasets.Dataset.from_parquet(str(m.path / "train.parquet"))["length"]
     raw_lengths = [len(x) for x in base["input_ids"]]
     over = sum(1 for r in rows if len(tok(render_for_count(template, r))["input_ids"]) > cutoff) if rows_n <= 2000 else None
     res = {"rows": rows_n, "cutoff": cutoff, "tokenizer": "tiny BPE (vocab 1024), fast",
            "ours_s": round(ours, 2), "ours_rows_per_s": round(rows_n / ours), "baseline_s": round(baseline, 2),
            "baseline_rows_per_s": round(rows_n / baseline), "speedup": round(baseline / ours, 2), "cached_rerun_s": round(cached, 3),
            "mean_tokens": round(sum(lengths) / len(lengths), 1), "median_tokens": sorted(lengths)[len(lengths) // 2],
-           "truncated_at_cutoff": m["counts"]["train"]["truncated"], "share_truncated": round(m["counts"]["train"]["truncated"] / len(lengths), 4),
+           "truncated_at_cutoff": m.counts["train"]["truncated"], "share_truncated": round(m.counts["train"]["truncated"] / len(lengths), 4),
            "baseline_mean_tokens": round(sum(raw_lengths) / len(raw_lengths), 1)}
     if over is not None:
         res["rows_over_cutoff_checked"] = over
-    res["tokenized_path"] = m["path"]
+    res["tokenized_path"] = str(m.path)
     return res, list(lengths)
 
 
@@ -166,7 +169,7 @@ def loader_throughput(tokenized: Path, cutoff: int, batch: int, max_batches: int
 
 
 def render_for_count(template, r):
-    from culbot.tasks.format_prompts import render_prompt
+    from culbot.tasks.templates import render_prompt
 
     return render_prompt(template, r["instruction"], r["input"]) + r["output"]
 

@@ -1,7 +1,10 @@
-"""The `culbot` command: one subcommand per stage, plus `run`, `config` and `templates`.
+"""The `culbot` command, declared as a table: one :class:`Command` per subcommand.
 
-Heavy libraries (prefect, datasets, openai) are imported only by the subcommand
-that needs them, so `culbot --help` answers at once.
+A command names what it does, the profile it reads (data or training), the config fields its
+flags set and the function that runs it. A flag bound to a field takes its type, choices and
+help from the pydantic field, and its value reaches the config loader as that field's value,
+so an error names the flag. Heavy libraries (prefect, torch, datasets, openai) are imported
+only by the function that needs them, so `culbot --help` answers at once.
 """
 from __future__ import annotations
 
@@ -10,163 +13,461 @@ import json
 import logging
 import os
 import sys
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Literal
 
-from culbot.pipeline_config.schema import (
-    CbnuConfig, ConfigError, FormatConfig, KullmConfig, MergeConfig, QAGenConfig, Univ100Config, field_doc, load_profile,
+from pydantic import BaseModel
+
+from culbot.pipeline_config.loader import ConfigError, field_docs
+from culbot.pipeline_config.schema import DataProfile, load_data_profile
+from culbot.pipeline_config.train_schema import TrainProfile, load_train_profile
+
+Profile = Literal["data", "train"]
+MODELS: dict[str, type[BaseModel]] = {"data": DataProfile, "train": TrainProfile}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A flag bound to one config field; ``implies`` sets other fields with it (e.g. ``--snapshot`` sets source: snapshot)."""
+
+    flag: str
+    field: str
+    implies: dict[str, Any] = field(default_factory=dict)
+    mapping: bool = False  # a dict field: each value is KEY=VALUE, merged into the profile's mapping
+
+
+@dataclass(frozen=True)
+class Arg:
+    """An argument that is not a config field: a folder to read, a switch."""
+
+    flag: str
+    help: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str                       # "crawl univ100"
+    help: str                       # what it does: the first line of its --help
+    run: Callable[..., int]         # run(args, profile) -> exit status
+    profile: Profile | None = None  # the profile its flags and --set apply to
+    flags: tuple[Flag, ...] = ()
+    args: tuple[Arg, ...] = ()
+
+
+# ----- what each command runs (imports inside: only the chosen command pays for them) -----
+
+def _print_output(out) -> None:
+    from culbot.tasks.contracts import short_hash
+
+    print(f"done: {out.path}\ncontent hash: {short_hash(out.content_hash)}\ncounts: {json.dumps(out.counts, ensure_ascii=False)}")
+
+
+def _prefect_env() -> None:
+    for k, v in {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                 "PREFECT_LOGGING_EXTRA_LOGGERS": "culbot", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}.items():
+        os.environ.setdefault(k, v)
+
+
+def run_flow(a, dp: DataProfile) -> int:
+    _prefect_env()
+    if a.flow == "data-refresh":
+        from culbot.flows.data_refresh import data_refresh
+
+        out = data_refresh(data_profile=a.data_profile, data_overrides=a.overrides, force=a.force, artifact_root=a.artifact_root)
+        d = out.dataset
+        print(f"dataset version {d.path.name}: {d.path}  (train {d.counts['train']}, validation {d.counts['validation']})")
+        print(f"formatted: {out.formatted.path}")
+        return 0
+    load_train_profile(a.train_profile, a.train_overrides)  # fail fast, before Prefect starts
+    from culbot.flows.culbot import culbot
+
+    out = culbot(data_profile=a.data_profile, train_profile=a.train_profile, data_overrides=a.overrides,
+                 train_overrides=a.train_overrides, force=a.force, artifact_root=a.artifact_root)
+    print(f"dataset version {out.data.dataset.path.name}: {out.data.dataset.path}")
+    print(f"run: {out.run.run_dir}  (eval loss {out.eval.eval_loss:.4f}, {'passed' if out.eval.passed else 'failed'})")
+    if out.model:
+        print(f"merged model: {out.model.path}")
+    for kind, where in out.publish.published.items():
+        print(f"published {kind}: {where}")
+    return 0
+
+
+def crawl_univ100(a, dp: DataProfile) -> int:
+    from culbot.tasks.crawl_univ100 import reparse, run_crawl
+
+    _print_output(reparse(dp.univ100) if a.reparse else run_crawl(dp.univ100))
+    return 0
+
+
+def crawl_cbnu(a, dp: DataProfile) -> int:
+    from culbot.tasks.crawl_cbnu import run_crawl
+
+    _print_output(run_crawl(dp.cbnu))
+    return 0
+
+
+def generate_qa(a, dp: DataProfile) -> int:
+    from culbot.tasks.generate_qa import run_generate
+
+    _print_output(run_generate(dp.qa, a.pages or dp.cbnu.out_dir, retry_failed=a.retry_failed))
+    return 0
+
+
+def load_kullm(a, dp: DataProfile) -> int:
+    from culbot.tasks.load_kullm import run_load
+
+    _print_output(run_load(dp.kullm))
+    return 0
+
+
+def merge_data(a, dp: DataProfile) -> int:
+    from culbot.tasks.merge_data import run_merge
+
+    inputs = {k: v for k, v in (("univ100", a.univ100), ("cbnu", a.cbnu_qa), ("kullm", a.kullm)) if v}
+    _print_output(run_merge(inputs or {"univ100": dp.univ100.out_dir, "cbnu": dp.qa.out_dir, "kullm": dp.kullm.out_dir}, dp.merge_data))
+    return 0
+
+
+def format_data(a, dp: DataProfile) -> int:
+    from culbot.tasks.format_prompts import run_format
+
+    _print_output(run_format(a.dataset, dp.format))
+    return 0
+
+
+def _tokenized(a, tp: TrainProfile):
+    """--data as given if it is tokenized already, else the formatted folder tokenized with the profile's base model."""
+    from culbot.tasks import _store
+    from culbot.tasks.model_io import resolve_base
+    from culbot.tasks.plan import check_fits
+    from culbot.tasks.tokenize_data import run_tokenize
+
+    m = _store.read_manifest(a.data)
+    if m is not None and m.stage == "tokenize":
+        return a.data
+    check_fits(tp)
+    root = Path(tp.artifacts_root)
+    base = resolve_base(tp.model, models_root=root / "models", samples_dir=tp.samples_dir)
+    return run_tokenize(a.data, base, getattr(a, "out", None) or root / "tokenized", tp.data).path
+
+
+def tokenize(a, tp: TrainProfile) -> int:
+    from culbot.tasks import _store
+    from culbot.tasks.contracts import StageOutput
+
+    folder = _tokenized(a, tp)
+    _print_output(StageOutput.of(folder, _store.read_manifest(folder)))
+    return 0
+
+
+def train(a, tp: TrainProfile) -> int:
+    from culbot.tasks.train import launch_command, prepare_run, run_training
+
+    config = prepare_run(tp, _tokenized(a, tp))
+    print("launch: " + " ".join(launch_command(tp, config)))
+    if a.dry_run:
+        return 0
+    res = run_training(config, tp)
+    print(f"run: {config.parent}\nstatus: {res.status}, steps {res.global_step}, train loss {res.metrics.get('train_loss', float('nan')):.4f}")
+    return 0
+
+
+def evaluate(a, tp: TrainProfile) -> int:
+    from culbot.tasks.evaluate import REPORT_MD, run_eval
+    from culbot.tasks.run_folder import EVAL
+
+    res = run_eval(a.run, tp.eval)
+    print(f"eval {res.status}: loss {res.eval_loss:.4f}, perplexity {res.perplexity:.2f}; report {a.run.resolve() / EVAL / REPORT_MD}")
+    return 0 if res.passed else 1
+
+
+def merge_adapter(a, tp: TrainProfile) -> int:
+    from culbot.tasks.merge_adapter import run_merge_adapter
+    from culbot.tasks.run_folder import EVAL
+
+    eval_dir = a.run / EVAL
+    _print_output(run_merge_adapter(a.run, tp.merge_adapter, a.out or Path(tp.artifacts_root) / "models", tp.eval.probes,
+                                    eval_dir if (eval_dir / "manifest.json").is_file() else None))
+    return 0
+
+
+def publish(a, tp: TrainProfile) -> int:
+    from culbot.tasks.publish import run_publish
+
+    rec = run_publish(a.run, a.model, tp.publish)
+    print(json.dumps({k: p.where for k, p in rec.published.items()}, ensure_ascii=False, indent=2))
+    return 0
+
+
+def plan(a, _) -> int:
+    from culbot.pipeline_config.train_schema import train_profiles
+    from culbot.tasks import _store
+    from culbot.tasks.plan import plan as make_plan
+    from culbot.tasks.plan import plan_table
+
+    names = a.train_profile or [p.stem for p in train_profiles()]
+    plans = [make_plan(load_train_profile(n, a.overrides), examples=a.examples, tokens_per_example=a.tokens_per_example) for n in names]
+    print("\n\n".join(plan_table(p) for p in plans))
+    if a.json:
+        _store.atomic_write_json(a.json, [p.as_dict() for p in plans])
+    return 0 if all(p.fits is not False for p in plans) else 3
+
+
+def tiny_model(a, _) -> int:
+    from culbot.tasks.contracts import StageOutput
+    from culbot.tasks.tiny_model import build_tiny_model, sample_corpus
+
+    _print_output(StageOutput.of(a.out, build_tiny_model(a.out, sample_corpus(a.samples))))
+    return 0
+
+
+def deploy(a, _) -> int:
+    from culbot.flows.deploy import deploy as deploy_all
+
+    deploy_all(a.prefect_file, a.home, artifact_root=a.artifact_root)
+    return 0
+
+
+def config(a, _) -> int:
+    from culbot.pipeline_config.planner_schema import PlannerConfig
+
+    if a.what == "docs":
+        docs = {"data": DataProfile, "train": TrainProfile, "planner": PlannerConfig}
+        for name in ([a.only] if a.only else docs):
+            print(f"\n##### {name} ({docs[name].__name__})")
+            print("\n".join(field_docs(docs[name])))
+        return 0
+    if a.train_profile:
+        print(json.dumps(load_train_profile(a.train_profile, a.overrides).model_dump(mode="json"), ensure_ascii=False, indent=2))
+    if a.data_profile or not a.train_profile:
+        print(json.dumps(load_data_profile(a.data_profile or "sample", [] if a.train_profile else a.overrides).model_dump(mode="json"),
+                         ensure_ascii=False, indent=2))
+    return 0
+
+
+def templates(a, _) -> int:
+    from culbot.tasks.templates import available_templates, load_template, render_prompt
+
+    if not a.name:
+        for n in available_templates():
+            print(f"{n:10} {load_template(n).description}")
+        return 0
+    t = load_template(a.name)
+    print(t.model_dump_json(indent=2) if t.kind == "chat" else render_prompt(t, "충북대학교 중앙도서관은 몇 시에 여나요?", "") + "…")
+    return 0
+
+
+# ----- the table ------------------------------------------------------------------------
+
+FOLDER = {"type": Path, "metavar": "DIR"}
+RUN = Arg("--run", "A run folder (artifacts/runs/<run>).", {**FOLDER, "required": True})
+
+COMMANDS: tuple[Command, ...] = (
+    Command("run", "Run a flow: 'full' (data refresh, tokenize, train, eval, merge-adapter, publish) or 'data-refresh'. "
+                   "Prefect runs an ephemeral server unless PREFECT_API_URL is set.", run_flow, "data", args=(
+        Arg("flow", "Which flow.", {"choices": ["full", "data-refresh"]}),
+        Arg("--force", "Ignore caches; rebuild every stage.", {"action": "store_true"}),
+        Arg("--train-profile", "Training profile for 'full': a name in pipeline_config/profiles/ (a6000x4, runpod-a100x2, gcp-l4, cpu-tiny) or a YAML path.",
+            {"default": "cpu-tiny"}),
+        Arg("--train-set", "Override a training-profile field for 'full', e.g. --train-set publish.target=hub (repeatable).",
+            {"dest": "train_overrides", "action": "append", "default": [], "metavar": "KEY=VALUE"}),
+        Arg("--artifact-root", "Share stage outputs through this fsspec URL (a path, s3://, gs://, hf://). Default: $CULBOT_ARTIFACT_ROOT, else local disk only.",
+            {"metavar": "URL"}),
+    )),
+    Command("crawl univ100", "Crawl univ100 Q&A through its JSON API (or a recorded snapshot), incrementally.", crawl_univ100, "data", flags=(
+        Flag("--base-url", "univ100.base_url", {"univ100.source": "api"}), Flag("--campus", "univ100.campus_id"),
+        Flag("--snapshot", "univ100.snapshot_dir", {"univ100.source": "snapshot"}), Flag("--max-pages", "univ100.max_pages"),
+        Flag("--out", "univ100.out_dir"),
+    ), args=(Arg("--reparse", "Rebuild records and rows from the raw responses kept in --out; no network.", {"action": "store_true"}),)),
+    Command("crawl cbnu", "Crawl CBNU web pages (or read a folder of .txt/.html documents) into page records.", crawl_cbnu, "data", flags=(
+        Flag("--seed", "cbnu.seeds", {"cbnu.source": "site"}), Flag("--allow-domain", "cbnu.allowed_domains"),
+        Flag("--pages-dir", "cbnu.pages_dir", {"cbnu.source": "directory"}), Flag("--max-pages", "cbnu.max_pages"),
+        Flag("--max-depth", "cbnu.max_depth"), Flag("--out", "cbnu.out_dir"),
+    )),
+    Command("generate-qa", "Generate Korean instruction/input/output rows from crawled CBNU pages with a chat model.", generate_qa, "data", flags=(
+        Flag("--out", "qa.out_dir"), Flag("--backend", "qa.backend"), Flag("--base-url", "qa.base_url"), Flag("--model", "qa.model"),
+        Flag("--replay-dir", "qa.replay_dir"), Flag("--record-replay", "qa.record_replay"),
+    ), args=(
+        Arg("--pages", "Folder of a finished CBNU crawl (holds pages.jsonl). Default: cbnu.out_dir.", FOLDER),
+        Arg("--retry-failed", "Ask again for chunks whose cached answer was quarantined.", {"action": "store_true"}),
+    )),
+    Command("load-kullm", "Load KULLM-v2 rows (a Hub id at a revision, or a local file), keeping `input`.", load_kullm, "data", flags=(
+        Flag("--file", "kullm.file", {"kullm.source": "file"}), Flag("--hub-id", "kullm.hub_id", {"kullm.source": "hub"}),
+        Flag("--revision", "kullm.revision", {"kullm.source": "hub"}), Flag("--max-rows", "kullm.max_rows"), Flag("--out", "kullm.out_dir"),
+    )),
+    Command("merge-data", "Merge the source rows into a dataset version: one schema, dedup, stratified split, content hash.", merge_data, "data",
+            flags=(Flag("--out", "merge_data.out_root"),), args=(
+        Arg("--univ100", "Finished univ100 crawl folder (default: univ100.out_dir).", FOLDER),
+        Arg("--cbnu-qa", "Finished QA generation folder (default: qa.out_dir).", FOLDER),
+        Arg("--kullm", "Finished KULLM folder (default: kullm.out_dir).", FOLDER),
+    )),
+    Command("format", "Format a dataset version into prompt/response pairs with the named templates.", format_data, "data", flags=(
+        Flag("--out", "format.out_root"), Flag("--template", "format.template_map", mapping=True),
+    ), args=(Arg("--dataset", "A dataset version folder (artifacts/datasets/<version>).", {**FOLDER, "required": True}),)),
+    Command("tokenize", "Tokenize a formatted dataset with the training profile's tokenizer: EOS, label masking, cutoff.", tokenize, "train", args=(
+        Arg("--data", "A formatted dataset folder (artifacts/formatted/<hash>).", {**FOLDER, "required": True}),
+        Arg("--out", "Tokenized root (default: <artifacts_root>/tokenized).", FOLDER),
+    )),
+    Command("train", "Train a LoRA adapter with a training profile (tokenizing a formatted dataset first); resumes if interrupted.", train, "train", args=(
+        Arg("--data", "A tokenized or formatted dataset folder (artifacts/tokenized/<hash> or artifacts/formatted/<hash>).", {**FOLDER, "required": True}),
+        Arg("--dry-run", "Resolve, tokenize and print the launch command without training.", {"action": "store_true"}),
+    )),
+    Command("eval", "Evaluate a trained run: validation loss, perplexity, probe answers, and the gate.", evaluate, "train", args=(RUN,)),
+    Command("merge-adapter", "Merge a run's adapter into its base model, verify the logits, save a self-describing model folder.",
+            merge_adapter, "train", args=(RUN, Arg("--out", "Models root (default: <artifacts_root>/models).", FOLDER))),
+    Command("publish", "Publish the merged model and/or the adapter with a model card, to the Hub or a local folder.", publish, "train", flags=(
+        Flag("--target", "publish.target"), Flag("--repo-id", "publish.repo_id"), Flag("--endpoint", "publish.endpoint"),
+    ), args=(RUN, Arg("--model", "A merged model folder (artifacts/models/<hash>).", FOLDER))),
+    Command("plan", "Per-GPU memory, the largest micro batch that fits, and time and cost of training profiles.", plan, args=(
+        Arg("--train-profile", "Training profile (repeatable). Default: every shipped profile.", {"action": "append", "default": []}),
+        Arg("--set", "Override a training-profile field, e.g. --set train.micro_batch_size=4 (repeatable).",
+            {"dest": "overrides", "action": "append", "default": [], "metavar": "KEY=VALUE"}),
+        Arg("--examples", "Training rows per epoch (KULLM-v2 is ~153k).", {"type": int, "default": 160_000}),
+        Arg("--tokens-per-example", "Mean tokens per row (default: planner.yaml).", {"type": float}),
+        Arg("--json", "Also write the plans as JSON here.", {"type": Path, "metavar": "FILE"}),
+    )),
+    Command("tiny-model", "Build the tiny GPT-NeoX and its tokenizer from the shipped samples (CPU runs and CI).", tiny_model, args=(
+        Arg("--out", "Where to save it.", {**FOLDER, "default": Path("artifacts/models/tiny")}),
+        Arg("--samples", "The shipped samples.", {**FOLDER, "default": Path("raw/samples")}),
+    )),
+    Command("deploy", "Create the work pools and deploy every flow in deploy/prefect.yaml (needs PREFECT_API_URL).", deploy, args=(
+        Arg("--prefect-file", "Deployment file.", {"type": Path, "default": Path("deploy/prefect.yaml")}),
+        Arg("--home", "Working directory of the flows on the workers (where raw/ and artifacts/ live). Default: $CULBOT_HOME or here.",
+            {"type": Path, "default": Path(os.environ.get("CULBOT_HOME", "."))}),
+        Arg("--artifact-root", "fsspec URL every host shares (s3://, gs://, hf://, or a mounted path): set on every pool, and Prefect "
+                               "result storage goes to URL/prefect-results. Default: $CULBOT_ARTIFACT_ROOT, else none (one host).",
+            {"default": os.environ.get("CULBOT_ARTIFACT_ROOT"), "metavar": "URL"}),
+    )),
+    Command("config", "Show a resolved data or training profile, or every config field with its documentation.", config, args=(
+        Arg("what", "'show' a resolved profile, or 'docs' for every field.", {"choices": ["show", "docs"]}),
+        Arg("--data-profile", "Data profile to show (default: sample).", {}),
+        Arg("--train-profile", "Training profile to show.", {}),
+        Arg("--set", "Override a field of the profile shown (repeatable).", {"dest": "overrides", "action": "append", "default": [], "metavar": "KEY=VALUE"}),
+        Arg("--only", "docs: only this config.", {"choices": ["data", "train", "planner"]}),
+    )),
+    Command("templates", "List the prompt templates, or show one rendered on an example question.", templates, args=(
+        Arg("name", "A template name.", {"nargs": "?"}),
+    )),
 )
 
-FLOWS = ("data-refresh", "full")
+
+# ----- building the parser from the table ---------------------------------------------
+
+def _field(model: type[BaseModel], dotted: str):
+    *parents, name = dotted.split(".")
+    for p in parents:
+        model = model.model_fields[p].annotation
+    return model.model_fields[name]
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="sample", help="Data profile: a name in pipeline_config/ (sample, production) or a YAML path. Default: sample.")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="Override one config field, e.g. --set qa.max_in_flight=8 (repeatable).")
+def _flag_kwargs(f: Flag, model: type[BaseModel]) -> dict[str, Any]:
+    """argparse settings from the field: type, choices, repeatable lists, and its one description as help."""
+    info = _field(model, f.field)
+    help_ = f"{info.description or ''} [{f.field}]"
+    metavar = f.field.rsplit(".", 1)[-1].upper()
+    if f.mapping:
+        return {"action": "append", "metavar": "KEY=VALUE", "help": help_ + " As KEY=VALUE (repeatable)."}
+    ann = info.annotation
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if typing.get_origin(ann) in (typing.Union, types.UnionType) and len(args) == 1:
+        ann = args[0]
+    if typing.get_origin(ann) is Literal:
+        return {"choices": list(typing.get_args(ann)), "help": help_}
+    if typing.get_origin(ann) is list:
+        return {"action": "append", "metavar": metavar, "help": help_ + " Repeatable."}
+    if ann is bool:
+        return {"action": argparse.BooleanOptionalAction, "help": help_}
+    return {"type": ann if ann in (int, float, Path) else str, "metavar": metavar, "help": help_}
+
+
+def _profile_args(p: argparse.ArgumentParser, profile: Profile) -> None:
+    if profile == "data":
+        p.add_argument("--data-profile", default="sample", help="Data profile: a name in pipeline_config/ (sample, production) or a YAML path. Default: sample.")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="Override a data-profile field, e.g. --set qa.max_in_flight=8 (repeatable).")
+    else:
+        p.add_argument("--train-profile", default="cpu-tiny",
+                       help="Training profile: a name in pipeline_config/profiles/ (a6000x4, runpod-a100x2, gcp-l4, cpu-tiny) or a YAML path. Default: cpu-tiny.")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="Override a training-profile field, e.g. --set train.max_steps=10 (repeatable).")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="culbot", description="Culbot: build the CBNU campus chatbot, stage by stage.")
+    ap = argparse.ArgumentParser(prog="culbot", description="Culbot: build the CBNU campus chatbot, stage by stage. "
+                                                            "`culbot COMMAND --help` says what a command does and lists its options.")
     ap.add_argument("--debug", action="store_true", help="Show tracebacks on errors.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = sub.add_parser("run", help="Run a flow: 'full' (data refresh, train, eval, merge, publish) or 'data-refresh'. "
-                                      "Prefect runs an ephemeral server unless PREFECT_API_URL is set.")
-    run.add_argument("flow", choices=FLOWS)
-    run.add_argument("--force", action="store_true", help="Ignore caches; rebuild every stage.")
-    run.add_argument("--train-profile", default="cpu-tiny", help="Training profile for 'full' (a6000x4, runpod-a100x2, gcp-l4, cpu-tiny).")
-    run.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="Override a training-profile field for 'full', e.g. --train-set publish.target=hub.")
-    run.add_argument("--artifact-root", default=None, metavar="URL",
-                     help="Share stage outputs through this fsspec URL (a path, s3://, gs://, hf://). Default: $CULBOT_ARTIFACT_ROOT, else local disk only.")
-    _common(run)
-
-    crawl = sub.add_parser("crawl", help="Crawl a source.")
-    csub = crawl.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    u = csub.add_parser("univ100", help="univ100 Q&A through its JSON API (or a snapshot).")
-    u.add_argument("--base-url", help=field_doc(Univ100Config, "base_url"))
-    u.add_argument("--campus", type=int, help=field_doc(Univ100Config, "campus_id"))
-    u.add_argument("--snapshot", type=Path, help=field_doc(Univ100Config, "snapshot_dir"))
-    u.add_argument("--max-pages", type=int, help=field_doc(Univ100Config, "max_pages"))
-    u.add_argument("--out", type=Path, help=field_doc(Univ100Config, "out_dir"))
-    u.add_argument("--reparse", action="store_true", help="Rebuild records and rows from raw responses in --out; no network.")
-    _common(u)
-    c = csub.add_parser("cbnu", help="CBNU web pages (or a folder of documents).")
-    c.add_argument("--seed", action="append", help=field_doc(CbnuConfig, "seeds") + " Repeatable.")
-    c.add_argument("--allow-domain", action="append", help=field_doc(CbnuConfig, "allowed_domains") + " Repeatable.")
-    c.add_argument("--pages-dir", type=Path, help=field_doc(CbnuConfig, "pages_dir"))
-    c.add_argument("--max-pages", type=int, help=field_doc(CbnuConfig, "max_pages"))
-    c.add_argument("--max-depth", type=int, help=field_doc(CbnuConfig, "max_depth"))
-    c.add_argument("--out", type=Path, help=field_doc(CbnuConfig, "out_dir"))
-    _common(c)
-
-    g = sub.add_parser("generate-qa", help="Generate QA rows from crawled CBNU pages with a chat model.")
-    g.add_argument("--pages", type=Path, help="Folder of a finished CBNU crawl (holds pages.jsonl). Default: cbnu.out_dir.")
-    g.add_argument("--out", type=Path, help=field_doc(QAGenConfig, "out_dir"))
-    g.add_argument("--backend", choices=["openai", "replay"], help=field_doc(QAGenConfig, "backend"))
-    g.add_argument("--base-url", help=field_doc(QAGenConfig, "base_url"))
-    g.add_argument("--model", help=field_doc(QAGenConfig, "model"))
-    g.add_argument("--replay-dir", type=Path, help=field_doc(QAGenConfig, "replay_dir"))
-    g.add_argument("--record-replay", type=Path, help=field_doc(QAGenConfig, "record_replay"))
-    g.add_argument("--retry-failed", action="store_true", help="Ask again for chunks whose cached answer was quarantined.")
-    _common(g)
-
-    k = sub.add_parser("load-kullm", help="Load KULLM-v2 rows (Hub id at a revision, or a local file).")
-    k.add_argument("--file", type=Path, help=field_doc(KullmConfig, "file"))
-    k.add_argument("--hub-id", help=field_doc(KullmConfig, "hub_id"))
-    k.add_argument("--revision", help=field_doc(KullmConfig, "revision"))
-    k.add_argument("--max-rows", type=int, help=field_doc(KullmConfig, "max_rows"))
-    k.add_argument("--out", type=Path, help=field_doc(KullmConfig, "out_dir"))
-    _common(k)
-
-    m = sub.add_parser("merge", help="Merge source rows, dedup, split, and write a dataset version.")
-    m.add_argument("--univ100", type=Path, help="Finished univ100 crawl folder.")
-    m.add_argument("--cbnu-qa", type=Path, help="Finished QA generation folder.")
-    m.add_argument("--kullm", type=Path, help="Finished KULLM folder.")
-    m.add_argument("--out", type=Path, help=field_doc(MergeConfig, "out_root"))
-    _common(m)
-
-    f = sub.add_parser("format", help="Format a dataset version with the prompt templates.")
-    f.add_argument("--dataset", type=Path, required=True, help="A dataset version folder (artifacts/datasets/<version>).")
-    f.add_argument("--out", type=Path, help=field_doc(FormatConfig, "out_root"))
-    f.add_argument("--template", action="append", metavar="SOURCE=NAME", help="Template for a source, e.g. cbnu=cbnu2 (repeatable).")
-    _common(f)
-
-    def _train_common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--profile", default="cpu-tiny", help="Training profile: a name in pipeline_config/profiles/ (a6000x4, runpod-a100x2, gcp-l4, cpu-tiny) or a YAML path.")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Override a training-profile field, e.g. --set train.max_steps=10.")
-
-    pl = sub.add_parser("plan", help="Per-GPU memory, the largest micro batch that fits, and time and cost of a training profile.")
-    pl.add_argument("--profile", action="append", default=[], help="Training profile (repeatable). Default: every shipped profile.")
-    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="Override a training-profile field.")
-    pl.add_argument("--examples", type=int, default=160_000, help="Training rows per epoch (KULLM-v2 is ~153k).")
-    pl.add_argument("--tokens-per-example", type=float, default=None, help="Mean tokens per row (default: planner.yaml).")
-    pl.add_argument("--json", type=Path, default=None, help="Also write the plans as JSON here.")
-
-    tr = sub.add_parser("train", help="Tokenize a formatted dataset and train a LoRA adapter with a training profile.")
-    tr.add_argument("--data", type=Path, required=True, help="A formatted dataset folder (artifacts/formatted/<hash>).")
-    tr.add_argument("--dry-run", action="store_true", help="Resolve, tokenize and print the launch command without training.")
-    _train_common(tr)
-    ev = sub.add_parser("eval", help="Evaluate a trained run: validation loss, perplexity, probe answers.")
-    ev.add_argument("--run", type=Path, required=True, help="A run folder (artifacts/runs/<run>).")
-    _train_common(ev)
-    ma = sub.add_parser("merge-adapter", help="Merge a run's adapter into its base model and verify it.")
-    ma.add_argument("--run", type=Path, required=True, help="A run folder (artifacts/runs/<run>).")
-    ma.add_argument("--out", type=Path, help="Models root (default: <artifacts_root>/models).")
-    _train_common(ma)
-    pb = sub.add_parser("publish", help="Publish the merged model and/or adapter (Hub or local folder).")
-    pb.add_argument("--run", type=Path, required=True, help="A run folder (artifacts/runs/<run>).")
-    pb.add_argument("--model", type=Path, help="A merged model folder (artifacts/models/<hash>).")
-    pb.add_argument("--target", choices=["local", "hub"], help="Where to publish.")
-    pb.add_argument("--repo-id", help="Hub repo id for the merged model.")
-    pb.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co).")
-    _train_common(pb)
-    tk = sub.add_parser("tokenize", help="Tokenize a formatted dataset with a model's tokenizer (EOS, label masking, cutoff).")
-    tk.add_argument("--data", type=Path, required=True, help="A formatted dataset folder (artifacts/formatted/<hash>).")
-    tk.add_argument("--out", type=Path, help="Tokenized root (default: <artifacts_root>/tokenized).")
-    _train_common(tk)
-    tm = sub.add_parser("tiny-model", help="Build the tiny GPT-NeoX and its tokenizer from the shipped samples.")
-    tm.add_argument("--out", type=Path, default=Path("artifacts/models/tiny"))
-    tm.add_argument("--samples", type=Path, default=Path("raw/samples"))
-
-    dp = sub.add_parser("deploy", help="Create the work pools and deploy every flow in deploy/prefect.yaml (needs PREFECT_API_URL).")
-    dp.add_argument("--prefect-file", type=Path, default=Path("deploy/prefect.yaml"), help="Deployment file.")
-    dp.add_argument("--home", type=Path, default=Path(os.environ.get("CULBOT_HOME", ".")),
-                    help="Working directory of the flows on the workers (where raw/ and artifacts/ live). Default: $CULBOT_HOME or here.")
-    dp.add_argument("--artifact-root", default=os.environ.get("CULBOT_ARTIFACT_ROOT"), metavar="URL",
-                    help="fsspec URL every host shares (s3://, gs://, hf://, or a mounted path): set on every pool, and Prefect "
-                         "result storage goes to URL/prefect-results. Default: $CULBOT_ARTIFACT_ROOT, else none (one host).")
-
-    cfg = sub.add_parser("config", help="Show the resolved config, or every field with its documentation.")
-    cfg.add_argument("what", choices=["show", "docs"])
-    _common(cfg)
-
-    t = sub.add_parser("templates", help="List prompt templates, or show one rendered on an example.")
-    t.add_argument("name", nargs="?")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for cmd in COMMANDS:
+        words = cmd.name.split()
+        where = sub
+        if len(words) == 2:
+            if words[0] not in groups:
+                g = sub.add_parser(words[0], help=f"{words[0].capitalize()} a source.", description=f"{words[0].capitalize()} a source.")
+                groups[words[0]] = g.add_subparsers(dest="source", required=True, metavar="SOURCE")
+            where = groups[words[0]]
+        p = where.add_parser(words[-1], help=cmd.help, description=cmd.help)
+        p.set_defaults(command_spec=cmd)
+        for arg in cmd.args:
+            p.add_argument(arg.flag, help=arg.help, **arg.kwargs)
+        if cmd.profile:
+            _profile_args(p, cmd.profile)
+            for f in cmd.flags:
+                p.add_argument(f.flag, dest=f"flag:{f.field}", default=None, **_flag_kwargs(f, MODELS[cmd.profile]))
     return ap
 
 
-def _sets(prefix: str, **values) -> list[str]:
-    out = []
-    for key, v in values.items():
-        if v is None or v is False:
-            continue
-        out.append(f"{prefix}.{key}={json.dumps(v if not isinstance(v, Path) else str(v), ensure_ascii=False)}")
+def _items(f: Flag, values: list[str]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, v = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{f.flag} {item!r}: expected KEY=VALUE, e.g. cbnu=cbnu2")
+        out[key] = v
     return out
 
 
-def _print_manifest(m: dict, path) -> None:
-    counts = json.dumps(m.get("counts", {}), ensure_ascii=False)
-    print(f"done: {path}\ncontent hash: {m.get('content_hash', '')[:16]}\ncounts: {counts}")
+def flag_values(cmd: Command, a: argparse.Namespace, current: BaseModel | None = None) -> dict[str, tuple[str, Any]]:
+    """dotted field -> (flag, value) for every flag given, and the fields it implies.
+
+    A mapping flag's KEY=VALUE items are merged into ``current``'s mapping (the profile as loaded without flags).
+    """
+    out: dict[str, tuple[str, Any]] = {}
+    for f in cmd.flags:
+        value = getattr(a, f"flag:{f.field}")
+        if value is None:
+            continue
+        if f.mapping:
+            base = current
+            for part in f.field.split("."):
+                base = getattr(base, part)
+            value = {**base, **_items(f, value)}
+        out[f.field] = (f.flag, str(value) if isinstance(value, Path) else value)
+        out.update({k: (f.flag, v) for k, v in f.implies.items()})
+    return out
+
+
+def load_profile_for(cmd: Command, a: argparse.Namespace):
+    """The command's profile with its --set overrides and flag values, or None for commands without one."""
+    if cmd.profile is None:
+        return None
+    load, name = (load_data_profile, a.data_profile) if cmd.profile == "data" else (load_train_profile, a.train_profile)
+    mapping = any(f.mapping and getattr(a, f"flag:{f.field}") for f in cmd.flags)
+    return load(name, a.overrides, flag_values(cmd, a, load(name, a.overrides) if mapping else None))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    cmd: Command = a.command_spec
     try:
-        return _dispatch(args)
+        return cmd.run(a, load_profile_for(cmd, a))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -174,231 +475,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # people get one clear line; --debug gets the traceback
-        if args.debug or os.environ.get("CULBOT_DEBUG"):
+        if a.debug or os.environ.get("CULBOT_DEBUG"):
             raise
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-
-
-def _dispatch(args) -> int:
-    cmd = args.command
-    if cmd == "templates":
-        from culbot.tasks.format_prompts import available_templates, load_template, render_prompt
-
-        if not args.name:
-            for n in available_templates():
-                print(f"{n:10} {load_template(n).description}")
-            return 0
-        t = load_template(args.name)
-        if t.kind == "chat":
-            print(json.dumps(t.to_json(), ensure_ascii=False, indent=2))
-        else:
-            print(render_prompt(t, "충북대학교 중앙도서관은 몇 시에 여나요?", "") + "…")
-        return 0
-
-    if cmd == "plan":
-        from culbot.pipeline_config.train_schema import load_train_profile, train_profiles
-        from culbot.tasks.plan import plan, plan_table
-
-        names = args.profile or [p.stem for p in train_profiles()]
-        plans = [plan(load_train_profile(n, args.overrides), examples=args.examples, tokens_per_example=args.tokens_per_example) for n in names]
-        print("\n\n".join(plan_table(p) for p in plans))
-        if args.json:
-            from culbot.tasks import _store
-
-            _store.atomic_write_json(args.json, [p.as_dict() for p in plans])
-        return 0 if all(p.fits is not False for p in plans) else 3
-    if cmd == "deploy":
-        from culbot.flows.deploy import deploy
-
-        deploy(args.prefect_file, args.home, artifact_root=args.artifact_root)
-        return 0
-    if cmd == "tiny-model":
-        from culbot.tasks.tiny_model import build_tiny_model, sample_corpus
-
-        _print_manifest(build_tiny_model(args.out, sample_corpus(args.samples)), args.out)
-        return 0
-    if cmd in ("train", "eval", "merge-adapter", "publish", "tokenize"):
-        return _train_side(args)
-
-    overrides = list(args.overrides)
-    if cmd == "run":
-        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "culbot")
-        os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-        load_profile(args.profile, overrides)  # fail fast, before Prefect starts
-        if args.flow == "full":
-            from culbot.pipeline_config.train_schema import load_train_profile
-
-            load_train_profile(args.train_profile, args.train_overrides)
-            from culbot.flows.culbot import culbot
-
-            out = culbot(profile=args.profile, train_profile=args.train_profile, overrides=overrides,
-                         train_overrides=args.train_overrides, force=args.force, artifact_root=args.artifact_root)
-            print(f"dataset version {out['data']['dataset']['content_hash'][:16]}: {out['data']['dataset']['path']}")
-            print(f"run: {out['run']['run_dir']}  (eval loss {out['eval']['counts']['eval_loss']:.4f}, {out['eval']['counts']['status']})")
-            if out["model"]:
-                print(f"merged model: {out['model']['path']}")
-            for kind, where in out["publish"]["published"].items():
-                print(f"published {kind}: {where if isinstance(where, str) else where['url']}")
-            return 0
-        from culbot.flows.data_refresh import data_refresh
-
-        out = data_refresh(profile=args.profile, overrides=overrides, force=args.force, artifact_root=args.artifact_root)
-        d, f = out["dataset"], out["formatted"]
-        print(f"dataset version {d['content_hash'][:16]}: {d['path']}  (train {d['counts']['train']}, validation {d['counts']['validation']})")
-        print(f"formatted: {f['path']}")
-        return 0
-
-    if cmd == "config":
-        if args.what == "docs":
-            from culbot.pipeline_config.schema import DataProfile
-
-            _docs(DataProfile, "")
-            return 0
-        print(json.dumps(load_profile(args.profile, overrides).model_dump(mode="json"), ensure_ascii=False, indent=2))
-        return 0
-
-    if cmd == "crawl" and args.source == "univ100":
-        if args.base_url:
-            overrides += _sets("univ100", source="api", base_url=args.base_url)
-        if args.snapshot:
-            overrides += _sets("univ100", source="snapshot", snapshot_dir=args.snapshot)
-        overrides += _sets("univ100", campus_id=args.campus, max_pages=args.max_pages, out_dir=args.out)
-        cfg = load_profile(args.profile, overrides).univ100
-        from culbot.tasks import crawl_univ100 as cu
-
-        if args.reparse:
-            m = cu.reparse(cfg.out_dir, campus_id=cfg.campus_id, question_url=cfg.question_url, rules=cu.rules_from(cfg))
-        else:
-            m = cu.run_crawl(cfg)
-        _print_manifest(m, cfg.out_dir)
-        return 0
-
-    if cmd == "crawl" and args.source == "cbnu":
-        if args.seed:
-            overrides += _sets("cbnu", source="site", seeds=args.seed)
-        if args.pages_dir:
-            overrides += _sets("cbnu", source="directory", pages_dir=args.pages_dir)
-        overrides += _sets("cbnu", allowed_domains=args.allow_domain, max_pages=args.max_pages, max_depth=args.max_depth, out_dir=args.out)
-        cfg = load_profile(args.profile, overrides).cbnu
-        from culbot.tasks.crawl_cbnu import run_crawl
-
-        _print_manifest(run_crawl(cfg), cfg.out_dir)
-        return 0
-
-    if cmd == "generate-qa":
-        overrides += _sets("qa", backend=args.backend, base_url=args.base_url, model=args.model, replay_dir=args.replay_dir,
-                           record_replay=args.record_replay, out_dir=args.out)
-        prof = load_profile(args.profile, overrides)
-        from culbot.tasks.generate_qa import run_generate
-
-        m = run_generate(prof.qa, args.pages or prof.cbnu.out_dir, retry_failed=args.retry_failed)
-        _print_manifest(m, prof.qa.out_dir)
-        return 0
-
-    if cmd == "load-kullm":
-        if args.file:
-            overrides += _sets("kullm", source="file", file=args.file)
-        if args.hub_id or args.revision:
-            overrides += _sets("kullm", source="hub", hub_id=args.hub_id, revision=args.revision)
-        overrides += _sets("kullm", max_rows=args.max_rows, out_dir=args.out)
-        cfg = load_profile(args.profile, overrides).kullm
-        from culbot.tasks.load_kullm import run_load
-
-        _print_manifest(run_load(cfg), cfg.out_dir)
-        return 0
-
-    if cmd == "merge":
-        overrides += _sets("merge", out_root=args.out)
-        prof = load_profile(args.profile, overrides)
-        inputs = {k: v for k, v in (("univ100", args.univ100), ("cbnu", args.cbnu_qa), ("kullm", args.kullm)) if v}
-        if not inputs:
-            inputs = {"univ100": prof.univ100.out_dir, "cbnu": prof.qa.out_dir, "kullm": prof.kullm.out_dir}
-        from culbot.tasks.merge_data import run_merge
-
-        m = run_merge(inputs, prof.merge)
-        _print_manifest(m, m["path"])
-        return 0
-
-    if cmd == "format":
-        if args.template:
-            prof0 = load_profile(args.profile, overrides)
-            tmap = dict(prof0.format.template_map)
-            for item in args.template:
-                src, _, name = item.partition("=")
-                if not name:
-                    raise ConfigError(f"--template {item!r}: expected SOURCE=NAME, e.g. cbnu=cbnu2")
-                tmap[src] = name
-            overrides += _sets("format", template_map=tmap)
-        overrides += _sets("format", out_root=args.out)
-        cfg = load_profile(args.profile, overrides).format
-        from culbot.tasks.format_prompts import run_format
-
-        m = run_format(args.dataset, cfg)
-        _print_manifest(m, m["path"])
-        return 0
-    raise AssertionError(cmd)
-
-
-def _train_side(args) -> int:
-    from culbot.pipeline_config.train_schema import load_train_profile
-
-    overrides = list(args.overrides)
-    if args.command == "publish":
-        overrides += _sets("publish", target=args.target, repo_id=args.repo_id, endpoint=args.endpoint)
-    prof = load_train_profile(args.profile, overrides)
-    if args.command == "tokenize":
-        from culbot.tasks.tokenize_data import run_tokenize
-        from culbot.tasks.train import resolve_base
-
-        model, sha = resolve_base(prof.model.base, prof.model.revision, models_root=Path(prof.artifacts_root) / "models", samples_dir=prof.samples_dir)
-        m = run_tokenize(args.data, model, args.out or Path(prof.artifacts_root) / "tokenized", revision=sha, cutoff_len=prof.data.cutoff_len,
-                         train_on_inputs=prof.data.train_on_inputs, overlength=prof.data.overlength)
-        _print_manifest(m, m["path"])
-        return 0
-    if args.command == "train":
-        from culbot.tasks.train import launch_command, prepare_run, run_training
-
-        cfg = prepare_run(prof, args.data)
-        print("launch: " + " ".join(launch_command(prof, cfg)))
-        if args.dry_run:
-            return 0
-        res = run_training(cfg, prof)
-        print(f"run: {cfg.parent}\nstatus: {res['status']}, steps {res['global_step']}, train loss {res['metrics'].get('train_loss', float('nan')):.4f}")
-        return 0
-    if args.command == "eval":
-        from culbot.tasks.evaluate import run_eval
-
-        res = run_eval(args.run, prof.eval)
-        print(f"eval {res['status']}: loss {res['eval_loss']:.4f}, perplexity {res['perplexity']:.2f}; report {args.run / 'eval.md'}")
-        return 0 if res["status"] == "passed" else 1
-    if args.command == "merge-adapter":
-        from culbot.tasks.merge_adapter import run_merge_adapter
-
-        m = run_merge_adapter(args.run, prof.merge, args.out or Path(prof.artifacts_root) / "models", prof.eval.probes)
-        _print_manifest(m, m["path"])
-        return 0
-    from culbot.tasks.publish import run_publish
-
-    rec = run_publish(args.run, args.model, prof.publish)
-    print(json.dumps(rec["published"], ensure_ascii=False, indent=2))
-    return 0
-
-
-def _docs(model, prefix: str) -> None:
-    """Every field with its type, default and the one description it has."""
-    from pydantic import BaseModel
-
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            print(f"\n# {prefix}{name}: {f.description}")
-            _docs(ann, f"{prefix}{name}.")
-            continue
-        default = "(required)" if f.is_required() else json.dumps(f.get_default(call_default_factory=True), default=str, ensure_ascii=False)
-        print(f"{prefix}{name} = {default}\n    {f.description}")
 
 
 if __name__ == "__main__":

@@ -1,34 +1,40 @@
-"""The `culbot` flow: data refresh -> train -> eval gate -> merge -> publish.
+"""The `culbot` flow: data refresh -> tokenize -> train -> eval gate -> merge-adapter -> publish.
 
-Run as: culbot run full [--profile sample] [--train-profile cpu-tiny] [--set ...] [--train-set ...] [--force]
+Run as: culbot run full [--data-profile sample] [--train-profile cpu-tiny] [--set ...] [--train-set ...] [--force]
 
 With the defaults it is the embedded end-to-end run: shipped samples, the tiny
 GPT-NeoX on CPU, and a local publish folder, with no keys and no network.
 
-On a Prefect server, training goes to the GPU pool of the training profile: the flow
-starts the deployment `train-stage/train-<profile>` with `run_deployment`, waits for
-it and goes on with its outputs. Cancelling this flow run cancels that child run.
+On a Prefect server, tokenize and train go to the GPU pool of the training profile: the flow
+starts the deployment `train-stage/train-<profile>` with `run_deployment`, waits for it and
+goes on with its outputs. Cancelling this flow run cancels that child run.
 """
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
 
-from culbot.flows.data_refresh import data_refresh, ref, run_stage
+from culbot.flows.data_refresh import data_refresh
+from culbot.flows.runner import run_stage
 from culbot.pipeline_config.train_schema import TrainProfile, load_train_profile
 from culbot.tasks import artifact_root as _artifact_root
-from culbot.tasks.release_tasks import eval_task, merge_adapter_task, publish_task, train_task
-from culbot.tasks.train import TrainingFailed
+from culbot.tasks.contracts import ChainResult, RunOutput, StageRef, short_hash
+from culbot.tasks.evaluate import eval_task
+from culbot.tasks.merge_adapter import merge_adapter_task
+from culbot.tasks.publish import publish_task
+from culbot.tasks.tokenize_data import tokenize_task
+from culbot.tasks.train import TrainingFailed, train_task
 
 
 class EvalGateFailed(RuntimeError):
     """The trained model did not pass eval; nothing is merged or published."""
 
 
-Stage = Literal["format", "train", "eval", "merge", "publish"]
+Stage = Literal["format", "train", "eval", "merge-adapter", "publish"]
 TrainOn = Literal["auto", "pool", "here"]
 CHILD_TAG = "culbot-parent:"  # + parent flow run id; how the cancellation hook finds the children
 
@@ -60,9 +66,9 @@ def choose_train_on(train_on: TrainOn, tp: TrainProfile) -> Literal["pool", "her
     return "pool" if deployment.id and _deployment_exists(train_deployment_name(tp)) else "here"
 
 
-def train_on_pool(tp: TrainProfile, train_profile: str, train_overrides: list[str], formatted: dict, force: bool,
-                  root: str | None) -> dict:
-    """Start the training deployment on the profile's pool, wait, and return its result (pulled here if needed).
+def train_on_pool(tp: TrainProfile, train_profile: str, train_overrides: list[str], formatted: StageRef, force: bool,
+                  root: str | None) -> RunOutput:
+    """Start the training deployment on the profile's pool, wait, and return its output (pulled here if needed).
 
     The child names itself (train-<profile>-<dataset hash>, in flows/stages.py).
     """
@@ -77,7 +83,7 @@ def train_on_pool(tp: TrainProfile, train_profile: str, train_overrides: list[st
     log.info("training on pool %s through %s (job env %s)", tp.hardware.work_pool, name, sorted(env))
     child = run_deployment(
         name,
-        parameters={"formatted": formatted["path"], "train_profile": train_profile, "train_overrides": train_overrides,
+        parameters={"formatted": str(formatted.path), "train_profile": train_profile, "train_overrides": train_overrides,
                     "force": force, "artifact_root": root},
         idempotency_key=f"{flow_run.id}:train",  # a retried parent finds its child instead of starting another
         tags=[f"{CHILD_TAG}{flow_run.id}"],
@@ -87,10 +93,10 @@ def train_on_pool(tp: TrainProfile, train_profile: str, train_overrides: list[st
     if not child.state or not child.state.is_completed():
         state = child.state.name if child.state else "unknown"
         raise TrainingFailed(f"training run {child.name} ({child.id}) ended {state}: {child.state.message if child.state else ''}")
-    result = child.state.result()
-    if root and not Path(result["path"]).is_dir():
-        _artifact_root.pull_run(Path(result["run_dir"]), root)
-    return result
+    run: RunOutput = child.state.result()
+    if root and not run.path.is_dir():
+        _artifact_root.pull_run(run.run_dir, root)
+    return run
 
 
 def cancel_child_runs(flow, flow_run, state) -> None:
@@ -111,68 +117,59 @@ def cancel_child_runs(flow, flow_run, state) -> None:
             client.set_flow_run_state(child.id, new(message=f"parent flow run {flow_run.name} was cancelled"), force=True)
 
 
-def _rename_run(profile: str, train_profile: str, dataset_hash: str, to_stage: str) -> None:
-    """Run names say what ran: training profile and dataset hash prefix (known only after the data refresh)."""
+def _rename_run(data_profile: str, train_profile: str, dataset_hash: str, to_stage: str) -> None:
+    """Run names say what ran: training profile and dataset hash (known only after the data refresh)."""
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
     if flow_run.id:
         with get_client(sync_client=True) as client:
-            client.update_flow_run(flow_run.id, name=f"culbot-{profile}-{train_profile}-{dataset_hash[:8]}-to-{to_stage}")
+            client.update_flow_run(flow_run.id, name=f"culbot-{data_profile}-{train_profile}-{short_hash(dataset_hash)}-to-{to_stage}")
 
 
-@flow(name="culbot", flow_run_name="culbot-{profile}-{train_profile}-to-{to_stage}", on_cancellation=[cancel_child_runs])
-def culbot(profile: str = "sample", train_profile: str = "cpu-tiny", overrides: list[str] | None = None,
+@flow(name="culbot", flow_run_name="culbot-{data_profile}-{train_profile}-to-{to_stage}", on_cancellation=[cancel_child_runs])
+def culbot(data_profile: str = "sample", train_profile: str = "cpu-tiny", data_overrides: list[str] | None = None,
            train_overrides: list[str] | None = None, to_stage: Stage = "publish", force: bool = False,
-           train_on: TrainOn = "auto", artifact_root: str | None = None) -> dict:
+           train_on: TrainOn = "auto", artifact_root: str | None = None) -> ChainResult:
     """The whole chain, or its beginning up to `to_stage`.
 
     Args:
-        profile: data profile (pipeline_config/<name>.yaml or a path).
+        data_profile: data profile (pipeline_config/<name>.yaml or a path): sample, production.
         train_profile: training profile (pipeline_config/profiles/<name>.yaml or a path): a6000x4, runpod-a100x2, gcp-l4, cpu-tiny.
-        overrides: `section.field=value` settings for the data profile.
+        data_overrides: `section.field=value` settings for the data profile.
         train_overrides: `section.field=value` settings for the training profile (e.g. publish.target=hub).
-        to_stage: last stage to run: format (the data refresh only), train, eval, merge or publish.
+        to_stage: last stage to run: format (the data refresh only), train, eval, merge-adapter or publish.
         force: ignore every cache and rebuild each stage (training still resumes from its checkpoints).
         train_on: 'pool': the training deployment on the profile's work pool; 'here': in this process;
             'auto': the pool when this run came from a deployment and the training deployment exists.
         artifact_root: fsspec URL shared by all hosts (default $CULBOT_ARTIFACT_ROOT; unset: local disk only).
     """
-    log = get_run_logger()
     root = _artifact_root.configured(artifact_root)
     tp = load_train_profile(train_profile, train_overrides or [])
-    data = data_refresh(profile=profile, overrides=overrides, force=force, artifact_root=root)
-    dataset_hash = data["dataset"]["content_hash"]
-    _rename_run(Path(profile).stem, tp.name, dataset_hash, to_stage)
-    result: dict = {"data": data, "run": None, "eval": None, "model": None, "publish": None}
+    stage = partial(run_stage, force=force, root=root)
+    data = data_refresh(data_profile=data_profile, data_overrides=data_overrides, force=force, artifact_root=root)
+    _rename_run(Path(data_profile).stem, tp.name, data.dataset.content_hash, to_stage)
     if to_stage == "format":
-        return result
+        return ChainResult(data=data)
+    tokenized = None
     if choose_train_on(train_on, tp) == "pool":
-        run = train_on_pool(tp, train_profile, train_overrides or [], data["formatted"], force, root)
+        run = train_on_pool(tp, train_profile, train_overrides or [], data.formatted.ref(), force, root)
     else:
-        run = run_stage(train_task, force, root, profile=tp.model_dump(mode="json"), formatted=ref(data["formatted"]))
-        if root:
-            _artifact_root.push_run(Path(run["run_dir"]), root)
-    result["run"] = run
-    run_ref = {**ref(run), "run_dir": run["run_dir"]}
+        tokenized = stage(tokenize_task, tp=tp, formatted=data.formatted.ref())
+        run = stage(train_task, tp=tp, tokenized=tokenized.ref())
     if to_stage == "train":
-        return result
-    ev = result["eval"] = run_stage(eval_task, force, root, run=run_ref, spec=tp.eval.model_dump(mode="json"))
-    if ev["counts"]["status"] != "passed":
-        raise EvalGateFailed(f"eval gate failed for {run['run_dir']}: validation loss {ev['counts']['eval_loss']}; not merging or publishing")
+        return ChainResult(data=data, tokenized=tokenized, run=run)
+    ev = stage(eval_task, spec=tp.eval, run=run.ref())
+    if not ev.passed:
+        raise EvalGateFailed(f"eval gate failed for {run.run_dir}: {ev.reason}; not merging or publishing")
     if to_stage == "eval":
-        return result
+        return ChainResult(data=data, tokenized=tokenized, run=run, eval=ev)
     model = None
-    if tp.publish.what in ("merged", "both") or to_stage == "merge":
-        model = result["model"] = run_stage(merge_adapter_task, force, root, run=run_ref, spec=tp.merge.model_dump(mode="json"),
-                                            models_root=str(Path(tp.artifacts_root).resolve() / "models"), probes=tp.eval.probes)
-    if to_stage == "merge":
-        return result
-    pub = result["publish"] = run_stage(publish_task, force, root, run=run_ref, model=ref(model) if model else None,
-                                        spec=tp.publish.model_dump(mode="json"), evaluation=ref(ev))
-    if root:  # eval report, merged model and publish record, for whoever reruns a stage elsewhere
-        _artifact_root.push_run(Path(run["run_dir"]), root)
-        if model:
-            _artifact_root.push(Path(model["path"]), root)
-    log.info("run %s: eval loss %.4f; published %s", Path(run["run_dir"]).name, ev["counts"]["eval_loss"], pub["path"])
-    return result
+    if tp.publish.what in ("merged", "both") or to_stage == "merge-adapter":
+        model = stage(merge_adapter_task, spec=tp.merge_adapter, run=run.ref(), evaluation=ev.ref(),
+                      models_root=Path(tp.artifacts_root).resolve() / "models", probes=tp.eval.probes)
+    if to_stage == "merge-adapter":
+        return ChainResult(data=data, tokenized=tokenized, run=run, eval=ev, model=model)
+    pub = stage(publish_task, spec=tp.publish, run=run.ref(), model=model.ref() if model else None, evaluation=ev.ref())
+    get_run_logger().info("run %s: eval loss %.4f; published %s", run.run_dir.name, ev.eval_loss, pub.path)
+    return ChainResult(data=data, tokenized=tokenized, run=run, eval=ev, model=model, publish=pub)

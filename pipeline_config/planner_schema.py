@@ -7,21 +7,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from .schema import PACKAGE_DIR, ConfigError, _format_errors, _Strict, apply_overrides, load_yaml
+from .loader import PACKAGE_DIR, ConfigError, Section, load_config
 
 PLANNER_FILE = PACKAGE_DIR / "planner" / "planner.yaml"
 
 
-class GpuKind(_Strict):
+class GpuKind(Section):
     memory_gb: float = Field(ge=0, description="Memory per GPU in GB (10^9 bytes), as sold.")
     bf16_tflops: float = Field(ge=0, description="Dense bf16 tensor-core peak per GPU, TFLOP/s (no sparsity); the MFU denominator.")
     tokens_per_s: float | None = Field(None, gt=0, description="Measured training tokens/s per GPU for polyglot-ko-12.8b LoRA; None: estimate from assumed MFU.")
     hourly_usd: float = Field(0, ge=0, description="Price of one such GPU per hour, for cost estimates (a profile's hardware.hourly_usd wins).")
 
 
-class ModelShape(_Strict):
+class ModelShape(Section):
     hidden: int = Field(ge=1, description="Hidden size.")
     layers: int = Field(ge=1, description="Transformer layers.")
     heads: int = Field(ge=1, description="Attention heads.")
@@ -29,7 +29,7 @@ class ModelShape(_Strict):
     vocab: int = Field(ge=1, description="Vocabulary (embedding rows; input and output embeddings are not tied in GPT-NeoX).")
 
 
-class MemoryModel(_Strict):
+class MemoryModel(Section):
     usable_fraction: float = Field(0.94, gt=0, le=1, description="Share of a GPU's memory a process can allocate (driver, ECC and reserved pages take the rest).")
     cuda_context_gb: float = Field(1.0, ge=0, description="CUDA context, cuBLAS workspaces and NCCL buffers per process.")
     fragmentation: float = Field(0.10, ge=0, description="Caching-allocator overhead on top of live tensors, as a fraction.")
@@ -39,7 +39,7 @@ class MemoryModel(_Strict):
     backward_layer_factor: float = Field(2.0, ge=1, description="Peak of one layer's backward relative to its forward activations (gradients beside activations).")
 
 
-class TimeModel(_Strict):
+class TimeModel(Section):
     assumed_mfu: float = Field(0.35, gt=0, le=1, description="MFU assumed when a GPU kind has no measured tokens/s.")
     average_tokens_per_example: float = Field(330, gt=0, description="Tokens per example when no tokenized dataset is given (KULLM-v2-like data).")
     real_token_share: dict[Literal["random", "group_by_length", "packing"], float] = Field(
@@ -47,7 +47,7 @@ class TimeModel(_Strict):
         description="Real / computed tokens per batching strategy at micro 8, cutoff 1024 (measured by bench/bench_prep.py).")
 
 
-class PlannerConfig(_Strict):
+class PlannerConfig(Section):
     gpus: dict[str, GpuKind] = Field(description="GPU kinds by the name profiles use in hardware.gpu_name.")
     shapes: dict[str, ModelShape] = Field(description="Model shapes by Hub id, so no download is needed to plan.")
     memory: MemoryModel = Field(default_factory=MemoryModel, description="Constants of the memory model.")
@@ -58,7 +58,4 @@ def load_planner(path: str | Path = PLANNER_FILE, overrides: list[str] | tuple[s
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: planner config not found")
-    try:
-        return PlannerConfig.model_validate(apply_overrides(load_yaml(p), list(overrides)))
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(p), list(overrides))) from None
+    return load_config(PlannerConfig, p, overrides)

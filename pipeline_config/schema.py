@@ -1,28 +1,25 @@
-"""Typed configuration for the data half of the pipeline.
+"""Typed configuration of the data half: one section per data stage, and the data profile.
 
-Every field is documented here, once. The YAML files in this folder, the
-``culbot`` CLI help and the Prefect parameter form all read these descriptions.
-Load a profile with :func:`load_profile`; errors name the file and the field.
+Every field is documented here, once. The YAML files in this folder, the ``culbot``
+CLI help and the Prefect parameter form all read these descriptions. Load a profile
+with :func:`load_data_profile`; errors name the file (or flag) and the field.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+from .loader import PACKAGE_DIR, ConfigError, Section, find_config, load_config
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+__all__ = ["PACKAGE_DIR", "ConfigError", "DataProfile", "load_data_profile", "data_profiles"]
 
 
 BROWSER_UA = "Mozilla/5.0 (compatible; CulbotCrawler/0.1; +https://github.com/cbnu-culbot) AppleWebKit/537.36 Chrome/120 Safari/537.36"
 
 
-class HttpPolicy(_Strict):
+class HttpPolicy(Section):
     user_agent: str = Field(BROWSER_UA, description="User-Agent sent with every request. univ100's API answers 403 to non-browser agents.")
     rate_per_host: float = Field(1.0, gt=0, description="Most requests per second to one host.")
     max_concurrency_per_host: int = Field(2, ge=1, description="Most requests in flight to one host at once.")
@@ -34,7 +31,7 @@ class HttpPolicy(_Strict):
     respect_robots: bool = Field(True, description="Fetch and obey robots.txt for every host.")
 
 
-class Univ100Config(_Strict):
+class Univ100Config(Section):
     enabled: bool = Field(True, description="Run this stage in data-refresh.")
     source: Literal["api", "snapshot"] = Field("api", description="'api': the live JSON API over HTTP. 'snapshot': recorded API responses in `snapshot_dir` (offline).")
     base_url: str = Field("https://api.univ100.kr", description="Base URL of the univ100 JSON API.")
@@ -61,7 +58,7 @@ class Univ100Config(_Strict):
         return self
 
 
-class CbnuConfig(_Strict):
+class CbnuConfig(Section):
     enabled: bool = Field(True, description="Run this stage in data-refresh.")
     source: Literal["site", "directory"] = Field("site", description="'site': crawl `seeds` over HTTP. 'directory': read .txt (file name = title) and .html files from `pages_dir`.")
     seeds: list[str] = Field(["https://www.chungbuk.ac.kr/www/index.do"], description="Start URLs for the site crawl.")
@@ -83,7 +80,7 @@ class CbnuConfig(_Strict):
         return self
 
 
-class QAGenConfig(_Strict):
+class QAGenConfig(Section):
     enabled: bool = Field(True, description="Run this stage in data-refresh.")
     backend: Literal["openai", "replay"] = Field("openai", description="'openai': any OpenAI-compatible Chat Completions server. 'replay': answers recorded in `replay_dir`, keyed like the cache (offline).")
     model: str = Field("gpt-3.5-turbo", description="Chat model name.")
@@ -123,7 +120,7 @@ class QAGenConfig(_Strict):
         return self
 
 
-class KullmConfig(_Strict):
+class KullmConfig(Section):
     enabled: bool = Field(True, description="Run this stage in data-refresh.")
     source: Literal["hub", "file"] = Field("hub", description="'hub': load `hub_id` at `revision` with datasets. 'file': a local JSON/JSONL/Parquet file in KULLM's schema.")
     hub_id: str = Field("nlpai-lab/kullm-v2", description="Hub dataset id.")
@@ -144,7 +141,7 @@ class KullmConfig(_Strict):
         return self
 
 
-class MergeConfig(_Strict):
+class MergeDataConfig(Section):
     source_priority: list[str] = Field(["cbnu", "univ100", "kullm"], description="On a duplicate (instruction, input), the row from the earliest source here wins.")
     validation_fraction: float | None = Field(0.05, gt=0, lt=1, description="Share of each source held out for validation.")
     validation_size: int | None = Field(None, ge=1, description="Total validation rows, spread over sources by size (overrides validation_fraction).")
@@ -152,110 +149,32 @@ class MergeConfig(_Strict):
     out_root: Path = Field(Path("artifacts/datasets"), description="Dataset versions go to <out_root>/<content-hash>/.")
 
 
-class FormatConfig(_Strict):
+class FormatConfig(Section):
     template_map: dict[str, str] = Field({"kullm": "kullm", "cbnu": "cbnu2", "univ100": "cbnu"}, description="Template per source, as upstream chose by its row tag.")
     default_template: str = Field("kullm", description="Template for sources not in template_map.")
     chat_tokenizer: str | None = Field(None, description="Tokenizer (path or hub id) whose chat template renders 'chat' templates.")
     out_root: Path = Field(Path("artifacts/formatted"), description="Formatted datasets go to <out_root>/<content-hash>/.")
 
 
-class DataProfile(_Strict):
+class DataProfile(Section):
     name: str = Field(description="Profile name, shown in run names and manifests.")
     description: str = Field("", description="What this profile is for.")
     univ100: Univ100Config = Field(default_factory=Univ100Config, description="univ100 crawl.")
     cbnu: CbnuConfig = Field(default_factory=CbnuConfig, description="CBNU page crawl.")
     qa: QAGenConfig = Field(default_factory=QAGenConfig, description="QA generation from CBNU pages.")
     kullm: KullmConfig = Field(default_factory=KullmConfig, description="KULLM-v2 loading.")
-    merge: MergeConfig = Field(default_factory=MergeConfig, description="Merge, dedup, split and versioning.")
+    merge_data: MergeDataConfig = Field(default_factory=MergeDataConfig, description="Merge of the sources: dedup, split and versioning.")
     format: FormatConfig = Field(default_factory=FormatConfig, description="Prompt formatting.")
 
 
 # ----- loading ---------------------------------------------------------------
 
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the file and the field."""
+def load_data_profile(name_or_path: str | Path = "sample", overrides: list[str] | tuple[str, ...] = (),
+                      flags: dict | None = None) -> DataProfile:
+    """A data profile by shipped name (pipeline_config/<name>.yaml) or path, with --set overrides and flag values."""
+    path = find_config(name_or_path, PACKAGE_DIR, "data profile")
+    return load_config(DataProfile, path, overrides, flags, defaults={"name": path.stem})
 
 
-def profile_path(name_or_path: str | Path) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml"):
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        return p
-    candidate = PACKAGE_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        known = ", ".join(sorted(x.stem for x in PACKAGE_DIR.glob("*.yaml")))
-        raise ConfigError(f"unknown profile {name_or_path!r}; shipped profiles: {known}, or give a path to a .yaml file")
-    return candidate
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """'qa.max_in_flight=8' -> (['qa', 'max_in_flight'], 8). Values are parsed as YAML."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. qa.max_in_flight=8")
-    key, raw = item.split("=", 1)
-    keys = [k for k in key.strip().split(".") if k]
-    if not keys:
-        raise ConfigError(f"--set {item!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return keys, value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            nxt = node.get(k)
-            if nxt is None:
-                nxt = node[k] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: {k!r} is not a section")
-            node = nxt
-        node[keys[-1]] = value
-    return data
-
-
-def _format_errors(err: ValidationError, source: str, overrides: list[str]) -> str:
-    overridden = {".".join(parse_override(o)[0]) for o in overrides}
-    lines = [f"{source}: invalid configuration ({err.error_count()} error(s))"]
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        where = f"--set {loc}" if loc in overridden else source
-        msg = "unknown field (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
-        got = f" (got {e['input']!r})" if e["type"] not in ("missing", "extra_forbidden") and not isinstance(e.get("input"), dict) else ""
-        lines.append(f"  {where}: field '{loc}': {msg}{got}")
-    return "\n".join(lines)
-
-
-def load_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of fields")
-    return data
-
-
-def load_profile(name_or_path: str | Path = "sample", overrides: list[str] | tuple[str, ...] = ()) -> DataProfile:
-    """Load a data profile by shipped name (pipeline_config/<name>.yaml) or path, then apply --set overrides."""
-    path = profile_path(name_or_path)
-    data = apply_overrides(load_yaml(path), list(overrides))
-    data.setdefault("name", path.stem)
-    try:
-        return DataProfile.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(path), list(overrides))) from None
-
-
-def field_doc(model: type[BaseModel], name: str) -> str:
-    """The one description of a field, for CLI help."""
-    return model.model_fields[name].description or ""
-
-
-def shipped_profiles() -> list[Path]:
+def data_profiles() -> list[Path]:
     return sorted(PACKAGE_DIR.glob("*.yaml"))

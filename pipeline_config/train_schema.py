@@ -3,22 +3,23 @@
 Profiles live in pipeline_config/profiles/<name>.yaml; DeepSpeed configs in
 pipeline_config/deepspeed/. Load one with :func:`load_train_profile`; the batch
 arithmetic (micro × accumulation × world = global) is checked here, at load.
+Every field is documented here, once (`culbot config docs --train`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from .schema import PACKAGE_DIR, ConfigError, _format_errors, _Strict, apply_overrides, load_yaml
+from .loader import PACKAGE_DIR, ConfigError, Section, find_config, load_config
 
 PROFILE_DIR = PACKAGE_DIR / "profiles"
 DEEPSPEED_DIR = PACKAGE_DIR / "deepspeed"
 TINY = "culbot:tiny"
 
 
-class Hardware(_Strict):
+class Hardware(Section):
     gpus: int = Field(1, ge=1, description="Processes to launch on the host (one per GPU); the world size.")
     gpu_name: str = Field("cpu", description="GPU kind, a key of 'gpus' in pipeline_config/planner/planner.yaml (memory, peak TFLOP/s, price); also in the model card.")
     gpu_memory_gb: float | None = Field(None, gt=0, description="Memory per GPU in GB, overriding the GPU kind's (None: the kind's).")
@@ -31,7 +32,7 @@ class Hardware(_Strict):
     plan_check: bool = Field(True, description="Refuse to launch when `culbot plan` estimates the profile does not fit in GPU memory.")
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Section):
     base: str = Field(description=f"Base model: a Hub id (e.g. EleutherAI/polyglot-ko-12.8b), a local path, or {TINY!r} for the built-in tiny GPT-NeoX.")
     revision: str = Field("main", description="Hub revision; resolved to its commit sha and recorded with the adapter.")
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the base weights and of mixed-precision training.")
@@ -43,14 +44,14 @@ class ModelSpec(_Strict):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
 
 
-class LoraSpec(_Strict):
+class LoraSpec(Section):
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     target_modules: list[str] | Literal["all-linear"] = Field(["query_key_value"], description="Module names to adapt, or 'all-linear' (every linear layer but the output head).")
 
 
-class DataSpec(_Strict):
+class DataSpec(Section):
     cutoff_len: int = Field(1024, ge=8, description="Longest sequence in tokens.")
     train_on_inputs: bool = Field(False, description="Also learn the prompt tokens (else their labels are -100).")
     overlength: Literal["truncate", "drop"] = Field("truncate", description="What to do with rows longer than cutoff_len (counted either way).")
@@ -64,7 +65,7 @@ class DataSpec(_Strict):
         return self
 
 
-class Schedule(_Strict):
+class Schedule(Section):
     micro_batch_size: int = Field(1, ge=1, description="Examples (packed rows with data.packing) per GPU per forward pass.")
     global_batch_size: int = Field(1, ge=1, description="Examples (packed rows with data.packing) per optimizer step over all GPUs.")
     gradient_accumulation_steps: int | None = Field(None, ge=1, description="None: global / (micro × world). If set, must make the product exact.")
@@ -87,7 +88,7 @@ class Schedule(_Strict):
     wandb_project: str = Field("culbot", description="W&B project (WANDB_PROJECT). The key itself comes only from the worker's environment.")
 
 
-class Guards(_Strict):
+class Guards(Section):
     collapse_below: float = Field(0.02, ge=0, description="A logged loss under this counts towards collapse.")
     collapse_logs: int = Field(5, ge=1, description="Stop when this many consecutive logged losses are under collapse_below.")
     grad_norm_limit: float = Field(1e4, gt=0, description="Stop when the logged grad norm exceeds this (explosion).")
@@ -102,7 +103,7 @@ DEFAULT_PROBES = [
 ]
 
 
-class EvalSpec(_Strict):
+class EvalSpec(Section):
     probes: list[str] = Field(default_factory=lambda: list(DEFAULT_PROBES), description="Korean CBNU questions answered by the model in the eval report.")
     probe_source: str = Field("cbnu", description="Rows of this source's template format the probes, exactly as in training.")
     max_new_tokens: int = Field(64, ge=1, description="Generation length for probes.")
@@ -110,13 +111,13 @@ class EvalSpec(_Strict):
     batch_size: int = Field(8, ge=1, description="Eval batch size.")
 
 
-class MergeSpec(_Strict):
+class MergeAdapterSpec(Section):
     dtype: Literal["bf16", "fp16", "fp32"] | None = Field(None, description="Dtype of the merged model (None: the base model's training dtype; fp32 on CPU).")
     max_shard_size: str = Field("2GB", description="Safetensors shard size.")
     atol: float | None = Field(None, gt=0, description="Largest allowed logit difference between merged and base + adapter (None: 1e-4 in fp32, 5e-2 in bf16/fp16).")
 
 
-class PublishSpec(_Strict):
+class PublishSpec(Section):
     target: Literal["local", "hub"] = Field("local", description="'hub': upload with huggingface_hub. 'local': write the same folder to local_dir.")
     what: Literal["merged", "adapter", "both"] = Field("both", description="Which folders to publish.")
     repo_id: str | None = Field(None, description="Hub repo for the merged model (the adapter goes to <repo_id>-lora).")
@@ -128,7 +129,7 @@ class PublishSpec(_Strict):
     license: str = Field("apache-2.0", description="License in the model card.")
 
 
-class TrainProfile(_Strict):
+class TrainProfile(Section):
     name: str = Field(description="Profile name.")
     description: str = Field("", description="What hardware and run this profile is for.")
     hardware: Hardware = Field(default_factory=Hardware, description="Where it runs.")
@@ -140,7 +141,7 @@ class TrainProfile(_Strict):
     artifacts_root: Path = Field(Path("artifacts"), description="Runs, tokenized data and merged models go to runs/, tokenized/ and models/ below this.")
     samples_dir: Path = Field(Path("raw/samples"), description="Shipped samples; the tiny model's tokenizer is trained on them.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation and the eval gate.")
-    merge: MergeSpec = Field(default_factory=MergeSpec, description="Merging the adapter into the base model.")
+    merge_adapter: MergeAdapterSpec = Field(default_factory=MergeAdapterSpec, description="Merging the adapter into the base model.")
     publish: PublishSpec = Field(default_factory=PublishSpec, description="Where the model goes.")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON in pipeline_config/deepspeed/ (or a path); needs launcher deepspeed or torchrun.")
 
@@ -180,21 +181,11 @@ def train_profiles() -> list[Path]:
     return sorted(PROFILE_DIR.glob("*.yaml"))
 
 
-def load_train_profile(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainProfile:
-    p = Path(name_or_path)
-    if p.suffix not in (".yaml", ".yml"):
-        p = PROFILE_DIR / f"{name_or_path}.yaml"
-        if not p.is_file():
-            raise ConfigError(f"unknown training profile {name_or_path!r}; shipped: {', '.join(x.stem for x in train_profiles())}")
-    elif not p.is_file():
-        raise ConfigError(f"{p}: training profile not found")
-    data = apply_overrides(load_yaml(p), list(overrides))
-    data.setdefault("name", p.stem)
-    try:
-        prof = TrainProfile.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(p), list(overrides))) from None
+def load_train_profile(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = (), flags: dict | None = None) -> TrainProfile:
+    """A training profile by shipped name (pipeline_config/profiles/<name>.yaml) or path, with --set overrides and flag values."""
+    path = find_config(name_or_path, PROFILE_DIR, "training profile")
+    prof = load_config(TrainProfile, path, overrides, flags, defaults={"name": path.stem})
     ds = prof.deepspeed_path()
     if ds is not None and not ds.is_file():
-        raise ConfigError(f"{p}: field 'deepspeed': {ds} not found")
+        raise ConfigError(f"{path}: field 'deepspeed': {ds} not found")
     return prof

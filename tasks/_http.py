@@ -1,25 +1,31 @@
-"""The polite async HTTP client shared by both crawlers.
+"""Pacing, retries and the polite async HTTP client shared by the crawlers and the LLM client.
 
-Rate limit, concurrency cap, robots.txt, User-Agent, timeouts and bounded
-retries (exponential backoff with jitter, honouring Retry-After) live here once.
+The pacer (requests per second, requests in flight) and the retry loop (exponential
+backoff with jitter, honouring Retry-After) live here once. The polite client adds
+robots.txt, the User-Agent and timeouts for the crawlers.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit
 from urllib.robotparser import RobotFileParser
 
 import httpx
 
+from culbot.pipeline_config.schema import HttpPolicy
+
 log = logging.getLogger("culbot.http")
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
+T = TypeVar("T")
 
 
 class FetchError(RuntimeError):
@@ -34,26 +40,20 @@ class RobotsDisallowed(FetchError):
     """robots.txt disallows this URL for our User-Agent."""
 
 
-@dataclass
-class HttpSettings:
-    user_agent: str
-    rate_per_host: float = 1.0          # requests per second per host
-    max_concurrency_per_host: int = 2
-    timeout_s: float = 20.0
-    max_retries: int = 4
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    retry_after_max_s: float = 300.0
-    respect_robots: bool = True
+class Transient(Exception):
+    """One attempt failed in a way worth retrying (429, 5xx, timeout, connection error)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, status: int | None = None):
+        super().__init__(reason)
+        self.reason, self.retry_after, self.status = reason, retry_after, status
 
 
-@dataclass
-class _Host:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    sem: asyncio.Semaphore | None = None
-    next_at: float = 0.0
-    robots: RobotFileParser | None = None
-    robots_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+class GaveUp(Exception):
+    """Retries are spent, or the server asked to wait longer than allowed."""
+
+    def __init__(self, reason: str, status: int | None = None):
+        super().__init__(reason)
+        self.reason, self.status = reason, status
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -78,14 +78,82 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
     return (rng or random).uniform(d / 2, d)
 
 
-class PoliteClient:
-    """``async with PoliteClient(settings) as c: r = await c.get(url)``."""
+@dataclass(frozen=True)
+class RetryRule:
+    """How many times and how long to wait; ``setting`` names the config section in messages."""
 
-    def __init__(self, settings: HttpSettings, *, transport: httpx.AsyncBaseTransport | None = None):
-        self.s = settings
+    max_retries: int
+    backoff_base_s: float
+    backoff_max_s: float
+    retry_after_max_s: float
+    setting: str = "retry_after_max_s"
+
+
+async def with_retries(attempt: Callable[[], Awaitable[T]], rule: RetryRule, *, what: str = "request",
+                       on_retry: Callable[[Transient, float, int], None] | None = None) -> T:
+    """Call ``attempt`` until it returns; a :class:`Transient` failure is retried after a backoff (or Retry-After)."""
+    last: Transient | None = None
+    for n in range(rule.max_retries + 1):
+        try:
+            return await attempt()
+        except Transient as e:
+            last = e
+        if n == rule.max_retries:
+            break
+        delay = backoff_delay(n, rule.backoff_base_s, rule.backoff_max_s)
+        if last.retry_after is not None:
+            if last.retry_after > rule.retry_after_max_s:
+                raise GaveUp(f"{last.reason}; server asks to wait {last.retry_after:.0f}s, over {rule.setting}={rule.retry_after_max_s:.0f}", last.status)
+            delay = max(delay, last.retry_after)
+        if on_retry:
+            on_retry(last, delay, n)
+        log.info("retrying %s in %.1fs (%s, attempt %d/%d)", what, delay, last.reason, n + 1, rule.max_retries)
+        await asyncio.sleep(delay)
+    raise GaveUp(f"{last.reason} after {rule.max_retries + 1} attempts", last.status)
+
+
+class Pacer:
+    """At most ``in_flight`` requests at once, and starts at least 1/``rate_per_s`` apart."""
+
+    def __init__(self, rate_per_s: float, in_flight: int):
+        self.sem = asyncio.Semaphore(in_flight)
+        self.interval = 1.0 / rate_per_s if rate_per_s > 0 else 0.0
+        self.lock = asyncio.Lock()
+        self.next_at = 0.0
+
+    async def turn(self) -> None:
+        # Reserve the next start under the lock, sleep outside it.
+        async with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_at)
+            self.next_at = start + self.interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold an in-flight slot from our turn to start until the answer is in."""
+        async with self.sem:
+            await self.turn()
+            yield
+
+
+@dataclass
+class _Host:
+    pacer: Pacer
+    robots: RobotFileParser | None = None
+    robots_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class PoliteClient:
+    """``async with PoliteClient(policy) as c: r = await c.get(url)``."""
+
+    def __init__(self, policy: HttpPolicy, *, transport: httpx.AsyncBaseTransport | None = None):
+        self.policy = policy
+        self.rule = RetryRule(policy.max_retries, policy.backoff_base_s, policy.backoff_max_s, policy.retry_after_max_s)
         self._client = httpx.AsyncClient(
-            headers={"User-Agent": settings.user_agent},
-            timeout=httpx.Timeout(settings.timeout_s),
+            headers={"User-Agent": policy.user_agent},
+            timeout=httpx.Timeout(policy.timeout_s),
             follow_redirects=True,
             transport=transport,
         )
@@ -102,19 +170,8 @@ class PoliteClient:
         parts = urlsplit(url)
         key = f"{parts.scheme}://{parts.netloc}"
         if key not in self._hosts:
-            self._hosts[key] = _Host(sem=asyncio.Semaphore(self.s.max_concurrency_per_host))
+            self._hosts[key] = _Host(Pacer(self.policy.rate_per_host, self.policy.max_concurrency_per_host))
         return self._hosts[key]
-
-    async def _wait_turn(self, host: _Host) -> None:
-        # Reserve the next slot under the lock, sleep outside it: requests to one
-        # host start at least 1/rate apart even with several in flight.
-        interval = 1.0 / self.s.rate_per_host if self.s.rate_per_host > 0 else 0.0
-        async with host.lock:
-            now = time.monotonic()
-            start = max(now, host.next_at)
-            host.next_at = start + interval
-        if start > now:
-            await asyncio.sleep(start - now)
 
     async def _robots(self, url: str, host: _Host) -> RobotFileParser:
         async with host.robots_lock:
@@ -139,47 +196,38 @@ class PoliteClient:
 
     async def get(self, url: str, *, headers: dict[str, str] | None = None, params: dict | None = None) -> httpx.Response:
         host = self._host(url)
-        if self.s.respect_robots:
+        if self.policy.respect_robots:
             rp = await self._robots(url, host)
             full = str(httpx.URL(url, params=params)) if params else url
-            if not rp.can_fetch(self.s.user_agent, full):
+            if not rp.can_fetch(self.policy.user_agent, full):
                 self.stats["robots_disallowed"] += 1
                 raise RobotsDisallowed(full, "disallowed by robots.txt")
         return await self._request(url, host, headers=headers, params=params)
 
     async def _request(self, url: str, host: _Host, *, headers=None, params=None) -> httpx.Response:
-        last_reason = ""
-        for attempt in range(self.s.max_retries + 1):
-            await self._wait_turn(host)
-            wait = None
-            async with host.sem:
+        async def attempt() -> httpx.Response:
+            async with host.pacer.slot():
                 self.stats["requests"] += 1
                 try:
                     r = await self._client.get(url, headers=headers, params=params)
                 except httpx.TimeoutException:
-                    last_reason, status = "timed out", None
                     self.stats["timeouts"] += 1
+                    raise Transient("timed out") from None
                 except httpx.TransportError as e:
-                    last_reason, status = f"transport error: {type(e).__name__}", None
                     self.stats["transport_errors"] += 1
-                else:
-                    status = r.status_code
-                    self.stats[f"status_{status}"] += 1
-                    if status not in RETRY_STATUS:
-                        return r
-                    last_reason = f"HTTP {status}"
-                    wait = parse_retry_after(r.headers.get("Retry-After"))
-            if attempt == self.s.max_retries:
-                break
-            delay = backoff_delay(attempt, self.s.backoff_base_s, self.s.backoff_max_s)
-            if wait is not None:
-                if wait > self.s.retry_after_max_s:
-                    raise FetchError(url, f"{last_reason}; server asks to wait {wait:.0f}s, over retry_after_max_s={self.s.retry_after_max_s:.0f}", status)
-                delay = max(delay, wait)
+                    raise Transient(f"transport error: {type(e).__name__}") from None
+            self.stats[f"status_{r.status_code}"] += 1
+            if r.status_code in RETRY_STATUS:
+                raise Transient(f"HTTP {r.status_code}", parse_retry_after(r.headers.get("Retry-After")), r.status_code)
+            return r
+
+        def counted(*_) -> None:
             self.stats["retries"] += 1
-            log.info("retrying %s in %.1fs (%s, attempt %d/%d)", url, delay, last_reason, attempt + 1, self.s.max_retries)
-            await asyncio.sleep(delay)
-        raise FetchError(url, f"{last_reason} after {self.s.max_retries + 1} attempts", status)
+
+        try:
+            return await with_retries(attempt, self.rule, what=url, on_retry=counted)
+        except GaveUp as e:
+            raise FetchError(url, e.reason, e.status) from None
 
 
 class Progress:

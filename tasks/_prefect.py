@@ -1,40 +1,99 @@
-"""The little Prefect glue every stage task shares: cache policy and output checks.
+"""The little Prefect glue every stage task shares: its cache policy and its report artifact.
 
-Cores never import this; only the thin ``@task`` wrappers and the flow do.
+Cores never import this; only the thin ``@task`` wrappers at the bottom of each stage module do.
+
+A stage's cache key is its inputs, the source of every project module the stage module imports
+(found by reading the imports, not listed by hand), and the folder that relative output paths
+resolve against. The last one keeps two checkouts that share a Prefect home apart: each writes,
+or finds, its outputs under its own folder.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
-from dataclasses import dataclass, field
+import ast
+import importlib.util
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import INPUTS, CachePolicy
 
 from . import _store
 
-_SHARED = ("culbot.tasks._store", "culbot.tasks._text", "culbot.tasks._http")
+PROJECT = "culbot"
+
+
+def _source_file(module: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+def _imports(module: str, tree: ast.AST, package: str, project: str) -> set[str]:
+    """Project modules named by any import statement in ``tree`` (lazy ones inside functions too)."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}  # `from . import _store` names a module
+    return {m for m in found if (m == project or m.startswith(project + ".")) and _source_file(m) is not None and m != module}
+
+
+def module_closure(module: str, project: str = PROJECT) -> list[str]:
+    """``module`` and every project module it imports, directly or not, sorted."""
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        path = _source_file(m)
+        if path is None:
+            continue
+        package = m if path.name == "__init__.py" else m.rsplit(".", 1)[0]
+        todo += sorted(_imports(m, ast.parse(path.read_text(encoding="utf-8")), package, project) - seen)
+    return sorted(seen)
+
+
+def sources_key(module: str, project: str = PROJECT) -> str:
+    """Hash of the source text of ``module``'s closure: editing any of those files changes it."""
+    return _store.hash_json([(m, _source_file(m).read_text(encoding="utf-8")) for m in module_closure(module, project)])
+
+
+@lru_cache(maxsize=None)
+def _sources_key_cached(module: str) -> str:
+    return sources_key(module)  # the installed sources do not change while a process runs
 
 
 @dataclass
-class CoreSource(CachePolicy):
-    """Hash of the stage's core module sources.
+class StageSources(CachePolicy):
+    """The source of the stage module and everything of the project it imports."""
 
-    TASK_SOURCE sees only the wrapper's lines; a change in the core it calls must
-    invalidate the cache too.
-    """
-
-    modules: tuple[str, ...] = field(default_factory=tuple)
+    module: str = ""
 
     def compute_key(self, task_ctx, inputs: Optional[dict[str, Any]], flow_parameters, **kwargs) -> Optional[str]:
-        sources = [inspect.getsource(importlib.import_module(m)) for m in (*self.modules, *_SHARED)]
-        return _store.hash_json(sources)
+        return _sources_key_cached(self.module)
 
 
-def stage_cache(*core_modules: str) -> CachePolicy:
-    """Cache key = inputs (paths, content hashes, config) + task source + core source."""
-    return INPUTS + TASK_SOURCE + CoreSource(modules=tuple(core_modules))
+@dataclass
+class OutputHome(CachePolicy):
+    """The working directory: relative output paths (raw/..., artifacts/...) are resolved against it."""
+
+    def compute_key(self, task_ctx, inputs: Optional[dict[str, Any]], flow_parameters, **kwargs) -> Optional[str]:
+        return str(Path.cwd().resolve())
+
+
+def stage_cache(module: str) -> CachePolicy:
+    """Cache key = inputs (configs, paths, content hashes) + the stage's sources + where outputs go."""
+    return INPUTS + StageSources(module=module) + OutputHome()
 
 
 def report(key: str, title: str, counts: dict, extra: str = "") -> None:
@@ -49,12 +108,3 @@ def report(key: str, title: str, counts: dict, extra: str = "") -> None:
             flat.append((k, v))
     rows = "\n".join(f"| {k} | {v} |" for k, v in flat)
     create_markdown_artifact(f"# {title}\n\n| count | value |\n|---|---:|\n{rows}\n{extra}", key=key, description=title)
-
-
-def output_ok(result: dict | None) -> bool:
-    """A cached stage result is trusted only if its folder still verifies against its manifest."""
-    if not result or "path" not in result:
-        return False
-    folder = Path(result["path"])
-    manifest = _store.read_manifest(folder)
-    return bool(manifest) and manifest.get("content_hash") == result.get("content_hash") and _store.is_complete(folder)

@@ -1,8 +1,9 @@
-"""The artifact store: content hashes, atomic writes and manifests.
+"""The artifact store: content hashes, atomic writes, manifests, and contract files on disk.
 
 Every stage output is a folder whose ``manifest.json`` is written last. A folder
 without a manifest (or whose files no longer match it) is unfinished and is never
-trusted by a later stage or by a cache.
+trusted by a later stage or by a cache. This is the one place that writes files
+atomically (temporary file, fsync, rename).
 """
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ import shutil
 import subprocess
 import tempfile
 import time
-import unicodedata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar
 
-MANIFEST = "manifest.json"
+from pydantic import BaseModel, ValidationError
+
+from .contracts import MANIFEST_FILE as MANIFEST
+from .contracts import Lineage, Manifest
+
+M = TypeVar("M", bound=BaseModel)
 
 
 # ----- hashing -------------------------------------------------------------
@@ -148,62 +153,79 @@ def write_manifest(
     folder: Path,
     *,
     stage: str,
-    inputs: dict[str, Any],
+    inputs: dict[str, str],
     config: dict[str, Any],
     counts: dict[str, Any],
+    lineage: Lineage = Lineage(),
     timings: dict[str, float] | None = None,
-    extra: dict[str, Any] | None = None,
     content_hash: str | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Write ``manifest.json`` last. ``content_hash`` defaults to the folder's tree hash."""
     folder = Path(folder)
     files = file_hashes(folder)
-    manifest = {
-        "stage": stage,
-        "version": 1,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "code_version": code_version(),
-        "inputs": inputs,
-        "config": config,
-        "counts": counts,
-        "timings_s": {k: round(v, 3) for k, v in (timings or {}).items()},
-        "files": files,
-        "content_hash": content_hash or hash_json(files),
-    }
-    if extra:
-        manifest.update(extra)
-    atomic_write_json(folder / MANIFEST, manifest)
+    manifest = Manifest(
+        stage=stage, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), code_version=code_version(),
+        inputs=inputs, lineage=lineage, config=config, counts=counts,
+        timings_s={k: round(v, 3) for k, v in (timings or {}).items()}, files=files,
+        content_hash=content_hash or hash_json(files),
+    )
+    write_model(folder / MANIFEST, manifest)
     return manifest
 
 
-def read_manifest(folder: Path) -> dict[str, Any] | None:
-    p = Path(folder) / MANIFEST
-    if not p.is_file():
-        return None
+def read_manifest(folder: Path) -> Manifest | None:
+    """The folder's manifest; None when it is missing, unreadable or of another version (unfinished, for every reader)."""
     try:
-        return read_json(p)
-    except (json.JSONDecodeError, OSError):
+        return read_model(Path(folder) / MANIFEST, Manifest)
+    except (FileNotFoundError, ValueError):
         return None
 
 
 def verify(folder: Path) -> list[str]:
     """Problems with a finished folder; an empty list means every file matches its manifest."""
     folder = Path(folder)
-    m = read_manifest(folder)
-    if m is None:
+    p = folder / MANIFEST
+    try:
+        m = read_model(p, Manifest)
+    except FileNotFoundError:
         return [f"{folder}: no readable {MANIFEST} (unfinished or corrupt output)"]
+    except ValueError as e:
+        return [str(e)]
     problems = []
-    for rel, want in m.get("files", {}).items():
-        p = folder / rel
-        if not p.is_file():
-            problems.append(f"{p}: missing")
-        elif sha256_file(p) != want:
-            problems.append(f"{p}: content hash mismatch")
+    for rel, want in m.files.items():
+        f = folder / rel
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+        elif sha256_file(f) != want:
+            problems.append(f"{f}: content hash mismatch")
     return problems
 
 
 def is_complete(folder: Path) -> bool:
     return not verify(folder)
+
+
+# ----- contract files ------------------------------------------------------------
+
+def write_model(path: Path, model: BaseModel) -> Path:
+    """A contract (tasks/contracts.py) as JSON, atomically."""
+    return atomic_write_text(path, model.model_dump_json(indent=2) + "\n")
+
+
+def read_model(path: Path, cls: type[M]) -> M:
+    """A contract file, validated; a wrong or unknown shape is a ValueError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    try:
+        return cls.model_validate_json(text)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ValueError(f"{path}: not a valid {cls.__name__}"
+                         f"{f' (field {where!r})' if where else ''}: {first['msg']}") from None
 
 
 def new_staging_dir(parent: Path, name: str) -> Path:
@@ -225,5 +247,25 @@ def promote(staging: Path, final: Path) -> Path:
     return final
 
 
-def nfc(text: str) -> str:
-    return unicodedata.normalize("NFC", text)
+
+# ----- tables ----------------------------------------------------------------------
+
+def write_text_table(path: Path, rows: list[dict], columns: tuple[str, ...]) -> Path:
+    """Rows of text columns as parquet, atomically (pyarrow directly; datasets reads it back as is)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pydict({c: [r[c] for r in rows] for c in columns}, schema=pa.schema([(c, pa.string()) for c in columns]))
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return atomic_write_bytes(path, buf.getvalue().to_pybytes())
+
+
+def read_table(path: Path, columns: list[str] | None = None) -> list[dict]:
+    """The rows of a parquet file written by a stage; a missing file names the folder it belongs to."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {path.parent} a finished stage output?")
+    return pq.read_table(path, columns=columns).to_pylist()

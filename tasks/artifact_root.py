@@ -17,19 +17,22 @@ Credentials come from the environment as fsspec expects (AWS_*, GOOGLE_APPLICATI
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from . import _store
+from .contracts import Manifest
+from .run_folder import CHECKPOINTS, read_config
 
 log = logging.getLogger("culbot.artifact_root")
 
 ENV = "CULBOT_ARTIFACT_ROOT"
 # Never copied: checkpoints stay on the training host (resume is local); staging folders are unfinished.
-SKIP_DIRS = ("checkpoints",)
+SKIP_DIRS = (CHECKPOINTS,)
 
 
 class TransferError(RuntimeError):
@@ -61,26 +64,28 @@ def url_for(local: Path, root: str) -> str:
     return f"{root.rstrip('/')}/{key_for(local)}"
 
 
-def _stage_manifest(folder: Path) -> dict | None:
+def _stage_manifest(folder: Path) -> Manifest | None:
     """The folder's own stage manifest; a transfer manifest (a run pulled earlier, which may have grown since) is not one."""
     m = _store.read_manifest(folder)
-    return None if m is None or m.get("stage") == "transfer" else m
+    return None if m is None or m.stage == "transfer" else m
 
 
 def _transfer_files(folder: Path) -> dict[str, str]:
     """Files to copy: the stage manifest's list where there is one, else every file outside SKIP_DIRS."""
     m = _stage_manifest(folder)
     if m is not None:
-        return m["files"]
+        return m.files
     return {rel: h for rel, h in _store.file_hashes(folder).items() if rel.split("/")[0] not in SKIP_DIRS}
 
 
-def _remote_manifest(fs, base: str) -> dict | None:
+def _remote_manifest(fs, base: str) -> Manifest | None:
     try:
         with fs.open(f"{base}/{_store.MANIFEST}", "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
+            return Manifest.model_validate_json(f.read())
     except FileNotFoundError:
         return None
+    except ValidationError:
+        return None  # another release's manifest: treated as absent, so it is pushed again
 
 
 def push(local: Path, root: str) -> str:
@@ -90,16 +95,16 @@ def push(local: Path, root: str) -> str:
     own = _stage_manifest(local)
     if own is not None and _store.verify(local):
         raise TransferError(f"{local}: does not match its own manifest; not pushing a corrupt folder")
-    manifest = own or {"stage": "transfer", "version": 1, "files": files, "content_hash": _store.hash_json(files)}
+    manifest = own or Manifest(stage="transfer", files=files, content_hash=_store.hash_json(files))
     fs, base = _fs(url_for(local, root))
     there = _remote_manifest(fs, base)
-    if there is not None and there.get("content_hash") == manifest["content_hash"]:
+    if there is not None and there.content_hash == manifest.content_hash:
         return url_for(local, root)
     for rel in files:
         fs.makedirs(f"{base}/{rel}".rsplit("/", 1)[0], exist_ok=True)
         fs.put_file(str(local / rel), f"{base}/{rel}")
     with fs.open(f"{base}/{_store.MANIFEST}", "wb") as f:
-        f.write((json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        f.write((manifest.model_dump_json(indent=2) + "\n").encode("utf-8"))
     log.info("pushed %s (%d files) to %s", key_for(local), len(files), url_for(local, root))
     return url_for(local, root)
 
@@ -113,22 +118,22 @@ def pull(local: Path, root: str) -> bool:
     fs, base = _fs(url_for(local, root))
     manifest = _remote_manifest(fs, base)
     mine = _store.read_manifest(local)
-    if mine is not None and _store.is_complete(local) and (manifest is None or manifest.get("content_hash") == mine.get("content_hash")):
+    if mine is not None and _store.is_complete(local) and (manifest is None or manifest.content_hash == mine.content_hash):
         return False
     if manifest is None:
         raise TransferError(f"{url_for(local, root)}: no {_store.MANIFEST} there (never pushed, or the push did not finish)")
     staging = _store.new_staging_dir(local.parent, local.name)
     try:
-        for rel in manifest["files"]:
+        for rel in manifest.files:
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(f"{base}/{rel}", str(staging / rel))
-        _store.atomic_write_json(staging / _store.MANIFEST, manifest)
+        _store.write_model(staging / _store.MANIFEST, manifest)
         problems = _store.verify(staging)
         if problems:
             raise TransferError(f"{url_for(local, root)}: the copy does not match its manifest: {'; '.join(problems[:3])}")
-        if local.exists() and manifest.get("stage") == "transfer":
+        if local.exists() and manifest.stage == "transfer":
             # A local folder without a manifest (e.g. a run's checkpoints) keeps its other files.
-            for rel in manifest["files"]:
+            for rel in manifest.files:
                 (local / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging / rel, local / rel)
             os.replace(staging / _store.MANIFEST, local / _store.MANIFEST)
@@ -143,12 +148,14 @@ def pull(local: Path, root: str) -> bool:
 
 
 def run_folders(run_dir: Path) -> list[Path]:
-    """What a run needs on another host: the run itself, its tokenized data and a local base model."""
-    cfg = _store.read_json(Path(run_dir) / "config.json")
-    out = [Path(run_dir), Path(cfg["data"])]
-    base = Path(cfg["model_path"])
-    if base.is_absolute() and base.resolve().is_relative_to(Path.cwd().resolve()):  # a local base (the tiny model), not a Hub id
-        out.append(base)
+    """What a run needs on another host: the run itself, its tokenized data and a local base model under CULBOT_HOME."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    out = [run_dir, config.data_dir(run_dir)]
+    if config.card.base.path is not None:  # a local base (the tiny model), not a Hub id
+        base = Path(config.base_location(run_dir))
+        if base.is_relative_to(Path.cwd().resolve()):
+            out.append(base)
     return out
 
 

@@ -15,6 +15,8 @@ import bisect
 
 import torch
 
+from .contracts import PackingStats
+
 IGNORE = -100
 
 
@@ -94,11 +96,11 @@ class PackedRows(torch.utils.data.Dataset):
         batch = self.examples[self.rows[r]]
         return concat_row(batch["input_ids"], batch["labels"])
 
-    def stats(self) -> dict:
+    def stats(self) -> PackingStats:
         n = len(self.rows)
-        return {"examples": len(self.examples), "rows": n, "max_len": self.max_len, "tokens": self.tokens,
-                "real_token_share": round(self.tokens / (n * self.max_len), 4) if n else 0.0,
-                "examples_per_row": round(len(self.examples) / n, 2) if n else 0.0}
+        return PackingStats(examples=len(self.examples), rows=n, max_len=self.max_len, tokens=self.tokens,
+                            real_token_share=round(self.tokens / (n * self.max_len), 4) if n else 0.0,
+                            examples_per_row=round(len(self.examples) / n, 2) if n else 0.0)
 
 
 class PositionCollator:

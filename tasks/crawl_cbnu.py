@@ -1,4 +1,4 @@
-"""Stage 2a: crawl CBNU web pages (or read a folder of documents) into page records.
+"""Crawl CBNU web pages (or read a folder of documents) into page records.
 
 Run as: culbot crawl cbnu --seed https://www.chungbuk.ac.kr/www/index.do --allow-domain chungbuk.ac.kr --out raw/cbnu/
     or: culbot crawl cbnu --pages-dir raw/samples/cbnu_pages --out raw/cbnu/
@@ -23,8 +23,9 @@ from prefect import task
 from culbot.pipeline_config.schema import CbnuConfig
 
 from . import _store, _text
-from ._http import FetchError, HttpSettings, PoliteClient, Progress, RobotsDisallowed
+from ._http import FetchError, PoliteClient, Progress, RobotsDisallowed
 from ._prefect import report, stage_cache
+from .contracts import StageOutput
 
 log = logging.getLogger("culbot.crawl.cbnu")
 
@@ -91,10 +92,10 @@ def read_directory(folder: Path, min_text_chars: int = 0) -> tuple[list[dict], l
             ex = extract_page(p.read_bytes(), url)
             rec = page_record(url, ex["title"] or _text.nfc(p.stem), ex["text"])
         else:
-            quarantine.append({"stage": "crawl_cbnu", "url": url, "reason": f"unsupported file type {p.suffix!r}"})
+            quarantine.append({"stage": "crawl-cbnu", "url": url, "reason": f"unsupported file type {p.suffix!r}"})
             continue
         if len(rec["text"]) < min_text_chars:
-            quarantine.append({"stage": "crawl_cbnu", "url": url, "reason": "too_little_text", "raw": rec["text"]})
+            quarantine.append({"stage": "crawl-cbnu", "url": url, "reason": "too_little_text", "raw": rec["text"]})
             continue
         pages.append(rec)
     return pages, quarantine
@@ -148,10 +149,10 @@ async def crawl_site(
         try:
             r = await client.get(url, headers=headers or None)
         except RobotsDisallowed:
-            quarantine.append({"stage": "crawl_cbnu", "url": url, "reason": "robots_disallowed"})
+            quarantine.append({"stage": "crawl-cbnu", "url": url, "reason": "robots_disallowed"})
             return
         except FetchError as e:
-            quarantine.append({"stage": "crawl_cbnu", "url": url, "reason": f"fetch_failed: {e.reason}"})
+            quarantine.append({"stage": "crawl-cbnu", "url": url, "reason": f"fetch_failed: {e.reason}"})
             if old:  # keep the last good copy rather than losing the page
                 pages[url] = old
             return
@@ -162,7 +163,7 @@ async def crawl_site(
             counts["unchanged"] += 1
             rec = old
         elif r.status_code != 200:
-            quarantine.append({"stage": "crawl_cbnu", "url": url, "reason": f"http_{r.status_code}"})
+            quarantine.append({"stage": "crawl-cbnu", "url": url, "reason": f"http_{r.status_code}"})
             return
         elif "html" not in r.headers.get("content-type", "text/html"):
             counts["skipped_not_html"] += 1
@@ -178,7 +179,7 @@ async def crawl_site(
                 counts["changed" if old else "new"] += 1
                 rec["fetched_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if len(rec["text"]) < min_text_chars:
-            quarantine.append({"stage": "crawl_cbnu", "url": url, "reason": "too_little_text", "raw": rec["text"]})
+            quarantine.append({"stage": "crawl-cbnu", "url": url, "reason": "too_little_text", "raw": rec["text"]})
         else:
             pages[url] = rec
         if depth < max_depth:
@@ -210,45 +211,43 @@ async def crawl_site(
     return sorted(pages.values(), key=lambda p: p["url"]), quarantine, counts
 
 
-def run_crawl(cfg: CbnuConfig, out_dir: Path | None = None) -> dict:
+def run_crawl(cbnu: CbnuConfig, out_dir: Path | None = None) -> StageOutput:
     """Crawl the configured site, or read the pages folder; write pages.jsonl and the manifest."""
-    out_dir = Path(out_dir or cfg.out_dir)
+    out_dir = Path(out_dir or cbnu.out_dir)
     t0 = time.monotonic()
     (out_dir / _store.MANIFEST).unlink(missing_ok=True)
-    if cfg.source == "directory":
-        pages, quarantine = read_directory(cfg.pages_dir, cfg.min_text_chars)
+    if cbnu.source == "directory":
+        pages, quarantine = read_directory(cbnu.pages_dir, cbnu.min_text_chars)
         counts = {"documents": len(pages)}
-        inputs = {"pages_dir": str(cfg.pages_dir), "tree_hash": _store.tree_hash(cfg.pages_dir)}
+        inputs = {"pages_dir": _store.tree_hash(cbnu.pages_dir)}
     else:
         previous = {p["url"]: p for p in _store.read_jsonl(out_dir / "pages.jsonl")}
 
         async def main():
-            async with PoliteClient(HttpSettings(**cfg.http.model_dump())) as client:
+            async with PoliteClient(cbnu.http) as client:
                 res = await crawl_site(
-                    client, seeds=cfg.seeds, allowed_domains=cfg.allowed_domains, previous=previous,
-                    max_pages=cfg.max_pages, max_depth=cfg.max_depth, include=cfg.include_patterns,
-                    exclude=cfg.exclude_patterns, min_text_chars=cfg.min_text_chars, raw_dir=out_dir / "html",
-                    workers=max(1, cfg.http.max_concurrency_per_host),
+                    client, seeds=cbnu.seeds, allowed_domains=cbnu.allowed_domains, previous=previous,
+                    max_pages=cbnu.max_pages, max_depth=cbnu.max_depth, include=cbnu.include_patterns,
+                    exclude=cbnu.exclude_patterns, min_text_chars=cbnu.min_text_chars, raw_dir=out_dir / "html",
+                    workers=max(1, cbnu.http.max_concurrency_per_host),
                 )
                 log.info("cbnu http: %s", dict(client.stats))
                 return res
 
         pages, quarantine, counts = asyncio.run(main())
-        inputs = {"seeds": cfg.seeds}
+        inputs = {"seeds": " ".join(cbnu.seeds)}
     _store.atomic_write_jsonl(out_dir / "pages.jsonl", pages)
     _store.atomic_write_jsonl(out_dir / "quarantine.jsonl", quarantine)
     counts = {**counts, "pages": len(pages), "quarantined": len(quarantine)}
     log.info("cbnu: %s", counts)
-    return _store.write_manifest(
-        out_dir, stage="crawl_cbnu", inputs=inputs, config=cfg.model_dump(mode="json"), counts=counts,
-        timings={"crawl": time.monotonic() - t0}, content_hash=pages_hash(pages),
-    )
+    m = _store.write_manifest(out_dir, stage="crawl-cbnu", inputs=inputs, config=cbnu.model_dump(mode="json"), counts=counts,
+                              timings={"crawl": time.monotonic() - t0}, content_hash=pages_hash(pages))
+    return StageOutput.of(out_dir, m)
 
 
 @task(name="crawl-cbnu", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=[10, 60])
-def crawl_cbnu_task(config: dict, window: str) -> dict:
+def crawl_cbnu_task(cbnu: CbnuConfig, window: str) -> StageOutput:
     """Network stage, so retried. ``window`` (a time bucket, or the folder's hash) bounds cache reuse."""
-    cfg = CbnuConfig.model_validate(config)
-    m = run_crawl(cfg)
-    report("crawl-cbnu", f"CBNU pages ({cfg.source})", m["counts"])
-    return {"path": str(Path(cfg.out_dir).resolve()), "content_hash": m["content_hash"], "counts": m["counts"]}
+    out = run_crawl(cbnu)
+    report("crawl-cbnu", f"CBNU pages ({cbnu.source})", out.counts)
+    return out

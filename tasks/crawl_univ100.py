@@ -1,4 +1,4 @@
-"""Stage 1: crawl univ100 (대학백과) Q&A through its JSON API, incrementally.
+"""Crawl univ100 (대학백과) Q&A through its JSON API, incrementally.
 
 Run as: culbot crawl univ100 --base-url https://api.univ100.kr --campus 122 --out raw/univ100/
 
@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,8 +20,9 @@ from prefect import task
 from culbot.pipeline_config.schema import Univ100Config
 
 from . import _store, _text
+from ._http import FetchError, PoliteClient, Progress, RobotsDisallowed
 from ._prefect import report, stage_cache
-from ._http import FetchError, HttpSettings, PoliteClient, Progress, RobotsDisallowed
+from .contracts import Manifest, StageOutput
 
 log = logging.getLogger("culbot.crawl.univ100")
 
@@ -92,15 +92,10 @@ def parse_question(body: bytes | str, *, campus_id: int, question_url: str, fetc
     return record
 
 
-@dataclass
-class RowRules:
-    answer_choice: str = "first_nonempty"
-    min_output_chars: int = 10
-    drop_lone_jamo: bool = True
-    keep_url_domains: tuple[str, ...] = ("cbnu.ac.kr",)
+ROW_RULES = {"answer_choice", "min_output_chars", "drop_lone_jamo", "keep_url_domains"}  # the fields that shape rows
 
 
-def record_to_row(record: dict, rules: RowRules) -> tuple[dict | None, str | None, dict[str, int]]:
+def record_to_row(record: dict, rules: Univ100Config) -> tuple[dict | None, str | None, dict[str, int]]:
     """(row, None, pii) or (None, drop reason, pii). Instruction = title + text; input is ''."""
     clean = lambda s: _text.clean_community_text(s, drop_lone_jamo=rules.drop_lone_jamo, keep_url_domains=list(rules.keep_url_domains))
     instruction, pii = clean(f"{record['title']}\n{record['text']}")
@@ -120,7 +115,7 @@ def record_to_row(record: dict, rules: RowRules) -> tuple[dict | None, str | Non
     return row, None, pii
 
 
-def build_rows(records: list[dict], rules: RowRules) -> tuple[list[dict], list[dict], dict[str, int], dict[str, int]]:
+def build_rows(records: list[dict], rules: Univ100Config) -> tuple[list[dict], list[dict], dict[str, int], dict[str, int]]:
     rows, dropped = [], []
     reasons: dict[str, int] = {}
     pii_total = {"email": 0, "phone": 0, "url": 0}
@@ -139,6 +134,8 @@ def build_rows(records: list[dict], rules: RowRules) -> tuple[list[dict], list[d
 # ----- sources: the live API and an offline snapshot -------------------------
 
 class Univ100Source(Protocol):
+    identity: str  # what the manifest records as the crawl's input
+
     async def list_page(self, offset: int) -> tuple[str, bytes]: ...
     async def detail(self, qid: str) -> tuple[str, bytes]: ...
 
@@ -149,6 +146,7 @@ class Univ100Api:
     def __init__(self, client: PoliteClient, base_url: str, campus_id: int, page_size: int, dept_id: str = "", keyword: str = ""):
         self.c, self.base = client, base_url.rstrip("/")
         self.campus_id, self.page_size, self.dept_id, self.keyword = campus_id, page_size, dept_id, keyword
+        self.identity = f"{self.base}{LIST_PATH}?campusId={campus_id}"
 
     async def list_page(self, offset: int) -> tuple[str, bytes]:
         params = {"campusId": self.campus_id, "deptId": self.dept_id, "keyword": self.keyword, "limit": self.page_size, "offset": offset}
@@ -172,6 +170,7 @@ class Univ100Snapshot:
         self.folder = Path(folder)
         if not (self.folder / "list").is_dir():
             raise FileNotFoundError(f"{self.folder}: not a univ100 snapshot (no list/ folder)")
+        self.identity = "snapshot " + _store.tree_hash(self.folder)
 
     async def list_page(self, offset: int) -> tuple[str, bytes]:
         p = self.folder / "list" / f"offset-{offset}.json"
@@ -194,10 +193,10 @@ async def crawl(
     campus_id: int,
     page_size: int,
     question_url: str,
-    rules: RowRules,
+    rules: Univ100Config,
     max_pages: int | None = None,
     stop_after_known_pages: int = 1,
-) -> dict[str, Any]:
+) -> Manifest:
     """Page the list, fetch details of unknown questions, write records/rows; returns the manifest."""
     out_dir = Path(out_dir)
     t0 = time.monotonic()
@@ -219,14 +218,14 @@ async def crawl(
             raise FetchError(e.url, "the list API is disallowed by robots.txt; nothing can be crawled") from None
         except FetchError as e:
             incomplete = f"list page at offset {offset} failed: {e.reason}"
-            quarantine.append({"stage": "crawl_univ100", "url": e.url, "reason": f"fetch_failed: {e.reason}"})
+            quarantine.append({"stage": "crawl-univ100", "url": e.url, "reason": f"fetch_failed: {e.reason}"})
             break
         _store.atomic_write_bytes(raw / "list" / f"offset-{offset}.json", body)
         pages += 1
         try:
             ids = parse_list_page(body)
         except ParseError as e:
-            quarantine.append({"stage": "crawl_univ100", "url": url, "reason": f"malformed: {e}", "raw": body.decode("utf-8", "replace")[:20000]})
+            quarantine.append({"stage": "crawl-univ100", "url": url, "reason": f"malformed: {e}", "raw": body.decode("utf-8", "replace")[:20000]})
             malformed_pages += 1
             if malformed_pages >= 3:
                 incomplete = "three malformed list pages in a row"
@@ -257,7 +256,7 @@ async def crawl(
             url, body = await source.detail(qid)
         except FetchError as e:
             failed += 1
-            quarantine.append({"stage": "crawl_univ100", "id": qid, "url": e.url, "reason": f"fetch_failed: {e.reason}"})
+            quarantine.append({"stage": "crawl-univ100", "id": qid, "url": e.url, "reason": f"fetch_failed: {e.reason}"})
             return
         finally:
             progress.advance()
@@ -266,7 +265,7 @@ async def crawl(
             rec = parse_question(body, campus_id=campus_id, question_url=question_url, fetched_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         except ParseError as e:
             failed += 1
-            quarantine.append({"stage": "crawl_univ100", "id": qid, "url": url, "reason": f"malformed: {e}", "raw": body.decode("utf-8", "replace")[:20000]})
+            quarantine.append({"stage": "crawl-univ100", "id": qid, "url": url, "reason": f"malformed: {e}", "raw": body.decode("utf-8", "replace")[:20000]})
             return
         records[rec["id"]] = rec
 
@@ -277,7 +276,7 @@ async def crawl(
     manifest = _write_outputs(
         out_dir, records, quarantine, rules,
         counts={"list_pages": pages, "questions_listed": len(seen), "new": len(new_ids) - failed, "already_known": len(known), "failed": failed},
-        inputs={"campus_id": campus_id},
+        inputs={"source": source.identity, "campus_id": str(campus_id)},
         timings={"crawl": time.monotonic() - t0},
         incomplete=incomplete,
     )
@@ -286,7 +285,7 @@ async def crawl(
     return manifest
 
 
-def _write_outputs(out_dir, records, quarantine, rules, *, counts, inputs, timings, incomplete=None) -> dict:
+def _write_outputs(out_dir, records, quarantine, rules: Univ100Config, *, counts, inputs, timings, incomplete=None) -> Manifest | None:
     ordered = [records[k] for k in sorted(records, key=lambda x: (len(x), x))]
     rows, dropped, reasons, pii = build_rows(ordered, rules)
     _store.atomic_write_jsonl(out_dir / "records.jsonl", ordered)
@@ -295,58 +294,56 @@ def _write_outputs(out_dir, records, quarantine, rules, *, counts, inputs, timin
     _store.atomic_write_jsonl(out_dir / "quarantine.jsonl", quarantine)
     counts = {**counts, "records": len(ordered), "rows": len(rows), "dropped": reasons, "quarantined": len(quarantine), "pii_removed": pii}
     if incomplete:
-        return {"counts": counts, "incomplete": incomplete}
+        return None
     return _store.write_manifest(
-        out_dir, stage="crawl_univ100", inputs=inputs,
-        config={"rules": rules.__dict__}, counts=counts, timings=timings,
+        out_dir, stage="crawl-univ100", inputs=inputs,
+        config={"rules": rules.model_dump(mode="json", include=ROW_RULES)}, counts=counts, timings=timings,
         content_hash=_store.sha256_file(out_dir / "rows.jsonl"),
     )
 
 
-def reparse(out_dir: Path, *, campus_id: int, question_url: str, rules: RowRules) -> dict:
+def reparse(univ100: Univ100Config, out_dir: Path | None = None) -> StageOutput:
     """Rebuild records and rows from the raw detail responses, with no network."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir or univ100.out_dir)
     (out_dir / _store.MANIFEST).unlink(missing_ok=True)
     old = {r["id"]: r for r in _store.read_jsonl(out_dir / "records.jsonl")}
     records, quarantine = {}, []
     for p in sorted((out_dir / "raw" / "detail").glob("*.json")):
         fetched = old.get(p.stem, {}).get("fetched_at", "")
         try:
-            rec = parse_question(p.read_bytes(), campus_id=campus_id, question_url=question_url, fetched_at=fetched)
+            rec = parse_question(p.read_bytes(), campus_id=univ100.campus_id, question_url=univ100.question_url, fetched_at=fetched)
         except ParseError as e:
-            quarantine.append({"stage": "crawl_univ100", "id": p.stem, "url": f"raw:detail/{p.name}", "reason": f"malformed: {e}", "raw": p.read_text("utf-8", "replace")[:20000]})
+            quarantine.append({"stage": "crawl-univ100", "id": p.stem, "url": f"raw:detail/{p.name}", "reason": f"malformed: {e}", "raw": p.read_text("utf-8", "replace")[:20000]})
             continue
         records[rec["id"]] = rec
-    return _write_outputs(out_dir, records, quarantine, rules, counts={"reparsed": len(records)}, inputs={"campus_id": campus_id}, timings={})
+    m = _write_outputs(out_dir, records, quarantine, univ100, counts={"reparsed": len(records)},
+                       inputs={"source": "raw responses", "campus_id": str(univ100.campus_id)}, timings={})
+    return StageOutput.of(out_dir, m)
 
 
-def rules_from(cfg) -> RowRules:
-    return RowRules(cfg.answer_choice, cfg.min_output_chars, cfg.drop_lone_jamo, tuple(cfg.keep_url_domains))
+def run_crawl(univ100: Univ100Config, out_dir: Path | None = None) -> StageOutput:
+    """Crawl the live API or a snapshot, per ``univ100.source``."""
+    out_dir = Path(out_dir or univ100.out_dir)
 
-
-def run_crawl(cfg, out_dir: Path | None = None) -> dict:
-    """Crawl with a ``Univ100Config``: the live API or a snapshot, per ``cfg.source``."""
-    out_dir = Path(out_dir or cfg.out_dir)
-
-    async def main() -> dict:
-        kwargs = dict(campus_id=cfg.campus_id, page_size=cfg.page_size, question_url=cfg.question_url, rules=rules_from(cfg),
-                      max_pages=cfg.max_pages, stop_after_known_pages=cfg.stop_after_known_pages)
-        if cfg.source == "snapshot":
-            return await crawl(Univ100Snapshot(cfg.snapshot_dir), out_dir, **kwargs)
-        async with PoliteClient(HttpSettings(**cfg.http.model_dump())) as client:
-            m = await crawl(Univ100Api(client, cfg.base_url, cfg.campus_id, cfg.page_size, cfg.dept_id, cfg.keyword), out_dir, **kwargs)
+    async def main() -> Manifest:
+        kwargs = dict(campus_id=univ100.campus_id, page_size=univ100.page_size, question_url=univ100.question_url, rules=univ100,
+                      max_pages=univ100.max_pages, stop_after_known_pages=univ100.stop_after_known_pages)
+        if univ100.source == "snapshot":
+            return await crawl(Univ100Snapshot(univ100.snapshot_dir), out_dir, **kwargs)
+        async with PoliteClient(univ100.http) as client:
+            api = Univ100Api(client, univ100.base_url, univ100.campus_id, univ100.page_size, univ100.dept_id, univ100.keyword)
+            m = await crawl(api, out_dir, **kwargs)
             log.info("univ100 http: %s", dict(client.stats))
             return m
 
-    return asyncio.run(main())
+    return StageOutput.of(out_dir, asyncio.run(main()))
 
 
 # ----- Prefect task -----------------------------------------------------------
 
 @task(name="crawl-univ100", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=[10, 60])
-def crawl_univ100_task(config: dict, window: str) -> dict:
+def crawl_univ100_task(univ100: Univ100Config, window: str) -> StageOutput:
     """Network stage, so retried. ``window`` (a time bucket, or the snapshot's hash) bounds cache reuse."""
-    cfg = Univ100Config.model_validate(config)
-    m = run_crawl(cfg)
-    report("crawl-univ100", f"univ100 crawl (campus {cfg.campus_id})", m["counts"])
-    return {"path": str(Path(cfg.out_dir).resolve()), "content_hash": m["content_hash"], "counts": m["counts"]}
+    out = run_crawl(univ100)
+    report("crawl-univ100", f"univ100 crawl (campus {univ100.campus_id})", out.counts)
+    return out

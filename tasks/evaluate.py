@@ -1,10 +1,10 @@
-"""Stage 8: evaluate a trained adapter: validation loss and perplexity, and answers to Korean probe questions.
+"""Evaluate a trained adapter: validation loss and perplexity, answers to Korean probe questions, and the gate.
 
 Run as: culbot eval --run artifacts/runs/<run>
 
-Probes are formatted with the same template code as training (format_prompts.render_prompt),
-using the template recorded with the adapter. The result is <run>/eval/: eval.json
-(with the gate's verdict), eval.md and a manifest.
+Probes are formatted with the training template code (templates.render_prompt) and the
+template recorded in the adapter's run card. The result is <run>/eval/: eval.json (an
+EvalReport with the gate's verdict), eval.md and a manifest.
 """
 from __future__ import annotations
 
@@ -12,49 +12,21 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+
+from prefect import task
 
 from culbot.pipeline_config.train_schema import EvalSpec
 
 from . import _store
-from .format_prompts import Template, extract_response, render_prompt
+from ._prefect import stage_cache
+from .contracts import EVAL_REPORT_FILE, EvalOutput, EvalReport, ProbeAnswer, RunRef, Template
+from .model_io import load_adapted
+from .run_folder import ADAPTER, EVAL, read_config, require_completed
+from .templates import extract_response, render_prompt
 
 log = logging.getLogger("culbot.eval")
 
-
-class RunNotFinished(RuntimeError):
-    """The run has no completed training result (failed, preempted or never run)."""
-
-
-def read_meta(adapter_dir: Path) -> dict:
-    p = Path(adapter_dir) / "culbot.json"
-    if not p.is_file():
-        raise RunNotFinished(f"{adapter_dir}: no culbot.json; is this a finished adapter?")
-    return _store.read_json(p)
-
-
-def probe_template(meta: dict, source: str) -> Template:
-    name = meta["template_map"].get(source, meta["default_template"])
-    t = meta["templates"][name]
-    return Template(**{**t, "name": name})
-
-
-def load_adapted(adapter_dir: Path):
-    """Base model from the adapter's own metadata, plus the adapter; and the tokenizer saved with it.
-
-    On a GPU host: bf16 on the GPU(s); on CPU: fp32.
-    """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    meta = read_meta(adapter_dir)
-    gpu = torch.cuda.is_available()
-    base = AutoModelForCausalLM.from_pretrained(meta["base_model"], revision=meta.get("base_revision"),
-                                                dtype=torch.bfloat16 if gpu else torch.float32, device_map="auto" if gpu else None)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    return model, AutoTokenizer.from_pretrained(str(adapter_dir)), meta
-
+REPORT_MD = "eval.md"
 
 def eval_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> tuple[float, int]:
     """Token-weighted mean cross-entropy over label tokens."""
@@ -74,7 +46,7 @@ def eval_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> tuple[fl
     return (total / count if count else float("nan")), count
 
 
-def answer_probes(model, tokenizer, template: Template, probes: list[str], max_new_tokens: int) -> list[dict[str, str]]:
+def answer_probes(model, tokenizer, template: Template, probes: list[str], max_new_tokens: int) -> list[ProbeAnswer]:
     import torch
 
     out = []
@@ -85,46 +57,71 @@ def answer_probes(model, tokenizer, template: Template, probes: list[str], max_n
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         text = tokenizer.decode(gen[0][enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        out.append({"question": q, "prompt": prompt, "answer": extract_response(template, text)})
+        out.append(ProbeAnswer(question=q, prompt=prompt, answer=extract_response(template, text)))
     return out
 
 
-def report_markdown(res: dict[str, Any]) -> str:
-    lines = [f"# Eval of `{res['run']}`", "", f"**{res['status'].upper()}**: {res['reason']}", "",
-             "| metric | value |", "|---|---:|", f"| validation loss | {res['eval_loss']:.4f} |",
-             f"| perplexity | {res['perplexity']:.2f} |", f"| label tokens | {res['label_tokens']} |", "",
-             f"## Probes (template `{res['template']}`)", ""]
-    for p in res["probes"]:
-        lines += [f"**Q:** {p['question']}", "", f"**A:** {p['answer'] or '(empty)'}", ""]
+def report_markdown(res: EvalReport) -> str:
+    lines = [f"# Eval of `{res.run}`", "", f"**{res.status.upper()}**: {res.reason}", "",
+             "| metric | value |", "|---|---:|", f"| validation loss | {res.eval_loss:.4f} |",
+             f"| perplexity | {res.perplexity:.2f} |", f"| label tokens | {res.label_tokens} |", "",
+             f"## Probes (template `{res.template}`)", ""]
+    for p in res.probes:
+        lines += [f"**Q:** {p.question}", "", f"**A:** {p.answer or '(empty)'}", ""]
     return "\n".join(lines)
 
 
-def run_eval(run_dir: Path, spec: EvalSpec) -> dict:
+def gate(loss: float, spec: EvalSpec) -> tuple[bool, str]:
+    """The eval gate: a finite validation loss, at most ``max_eval_loss`` when set."""
+    if not math.isfinite(loss):
+        return False, f"validation loss {loss} is not finite"
+    if spec.max_eval_loss is not None and loss > spec.max_eval_loss:
+        return False, f"validation loss {loss:.4f} > gate {spec.max_eval_loss}"
+    return True, f"validation loss {loss:.4f}" + (f" ≤ gate {spec.max_eval_loss}" if spec.max_eval_loss else " is finite")
+
+
+def run_eval(run_dir: Path, spec: EvalSpec) -> EvalReport:
     import datasets
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
     t0 = time.monotonic()
-    result_file = run_dir / "train_result.json"
-    status = _store.read_json(result_file)["status"] if result_file.is_file() else "missing"
-    if status != "completed":
-        raise RunNotFinished(f"{run_dir}: training status is {status!r}; only a completed run can be evaluated")
-    cfg = _store.read_json(run_dir / "config.json")
-    model, tokenizer, meta = load_adapted(run_dir / "adapter")
-    rows = datasets.Dataset.from_parquet(str(Path(cfg["data"]) / "validation.parquet")).select_columns(["input_ids", "labels"]).to_list()
+    require_completed(run_dir)
+    config = read_config(run_dir)
+    model, tokenizer, card = load_adapted(run_dir / ADAPTER)
+    rows = datasets.Dataset.from_parquet(str(config.data_dir(run_dir) / "validation.parquet")).select_columns(["input_ids", "labels"]).to_list()
     loss, n = eval_loss(model, rows, tokenizer.pad_token_id, spec.batch_size)
-    template = probe_template(meta, spec.probe_source)
+    template = card.template_for(spec.probe_source)
     probes = answer_probes(model, tokenizer, template, spec.probes, spec.max_new_tokens)
-    ok = math.isfinite(loss) and (spec.max_eval_loss is None or loss <= spec.max_eval_loss)
-    reason = (f"validation loss {loss:.4f}" + (f" ≤ gate {spec.max_eval_loss}" if spec.max_eval_loss else " is finite")) if ok else \
-        (f"validation loss {loss} is not finite" if not math.isfinite(loss) else f"validation loss {loss:.4f} > gate {spec.max_eval_loss}")
-    res = {"run": run_dir.name, "status": "passed" if ok else "failed", "reason": reason, "eval_loss": loss,
-           "perplexity": math.exp(loss) if math.isfinite(loss) and loss < 50 else float("inf"), "label_tokens": n,
-           "template": template.name, "probes": probes, "seconds": round(time.monotonic() - t0, 2)}
-    out = run_dir / "eval"
+    ok, reason = gate(loss, spec)
+    res = EvalReport(run=run_dir.name, status="passed" if ok else "failed", reason=reason, eval_loss=loss,
+                     perplexity=math.exp(loss) if math.isfinite(loss) and loss < 50 else float("inf"), label_tokens=n,
+                     template=template.name, probes=probes, seconds=round(time.monotonic() - t0, 2))
+    out = run_dir / EVAL
     (out / _store.MANIFEST).unlink(missing_ok=True)
-    _store.atomic_write_json(out / "eval.json", res)
-    _store.atomic_write_text(out / "eval.md", report_markdown(res))
-    _store.write_manifest(out, stage="eval", inputs={"adapter": _store.tree_hash(run_dir / "adapter")}, config=spec.model_dump(mode="json"),
-                          counts={"eval_loss": loss, "label_tokens": n, "status": res["status"]}, timings={"eval": res["seconds"]})
-    log.info("eval %s: loss %.4f, perplexity %.2f (%s)", res["status"], loss, res["perplexity"], reason)
+    _store.write_model(out / EVAL_REPORT_FILE, res)
+    _store.atomic_write_text(out / REPORT_MD, report_markdown(res))
+    _store.write_manifest(out, stage="eval", inputs={"adapter": _store.read_manifest(run_dir / ADAPTER).content_hash},
+                          lineage=card.lineage, config=spec.model_dump(mode="json"),
+                          counts={"eval_loss": loss, "label_tokens": n, "status": res.status}, timings={"eval": res.seconds})
+    log.info("eval %s: loss %.4f, perplexity %.2f (%s); report %s", res.status, loss, res.perplexity, reason, out / REPORT_MD)
     return res
+
+
+def eval_output(run_dir: Path) -> EvalOutput:
+    """The eval stage's output for a run folder that has an eval report."""
+    out = Path(run_dir).resolve() / EVAL
+    m = _store.read_manifest(out)
+    if m is None:
+        raise FileNotFoundError(f"{out}: no finished eval; run `culbot eval --run {run_dir}` first")
+    res = _store.read_model(out / EVAL_REPORT_FILE, EvalReport)
+    return EvalOutput(path=out, content_hash=m.content_hash, stage="eval", counts=m.counts, passed=res.passed,
+                      reason=res.reason, eval_loss=res.eval_loss)
+
+
+@task(name="eval", cache_policy=stage_cache(__name__), persist_result=True)
+def eval_task(spec: EvalSpec, run: RunRef) -> EvalOutput:
+    from prefect.artifacts import create_markdown_artifact
+
+    run_eval(run.run_dir, spec)
+    create_markdown_artifact((run.run_dir / EVAL / REPORT_MD).read_text(encoding="utf-8"), key="eval-report", description="Eval report")
+    return eval_output(run.run_dir)

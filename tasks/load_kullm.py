@@ -1,4 +1,4 @@
-"""Stage 3: load KULLM-v2 (nlpai-lab/kullm-v2) with datasets, keeping `input`.
+"""Load KULLM-v2 (nlpai-lab/kullm-v2) with datasets, keeping `input`.
 
 Run as: culbot load-kullm --hub-id nlpai-lab/kullm-v2 --revision <sha> --out raw/kullm/
     or: culbot load-kullm --file raw/samples/kullm_sample.jsonl --out raw/kullm/
@@ -20,6 +20,7 @@ from culbot.pipeline_config.schema import KullmConfig
 
 from . import _store, _text
 from ._prefect import report, stage_cache
+from .contracts import StageOutput
 
 log = logging.getLogger("culbot.load_kullm")
 
@@ -46,14 +47,14 @@ def resolve_revision(hub_id: str, revision: str) -> str:
     return HfApi().dataset_info(hub_id, revision=revision).sha
 
 
-def load_dataset_rows(cfg: KullmConfig, revision: str | None = None):
+def load_dataset_rows(kullm: KullmConfig, revision: str | None = None):
     """The datasets.Dataset for the configured source (hub id at a revision, or a local file)."""
     import datasets
 
-    if cfg.source == "hub":
-        log.info("loading %s@%s (%s) from the Hub", cfg.hub_id, revision or cfg.revision, cfg.split)
-        return datasets.load_dataset(cfg.hub_id, revision=revision or cfg.revision, split=cfg.split)
-    path = Path(cfg.file)
+    if kullm.source == "hub":
+        log.info("loading %s@%s (%s) from the Hub", kullm.hub_id, revision or kullm.revision, kullm.split)
+        return datasets.load_dataset(kullm.hub_id, revision=revision or kullm.revision, split=kullm.split)
+    path = Path(kullm.file)
     if not path.is_file():
         raise FileNotFoundError(f"kullm.file: {path} not found")
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
@@ -70,19 +71,19 @@ def sample(ds, *, max_rows: int | None, fraction: float | None, seed: int):
     return ds.shuffle(seed=seed).select(range(keep))
 
 
-def run_load(cfg: KullmConfig, out_dir: Path | None = None) -> dict:
-    out_dir = Path(out_dir or cfg.out_dir)
+def run_load(kullm: KullmConfig, out_dir: Path | None = None) -> StageOutput:
+    out_dir = Path(out_dir or kullm.out_dir)
     t0 = time.monotonic()
     (out_dir / _store.MANIFEST).unlink(missing_ok=True)
-    sha = resolve_revision(cfg.hub_id, cfg.revision) if cfg.source == "hub" else None
-    ds = load_dataset_rows(cfg, sha)
+    sha = resolve_revision(kullm.hub_id, kullm.revision) if kullm.source == "hub" else None
+    ds = load_dataset_rows(kullm, sha)
     total = len(ds)
-    ds = sample(ds, max_rows=cfg.max_rows, fraction=cfg.fraction, seed=cfg.seed)
+    ds = sample(ds, max_rows=kullm.max_rows, fraction=kullm.fraction, seed=kullm.seed)
     rows, quarantine = [], []
     for n, row in enumerate(ds):
         clean, reason = check_row(row, n)
         if clean is None:
-            quarantine.append({"stage": "load_kullm", "row": n, "reason": reason, "item": row})
+            quarantine.append({"stage": "load-kullm", "row": n, "reason": reason, "item": row})
         else:
             rows.append(clean)
     _store.atomic_write_jsonl(out_dir / "rows.jsonl", rows)
@@ -90,16 +91,16 @@ def run_load(cfg: KullmConfig, out_dir: Path | None = None) -> dict:
     with_input = sum(1 for r in rows if r["input"].strip())
     counts = {"loaded": total, "sampled": len(ds), "rows": len(rows), "with_input": with_input, "quarantined": len(quarantine)}
     log.info("kullm: %s", counts)
-    inputs = {"hub_id": cfg.hub_id, "revision": cfg.revision, "commit": sha} if cfg.source == "hub" else {"file": str(cfg.file), "sha256": _store.sha256_file(Path(cfg.file))}
-    return _store.write_manifest(out_dir, stage="load_kullm", inputs=inputs, config=cfg.model_dump(mode="json"),
-                                 counts=counts, timings={"load": time.monotonic() - t0},
-                                 content_hash=_store.sha256_file(out_dir / "rows.jsonl"))
+    inputs = {"hub": f"{kullm.hub_id}@{sha}"} if kullm.source == "hub" else {"file": _store.sha256_file(Path(kullm.file))}
+    m = _store.write_manifest(out_dir, stage="load-kullm", inputs=inputs, config=kullm.model_dump(mode="json"),
+                              counts=counts, timings={"load": time.monotonic() - t0},
+                              content_hash=_store.sha256_file(out_dir / "rows.jsonl"))
+    return StageOutput.of(out_dir, m)
 
 
 @task(name="load-kullm", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=30)
-def load_kullm_task(config: dict, source_hash: str) -> dict:
+def load_kullm_task(kullm: KullmConfig, source_hash: str) -> StageOutput:
     """Network stage when loading from the Hub. ``source_hash``: the file's sha256 or hub id@revision."""
-    cfg = KullmConfig.model_validate(config)
-    m = run_load(cfg)
-    report("load-kullm", f"KULLM-v2 ({cfg.source})", m["counts"])
-    return {"path": str(Path(cfg.out_dir).resolve()), "content_hash": m["content_hash"], "counts": m["counts"]}
+    out = run_load(kullm)
+    report("load-kullm", f"KULLM-v2 ({kullm.source})", out.counts)
+    return out

@@ -1,9 +1,9 @@
-"""Stage 4: merge univ100, CBNU QA and KULLM rows; dedup, split and version.
+"""Merge univ100, CBNU QA and KULLM rows into one dataset version: dedup, split, version.
 
-Run as: culbot merge --univ100 raw/univ100 --cbnu-qa raw/cbnu_qa --kullm raw/kullm --out artifacts/datasets
+Run as: culbot merge-data --univ100 raw/univ100 --cbnu-qa raw/cbnu_qa --kullm raw/kullm --out artifacts/datasets
 
 A version is addressed by the content hash of its rows:
-artifacts/datasets/<hash>/{train,validation}.parquet, stats.json, dropped.jsonl
+artifacts/datasets/<short hash>/{train,validation}.parquet, stats.json, dropped.jsonl
 and manifest.json (written last). The same inputs give the same version.
 """
 from __future__ import annotations
@@ -15,10 +15,11 @@ from typing import Any
 
 from prefect import task
 
-from culbot.pipeline_config.schema import MergeConfig
+from culbot.pipeline_config.schema import MergeDataConfig
 
 from . import _store, _text
 from ._prefect import stage_cache
+from .contracts import StageOutput, StageRef, short_hash
 
 log = logging.getLogger("culbot.merge")
 
@@ -117,7 +118,7 @@ def dataset_stats(train: list[dict], val: list[dict], drops: dict[str, int], inp
 
 def stats_markdown(version: str, stats: dict) -> str:
     """The Prefect report of a dataset version."""
-    lines = [f"# Dataset version `{version[:16]}`", "", f"train **{stats['train']}**, validation **{stats['validation']}**, rows with input {stats['with_input']}", "",
+    lines = [f"# Dataset version `{short_hash(version)}`", "", f"train **{stats['train']}**, validation **{stats['validation']}**, rows with input {stats['with_input']}", "",
              "| source | rows in | train | validation |", "|---|---:|---:|---:|"]
     for s in sorted(stats["rows_in"]):
         lines.append(f"| {s} | {stats['rows_in'][s]} | {stats['train_by_source'].get(s, 0)} | {stats['validation_by_source'].get(s, 0)} |")
@@ -129,67 +130,48 @@ def stats_markdown(version: str, stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_parquet(rows: list[dict], path: Path) -> None:
-    import datasets
-
-    features = datasets.Features({c: datasets.Value("string") for c in COLUMNS})
-    datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS}, features=features).to_parquet(str(path))
-
-
-def read_split(folder: Path, split: str) -> list[dict]:
-    import datasets
-
-    path = Path(folder) / f"{split}.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; is {folder} a finished dataset version?")
-    return datasets.Dataset.from_parquet(str(path)).to_list()
-
-
-def run_merge(inputs: dict[str, Path], cfg: MergeConfig, out_root: Path | None = None) -> dict:
+def run_merge(inputs: dict[str, Path], merge_data: MergeDataConfig, out_root: Path | None = None) -> StageOutput:
     """Merge the rows.jsonl of each input folder (source name -> folder) into a dataset version."""
     t0 = time.monotonic()
-    out_root = Path(out_root or cfg.out_root)
+    out_root = Path(out_root or merge_data.out_root)
     sources, input_hashes = {}, {}
     for name, folder in inputs.items():
         folder = Path(folder)
         problems = _store.verify(folder)
         if problems:
-            raise RuntimeError(f"merge input {name!r} is not a finished stage output: {problems[0]}")
+            raise RuntimeError(f"merge-data input {name!r} is not a finished stage output: {problems[0]}")
         sources[name] = _store.read_jsonl(folder / "rows.jsonl")
-        input_hashes[name] = _store.read_manifest(folder)["content_hash"]
-    rows, dropped, drops = merge_sources(sources, cfg.source_priority)
-    train, val = split_rows(rows, seed=cfg.seed, fraction=cfg.validation_fraction, size=cfg.validation_size)
+        input_hashes[name] = _store.read_manifest(folder).content_hash
+    rows, dropped, drops = merge_sources(sources, merge_data.source_priority)
+    train, val = split_rows(rows, seed=merge_data.seed, fraction=merge_data.validation_fraction, size=merge_data.validation_size)
     version = _store.hash_json({"train": train, "validation": val})
-    final = out_root / version[:16]
+    final = out_root / short_hash(version)
     stats = dataset_stats(train, val, drops, {k: len(v) for k, v in sources.items()})
     if _store.is_complete(final):
-        log.info("dataset version %s already exists; reusing it", version[:16])
-        manifest = _store.read_manifest(final)
-    else:
-        staging = _store.new_staging_dir(out_root, version[:16])
-        _write_parquet(train, staging / "train.parquet")
-        _write_parquet(val, staging / "validation.parquet")
-        _store.atomic_write_json(staging / "stats.json", stats)
-        _store.atomic_write_jsonl(staging / "dropped.jsonl", dropped)
-        _store.write_manifest(staging, stage="merge", inputs=input_hashes, config=cfg.model_dump(mode="json"),
-                              counts=stats, timings={"merge": time.monotonic() - t0}, content_hash=version,
-                              extra={"dataset_version": version[:16], "columns": list(COLUMNS)})
-        _store.promote(staging, final)
-        manifest = _store.read_manifest(final)
-        _store.atomic_write_text(out_root / "LATEST", version[:16] + "\n")
-        history = _store.read_jsonl(out_root / "versions.jsonl")
-        history.append({"version": version[:16], "created_at": manifest["created_at"], "train": len(train), "validation": len(val), "inputs": input_hashes})
-        _store.atomic_write_jsonl(out_root / "versions.jsonl", history)
-        log.info("dataset version %s: train %d, validation %d, dropped %s", version[:16], len(train), len(val), drops)
-    return manifest | {"path": str(final)}
+        log.info("dataset version %s already exists; reusing it", short_hash(version))
+        return StageOutput.of(final, _store.read_manifest(final))
+    staging = _store.new_staging_dir(out_root, short_hash(version))
+    _store.write_text_table(staging / "train.parquet", train, COLUMNS)
+    _store.write_text_table(staging / "validation.parquet", val, COLUMNS)
+    _store.atomic_write_json(staging / "stats.json", stats)
+    _store.atomic_write_jsonl(staging / "dropped.jsonl", dropped)
+    m = _store.write_manifest(staging, stage="merge-data", inputs=input_hashes, config=merge_data.model_dump(mode="json"),
+                              counts=stats, timings={"merge-data": time.monotonic() - t0}, content_hash=version)
+    _store.promote(staging, final)
+    _store.atomic_write_text(out_root / "LATEST", short_hash(version) + "\n")
+    history = _store.read_jsonl(out_root / "versions.jsonl")
+    history.append({"content_hash": version, "folder": short_hash(version), "created_at": m.created_at, "train": len(train),
+                    "validation": len(val), "inputs": input_hashes})
+    _store.atomic_write_jsonl(out_root / "versions.jsonl", history)
+    log.info("dataset version %s: train %d, validation %d, dropped %s", short_hash(version), len(train), len(val), drops)
+    return StageOutput.of(final, m)
 
 
-@task(name="merge", cache_policy=stage_cache(__name__), persist_result=True)
-def merge_task(config: dict, inputs: dict) -> dict:
-    """``inputs``: source name -> stage result ({path, content_hash}); hashes make the cache key."""
+@task(name="merge-data", cache_policy=stage_cache(__name__), persist_result=True)
+def merge_data_task(merge_data: MergeDataConfig, inputs: dict[str, StageRef]) -> StageOutput:
+    """``inputs``: source name -> its stage folder; the content hashes make the cache key."""
     from prefect.artifacts import create_markdown_artifact
 
-    cfg = MergeConfig.model_validate(config)
-    m = run_merge({k: Path(v["path"]) for k, v in inputs.items()}, cfg)
-    create_markdown_artifact(stats_markdown(m["content_hash"], m["counts"]), key="dataset-stats", description="Dataset version stats")
-    return {"path": str(Path(m["path"]).resolve()), "content_hash": m["content_hash"], "counts": m["counts"]}
+    out = run_merge({k: v.path for k, v in inputs.items()}, merge_data)
+    create_markdown_artifact(stats_markdown(out.content_hash, out.counts), key="dataset-stats", description="Dataset version stats")
+    return out

@@ -43,18 +43,18 @@ def model_shape(profile: TrainProfile, planner: PlannerConfig) -> ModelShape:
     if base == TINY:
         from .tiny_model import TINY_SHAPE
 
-        cfg = {**TINY_SHAPE, "vocab_size": 1024}
+        model_config = {**TINY_SHAPE, "vocab_size": 1024}
     elif (Path(base) / "config.json").is_file():
-        cfg = json.loads((Path(base) / "config.json").read_text())
+        model_config = json.loads((Path(base) / "config.json").read_text())
     else:
         try:  # a Hub id not listed: its config.json (a few KB) says
             from transformers import AutoConfig
 
-            cfg = AutoConfig.from_pretrained(base, revision=profile.model.revision).to_dict()
+            model_config = AutoConfig.from_pretrained(base, revision=profile.model.revision).to_dict()
         except Exception as e:
             raise ConfigError(f"{base}: no model shape known ({type(e).__name__}); add it under 'shapes' in pipeline_config/planner/planner.yaml") from None
-    return ModelShape(hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
-                      intermediate=cfg["intermediate_size"], vocab=cfg["vocab_size"])
+    return ModelShape(hidden=model_config["hidden_size"], layers=model_config["num_hidden_layers"], heads=model_config["num_attention_heads"],
+                      intermediate=model_config["intermediate_size"], vocab=model_config["vocab_size"])
 
 
 _MODULES = {  # GPT-NeoX linear layers: (in, out) as functions of the shape

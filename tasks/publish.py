@@ -1,10 +1,11 @@
-"""Stage 10: publish the merged model and/or the adapter, with a model card: the Hugging Face Hub, or a local folder.
+"""Publish the merged model and/or the adapter, with a model card: the Hugging Face Hub, or a local folder.
 
 Run as: culbot publish --run artifacts/runs/<run> --model artifacts/models/<hash> [--target hub --repo-id ORG/NAME]
 
-Publishing is refused unless training completed (no guard fired) and eval passed.
-The Hub token comes only from HF_TOKEN or a Prefect Secret block; it is never written
-to the card, the logs or the publish record.
+Publishing is refused unless training completed (no guard fired) and eval passed. The
+card is written from the run card and the eval report. The Hub token comes only from
+HF_TOKEN or a Prefect Secret block; it is never written to the card, the logs or the
+publish record.
 """
 from __future__ import annotations
 
@@ -16,82 +17,100 @@ import time
 from pathlib import Path
 
 import yaml
+from prefect import task
 
 from culbot.pipeline_config.train_schema import PublishSpec
 
 from . import _store
+from ._prefect import stage_cache
+from .contracts import EVAL_REPORT_FILE, RUN_CARD_FILE, Contract, EvalReport, PublishOutput, RunCard, RunRef, StageRef, short_hash
+from .run_folder import ADAPTER, EVAL, PUBLISH, read_run_card, require_completed
 
 log = logging.getLogger("culbot.publish")
+
+RECORD = "record.json"
 
 
 class PublishRefused(RuntimeError):
     """The run did not pass the guards and the eval gate."""
 
 
-def check_publishable(run_dir: Path) -> dict:
+class Published(Contract):
+    where: str                 # the Hub URL or the local folder
+    repo: str | None = None
+    commit: str | None = None
+
+
+class PublishRecord(Contract):
+    """``<run>/publish/record.json``: what was published where (never a token)."""
+
+    target: str
+    run: str
+    dataset: str | None
+    published: dict[str, Published]
+    at: str
+
+
+def check_publishable(run_dir: Path) -> EvalReport:
     run_dir = Path(run_dir)
-    tr = run_dir / "train_result.json"
-    status = _store.read_json(tr)["status"] if tr.is_file() else "missing"
-    if status != "completed":
-        raise PublishRefused(f"{run_dir.name}: training status is {status!r}; only a completed run that passed its guards is published")
-    ev = run_dir / "eval" / "eval.json"
+    require_completed(run_dir)
+    ev = run_dir / EVAL / EVAL_REPORT_FILE
     if not ev.is_file():
-        raise PublishRefused(f"{run_dir.name}: no eval.json; run `culbot eval` first")
-    evaluation = _store.read_json(ev)
-    if evaluation["status"] != "passed":
-        raise PublishRefused(f"{run_dir.name}: eval gate failed ({evaluation['reason']})")
+        raise PublishRefused(f"{run_dir.name}: no eval report; run `culbot eval --run {run_dir}` first")
+    evaluation = _store.read_model(ev, EvalReport)
+    if not evaluation.passed:
+        raise PublishRefused(f"{run_dir.name}: eval gate failed ({evaluation.reason})")
     return evaluation
 
 
-def model_card(meta: dict, evaluation: dict, kind: str, repo_name: str, license: str) -> str:
+def model_card(card: RunCard, evaluation: EvalReport, kind: str, repo_name: str, license: str) -> str:
     """README.md with Hub metadata: base model, data mix, template, hyperparameters, profile, eval, use and limits."""
-    hp = meta["hyperparameters"]
-    base = meta["base_model"]
+    hp = card.hyperparameters
+    base = card.base
     front = {"language": ["ko"], "license": license, "library_name": "peft" if kind == "adapter" else "transformers",
              "tags": ["culbot", "cbnu", "korean", "lora", "gpt_neox"], "datasets": ["nlpai-lab/kullm-v2"], "pipeline_tag": "text-generation"}
-    if "/" in base and not Path(base).exists():
-        front["base_model"] = base
-    mix = meta.get("data_mix", {})
-    name = meta["template_map"].get("cbnu", meta["default_template"])
-    t = meta["templates"][name]
-    rows = "\n".join(f"| {s} | {n} | {mix.get('validation', {}).get(s, 0)} |" for s, n in sorted(mix.get("train", {}).items()))
+    if base.path is None:  # a Hub model, not a local folder
+        front["base_model"] = base.name
+    mix = card.data_mix
+    t = card.template_for("cbnu")
+    rows = "\n".join(f"| {s} | {n} | {mix['validation'].get(s, 0)} |" for s, n in sorted(mix["train"].items()))
     hyper = "\n".join(f"| {k} | {v} |" for k, v in [
-        ("LoRA r / alpha / dropout", f"{hp['lora']['r']} / {hp['lora']['alpha']} / {hp['lora']['dropout']}"),
-        ("LoRA targets", ", ".join(meta.get("lora_targets", []))),
-        ("micro batch × accumulation → global", f"{hp['train']['micro_batch_size']} × {hp['train']['gradient_accumulation_steps']} → {hp['train']['global_batch_size']}"),
-        ("epochs / max steps", f"{hp['train']['epochs']} / {hp['train']['max_steps']}"),
-        ("learning rate / schedule / warmup", f"{hp['train']['learning_rate']} / {hp['train']['lr_scheduler']} / {hp['train']['warmup_steps']}"),
-        ("cutoff / train on inputs / packing", f"{hp['data']['cutoff_len']} / {hp['data']['train_on_inputs']} / {hp['data']['packing']}"),
-        ("dtype / quantisation", f"{hp['model']['dtype']} / {hp['model']['quantization']}"),
-        ("optimizer steps", meta.get("global_step"))])
-    probe = evaluation["probes"][0] if evaluation.get("probes") else None
+        ("LoRA r / alpha / dropout", f"{hp.lora.r} / {hp.lora.alpha} / {hp.lora.dropout}"),
+        ("LoRA targets", ", ".join(card.lora_targets)),
+        ("micro batch × accumulation → global", f"{hp.train.micro_batch_size} × {hp.train.gradient_accumulation_steps} → {hp.train.global_batch_size}"),
+        ("epochs / max steps", f"{hp.train.epochs} / {hp.train.max_steps}"),
+        ("learning rate / schedule / warmup", f"{hp.train.learning_rate} / {hp.train.lr_scheduler} / {hp.train.warmup_steps}"),
+        ("cutoff / train on inputs / packing", f"{hp.data.cutoff_len} / {hp.data.train_on_inputs} / {hp.data.packing}"),
+        ("dtype / quantisation", f"{hp.model.dtype} / {hp.model.quantization}"),
+        ("optimizer steps", card.global_step)])
+    probe = evaluation.probes[0] if evaluation.probes else None
     usage = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(\"%s\")" % repo_name) if kind == "adapter" \
         else ("from transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained(\"%s\")\n"
               "tokenizer = AutoTokenizer.from_pretrained(\"%s\")" % (repo_name, repo_name))
     body = f"""# {repo_name}
 
 A Korean campus assistant for Chungbuk National University (충북대학교, CBNU), built by the Culbot pipeline:
-{'a LoRA adapter for' if kind == 'adapter' else 'LoRA fine-tuning merged into'} `{base}`{f" (revision `{meta['base_revision']}`)" if meta.get('base_revision') else ''}.
+{'a LoRA adapter for' if kind == 'adapter' else 'LoRA fine-tuning merged into'} `{base.name}`{f" (revision `{base.revision}`)" if base.revision else ''}.
 
 ## Data
 
-Dataset version `{meta['dataset_hash'][:16]}` (KULLM-v2, QA generated from CBNU web pages, univ100 student Q&A).
+Dataset version `{short_hash(card.lineage.dataset or '')}` (KULLM-v2, QA generated from CBNU web pages, univ100 student Q&A).
 
 | source | train rows | validation rows |
 |---|---:|---:|
 {rows}
 
-## Prompt template `{name}`
+## Prompt template `{t.name}`
 
-Format prompts exactly like this (the template is also saved as `culbot_template.json`):
+Format prompts exactly like this (the templates are also saved as `templates.json`):
 
 ```
-{t.get('prompt_no_input', '')}
+{t.prompt_no_input}
 ```
 
 ## Training
 
-Profile `{meta['profile']}`.
+Profile `{card.profile}`.
 
 | setting | value |
 |---|---|
@@ -99,8 +118,8 @@ Profile `{meta['profile']}`.
 
 ## Evaluation
 
-Validation loss **{evaluation['eval_loss']:.4f}**, perplexity **{evaluation['perplexity']:.2f}** ({evaluation['status']}: {evaluation['reason']}).
-{f"Example: **Q:** {probe['question']} **A:** {probe['answer'] or '(empty)'}" if probe else ''}
+Validation loss **{evaluation.eval_loss:.4f}**, perplexity **{evaluation.perplexity:.2f}** ({evaluation.status}: {evaluation.reason}).
+{f"Example: **Q:** {probe.question} **A:** {probe.answer or '(empty)'}" if probe else ''}
 
 ## Use
 
@@ -136,29 +155,36 @@ def _folders(spec: PublishSpec, run_dir: Path, model_dir: Path | None) -> dict[s
             raise PublishRefused(f"merged model {model_dir} is missing or does not verify; run `culbot merge-adapter` first")
         out["merged"] = Path(model_dir)
     if spec.what in ("adapter", "both"):
-        out["adapter"] = Path(run_dir) / "adapter"
+        out["adapter"] = Path(run_dir) / ADAPTER
     return out
 
 
-def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishSpec) -> dict:
-    run_dir = Path(run_dir)
+def _copy_with_card(folder: Path, dest: Path, card_text: str, local_base: bool) -> None:
+    """The folder without its manifest, a README.md model card, and a run card whose local base still resolves (or is dropped)."""
+    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("manifest.json", ".*"))
+    (dest / "README.md").write_text(card_text, encoding="utf-8")
+    card = read_run_card(folder)
+    base = card.base.relocated(folder, dest) if local_base else card.base.model_copy(update={"path": None})
+    _store.write_model(dest / RUN_CARD_FILE, card.model_copy(update={"base": base}))
+
+
+def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishSpec) -> PublishRecord:
+    run_dir = Path(run_dir).resolve()
     evaluation = check_publishable(run_dir)
-    meta = _store.read_json(run_dir / "adapter" / "culbot.json")
+    card = read_run_card(run_dir / ADAPTER)
     folders = _folders(spec, run_dir, model_dir)
-    base_name = spec.repo_id or f"culbot-{meta['profile']}-{meta['dataset_hash'][:8]}"
+    base_name = spec.repo_id or f"culbot-{card.profile}-{short_hash(card.lineage.dataset or '')}"
     names = {"merged": base_name, "adapter": f"{base_name}-lora"}
-    commit_message = f"culbot: dataset {meta['dataset_hash'][:16]}, run {run_dir.name}"
-    record = {"target": spec.target, "run": run_dir.name, "dataset_hash": meta["dataset_hash"], "published": {}, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    commit_message = f"culbot: dataset {short_hash(card.lineage.dataset or '')}, run {run_dir.name}"
+    published: dict[str, Published] = {}
     if spec.target == "local":
         root = Path(spec.local_dir) / base_name.replace("/", "__")
         staging = _store.new_staging_dir(root.parent, root.name)
         for kind, folder in folders.items():
-            dest = staging / kind
-            shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("manifest.json", ".*"))
-            (dest / "README.md").write_text(model_card(meta, evaluation, kind, names[kind], spec.license), encoding="utf-8")
-            record["published"][kind] = str(root / kind)
-        _store.write_manifest(staging, stage="publish", inputs={"run": run_dir.name}, config=spec.model_dump(mode="json"), counts={"folders": len(folders)},
-                              extra={"commit_message": commit_message})
+            _copy_with_card(folder, staging / kind, model_card(card, evaluation, kind, names[kind], spec.license), local_base=True)
+            published[kind] = Published(where=str(root / kind))
+        _store.write_manifest(staging, stage="publish", inputs={"adapter": _store.read_manifest(run_dir / ADAPTER).content_hash},
+                              lineage=card.lineage, config=spec.model_dump(mode="json"), counts={"folders": len(folders)})
         if root.exists():
             shutil.rmtree(root)
         os.replace(staging, root)
@@ -173,16 +199,34 @@ def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishSpec) -> dic
             url = api.create_repo(repo, private=spec.private, exist_ok=True, repo_type="model")
             with tempfile.TemporaryDirectory() as tmp:
                 upload = Path(tmp) / "upload"
-                shutil.copytree(folder, upload, ignore=shutil.ignore_patterns("manifest.json", ".*"))
-                (upload / "README.md").write_text(model_card(meta, evaluation, kind, repo, spec.license), encoding="utf-8")
+                _copy_with_card(folder, upload, model_card(card, evaluation, kind, repo, spec.license), local_base=False)
                 info = api.upload_folder(folder_path=str(upload), repo_id=repo, repo_type="model", commit_message=commit_message)
             if spec.tag:
                 api.create_tag(repo, tag=spec.tag, revision=info.oid, repo_type="model")
-            record["published"][kind] = {"repo": repo, "url": str(url), "commit": info.oid}
+            published[kind] = Published(where=str(url), repo=repo, commit=info.oid)
             log.info("published %s to %s (commit %s)", kind, url, info.oid[:10])
-    out = run_dir / "publish"
+    record = PublishRecord(target=spec.target, run=run_dir.name, dataset=card.lineage.dataset, published=published,
+                           at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    out = run_dir / PUBLISH
     (out / _store.MANIFEST).unlink(missing_ok=True)
-    _store.atomic_write_json(out / "record.json", record)
-    _store.write_manifest(out, stage="publish", inputs={"run": run_dir.name}, config=spec.model_dump(mode="json"),
-                          counts={"published": len(record["published"])})
+    _store.write_model(out / RECORD, record)
+    _store.write_manifest(out, stage="publish", inputs={"adapter": _store.read_manifest(run_dir / ADAPTER).content_hash},
+                          lineage=card.lineage, config=spec.model_dump(mode="json"), counts={"published": len(published)})
     return record
+
+
+@task(name="publish", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=30)
+def publish_task(spec: PublishSpec, run: RunRef, model: StageRef | None, evaluation: StageRef) -> PublishOutput:
+    """Network stage for the Hub target, so retried. ``evaluation`` ties the cache to the eval verdict."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    rec = run_publish(run.run_dir, model.path if model else None, spec)
+    for kind, p in rec.published.items():
+        if p.repo:
+            create_link_artifact(p.where, link_text=f"{kind}: {p.repo}", key=f"published-{kind}")
+        else:
+            create_markdown_artifact(f"# Published {kind}\n\n`{p.where}`\n", key=f"published-{kind}")
+    out = run.run_dir / PUBLISH
+    m = _store.read_manifest(out)
+    return PublishOutput(path=out, content_hash=m.content_hash, stage="publish", counts=m.counts,
+                         published={k: p.where for k, p in rec.published.items()})

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import _store
+from .contracts import Manifest
 
 log = logging.getLogger("culbot.tiny_model")
 
@@ -53,7 +54,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024):
                                    unk_token="<|unk|>", pad_token="<|endoftext|>")
 
 
-def build_tiny_model(out_dir: Path, corpus: list[str], *, vocab_size: int = 1024, seed: int = 0, **shape) -> dict:
+def build_tiny_model(out_dir: Path, corpus: list[str], *, vocab_size: int = 1024, seed: int = 0, **shape) -> Manifest:
     """Train the tokenizer, build the model from a config, save both; a second call with the same inputs is a no-op."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -62,17 +63,17 @@ def build_tiny_model(out_dir: Path, corpus: list[str], *, vocab_size: int = 1024
     spec = {"corpus": _store.hash_json(corpus), "vocab_size": vocab_size, "seed": seed, **TINY_SHAPE, **shape}
     key = _store.hash_json(spec)
     m = _store.read_manifest(out_dir)
-    if m and m.get("inputs", {}).get("spec_hash") == key and _store.is_complete(out_dir):
+    if m and m.inputs.get("spec_hash") == key and _store.is_complete(out_dir):
         return m
     staging = _store.new_staging_dir(out_dir.parent, out_dir.name)
     tokenizer = build_tokenizer(corpus, vocab_size)
-    cfg = GPTNeoXConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=2, pad_token_id=2,
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=2, pad_token_id=2,
                         use_parallel_residual=True, tie_word_embeddings=False, **{**TINY_SHAPE, **shape})
     torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(cfg)
+    model = GPTNeoXForCausalLM(config)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    _store.write_manifest(staging, stage="tiny_model", inputs={"spec_hash": key}, config=spec,
+    _store.write_manifest(staging, stage="tiny-model", inputs={"spec_hash": key}, config=spec,
                           counts={"parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tokenizer)})
     _store.promote(staging, out_dir)
     log.info("tiny GPT-NeoX (%d parameters, vocab %d) at %s", sum(p.numel() for p in model.parameters()), len(tokenizer), out_dir)

@@ -1,37 +1,35 @@
-"""Stage 6: tokenize a formatted dataset for training: EOS, label masking, cutoff.
+"""Tokenize a formatted dataset for training: EOS, label masking, cutoff.
 
-Run as: culbot tokenize --data artifacts/formatted/<hash> --profile cpu-tiny [--out artifacts/tokenized]
+Run as: culbot tokenize --data artifacts/formatted/<hash> --train-profile cpu-tiny [--out artifacts/tokenized]
 
 Prompt and response are tokenized separately and concatenated, so the prompt's
 tokens are exactly what inference sees when it tokenizes the prompt alone. EOS
 is appended only when the sequence was not truncated (alpaca-lora). With
 train_on_inputs=False the prompt's labels are -100. Over-length rows are
-truncated or dropped as configured, and counted either way.
+truncated or dropped as configured, and counted either way. The output folder
+also holds the formatted data's templates.json, so a run reads its templates
+from its own input.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+
+from prefect import task
+
+from culbot.pipeline_config.train_schema import DataSpec, TrainProfile
 
 from . import _store
+from ._prefect import stage_cache
+from .contracts import TEMPLATES_FILE, BaseModelRef, StageOutput, StageRef, TokenCounts, short_hash
+from .model_io import check_eos
 
 log = logging.getLogger("culbot.tokenize")
 
 IGNORE = -100
-
-
-class EosMismatch(ValueError):
-    """The tokenizer's EOS id differs from the model config's (upstream hard-coded eos_token_id=2)."""
-
-
-def check_eos(tokenizer, model_config) -> int:
-    tok_eos, cfg_eos = tokenizer.eos_token_id, model_config.eos_token_id
-    if tok_eos is None or tok_eos != cfg_eos:
-        raise EosMismatch(f"tokenizer eos_token_id={tok_eos} but model config eos_token_id={cfg_eos}; "
-                          "pin a model revision whose tokenizer and config agree")
-    return tok_eos
+SETTINGS = {"cutoff_len", "train_on_inputs", "overlength"}  # the DataSpec fields that shape tokens
 
 
 def build_example(prompt_ids: list[int], response_ids: list[int], *, eos_id: int, cutoff_len: int,
@@ -88,8 +86,15 @@ def tokenize_rows(rows: list[dict], tokenizer, *, eos_id: int, cutoff_len: int, 
     return out, counts
 
 
-def run_tokenize(formatted_dir: Path, model: str, out_root: Path, *, cutoff_len: int, train_on_inputs: bool = False,
-                 overlength: str = "truncate", revision: str | None = None) -> dict[str, Any]:
+def count_sources(rows: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rows:
+        out[r["source"]] = out.get(r["source"], 0) + 1
+    return dict(sorted(out.items()))
+
+
+def run_tokenize(formatted_dir: Path, base: BaseModelRef, out_root: Path, data: DataSpec) -> StageOutput:
+    """Tokenize both splits with the base model's tokenizer into <out_root>/<short hash>/."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from transformers import AutoConfig, AutoTokenizer
@@ -101,26 +106,42 @@ def run_tokenize(formatted_dir: Path, model: str, out_root: Path, *, cutoff_len:
     problems = _store.verify(formatted_dir)
     if problems:
         raise RuntimeError(f"tokenize input is not a finished formatted dataset: {problems[0]}")
-    fm = _store.read_manifest(formatted_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
-    eos = check_eos(tokenizer, AutoConfig.from_pretrained(model, revision=revision))
-    settings = {"cutoff_len": cutoff_len, "train_on_inputs": train_on_inputs, "overlength": overlength}
-    key = _store.hash_json({"formatted": fm["content_hash"], "tokenizer": tokenizer_hash(tokenizer), **settings})
-    final = out_root / key[:16]
+    formatted = _store.read_manifest(formatted_dir)
+    where = base.location(Path("."))
+    tokenizer = AutoTokenizer.from_pretrained(where, revision=base.revision)
+    eos = check_eos(tokenizer, AutoConfig.from_pretrained(where, revision=base.revision))
+    settings = data.model_dump(include=SETTINGS)
+    tok_hash = tokenizer_hash(tokenizer)
+    key = _store.hash_json({"formatted": formatted.content_hash, "tokenizer": tok_hash, **settings})
+    final = out_root / short_hash(key)
     if _store.is_complete(final):
-        return _store.read_manifest(final) | {"path": str(final)}
-    staging = _store.new_staging_dir(out_root, key[:16])
+        return StageOutput.of(final, _store.read_manifest(final))
+    staging = _store.new_staging_dir(out_root, short_hash(key))
     counts = {}
     for split in ("train", "validation"):
         rows = pq.read_table(formatted_dir / f"{split}.parquet", columns=["id", "source", "prompt", "response"]).to_pylist()
         examples, counts[split] = tokenize_rows(rows, tokenizer, eos_id=eos, **settings)
+        counts[split]["by_source"] = count_sources(examples)
         # pyarrow directly: 5x faster than datasets' per-example feature encoding; datasets reads it back as is.
         table = pa.Table.from_pydict({c: [e[c] for e in examples] for c in schema.names}, schema=schema)
         pq.write_table(table, staging / f"{split}.parquet")
-    _store.write_manifest(staging, stage="tokenize", inputs={"formatted": fm["content_hash"], "formatted_path": str(formatted_dir), "model": model},
-                          config=settings, counts=counts, timings={"tokenize": time.monotonic() - t0}, content_hash=key,
-                          extra={"tokenizer_hash": tokenizer_hash(tokenizer), "eos_token_id": eos, "templates": fm.get("templates", {}),
-                                 "dataset_version": fm.get("dataset_version")})
+    shutil.copyfile(formatted_dir / TEMPLATES_FILE, staging / TEMPLATES_FILE)
+    m = _store.write_manifest(staging, stage="tokenize", inputs={"formatted": formatted.content_hash, "tokenizer": tok_hash},
+                              lineage=formatted.lineage.then(formatted=formatted.content_hash),
+                              config={**settings, "base": base.name, "eos_token_id": eos}, counts=TokenCounts(**counts).model_dump(),
+                              timings={"tokenize": time.monotonic() - t0}, content_hash=key)
     _store.promote(staging, final)
-    log.info("tokenized %s: %s", formatted_dir.name, counts)
-    return _store.read_manifest(final) | {"path": str(final)}
+    log.info("tokenized %s: %s", formatted_dir.name, {s: c["kept"] for s, c in counts.items()})
+    return StageOutput.of(final, m)
+
+
+@task(name="tokenize", cache_policy=stage_cache(__name__), persist_result=True)
+def tokenize_task(tp: TrainProfile, formatted: StageRef) -> StageOutput:
+    """With the training profile's base model and data settings; refuses a profile that cannot fit before any download."""
+    from .model_io import resolve_base
+    from .plan import check_fits
+
+    check_fits(tp)
+    root = Path(tp.artifacts_root)
+    base = resolve_base(tp.model, models_root=root / "models", samples_dir=tp.samples_dir)
+    return run_tokenize(formatted.path, base, root / "tokenized", tp.data)

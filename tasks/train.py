@@ -1,12 +1,13 @@
-"""Stage 7: train a LoRA adapter. The Prefect side: resolve, tokenize, launch, stream.
+"""Train a LoRA adapter: the Prefect side. Write the run config, launch the entrypoint, stream its output.
 
-Run as: culbot train --profile cpu-tiny --data artifacts/formatted/<hash>
+Run as: culbot train --train-profile cpu-tiny --data artifacts/tokenized/<hash>   (or a formatted folder: tokenized first)
 
-The profile is resolved and written next to the run (runs/<id>/config.json), the
-entrypoint (tasks/train_entry.py, no Prefect) is launched as a subprocess with
-python, torchrun or deepspeed, and its output is streamed line by line. The run
-id is a hash of data, base model and profile, so a rerun of the same training
-finds its folder and resumes from the newest complete checkpoint.
+The run config (runs/<id>/config.json, a RunConfig) holds the resolved profile, the run card
+the adapter will carry, and paths relative to the run folder. The entrypoint (train_entry.py,
+no Prefect) is launched as a subprocess with python, torchrun or deepspeed and its output is
+streamed line by line. The run id is a hash of the tokenized data, the base model and the
+profile, so a rerun of the same training finds its folder and resumes from the newest
+complete checkpoint.
 """
 from __future__ import annotations
 
@@ -14,19 +15,29 @@ import collections
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from culbot.pipeline_config.train_schema import TINY, TrainProfile
+from prefect import task
+
+from culbot.pipeline_config.train_schema import TrainProfile
 
 from . import _store
+from ._prefect import stage_cache
+from .contracts import (
+    RUN_CONFIG_FILE, TEMPLATES_FILE, TRAIN_RESULT_FILE, Hyperparameters, RunCard, RunConfig, RunOutput, StageRef, TemplateSet,
+    TokenCounts, TrainResult, short_hash,
+)
+from .model_io import resolve_base
+from .plan import check_fits
+from .run_folder import ADAPTER, finished_result, read_config, run_output
 from .train_entry import EXIT_GUARD, EXIT_PREEMPTED  # cheap: the entrypoint imports its heavy libraries in main()
 
 log = logging.getLogger("culbot.train")
-
 
 
 class TrainingFailed(RuntimeError):
@@ -41,82 +52,47 @@ class Preempted(TrainingFailed):
     """The run got SIGTERM (e.g. a spot pod reclaimed) and saved a checkpoint; rerun to resume."""
 
 
-def resolve_base(spec_base: str, revision: str, *, models_root: Path, samples_dir: Path) -> tuple[str, str | None]:
-    """(path or hub id to load, commit sha or None). The tiny model is built on first use."""
-    if spec_base == TINY:
-        from .tiny_model import build_tiny_model, sample_corpus
-
-        out = Path(models_root) / "tiny"
-        build_tiny_model(out, sample_corpus(samples_dir))
-        return str(out.resolve()), None
-    if Path(spec_base).exists():
-        return str(Path(spec_base).resolve()), None  # absolute: peft stores it as given
-    from huggingface_hub import HfApi
-
-    return spec_base, HfApi().model_info(spec_base, revision=revision).sha
-
-
-def prepare_run(profile: TrainProfile, formatted_dir: Path, *, runs_root: Path | None = None, models_root: Path | None = None,
-                tokenized_root: Path | None = None, samples_dir: Path | None = None) -> Path:
-    """Resolve the base model, tokenize, and write runs/<id>/config.json. Returns the config path."""
-    from .plan import check_fits
-    from .tokenize_data import run_tokenize
-
-    check_fits(profile)  # before tokenizing or downloading anything
-    root = Path(profile.artifacts_root)
-    runs_root, models_root, tokenized_root = runs_root or root / "runs", models_root or root / "models", tokenized_root or root / "tokenized"
-    samples_dir = samples_dir or profile.samples_dir
-
-    formatted_dir = Path(formatted_dir)
-    fm = _store.read_manifest(formatted_dir)
-    if fm is None:
-        raise RuntimeError(f"{formatted_dir}: not a finished formatted dataset (no manifest)")
-    model_path, sha = resolve_base(profile.model.base, profile.model.revision, models_root=models_root, samples_dir=samples_dir)
-    tok = run_tokenize(formatted_dir, model_path, tokenized_root, revision=sha, cutoff_len=profile.data.cutoff_len,
-                       train_on_inputs=profile.data.train_on_inputs, overlength=profile.data.overlength)
-    resolved = profile.model_dump(mode="json")
-    saved_templates = _store.read_json(formatted_dir / "templates.json")
-    dataset_manifest = _store.read_manifest(fm["inputs"]["dataset_path"]) or {}
-    data_counts = dataset_manifest.get("counts", {})
-    run_id = _store.hash_json({"tokenized": tok["content_hash"], "profile": resolved, "base": profile.model.base, "sha": sha})[:16]
-    run_dir = Path(runs_root).resolve() / f"{profile.name}-{run_id}"
-    ds = profile.deepspeed_path()
-    config = {
-        "run_name": f"culbot-{profile.name}-{fm.get('dataset_version') or fm['content_hash'][:8]}-{run_id[:6]}",
-        "run_dir": str(run_dir),
-        "profile": resolved,
-        "model_path": model_path,
-        "revision": sha,
-        "data": tok["path"],
-        "deepspeed": str(ds.resolve()) if ds else None,
-        "metadata": {
-            "base_model": profile.model.base if profile.model.base != TINY else model_path,
-            "base_revision": sha,
-            "dataset_hash": fm["inputs"]["dataset"],
-            "formatted_hash": fm["content_hash"],
-            "tokenized_hash": tok["content_hash"],
-            "templates": saved_templates["templates"],
-            "template_map": saved_templates["map"],
-            "default_template": saved_templates["default"],
-            "data_mix": {"train": data_counts.get("train_by_source", {}), "validation": data_counts.get("validation_by_source", {})},
-            "profile": profile.name,
-            "hyperparameters": {"lora": resolved["lora"], "train": resolved["train"], "data": resolved["data"],
-                                "model": resolved["model"]},
-            "token_counts": tok["counts"],
-        },
-    }
-    _store.atomic_write_json(run_dir / "config.json", config)
-    return run_dir / "config.json"
+def prepare_run(tp: TrainProfile, tokenized_dir: Path, *, runs_root: Path | None = None, models_root: Path | None = None,
+                samples_dir: Path | None = None) -> Path:
+    """Resolve the base model and write runs/<id>/config.json. Returns the config path."""
+    check_fits(tp)  # before anything is downloaded
+    root = Path(tp.artifacts_root)
+    runs_root, models_root = runs_root or root / "runs", models_root or root / "models"
+    tokenized_dir = Path(tokenized_dir).resolve()
+    problems = _store.verify(tokenized_dir)
+    if problems:
+        raise RuntimeError(f"train input is not a finished tokenized dataset: {problems[0]}")
+    tokenized = _store.read_manifest(tokenized_dir)
+    base = resolve_base(tp.model, models_root=models_root, samples_dir=samples_dir or tp.samples_dir)
+    run_id = _store.hash_json({"tokenized": tokenized.content_hash, "profile": tp.model_dump(mode="json"),
+                               "base": base.name, "revision": base.revision})
+    run_dir = (Path(runs_root) / f"{tp.name}-{short_hash(run_id)}").resolve()
+    card = RunCard(
+        base=base.relocated(Path.cwd(), run_dir),
+        lineage=tokenized.lineage.then(tokenized=tokenized.content_hash),
+        templates=_store.read_model(tokenized_dir / TEMPLATES_FILE, TemplateSet),
+        profile=tp.name,
+        hyperparameters=Hyperparameters(lora=tp.lora, train=tp.train, data=tp.data, model=tp.model),
+        token_counts=TokenCounts.model_validate(tokenized.counts),
+    )
+    ds = tp.deepspeed_path()
+    if ds is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ds, run_dir / "deepspeed.json")
+    config = RunConfig(
+        run_name=f"culbot-{tp.name}-{short_hash(card.lineage.dataset or tokenized.content_hash)}-{short_hash(run_id)}",
+        profile=tp, data=os.path.relpath(tokenized_dir, run_dir), deepspeed="deepspeed.json" if ds else None, card=card)
+    return _store.write_model(run_dir / RUN_CONFIG_FILE, config)
 
 
-def launch_command(profile: TrainProfile, config_path: Path) -> list[str]:
+def launch_command(tp: TrainProfile, config_path: Path) -> list[str]:
     """The exact command that starts training for this profile."""
-    hw = profile.hardware
+    hw = tp.hardware
     entry = ["--config", str(config_path)]
     if hw.launcher == "deepspeed":
         script = str(Path(__file__).resolve().with_name("train_entry.py"))
         return ["deepspeed", "--num_gpus", str(hw.gpus), script, *entry]
-    if hw.launcher == "torchrun" and (hw.gpus > 1 or profile.deepspeed):
+    if hw.launcher == "torchrun" and (hw.gpus > 1 or tp.deepspeed):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(hw.gpus),
                 "-m", "culbot.tasks.train_entry", *entry]
     return [sys.executable, "-m", "culbot.tasks.train_entry", *entry]
@@ -134,17 +110,17 @@ def log_line(line: str) -> None:
     log.info(line)
 
 
-def run_training(config_path: Path, profile: TrainProfile, *, on_line: Callable[[str], None] | None = None,
-                 env: dict[str, str] | None = None) -> dict:
+def run_training(config_path: Path, tp: TrainProfile, *, on_line: Callable[[str], None] | None = None,
+                 env: dict[str, str] | None = None) -> TrainResult:
     """Launch, stream, and map the exit status; a finished run returns its result at once."""
     config_path = Path(config_path)
     run_dir = config_path.parent
-    done = run_dir / "train_result.json"
-    if done.is_file() and json.loads(done.read_text()).get("status") == "completed" and _store.is_complete(run_dir / "adapter"):
+    done = finished_result(run_dir)
+    if done is not None:
         log.info("run %s already completed; nothing to do", run_dir.name)
-        return json.loads(done.read_text())
-    done.unlink(missing_ok=True)
-    cmd = launch_command(profile, config_path)
+        return done
+    (run_dir / TRAIN_RESULT_FILE).unlink(missing_ok=True)
+    cmd = launch_command(tp, config_path)
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=40)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
@@ -167,10 +143,53 @@ def run_training(config_path: Path, profile: TrainProfile, *, on_line: Callable[
         raise Preempted(f"training was preempted (exit {code}) and saved a checkpoint; rerun to resume.\n{last}")
     if code != 0:
         raise TrainingFailed(f"training exited with status {code}. Last lines:\n{last}")
-    result = json.loads(done.read_text())
-    _store.write_manifest(run_dir / "adapter", stage="train", inputs={"config": _store.sha256_file(config_path)},
-                          config=profile.model_dump(mode="json"), counts={"global_step": result["global_step"], **result["metrics"],
-                                                    "packing": result.get("packing")},
+    result = _store.read_model(run_dir / TRAIN_RESULT_FILE, TrainResult)
+    config = read_config(run_dir)
+    _store.write_manifest(run_dir / ADAPTER, stage="train", inputs={"config": _store.sha256_file(config_path)},
+                          lineage=config.card.lineage, config=tp.model_dump(mode="json"),
+                          counts={"global_step": result.global_step, **result.metrics,
+                                  "packing": result.packing.model_dump() if result.packing else None},
                           timings={"train": time.monotonic() - t0})
     log.info("training finished in %.1fs", time.monotonic() - t0)
     return result
+
+
+def curve_markdown(result: TrainResult, run_dir: Path) -> str:
+    losses = [(h["step"], h["loss"]) for h in result.log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in result.log_history if "eval_loss" in h]
+    lines = [f"# Training `{Path(run_dir).name}`", "", f"{result.global_step} optimizer steps, train loss {result.metrics.get('train_loss', float('nan')):.4f}", "",
+             "| step | loss |", "|---:|---:|"]
+    if result.packing:
+        pk = result.packing
+        lines[4:4] = [f"Packed {pk.examples:,} examples into {pk.rows:,} rows of up to {pk.max_len} tokens: "
+                      f"{pk.real_token_share:.1%} real tokens, {pk.examples_per_row} examples per row.", ""]
+    pick = losses if len(losses) <= 12 else [losses[i * (len(losses) - 1) // 11] for i in range(12)]
+    lines += [f"| {s} | {v:.4f} |" for s, v in pick]
+    if evals:
+        lines += ["", "| step | eval loss |", "|---:|---:|"] + [f"| {s} | {v:.4f} |" for s, v in evals]
+    return "\n".join(lines) + "\n"
+
+
+# ----- Prefect task -----------------------------------------------------------
+
+def _retry_if_preempted(task, task_run, state) -> bool:
+    """Retry (and so resume from the newest checkpoint) only when the run was preempted."""
+    try:
+        state.result()
+    except Preempted:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="train", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=_retry_if_preempted)
+def train_task(tp: TrainProfile, tokenized: StageRef) -> RunOutput:
+    """Launch the training subprocess and stream it; a retry after preemption resumes."""
+    from prefect.artifacts import create_markdown_artifact
+
+    config = prepare_run(tp, tokenized.path)
+    result = run_training(config, tp, env=tp.run_env())
+    create_markdown_artifact(curve_markdown(result, config.parent), key="training-curve", description="Training curve summary")
+    return run_output(config.parent)

@@ -4,9 +4,11 @@ Run as: python -m culbot.tasks.train_entry --config RUN/config.json
         torchrun --nproc_per_node 4 -m culbot.tasks.train_entry --config RUN/config.json
         deepspeed --num_gpus 2 tasks/train_entry.py --config RUN/config.json
 
-RUN/config.json is written by `culbot train` / the Prefect train task: the
-resolved profile, the base model path and revision, the tokenized data folder
-and the run folder. A rerun resumes from the newest complete checkpoint.
+RUN/config.json (a RunConfig, validated here on entry) is written by the train
+stage: the resolved profile, the base model, the tokenized data (paths relative
+to RUN) and the run card the adapter will carry. A rerun resumes from the newest
+complete checkpoint; when that checkpoint is the last step, its weights are saved
+as the adapter without training.
 Exit codes: 0 done, 3 stopped by a guard (never publishable), 75 preempted
 (SIGTERM; a checkpoint was saved), anything else a crash.
 """
@@ -21,6 +23,10 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+from culbot.tasks import _store
+from culbot.tasks.contracts import RUN_CARD_FILE, TRAIN_RESULT_FILE, RunConfig, TrainResult
+from culbot.tasks.model_io import torch_dtype
 
 EXIT_GUARD = 3
 EXIT_PREEMPTED = 75
@@ -38,13 +44,6 @@ def rank() -> int:
 def say(msg: str) -> None:
     if rank() == 0:
         print(f"[culbot.train] {msg}", flush=True)
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 # ----- checkpoints ----------------------------------------------------------------
@@ -66,10 +65,15 @@ def newest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     return None
 
 
+def final_state(checkpoint: Path | None) -> dict | None:
+    """The checkpoint's trainer state when it is the run's last step (nothing is left to train), else None."""
+    if checkpoint is None:
+        return None
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state if 0 < state.get("max_steps", 0) <= state["global_step"] else None
+
+
 # ----- model -----------------------------------------------------------------------
-
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
 
 def linear_module_names(model) -> list[str]:
     """Names of the linear layers to adapt for 'all-linear' (the output head excluded)."""
@@ -85,41 +89,41 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def load_model(spec: dict, model_path: str, revision: str | None, use_cpu: bool):
-    import torch
+def load_model(spec, model_path: str, revision: str | None, use_cpu: bool):
+    """The base model per the profile's ``model`` section (a ModelSpec): dtype, quantisation, checkpointing, no KV cache."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = getattr(torch, DTYPES[spec["dtype"]])
-    kwargs = {"dtype": dtype, "attn_implementation": spec["attn_implementation"], "revision": revision}
-    if spec["quantization"] == "4bit":
+    kwargs = {"dtype": torch_dtype(spec.dtype), "attn_implementation": spec.attn_implementation, "revision": revision}
+    if spec.quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=spec["bnb_4bit_quant_type"],
-            bnb_4bit_use_double_quant=spec["bnb_4bit_use_double_quant"],
-            bnb_4bit_compute_dtype=getattr(torch, DTYPES[spec["bnb_4bit_compute_dtype"]]))
-    elif spec["quantization"] == "8bit":
+            load_in_4bit=True, bnb_4bit_quant_type=spec.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=spec.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(spec.bnb_4bit_compute_dtype))
+    elif spec.quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if not use_cpu and spec["quantization"] != "none":
+    if not use_cpu and spec.quantization != "none":
         # k-bit weights are quantised as they load onto the GPU: place each rank's copy on its own device
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    if spec["quantization"] != "none":
+    if spec.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gradient_checkpointing"])
-    elif spec["gradient_checkpointing"]:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+    elif spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     model.config.use_cache = False
     return model
 
 
-def apply_lora(model, lora: dict):
+def apply_lora(model, lora):
+    """LoRA per the profile's ``lora`` section (a LoraSpec)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = linear_module_names(model) if lora["target_modules"] == "all-linear" else lora["target_modules"]
-    cfg = LoraConfig(task_type="CAUSAL_LM", r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                     target_modules=targets, bias="none")
-    model = get_peft_model(model, cfg)
+    targets = linear_module_names(model) if lora.target_modules == "all-linear" else lora.target_modules
+    config = LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=targets, bias="none")
+    model = get_peft_model(model, config)
     trainable, total = model.get_nb_trainable_parameters()
     say(f"LoRA on {targets}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     return model, targets
@@ -127,7 +131,8 @@ def apply_lora(model, lora: dict):
 
 # ----- callbacks --------------------------------------------------------------------
 
-def make_callbacks(guards: dict, ckpt_dir: Path, run_dir: Path):
+def make_callbacks(guards, ckpt_dir: Path, run_dir: Path):
+    """Guard (per the profile's ``guards`` section), preemption, checkpoint marker and JSON log lines."""
     from transformers import TrainerCallback
 
     class Guard(TrainerCallback):
@@ -144,12 +149,12 @@ def make_callbacks(guards: dict, ckpt_dir: Path, run_dir: Path):
                     raise GuardTripped(f"{key} is {v} at step {state.global_step}")
             loss = logs.get("loss")
             if loss is not None:
-                self.low = self.low + 1 if loss < guards["collapse_below"] else 0
-                if self.low >= guards["collapse_logs"]:
-                    raise GuardTripped(f"loss collapsed: {self.low} consecutive logs below {guards['collapse_below']} (last {loss:.5f}) at step {state.global_step}")
+                self.low = self.low + 1 if loss < guards.collapse_below else 0
+                if self.low >= guards.collapse_logs:
+                    raise GuardTripped(f"loss collapsed: {self.low} consecutive logs below {guards.collapse_below} (last {loss:.5f}) at step {state.global_step}")
             g = logs.get("grad_norm")
-            if g is not None and (not math.isfinite(g) or g > guards["grad_norm_limit"]):
-                raise GuardTripped(f"grad norm {g} exceeds {guards['grad_norm_limit']} at step {state.global_step}")
+            if g is not None and (not math.isfinite(g) or g > guards.grad_norm_limit):
+                raise GuardTripped(f"grad norm {g} exceeds {guards.grad_norm_limit} at step {state.global_step}")
 
     class Preemption(TrainerCallback):
         """On SIGTERM (spot pods), save a checkpoint at the end of the step and stop."""
@@ -174,7 +179,7 @@ def make_callbacks(guards: dict, ckpt_dir: Path, run_dir: Path):
             if state.is_world_process_zero:
                 p = ckpt_dir / f"checkpoint-{state.global_step}"
                 if p.is_dir():
-                    write_json(p / MARKER, {"step": state.global_step, "at": time.time()})
+                    _store.atomic_write_json(p / MARKER, {"step": state.global_step, "at": time.time()})
 
     class LogLines(TrainerCallback):
         """One JSON line per log, for the Prefect side to stream and summarise."""
@@ -186,98 +191,132 @@ def make_callbacks(guards: dict, ckpt_dir: Path, run_dir: Path):
     return Guard(), Preemption(), CheckpointMarker(), LogLines()
 
 
+# ----- metrics -------------------------------------------------------------------------
+
+def run_metrics(trainer_metrics: dict, log_history: list[dict], resumed_step: int, global_step: int) -> dict:
+    """The metrics of the run that produced the weights.
+
+    After a resume the Trainer's figures cover only the steps this process ran (none when the
+    newest checkpoint was the last one); the train loss is then the mean of every logged loss
+    of the run, and the result says which checkpoint it carried over from.
+    """
+    if resumed_step == 0:
+        return trainer_metrics
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    return {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "carried_over_from": f"checkpoint-{resumed_step}",
+            "steps_this_process": global_step - resumed_step,
+            **{f"this_process_{k}": v for k, v in trainer_metrics.items() if k != "train_loss"}}
+
+
 # ----- main ---------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Culbot LoRA training entrypoint")
-    ap.add_argument("--config", type=Path, required=True, help="Resolved run config written by `culbot train`.")
+    ap.add_argument("--config", type=Path, required=True, help="The run's config.json, written by `culbot train`.")
     ap.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher.")
     args = ap.parse_args(argv)
-    cfg = json.loads(args.config.read_text())
-    prof, run_dir = cfg["profile"], Path(cfg["run_dir"])
+    run = _store.read_model(args.config, RunConfig)
+    run_dir = args.config.resolve().parent
     ckpt_dir = run_dir / "checkpoints"
 
     import datasets
-    import torch
     from transformers import AutoConfig, AutoTokenizer, PrinterCallback, Trainer, TrainingArguments, set_seed
 
     from culbot.tasks.collate import PackedRows, PadCollator, PositionCollator
-    from culbot.tasks.tokenize_data import check_eos
+    from culbot.tasks.model_io import check_eos
 
-    hw, spec, sched, data = prof["hardware"], prof["model"], prof["train"], prof["data"]
-    set_seed(sched["seed"])  # before LoRA init, which draws random A matrices; the Trainer seeds only later
-    tokenizer = AutoTokenizer.from_pretrained(cfg["model_path"], revision=cfg.get("revision"))
-    check_eos(tokenizer, AutoConfig.from_pretrained(cfg["model_path"], revision=cfg.get("revision")))
-    model = load_model(spec, cfg["model_path"], cfg.get("revision"), hw["use_cpu"])
-    model, targets = apply_lora(model, prof["lora"])
+    prof = run.profile
+    hw, spec, sched, data = prof.hardware, prof.model, prof.train, prof.data
+    base, revision = run.base_location(run_dir), run.card.base.revision
+    set_seed(sched.seed)  # before LoRA init, which draws random A matrices; the Trainer seeds only later
+    tokenizer = AutoTokenizer.from_pretrained(base, revision=revision)
+    check_eos(tokenizer, AutoConfig.from_pretrained(base, revision=revision))
+    model = load_model(spec, base, revision, hw.use_cpu)
+    # The adapter's own files (adapter_config.json, README.md) name the base as peft finds it here: make
+    # that the Hub id, or the name the profile gave, never a path of this machine.
+    model.config.name_or_path = model.name_or_path = run.card.base.name
+    model, targets = apply_lora(model, prof.lora)
 
-    tok_dir = Path(cfg["data"])
-    group = data["group_by_length"]
+    tok_dir = run.data_dir(run_dir)
     train_ds = datasets.Dataset.from_parquet(str(tok_dir / "train.parquet")).select_columns(["input_ids", "labels", "length"])
     eval_ds = datasets.Dataset.from_parquet(str(tok_dir / "validation.parquet")).select_columns(["input_ids", "labels"])
     packing = None
-    if data["packing"]:
+    if data.packing:
         # Whole rows of up to cutoff_len tokens; position_ids keep examples apart, because load_model turned the KV cache off.
-        train_ds = PackedRows(train_ds, data["cutoff_len"])
+        train_ds = PackedRows(train_ds, data.cutoff_len)
         packing = train_ds.stats()
-        say(f"packed {packing['examples']:,} examples into {packing['rows']:,} rows of <= {packing['max_len']} tokens: "
-            f"{packing['real_token_share']:.1%} real tokens, {packing['examples_per_row']} examples per row")
-        collator = PositionCollator(tokenizer.pad_token_id, pad_to=data["cutoff_len"] if sched["torch_compile"] else None)
+        say(f"packed {packing.examples:,} examples into {packing.rows:,} rows of <= {packing.max_len} tokens: "
+            f"{packing.real_token_share:.1%} real tokens, {packing.examples_per_row} examples per row")
+        collator = PositionCollator(tokenizer.pad_token_id, pad_to=data.cutoff_len if sched.torch_compile else None)
     else:
         collator = PadCollator(tokenizer.pad_token_id)
 
-    report = sched["report_to"]
+    report = sched.report_to
     if report == "auto":
         if not os.environ.get("WANDB_API_KEY"):
             os.environ.setdefault("WANDB_MODE", "offline")
         report = "wandb"
-    precision = {} if hw["use_cpu"] or spec["dtype"] == "fp32" else {spec["dtype"]: True}
+    precision = {} if hw.use_cpu or spec.dtype == "fp32" else {spec.dtype: True}
     targs = TrainingArguments(
-        output_dir=str(ckpt_dir), run_name=cfg["run_name"], seed=sched["seed"], use_cpu=hw["use_cpu"],
-        per_device_train_batch_size=sched["micro_batch_size"], per_device_eval_batch_size=sched["micro_batch_size"],
-        gradient_accumulation_steps=sched["gradient_accumulation_steps"], num_train_epochs=sched["epochs"], max_steps=sched["max_steps"],
-        learning_rate=sched["learning_rate"], lr_scheduler_type=sched["lr_scheduler"], warmup_steps=sched["warmup_steps"],
-        weight_decay=sched["weight_decay"], max_grad_norm=sched["max_grad_norm"], optim=sched["optim"],
-        logging_steps=sched["logging_steps"], save_strategy="steps", save_steps=sched["save_steps"], save_total_limit=sched["save_total_limit"],
-        eval_strategy="steps" if len(eval_ds) else "no", eval_steps=sched["eval_steps"],
-        dataloader_num_workers=sched["dataloader_num_workers"], dataloader_pin_memory=not hw["use_cpu"],
+        output_dir=str(ckpt_dir), run_name=run.run_name, seed=sched.seed, use_cpu=hw.use_cpu,
+        per_device_train_batch_size=sched.micro_batch_size, per_device_eval_batch_size=sched.micro_batch_size,
+        gradient_accumulation_steps=sched.gradient_accumulation_steps, num_train_epochs=sched.epochs, max_steps=sched.max_steps,
+        learning_rate=sched.learning_rate, lr_scheduler_type=sched.lr_scheduler, warmup_steps=sched.warmup_steps,
+        weight_decay=sched.weight_decay, max_grad_norm=sched.max_grad_norm, optim=sched.optim,
+        logging_steps=sched.logging_steps, save_strategy="steps", save_steps=sched.save_steps, save_total_limit=sched.save_total_limit,
+        eval_strategy="steps" if len(eval_ds) else "no", eval_steps=sched.eval_steps,
+        dataloader_num_workers=sched.dataloader_num_workers, dataloader_pin_memory=not hw.use_cpu,
         gradient_checkpointing=False,  # enabled on the model itself, before LoRA, where needed
-        train_sampling_strategy="group_by_length" if group else "random", length_column_name="length",
-        remove_unused_columns=False, report_to=report, disable_tqdm=True, torch_compile=sched["torch_compile"],
+        train_sampling_strategy="group_by_length" if data.group_by_length else "random", length_column_name="length",
+        remove_unused_columns=False, report_to=report, disable_tqdm=True, torch_compile=sched.torch_compile,
         ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        deepspeed=cfg.get("deepspeed"), **precision,
+        deepspeed=str(run_dir / run.deepspeed) if run.deepspeed else None, **precision,
     )
-    say("batches: " + ("packed rows" if packing else "length-grouped (LengthGroupedSampler)" if group else "random, padded to the longest")
-        + f", micro {sched['micro_batch_size']} x accumulation {sched['gradient_accumulation_steps']}")
-    guard, preempt, marker, lines = make_callbacks(prof["guards"], ckpt_dir, run_dir)
+    say("batches: " + ("packed rows" if packing else "length-grouped (LengthGroupedSampler)" if data.group_by_length else "random, padded to the longest")
+        + f", micro {sched.micro_batch_size} x accumulation {sched.gradient_accumulation_steps}")
+    guard, preempt, marker, lines = make_callbacks(prof.guards, ckpt_dir, run_dir)
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds if len(eval_ds) else None,
                       data_collator=collator, processing_class=tokenizer, callbacks=[guard, preempt, marker, lines])
     trainer.remove_callback(PrinterCallback)  # LogLines prints the same logs as parseable JSON
     resume = newest_complete_checkpoint(ckpt_dir)
-    say(f"resuming from {resume.name}" if resume else "starting from step 0")
+    resumed_step = int(resume.name.split("-")[1]) if resume else 0
     t0 = time.time()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except GuardTripped as e:
-        say(f"GUARD: {e}")
-        if rank() == 0:
-            write_json(run_dir / "train_result.json", {"status": "failed_guard", "reason": str(e), "log_history": trainer.state.log_history})
-        return EXIT_GUARD
-    if preempt.requested:
-        if rank() == 0:
-            write_json(run_dir / "train_result.json", {"status": "preempted", "step": trainer.state.global_step})
-        return EXIT_PREEMPTED
+    last = final_state(resume)
+    if last is not None:
+        # The newest checkpoint is the run's last step, so its weights are the result (resuming there would train a step more).
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        say(f"{resume.name} is the last step of the run; saving its adapter")
+        set_peft_model_state_dict(model, load_file(str(resume / "adapter_model.safetensors")))
+        step, history, trainer_metrics = last["global_step"], last["log_history"], {}
+    else:
+        say(f"resuming from {resume.name}" if resume else "starting from step 0")
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except GuardTripped as e:
+            say(f"GUARD: {e}")
+            if rank() == 0:
+                _store.write_model(run_dir / TRAIN_RESULT_FILE, TrainResult(status="failed_guard", reason=str(e), global_step=trainer.state.global_step,
+                                                                            log_history=trainer.state.log_history))
+            return EXIT_GUARD
+        if preempt.requested:
+            if rank() == 0:
+                _store.write_model(run_dir / TRAIN_RESULT_FILE, TrainResult(status="preempted", global_step=trainer.state.global_step))
+            return EXIT_PREEMPTED
+        step, history, trainer_metrics = trainer.state.global_step, trainer.state.log_history, result.metrics
     if trainer.is_world_process_zero():
         adapter = run_dir / "adapter"
         trainer.model.save_pretrained(adapter)
         tokenizer.save_pretrained(adapter)
-        meta = {**cfg["metadata"], "lora_targets": targets, "train_metrics": result.metrics, "global_step": trainer.state.global_step,
-                "resumed_from": resume.name if resume else None}
-        write_json(adapter / "culbot.json", meta)
-        write_json(run_dir / "train_result.json", {"status": "completed", "metrics": result.metrics, "seconds": time.time() - t0,
-                                                    "global_step": trainer.state.global_step, "packing": packing,
-                                                    "log_history": trainer.state.log_history})
-        say(f"done: {trainer.state.global_step} steps, train loss {result.metrics.get('train_loss'):.4f}; adapter at {adapter}")
+        metrics = run_metrics(trainer_metrics, history, resumed_step, step)
+        card = run.card.model_copy(update={"base": run.card.base.relocated(run_dir, adapter), "lora_targets": targets,
+                                           "train_metrics": metrics, "global_step": step, "resumed_from": resume.name if resume else None})
+        _store.write_model(adapter / RUN_CARD_FILE, card)
+        _store.write_model(run_dir / TRAIN_RESULT_FILE, TrainResult(
+            status="completed", metrics=metrics, seconds=time.time() - t0, global_step=step, packing=packing, log_history=history,
+            resumed_from=resume.name if resume else None))
+        say(f"done: {step} steps, train loss {metrics.get('train_loss'):.4f}; adapter at {adapter}")
     return 0
 
 

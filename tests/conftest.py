@@ -1,8 +1,10 @@
-"""Shared test set-up: offline Hugging Face, an isolated Prefect home, one Prefect harness."""
+"""Shared test set-up: offline Hugging Face, an isolated Prefect home, one Prefect harness, and the
+expensive inputs every stage test shares (the sample data, the tiny model, one trained run)."""
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 # Before anything imports prefect or huggingface_hub.
@@ -22,6 +24,9 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("OPENAI_API_KEY", None)
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from culbot.tasks import _store  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "raw" / "samples"
@@ -43,27 +48,92 @@ def fast_http(**kw) -> dict:
     return base
 
 
+def sample_profile_file(tmp_path: Path, name: str = "flowtest") -> str:
+    """A data profile over the shipped samples, every output under ``tmp_path``."""
+    raw = tmp_path / "raw"
+    data = {
+        "name": name,
+        "univ100": {"source": "snapshot", "snapshot_dir": str(SAMPLES / "univ100"), "out_dir": str(raw / "univ100")},
+        "cbnu": {"source": "directory", "pages_dir": str(SAMPLES / "cbnu_pages"), "out_dir": str(raw / "cbnu")},
+        "qa": {"backend": "replay", "replay_dir": str(SAMPLES / "qa_replay"), "chunk_tokens": 400,
+               "cache_dir": str(raw / "qa_cache"), "out_dir": str(raw / "cbnu_qa")},
+        "kullm": {"source": "file", "file": str(SAMPLES / "kullm_sample.jsonl"), "out_dir": str(raw / "kullm")},
+        "merge_data": {"validation_fraction": 0.1, "out_root": str(tmp_path / "artifacts" / "datasets")},
+        "format": {"out_root": str(tmp_path / "artifacts" / "formatted")},
+    }
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return str(p)
+
+
+def task_states(flow_run_id) -> list[tuple[str, str]]:
+    """(task name, state name) of a flow run's task runs, sorted, once every one has a final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    # Task-run states reach the API asynchronously: wait until every run has one.
+    for _ in range(60):
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        if runs and all(r.state is not None and r.state.is_final() for r in runs):
+            break
+        time.sleep(0.5)
+    return sorted((r.name.rsplit("-", 1)[0], r.state.name if r.state else "None") for r in runs)
+
+
+def flow_artifacts(flow_run_id) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: str(a.data) for a in arts if a.key}
+
+
+# ----- QA generation against a local OpenAI-compatible server ---------------------------------
+
+OPENAI_KEY = "sk-test-never-log-me-123"
+
+
+def facts(tag: str, n: int = 3) -> list[tuple[str, str, str]]:
+    return [(f"{tag} 안내 질문 {i}번은 무엇인가요?", "", f"{tag} 안내에 따르면 항목 {i}번은 매주 월요일 오전 9시에 진행됩니다.") for i in range(n)]
+
+
+def page_for(tag: str, n: int = 3) -> dict:
+    text = "\n".join(f"{tag} 안내에 따르면 항목 {i}번은 매주 월요일 오전 9시에 진행됩니다. 문의는 043-261-2114 입니다." for i in range(n))
+    return {"url": f"https://www.chungbuk.ac.kr/{tag}", "title": f"{tag} 안내", "text": text, "content_hash": _store.sha256_text(text)}
+
+
+def write_pages(folder, pages):
+    _store.atomic_write_jsonl(folder / "pages.jsonl", pages)
+    _store.write_manifest(folder, stage="crawl-cbnu", inputs={}, config={}, counts={})
+    return folder
+
+
+def qa_config(tmp_path, base, **kw):
+    """A QA config against a local OpenAI-compatible server: fast retries, outputs under tmp_path."""
+    from culbot.pipeline_config.schema import QAGenConfig
+
+    d = dict(backend="openai", base_url=base + "/v1", items_per_chunk=3, max_in_flight=4, requests_per_minute=6000,
+             backoff_base_s=0.05, parse_retries=2, max_retries=3, timeout_s=10, cache_dir=tmp_path / "cache", out_dir=tmp_path / "qa")
+    d.update(kw)
+    return QAGenConfig(**d)
+
+
 @pytest.fixture(scope="session")
 def sample_formatted(tmp_path_factory) -> Path:
     """The sample data half run through the stage cores (no Prefect): a formatted dataset folder."""
-    from culbot.pipeline_config.schema import load_profile
+    from culbot.pipeline_config.schema import load_data_profile
     from culbot.tasks import crawl_cbnu, crawl_univ100, format_prompts, generate_qa, load_kullm, merge_data
 
     root = tmp_path_factory.mktemp("sample-data")
-    raw = root / "raw"
-    prof = load_profile("sample", [
-        f"univ100.snapshot_dir={SAMPLES / 'univ100'}", f"univ100.out_dir={raw / 'univ100'}",
-        f"cbnu.pages_dir={SAMPLES / 'cbnu_pages'}", f"cbnu.out_dir={raw / 'cbnu'}",
-        f"qa.replay_dir={SAMPLES / 'qa_replay'}", f"qa.cache_dir={raw / 'cache'}", f"qa.out_dir={raw / 'qa'}",
-        f"kullm.file={SAMPLES / 'kullm_sample.jsonl'}", f"kullm.out_dir={raw / 'kullm'}",
-        f"merge.out_root={root / 'datasets'}", f"format.out_root={root / 'formatted'}",
-    ])
-    crawl_univ100.run_crawl(prof.univ100)
-    crawl_cbnu.run_crawl(prof.cbnu)
-    generate_qa.run_generate(prof.qa, prof.cbnu.out_dir)
-    load_kullm.run_load(prof.kullm)
-    d = merge_data.run_merge({"univ100": prof.univ100.out_dir, "cbnu": prof.qa.out_dir, "kullm": prof.kullm.out_dir}, prof.merge)
-    return Path(format_prompts.run_format(d["path"], prof.format)["path"])
+    dp = load_data_profile(sample_profile_file(root))
+    crawl_univ100.run_crawl(dp.univ100)
+    crawl_cbnu.run_crawl(dp.cbnu)
+    generate_qa.run_generate(dp.qa, dp.cbnu.out_dir)
+    load_kullm.run_load(dp.kullm)
+    d = merge_data.run_merge({"univ100": dp.univ100.out_dir, "cbnu": dp.qa.out_dir, "kullm": dp.kullm.out_dir}, dp.merge_data)
+    return format_prompts.run_format(d.path, dp.format).path
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +143,42 @@ def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     build_tiny_model(out, sample_corpus(SAMPLES))
     return out
+
+
+def tiny_base(tiny_model: Path):
+    from culbot.pipeline_config.train_schema import TINY
+    from culbot.tasks.contracts import BaseModelRef
+
+    return BaseModelRef(name=TINY, path=str(tiny_model))
+
+
+@pytest.fixture(scope="session")
+def sample_tokenized(tmp_path_factory, sample_formatted, tiny_model) -> Path:
+    """The sample data tokenized with the tiny model's tokenizer, as the cpu-tiny profile does."""
+    from culbot.pipeline_config.train_schema import load_train_profile
+    from culbot.tasks.tokenize_data import run_tokenize
+
+    return run_tokenize(sample_formatted, tiny_base(tiny_model), tmp_path_factory.mktemp("tokenized"), load_train_profile("cpu-tiny").data).path
+
+
+def prepare_tiny_run(root: Path, tokenized: Path, tiny_model: Path, *overrides: str):
+    """(profile, config path) of a cpu-tiny run under ``root`` with --set style overrides."""
+    from culbot.pipeline_config.train_schema import load_train_profile
+    from culbot.tasks.train import prepare_run
+
+    prof = load_train_profile("cpu-tiny", list(overrides))
+    return prof, prepare_run(prof, tokenized, runs_root=root / "runs", models_root=tiny_model.parent, samples_dir=SAMPLES)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, sample_tokenized, tiny_model) -> Path:
+    """One finished cpu-tiny run (8 steps) with a passing eval: what eval, merge-adapter and publish start from."""
+    from culbot.pipeline_config.train_schema import EvalSpec
+    from culbot.tasks.evaluate import run_eval
+    from culbot.tasks.train import run_training
+
+    prof, cfg = prepare_tiny_run(tmp_path_factory.mktemp("release"), sample_tokenized, tiny_model,
+                                 "train.max_steps=8", "train.save_steps=8", "train.eval_steps=8")
+    run_training(cfg, prof)
+    run_eval(cfg.parent, EvalSpec(probes=["도서관은 몇 시에 여나요?"], max_new_tokens=8))
+    return cfg.parent

@@ -1,10 +1,14 @@
 """The artifact root: folders pushed to and pulled from an fsspec URL, manifest last, verified on the way in."""
 import json
+import os
 
 import pytest
 
 from culbot.tasks import _store
 from culbot.tasks import artifact_root as ar
+from culbot.tasks.contracts import (
+    BaseModelRef, Hyperparameters, Lineage, RunCard, RunConfig, SplitCounts, TemplateSet, TokenCounts, TrainResult,
+)
 
 
 def _stage_folder(home, rel="artifacts/formatted/abc123", text="안녕하세요"):
@@ -27,12 +31,12 @@ def test_push_then_pull_on_a_host_without_the_folder(tmp_path, monkeypatch, sche
     url = ar.push(folder, root)
     assert url == f"{root}/artifacts/formatted/abc123"
     there = json.loads((remote / "artifacts/formatted/abc123/manifest.json").read_text())
-    assert there["content_hash"] == m["content_hash"]
+    assert there["content_hash"] == m.content_hash
 
     import shutil
     shutil.rmtree(home / "artifacts")  # the other host: nothing local
     assert ar.pull(folder, root) is True
-    assert _store.is_complete(folder) and _store.read_manifest(folder)["content_hash"] == m["content_hash"]
+    assert _store.is_complete(folder) and _store.read_manifest(folder).content_hash == m.content_hash
     assert (folder / "train.jsonl").read_text(encoding="utf-8").startswith('{"instruction": "안녕하세요"}')
     assert ar.pull(folder, root) is False  # already here and verified: nothing fetched
 
@@ -90,6 +94,20 @@ def test_a_folder_outside_the_working_directory_is_refused_with_a_reason(tmp_pat
         ar.push(folder, str(tmp_path / "remote"))
 
 
+def _run_config(run, tokenized, base) -> RunConfig:
+    """A run config whose data and local base model are the given folders, stored relative to the run."""
+    from culbot.pipeline_config.train_schema import load_train_profile
+    from culbot.tasks.templates import load_template
+
+    tp = load_train_profile("cpu-tiny")
+    zero = SplitCounts(rows=0, kept=0, truncated=0, over_cutoff=0, prompt_fills_cutoff=0, tokens=0, label_tokens=0)
+    card = RunCard(base=BaseModelRef(name="culbot:tiny", path=os.path.relpath(base, run)), lineage=Lineage(),
+                   templates=TemplateSet(map={}, default="kullm", templates={"kullm": load_template("kullm")}), profile=tp.name,
+                   hyperparameters=Hyperparameters(lora=tp.lora, train=tp.train, data=tp.data, model=tp.model),
+                   token_counts=TokenCounts(train=zero, validation=zero))
+    return RunConfig(run_name="r1", profile=tp, data=os.path.relpath(tokenized, run), card=card)
+
+
 def test_a_run_travels_with_its_tokenized_data_but_not_its_checkpoints(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
@@ -98,8 +116,8 @@ def test_a_run_travels_with_its_tokenized_data_but_not_its_checkpoints(tmp_path,
     base, _ = _stage_folder(home, "artifacts/models/tiny")
     run = home / "artifacts/runs/cpu-tiny-r1"
     adapter, _ = _stage_folder(home, "artifacts/runs/cpu-tiny-r1/adapter")
-    _store.atomic_write_json(run / "config.json", {"data": str(tok), "model_path": str(base)})
-    _store.atomic_write_json(run / "train_result.json", {"status": "completed"})
+    _store.write_model(run / "config.json", _run_config(run, tok, base))
+    _store.write_model(run / "train_result.json", TrainResult(status="completed", global_step=1))
     (run / "checkpoints/checkpoint-4").mkdir(parents=True)
     (run / "checkpoints/checkpoint-4/optimizer.pt").write_bytes(b"x" * 1000)
     root = str(tmp_path / "remote")
@@ -110,7 +128,7 @@ def test_a_run_travels_with_its_tokenized_data_but_not_its_checkpoints(tmp_path,
     shutil.rmtree(home / "artifacts")
     assert ar.pull_run(run, root) is True
     assert _store.is_complete(run / "adapter") and _store.is_complete(tok) and _store.is_complete(base)
-    assert json.loads((run / "train_result.json").read_text())["status"] == "completed"
+    assert _store.read_model(run / "train_result.json", TrainResult).status == "completed"
 
     # The run grows on this host (an eval report); pushing again sends the new files too.
     _stage_folder(home, "artifacts/runs/cpu-tiny-r1/eval")
@@ -126,7 +144,7 @@ def test_any_fsspec_protocol_works(tmp_path, monkeypatch):
     import shutil
     shutil.rmtree(folder)
     assert ar.pull(folder, "memory://culbot-test/") is True
-    assert _store.read_manifest(folder)["content_hash"] == m["content_hash"]
+    assert _store.read_manifest(folder).content_hash == m.content_hash
 
 
 def test_the_root_comes_from_the_argument_or_the_environment(monkeypatch):

@@ -64,7 +64,7 @@ def test_packed_logits_and_loss_equal_per_example(attn):
     model, ex = _model(attn), _examples()
     rows = PackedRows(datasets.Dataset.from_list(ex), max_len=32)
     assert len(rows) < len(ex)                                 # it did pack
-    assert rows.stats()["tokens"] == sum(len(e["input_ids"]) for e in ex)
+    assert rows.stats().tokens == sum(len(e["input_ids"]) for e in ex)
     batch = PositionCollator(pad_id=0)([rows[i] for i in range(len(rows))])
     assert "attention_mask" not in batch
     with torch.no_grad():

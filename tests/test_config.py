@@ -6,12 +6,12 @@ import yaml
 from pydantic import BaseModel
 
 from culbot.pipeline_config import schema
-from culbot.pipeline_config.schema import ConfigError, DataProfile, load_profile, shipped_profiles
+from culbot.pipeline_config.schema import ConfigError, DataProfile, load_data_profile, data_profiles
 
 
-@pytest.mark.parametrize("path", shipped_profiles(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", data_profiles(), ids=lambda p: p.name)
 def test_every_shipped_profile_loads(path):
-    prof = load_profile(path)
+    prof = load_data_profile(path)
     assert prof.name == path.stem
 
 
@@ -31,12 +31,12 @@ def test_a_planner_error_names_the_file_and_field(tmp_path):
         load_planner(PLANNER_FILE, ["memory.usable_fraction=2"])
 
 
-def test_shipped_profiles_are_sample_and_production():
-    assert {p.stem for p in shipped_profiles()} >= {"sample", "production"}
+def test_data_profiles_are_sample_and_production():
+    assert {p.stem for p in data_profiles()} >= {"sample", "production"}
 
 
 def test_sample_profile_is_offline():
-    prof = load_profile("sample")
+    prof = load_data_profile("sample")
     assert prof.univ100.source == "snapshot"
     assert prof.cbnu.source == "directory"
     assert prof.qa.backend == "replay"
@@ -60,7 +60,7 @@ def test_unknown_field_names_file_and_field(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump({"qa": {"modle": "gpt-4"}}))
     with pytest.raises(ConfigError) as e:
-        load_profile(p)
+        load_data_profile(p)
     msg = str(e.value)
     assert str(p) in msg and "qa.modle" in msg and "unknown field" in msg
 
@@ -69,7 +69,7 @@ def test_bad_value_names_file_field_and_value(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("univ100:\n  http:\n    rate_per_host: -3\n")
     with pytest.raises(ConfigError) as e:
-        load_profile(p)
+        load_data_profile(p)
     assert f"{p}: field 'univ100.http.rate_per_host'" in str(e.value)
     assert "-3" in str(e.value)
 
@@ -78,29 +78,29 @@ def test_cross_field_check_names_section(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("qa:\n  backend: replay\n")
     with pytest.raises(ConfigError, match=r"field 'qa'.*replay_dir"):
-        load_profile(p)
+        load_data_profile(p)
 
 
 def test_set_overrides_are_typed_and_named_in_errors():
-    prof = load_profile("sample", ["qa.max_in_flight=8", "univ100.keep_url_domains=[a.kr, b.kr]", "kullm.max_rows=null"])
+    prof = load_data_profile("sample", ["qa.max_in_flight=8", "univ100.keep_url_domains=[a.kr, b.kr]", "kullm.max_rows=null"])
     assert prof.qa.max_in_flight == 8
     assert prof.univ100.keep_url_domains == ["a.kr", "b.kr"]
     with pytest.raises(ConfigError, match=r"--set qa.max_in_flight: field 'qa.max_in_flight'"):
-        load_profile("sample", ["qa.max_in_flight=0"])
+        load_data_profile("sample", ["qa.max_in_flight=0"])
     with pytest.raises(ConfigError, match="KEY=VALUE"):
-        load_profile("sample", ["qa.max_in_flight"])
+        load_data_profile("sample", ["qa.max_in_flight"])
 
 
 def test_unknown_profile_lists_shipped_ones():
     with pytest.raises(ConfigError, match="sample"):
-        load_profile("nope")
+        load_data_profile("nope")
 
 
 def test_invalid_yaml_is_named(tmp_path):
     p = tmp_path / "broken.yaml"
     p.write_text("qa: [unclosed\n")
     with pytest.raises(ConfigError, match=str(p)):
-        load_profile(p)
+        load_data_profile(p)
 
 
 def test_templates_and_prompts_ship_inside_the_package():
@@ -149,3 +149,15 @@ def test_packing_and_length_grouping_are_exclusive():
 
 def test_training_profile_fields_are_documented():
     assert [n for n, f in _walk(TrainProfile) if not (f.description or "").strip()] == []
+
+
+def test_one_loader_names_the_flag_that_set_a_bad_value():
+    with pytest.raises(ConfigError, match=r"--campus: field 'univ100.campus_id'"):
+        load_data_profile("sample", flags={"univ100.campus_id": ("--campus", "twelve")})
+    with pytest.raises(ConfigError, match=r"--set train.micro_batch_size: field 'train.micro_batch_size'"):
+        load_train_profile("cpu-tiny", ["train.micro_batch_size=0"])
+    from culbot.flows.cli import build_parser, load_profile_for
+
+    a = build_parser().parse_args(["format", "--dataset", "d", "--template", "univ100=koalpaca"])
+    prof = load_profile_for(a.command_spec, a)
+    assert prof.format.template_map == {"kullm": "kullm", "cbnu": "cbnu2", "univ100": "koalpaca"}   # merged into the mapping

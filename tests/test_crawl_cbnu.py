@@ -42,7 +42,7 @@ def test_site_crawl_extracts_main_text_and_follows_allowed_links(tmp_path):
     assert "개성재, 양성재, 양진재" in pages["/www/dorm.do"]["text"]                   # EUC-KR decoded
     reasons = sorted(q["reason"] for q in _store.read_jsonl(tmp_path / "c" / "quarantine.jsonl"))
     assert reasons == ["http_404", "http_404", "robots_disallowed"]   # / (header logo link) and /www/missing.do
-    assert m["counts"]["new"] == 3 and m["counts"]["pages"] == 3
+    assert m.counts["new"] == 3 and m.counts["pages"] == 3
     assert len(list((tmp_path / "c" / "html").glob("*.html"))) == 3
 
 
@@ -51,20 +51,20 @@ def test_refresh_skips_unchanged_pages_and_detects_changes(tmp_path):
     with serve(SiteHandler, app) as base:
         first = run_crawl(_cfg(base, tmp_path / "c"))
         again = run_crawl(_cfg(base, tmp_path / "c"))
-        assert again["counts"]["unchanged"] == 3 and again["counts"]["not_modified"] == 3
-        assert again["content_hash"] == first["content_hash"]
+        assert again.counts["unchanged"] == 3 and again.counts["not_modified"] == 3
+        assert again.content_hash == first.content_hash
         html, ct, cs = app.pages["/www/library.do"]
         app.pages["/www/library.do"] = (html.replace("24시간", "새벽 2시까지"), ct, cs)
         third = run_crawl(_cfg(base, tmp_path / "c"))
-    assert third["counts"]["changed"] == 1 and third["counts"]["unchanged"] == 2
-    assert third["content_hash"] != first["content_hash"]
+    assert third.counts["changed"] == 1 and third.counts["unchanged"] == 2
+    assert third.content_hash != first.content_hash
 
 
 def test_max_pages_is_respected_and_reported(tmp_path):
     app = _site()
     with serve(SiteHandler, app) as base:
         m = run_crawl(_cfg(base, tmp_path / "c", max_pages=2))
-    assert m["counts"]["fetched"] == 2 and m["counts"]["not_fetched_max_pages"] >= 1
+    assert m.counts["fetched"] == 2 and m.counts["not_fetched_max_pages"] >= 1
 
 
 def test_extract_drops_boilerplate_by_class_and_keeps_links():

@@ -5,7 +5,7 @@ import pytest
 
 from culbot.pipeline_config.schema import Univ100Config
 from culbot.tasks import _store
-from culbot.tasks.crawl_univ100 import RowRules, parse_list_page, parse_question, record_to_row, reparse, rules_from, run_crawl
+from culbot.tasks.crawl_univ100 import parse_list_page, parse_question, record_to_row, reparse, run_crawl
 from culbot.tasks._http import FetchError
 from tests.conftest import fast_http
 from tests.servers.base import serve
@@ -27,7 +27,7 @@ def test_full_crawl_with_faults_counts_and_quarantine(tmp_path):
     app.faults["detail:9"] = ["slow"]                     # times out once, then fine
     with serve(Univ100Handler, app) as base:
         m = run_crawl(_cfg(base, tmp_path / "u"))
-    c = m["counts"]
+    c = m.counts
     assert c["list_pages"] == 4 and c["questions_listed"] == 45
     assert c["new"] == 44 and c["failed"] == 1 and c["records"] == 44
     assert c["rows"] == 42 and c["dropped"] == {"empty_output": 1, "short_output": 1}
@@ -48,13 +48,13 @@ def test_incremental_crawl_fetches_only_new_questions(tmp_path):
     app = Univ100App(questions=qs, answers=ans)
     with serve(Univ100Handler, app) as base:
         first = run_crawl(_cfg(base, tmp_path / "u"))
-        assert first["counts"]["new"] == 30
+        assert first.counts["new"] == 30
         new_qs, new_ans = make_questions(5, start=31)
         app.questions[:0] = new_qs                         # newest first, as the site lists them
         app.answers.update(new_ans)
         app.hits.clear()
         second = run_crawl(_cfg(base, tmp_path / "u"))
-    c = second["counts"]
+    c = second.counts
     assert c["new"] == 5 and c["already_known"] == 30 and c["records"] == 35
     assert sorted(k for k in app.hits if k.startswith("detail:")) == [f"detail:{i}" for i in range(31, 36)]
     assert app.hits["list:20"] == 1 and "list:40" not in app.hits  # stopped after a page of known questions
@@ -66,7 +66,7 @@ def test_second_crawl_with_nothing_new_keeps_content_hash(tmp_path):
     with serve(Univ100Handler, app) as base:
         a = run_crawl(_cfg(base, tmp_path / "u"))
         b = run_crawl(_cfg(base, tmp_path / "u"))
-    assert b["counts"]["new"] == 0 and a["content_hash"] == b["content_hash"]
+    assert b.counts["new"] == 0 and a.content_hash == b.content_hash
 
 
 def test_robots_disallowed_detail_is_quarantined(tmp_path):
@@ -75,7 +75,7 @@ def test_robots_disallowed_detail_is_quarantined(tmp_path):
     with serve(Univ100Handler, app) as base:
         m = run_crawl(_cfg(base, tmp_path / "u"))
     q = _store.read_jsonl(tmp_path / "u" / "quarantine.jsonl")
-    assert m["counts"]["records"] == 2
+    assert m.counts["records"] == 2
     assert [x["reason"] for x in q] == ["fetch_failed: disallowed by robots.txt"]
     assert app.hits["detail:2"] == 0
 
@@ -107,30 +107,30 @@ def test_reparse_rebuilds_rows_from_raw_without_network(tmp_path):
     with serve(Univ100Handler, app) as base:
         cfg = _cfg(base, tmp_path / "u")
         m1 = run_crawl(cfg)
-    m2 = reparse(tmp_path / "u", campus_id=122, question_url=cfg.question_url, rules=rules_from(cfg))
-    assert m2["content_hash"] == m1["content_hash"] and m2["counts"]["reparsed"] == 6
+    m2 = reparse(cfg)
+    assert m2.content_hash == m1.content_hash and m2.counts["reparsed"] == 6
 
 
 def test_row_cleaning_removes_pii_html_and_jamo_exactly():
     rec = {"id": "1", "title": "<b>편입</b> 문의 ㅋㅋ", "text": "제 메일은 me@gmail.com 이에요",
            "answers": ["", "010-1234-5678로 전화했어요. https://blog.naver.com/x 참고. 공식: https://www.chungbuk.ac.kr/a"], "url": "u"}
-    row, reason, pii = record_to_row(rec, RowRules())
+    row, reason, pii = record_to_row(rec, Univ100Config())
     assert reason is None
     assert row["instruction"] == "편입 문의\n제 메일은 이에요"
     assert row["output"] == "로 전화했어요. 참고. 공식:"
     assert pii == {"email": 1, "phone": 1, "url": 2}
-    row, _, _ = record_to_row(rec, RowRules(keep_url_domains=("chungbuk.ac.kr",)))
+    row, _, _ = record_to_row(rec, Univ100Config(keep_url_domains=["chungbuk.ac.kr"]))
     assert row["output"].endswith("공식: https://www.chungbuk.ac.kr/a")
     assert row["input"] == "" and row["source"] == "univ100"
 
 
 def test_answer_choice_and_drop_reasons():
     rec = {"id": "1", "title": "질문", "text": "본문", "answers": ["짧은 답이지만 충분히 긴 답변", "훨씬 더 길고 자세한 두 번째 답변입니다"], "url": "u"}
-    assert record_to_row(rec, RowRules())[0]["output"] == "짧은 답이지만 충분히 긴 답변"
-    assert record_to_row(rec, RowRules(answer_choice="longest"))[0]["output"] == "훨씬 더 길고 자세한 두 번째 답변입니다"
-    assert record_to_row(dict(rec, answers=[]), RowRules())[1] == "empty_output"
-    assert record_to_row(dict(rec, answers=["ㅋㅋㅋ"]), RowRules())[1] == "empty_output"
-    assert record_to_row(dict(rec, answers=["넵 감사"]), RowRules())[1] == "short_output"
+    assert record_to_row(rec, Univ100Config())[0]["output"] == "짧은 답이지만 충분히 긴 답변"
+    assert record_to_row(rec, Univ100Config(answer_choice="longest"))[0]["output"] == "훨씬 더 길고 자세한 두 번째 답변입니다"
+    assert record_to_row(dict(rec, answers=[]), Univ100Config())[1] == "empty_output"
+    assert record_to_row(dict(rec, answers=["ㅋㅋㅋ"]), Univ100Config())[1] == "empty_output"
+    assert record_to_row(dict(rec, answers=["넵 감사"]), Univ100Config())[1] == "short_output"
 
 
 def test_parsers_reject_wrong_shapes():
@@ -147,5 +147,5 @@ def test_snapshot_source_runs_offline(tmp_path):
     from tests.conftest import SAMPLES
 
     m = run_crawl(Univ100Config(source="snapshot", snapshot_dir=SAMPLES / "univ100", out_dir=tmp_path / "u"))
-    assert m["counts"]["records"] == 12 and m["counts"]["rows"] == 10
-    assert m["counts"]["dropped"] == {"empty_output": 1, "short_output": 1}
+    assert m.counts["records"] == 12 and m.counts["rows"] == 10
+    assert m.counts["dropped"] == {"empty_output": 1, "short_output": 1}

@@ -1,79 +1,10 @@
-"""Prompt templates: exact strings, per-source choice, chat templates, templates saved with the data."""
-import pytest
-
-from culbot.pipeline_config.schema import ConfigError, FormatConfig, MergeConfig
+"""The format stage: templates per source, their full text saved with the data, chat templates through a tokenizer."""
+from culbot.pipeline_config.schema import FormatConfig, MergeDataConfig
 from culbot.tasks import _store
-from culbot.tasks.format_prompts import available_templates, extract_response, load_template, render_prompt, run_format
+from culbot.tasks.contracts import TEMPLATES_FILE, TemplateSet, short_hash
+from culbot.tasks.format_prompts import run_format
 from culbot.tasks.merge_data import run_merge
-
-KULLM_INPUT = ("아래는 작업을 설명하는 명령어와 추가 컨텍스트를 제공하는 입력이 짝을 이루는 예제입니다. 요청을 적절히 완료하는 응답을 작성하세요."
-               "\n\n### 명령어:\n{instruction}\n\n### 입력:\n{input}\n\n### 응답:\n")
-KULLM_NO_INPUT = "아래는 작업을 설명하는 명령어입니다. 요청을 적절히 완료하는 응답을 작성하세요.\n\n### 명령어:\n{instruction}\n\n### 응답:\n"
-
-
-def test_registry_has_the_named_templates():
-    assert available_templates() == ["alpaca", "cbnu", "cbnu2", "chat", "koalpaca", "kullm"]
-
-
-def test_kullm_matches_the_published_text_exactly():
-    t = load_template("kullm")
-    assert t.prompt_input == KULLM_INPUT and t.prompt_no_input == KULLM_NO_INPUT and t.response_split == "### 응답:"
-    assert render_prompt(t, "다음 문장을 요약하세요.", "충북대학교는 청주에 있다.") == (
-        "아래는 작업을 설명하는 명령어와 추가 컨텍스트를 제공하는 입력이 짝을 이루는 예제입니다. 요청을 적절히 완료하는 응답을 작성하세요."
-        "\n\n### 명령어:\n다음 문장을 요약하세요.\n\n### 입력:\n충북대학교는 청주에 있다.\n\n### 응답:\n")
-    assert render_prompt(t, "충북대학교는 어디에 있나요?") == (
-        "아래는 작업을 설명하는 명령어입니다. 요청을 적절히 완료하는 응답을 작성하세요.\n\n### 명령어:\n충북대학교는 어디에 있나요?\n\n### 응답:\n")
-
-
-def test_koalpaca_alpaca_and_cbnu_exact():
-    assert render_prompt(load_template("koalpaca"), "질문입니다") == "### 질문: 질문입니다\n\n### 답변:"
-    assert render_prompt(load_template("koalpaca"), "질문", "맥락") == "### 질문: 질문\n\n### 맥락: 맥락\n\n### 답변:"
-    assert render_prompt(load_template("alpaca"), "Say hi") == (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\nSay hi\n\n### Response:\n")
-    assert render_prompt(load_template("cbnu"), "휴학은?") == (
-        "아래는 충북대학교와 관련한 작업을 설명하는 명령어입니다. 요청을 적절히 완료하는 응답을 작성하세요.\n\n### 명령어:\n휴학은?\n\n### 응답:\n")
-    assert render_prompt(load_template("cbnu2"), "휴학은?").startswith("아래는 충북대학교와 관련한 작업을 설명하는 명령어입니다. 충북대학교의 공식 정보에 근거하여")
-
-
-def test_user_braces_are_not_template_fields():
-    out = render_prompt(load_template("kullm"), "코드 {x} 설명", "f'{y}'")
-    assert "코드 {x} 설명" in out and "f'{y}'" in out
-
-
-def test_extract_response_uses_the_same_split():
-    t = load_template("kullm")
-    assert extract_response(t, render_prompt(t, "질문") + " 답변입니다. ") == "답변입니다."
-
-
-def test_unknown_template_lists_available():
-    with pytest.raises(ConfigError, match="available: alpaca, cbnu"):
-        load_template("nope")
-
-
-def _tiny_chat_tokenizer(folder):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["충북대학교 도서관 질문 답변 안녕하세요"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
-    fast.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    fast.save_pretrained(folder)
-    return str(folder)
-
-
-def test_chat_template_renders_through_the_tokenizer(tmp_path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(_tiny_chat_tokenizer(tmp_path / "tok"))
-    t = load_template("chat")
-    assert render_prompt(t, "도서관은 몇 시에 여나요?", "", tok) == (
-        f"<|system|>\n{t.system}\n<|user|>\n도서관은 몇 시에 여나요?\n<|assistant|>\n")
-    with pytest.raises(ConfigError, match="chat_tokenizer"):
-        render_prompt(t, "x")
+from tests.test_templates import KULLM_INPUT, tiny_chat_tokenizer
 
 
 def _dataset(tmp_path):
@@ -88,28 +19,30 @@ def _dataset(tmp_path):
         "cbnu": stage("c", [{"id": "c1", "instruction": "도서관 시간?", "input": "", "output": "9시"}]),
         "univ100": stage("u", [{"id": "u1", "instruction": "학식 어때요?", "input": "", "output": "맛있어요"}]),
     }
-    return run_merge(inputs, MergeConfig(validation_fraction=0.01, out_root=tmp_path / "ds"))
+    return run_merge(inputs, MergeDataConfig(validation_fraction=0.01, out_root=tmp_path / "ds"))
 
 
 def test_format_picks_templates_per_source_and_saves_their_text(tmp_path):
     import datasets
 
     d = _dataset(tmp_path)
-    m = run_format(d["path"], FormatConfig(out_root=tmp_path / "fmt"))
-    folder = tmp_path / "fmt" / m["content_hash"][:16]
+    m = run_format(d.path, FormatConfig(out_root=tmp_path / "fmt"))
+    folder = tmp_path / "fmt" / short_hash(m.content_hash)
     rows = {r["id"]: r for s in ("train", "validation") for r in datasets.Dataset.from_parquet(str(folder / f"{s}.parquet")).to_list()}
     assert {k: r["template"] for k, r in rows.items()} == {"k1": "kullm", "k2": "kullm", "c1": "cbnu2", "u1": "cbnu"}
     assert rows["k1"]["prompt"] == KULLM_INPUT.replace("{instruction}", "요약하세요").replace("{input}", "긴 글")
     assert rows["k1"]["response"] == "요약"
-    assert m["templates"]["kullm"]["prompt_input"] == KULLM_INPUT
-    saved = _store.read_json(folder / "templates.json")
-    assert saved["map"] == {"kullm": "kullm", "cbnu": "cbnu2", "univ100": "cbnu"} and set(saved["templates"]) == {"kullm", "cbnu", "cbnu2"}
-    m2 = run_format(d["path"], FormatConfig(template_map={"cbnu": "koalpaca"}, out_root=tmp_path / "fmt"))
-    assert m2["content_hash"] != m["content_hash"] and m2["counts"]["by_template"] == {"kullm": 3, "koalpaca": 1}
+    saved = _store.read_model(folder / TEMPLATES_FILE, TemplateSet)
+    assert saved.templates["kullm"].prompt_input == KULLM_INPUT
+    assert saved.map == {"kullm": "kullm", "cbnu": "cbnu2", "univ100": "cbnu"} and set(saved.templates) == {"kullm", "cbnu", "cbnu2"}
+    assert m.stage == "format" and m.counts["by_template"] == {"kullm": 2, "cbnu2": 1, "cbnu": 1}
+    assert _store.read_manifest(folder).lineage.dataset == d.content_hash   # the lineage travels forward
+    m2 = run_format(d.path, FormatConfig(template_map={"cbnu": "koalpaca"}, out_root=tmp_path / "fmt"))
+    assert m2.content_hash != m.content_hash and m2.counts["by_template"] == {"kullm": 3, "koalpaca": 1}
 
 
 def test_format_with_chat_template(tmp_path):
     d = _dataset(tmp_path)
-    tok_dir = _tiny_chat_tokenizer(tmp_path / "tok")
-    m = run_format(d["path"], FormatConfig(template_map={"cbnu": "chat"}, chat_tokenizer=tok_dir, out_root=tmp_path / "fmt"))
-    assert m["counts"]["by_template"]["chat"] == 1
+    tok_dir = tiny_chat_tokenizer(tmp_path / "tok")
+    m = run_format(d.path, FormatConfig(template_map={"cbnu": "chat"}, chat_tokenizer=tok_dir, out_root=tmp_path / "fmt"))
+    assert m.counts["by_template"]["chat"] == 1

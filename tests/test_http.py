@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from culbot.tasks._http import FetchError, HttpSettings, PoliteClient, RobotsDisallowed, backoff_delay, parse_retry_after
+from culbot.pipeline_config.schema import HttpPolicy
+from culbot.tasks._http import FetchError, PoliteClient, RobotsDisallowed, backoff_delay, parse_retry_after
 from tests.conftest import fast_http
 from tests.servers.base import serve
 from tests.servers.univ100 import Univ100App, Univ100Handler, make_questions
@@ -12,8 +13,8 @@ from tests.servers.univ100 import Univ100App, Univ100Handler, make_questions
 LIST = "/find/qna/question/list"
 
 
-def _settings(**kw) -> HttpSettings:
-    return HttpSettings(user_agent="Mozilla/5.0 CulbotTest", **fast_http(**kw))
+def _settings(**kw) -> HttpPolicy:
+    return HttpPolicy(user_agent="Mozilla/5.0 CulbotTest", **fast_http(**kw))
 
 
 def _get(base, settings, path, params=None):

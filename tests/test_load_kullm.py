@@ -11,7 +11,7 @@ from tests.conftest import SAMPLES
 
 def test_sample_file_keeps_input_and_quarantines_broken_rows(tmp_path):
     m = run_load(KullmConfig(source="file", file=SAMPLES / "kullm_sample.jsonl", out_dir=tmp_path / "k"))
-    assert m["counts"] == {"loaded": 24, "sampled": 24, "rows": 22, "with_input": 10, "quarantined": 2}
+    assert m.counts == {"loaded": 24, "sampled": 24, "rows": 22, "with_input": 10, "quarantined": 2}
     rows = _store.read_jsonl(tmp_path / "k" / "rows.jsonl")
     translate = [r for r in rows if r["id"] == "kullm:alpaca_2"][0]
     assert translate["input"] == "나는 도서관에서 공부하는 것을 좋아한다."   # upstream lost every input
@@ -34,7 +34,7 @@ def test_fraction_and_parquet_source(tmp_path):
     rows = [{"id": str(i), "instruction": f"명령 {i}", "input": "", "output": f"응답 {i}"} for i in range(40)]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "k.parquet"))
     m = run_load(KullmConfig(source="file", file=tmp_path / "k.parquet", fraction=0.25, out_dir=tmp_path / "k"))
-    assert m["counts"]["rows"] == 10
+    assert m.counts["rows"] == 10
 
 
 def test_hub_source_goes_through_datasets_and_fails_clearly_offline(tmp_path):

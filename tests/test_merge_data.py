@@ -1,9 +1,10 @@
 """Merge: one schema, dedup with source priority, deterministic stratified split, versions."""
 import random
 
-from culbot.pipeline_config.schema import MergeConfig
+from culbot.pipeline_config.schema import MergeDataConfig
 from culbot.tasks import _store
-from culbot.tasks.merge_data import merge_sources, read_split, run_merge, split_rows, stats_markdown
+from culbot.tasks.contracts import short_hash
+from culbot.tasks.merge_data import merge_sources, run_merge, split_rows, stats_markdown
 
 
 def _rows(source, n, prefix="질문"):
@@ -48,19 +49,19 @@ def _stage(folder, rows):
 
 def test_version_folder_is_content_addressed_and_reused(tmp_path):
     inputs = {"kullm": _stage(tmp_path / "k", _rows("kullm", 20)), "cbnu": _stage(tmp_path / "c", _rows("cbnu", 10, "다른 질문"))}
-    cfg = MergeConfig(validation_fraction=0.1, out_root=tmp_path / "ds")
+    cfg = MergeDataConfig(validation_fraction=0.1, out_root=tmp_path / "ds")
     m = run_merge(inputs, cfg)
-    folder = tmp_path / "ds" / m["content_hash"][:16]
-    assert m["path"] == str(folder) and _store.is_complete(folder)
+    folder = tmp_path / "ds" / short_hash(m.content_hash)
+    assert m.path == folder and _store.is_complete(folder) and m.stage == "merge-data"
     assert sorted(p.name for p in folder.iterdir()) == ["dropped.jsonl", "manifest.json", "stats.json", "train.parquet", "validation.parquet"]
-    assert m["counts"]["train"] == 27 and m["counts"]["validation"] == 3
-    assert (tmp_path / "ds" / "LATEST").read_text().strip() == m["content_hash"][:16]
-    train = read_split(folder, "train")
+    assert m.counts["train"] == 27 and m.counts["validation"] == 3
+    assert (tmp_path / "ds" / "LATEST").read_text().strip() == short_hash(m.content_hash)
+    train = _store.read_table(folder / "train.parquet")
     assert set(train[0]) == {"id", "source", "instruction", "input", "output"}
     again = run_merge(inputs, cfg)
-    assert again["content_hash"] == m["content_hash"]
+    assert again.content_hash == m.content_hash
     assert len(_store.read_jsonl(tmp_path / "ds" / "versions.jsonl")) == 1   # no new version when nothing changed
-    md = stats_markdown(m["content_hash"], m["counts"])
+    md = stats_markdown(m.content_hash, m.counts)
     assert "| kullm | 20 | 18 | 2 |" in md and "| cbnu | 10 | 9 | 1 |" in md
 
 
@@ -70,4 +71,4 @@ def test_merge_refuses_unfinished_inputs(tmp_path):
     import pytest
 
     with pytest.raises(RuntimeError, match="not a finished stage output"):
-        run_merge({"kullm": tmp_path / "k"}, MergeConfig(out_root=tmp_path / "ds"))
+        run_merge({"kullm": tmp_path / "k"}, MergeDataConfig(out_root=tmp_path / "ds"))

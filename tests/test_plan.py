@@ -62,7 +62,7 @@ def test_a_profile_that_does_not_fit_is_refused_before_anything_runs_unless_over
     with pytest.raises(PlanDoesNotFit, match=r"largest micro batch that fits: 1 \(13 with gradient checkpointing\)"):
         prepare_run(big, tmp_path / "no-such-dataset")  # refused before the dataset is even read
     assert check_fits(load_train_profile("a6000x4", ["model.gradient_checkpointing=false", "hardware.plan_check=false"])).fits is False
-    r = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "plan", "--profile", "a6000x4", "--set", "model.gradient_checkpointing=false"],
+    r = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "plan", "--train-profile", "a6000x4", "--set", "model.gradient_checkpointing=false"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 3 and "does not fit" in r.stdout
 

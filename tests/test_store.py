@@ -27,7 +27,7 @@ def test_manifest_is_written_last_and_verifies(tmp_path):
     (tmp_path / "sub" / "b.txt").write_text("world")
     assert _store.verify(tmp_path) and "no readable manifest.json" in _store.verify(tmp_path)[0]
     m = _store.write_manifest(tmp_path, stage="t", inputs={}, config={}, counts={"n": 2})
-    assert set(m["files"]) == {"a.txt", "sub/b.txt"}
+    assert set(m.files) == {"a.txt", "sub/b.txt"}
     assert _store.is_complete(tmp_path)
     (tmp_path / "sub" / "b.txt").write_text("tampered")
     assert _store.verify(tmp_path) == [f"{tmp_path / 'sub' / 'b.txt'}: content hash mismatch"]
@@ -61,6 +61,16 @@ def test_read_jsonl_names_the_bad_line(tmp_path):
     p.write_text('{"a": 1}\n{broken\n')
     with pytest.raises(ValueError, match=r"x.jsonl:2"):
         _store.read_jsonl(p)
+
+
+def test_a_manifest_of_another_version_is_not_trusted(tmp_path):
+    (tmp_path / "x").write_text("1")
+    _store.write_manifest(tmp_path, stage="t", inputs={}, config={}, counts={})
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**data, "version": 99}))
+    assert _store.read_manifest(tmp_path) is None
+    assert "Manifest version 99 is not the version 2 this culbot reads" in _store.verify(tmp_path)[0]
+    assert "manifest.json" in _store.verify(tmp_path)[0]
 
 
 def test_canonical_json_is_stable():

@@ -20,4 +20,4 @@ def test_tiny_model_round_trip_and_polyglot_special_tokens(tmp_path):
     out = model(**tok("충북대학교", return_tensors="pt"))
     assert out.logits.shape[-1] == cfg.vocab_size
     again = build_tiny_model(tmp_path / "tiny", sample_corpus(SAMPLES))
-    assert again["created_at"] == m["created_at"]   # a second build is a no-op
+    assert again.created_at == m.created_at   # a second build is a no-op

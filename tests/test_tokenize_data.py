@@ -1,7 +1,8 @@
 """Tokenization: EOS only when not truncated, prompt labels masked, cutoff handling, EOS agreement."""
 import pytest
 
-from culbot.tasks.tokenize_data import IGNORE, EosMismatch, build_example, check_eos
+from culbot.tasks.tokenize_data import IGNORE, build_example
+from tests.conftest import tiny_base
 
 
 def test_eos_appended_and_prompt_masked():
@@ -25,30 +26,26 @@ def test_truncation_drops_eos_and_counts():
     assert ex["input_ids"] == [5, 6, 7, 8, 2]   # exactly at the cutoff, EOS included
 
 
-def test_eos_mismatch_is_a_clear_error():
-    class Tok:
-        eos_token_id = 2
-
-    class Cfg:
-        eos_token_id = 0
-
-    with pytest.raises(EosMismatch, match="tokenizer eos_token_id=2 but model config eos_token_id=0"):
-        check_eos(Tok(), Cfg())
-    Cfg.eos_token_id = 2
-    assert check_eos(Tok(), Cfg()) == 2
-
-
 def test_tokenize_formatted_sample_with_the_tiny_tokenizer(tmp_path, sample_formatted, tiny_model):
     import datasets
     from transformers import AutoTokenizer
 
+    from culbot.pipeline_config.train_schema import DataSpec
     from culbot.tasks import _store
-    from culbot.tasks.format_prompts import load_template, render_prompt
+    from culbot.tasks.contracts import TEMPLATES_FILE, TemplateSet, TokenCounts, short_hash
+    from culbot.tasks.templates import load_template, render_prompt
     from culbot.tasks.tokenize_data import run_tokenize
 
-    m = run_tokenize(sample_formatted, str(tiny_model), tmp_path / "tok", cutoff_len=128)
-    train = datasets.Dataset.from_parquet(str(tmp_path / "tok" / m["content_hash"][:16] / "train.parquet")).to_list()
-    assert m["counts"]["train"]["kept"] + m["counts"]["train"]["over_cutoff"] + m["counts"]["train"]["prompt_fills_cutoff"] == 50
+    base = tiny_base(tiny_model)
+    m = run_tokenize(sample_formatted, base, tmp_path / "tok", DataSpec(cutoff_len=128))
+    train = datasets.Dataset.from_parquet(str(tmp_path / "tok" / short_hash(m.content_hash) / "train.parquet")).to_list()
+    counts = TokenCounts.model_validate(m.counts)
+    assert counts.train.kept + counts.train.over_cutoff + counts.train.prompt_fills_cutoff == 50
+    assert sum(counts.train.by_source.values()) == counts.train.kept and set(counts.train.by_source) == {"cbnu", "kullm", "univ100"}
+    # the lineage and the templates travel forward, so training reads them from its own input
+    manifest = _store.read_manifest(m.path)
+    assert manifest.lineage.formatted == _store.read_manifest(sample_formatted).content_hash and manifest.lineage.dataset
+    assert _store.read_model(m.path / TEMPLATES_FILE, TemplateSet) == _store.read_model(sample_formatted / TEMPLATES_FILE, TemplateSet)
     assert all(len(r["input_ids"]) <= 128 and len(r["labels"]) == len(r["input_ids"]) for r in train)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     formatted = {r["id"]: r for r in datasets.Dataset.from_parquet(str(sample_formatted / "train.parquet")).to_list()}
@@ -61,10 +58,10 @@ def test_tokenize_formatted_sample_with_the_tiny_tokenizer(tmp_path, sample_form
     assert ex["input_ids"][:n_prompt] == tok(src["prompt"], add_special_tokens=False)["input_ids"]
     assert ex["labels"][:n_prompt] == [IGNORE] * n_prompt and ex["input_ids"][-1] == 2 and ex["labels"][-1] == 2
     assert tok.decode(ex["input_ids"][n_prompt:-1]) == src["response"]
-    again = run_tokenize(sample_formatted, str(tiny_model), tmp_path / "tok", cutoff_len=128)
-    assert again["created_at"] == m["created_at"]
-    assert run_tokenize(sample_formatted, str(tiny_model), tmp_path / "tok", cutoff_len=64)["content_hash"] != m["content_hash"]
-    assert _store.is_complete(m["path"])
+    again = run_tokenize(sample_formatted, base, tmp_path / "tok", DataSpec(cutoff_len=128, packing=True))   # packing does not shape tokens
+    assert _store.read_manifest(again.path).created_at == manifest.created_at
+    assert run_tokenize(sample_formatted, base, tmp_path / "tok", DataSpec(cutoff_len=64)).content_hash != m.content_hash
+    assert _store.is_complete(m.path)
 
 
 def _instruction_input(formatted_row, template):

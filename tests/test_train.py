@@ -11,29 +11,29 @@ from pathlib import Path
 
 import pytest
 
-from culbot.pipeline_config.train_schema import load_train_profile
-from culbot.tasks.train import GuardFailure, launch_command, prepare_run, run_training
+from culbot.pipeline_config.train_schema import Guards
+from culbot.tasks import _store
+from culbot.tasks.contracts import PackingStats, RunCard, RunConfig, TrainResult
+from culbot.tasks.run_folder import read_config
+from culbot.tasks.train import GuardFailure, curve_markdown, launch_command, run_training
 from culbot.tasks.train_entry import EXIT_PREEMPTED, MARKER, GuardTripped, make_callbacks, newest_complete_checkpoint
-from tests.conftest import SAMPLES
+from tests.conftest import prepare_tiny_run
 
 
-def _run(tmp_path, sample_formatted, tiny_model, *overrides):
-    prof = load_train_profile("cpu-tiny", list(overrides))
-    cfg = prepare_run(prof, sample_formatted, runs_root=tmp_path / "runs", models_root=tiny_model.parent,
-                      tokenized_root=tmp_path / "tok", samples_dir=SAMPLES)
-    return prof, cfg
+def _run(tmp_path, sample_tokenized, tiny_model, *overrides):
+    return prepare_tiny_run(tmp_path, sample_tokenized, tiny_model, *overrides)
 
 
 def _losses(result):
-    return [(h["step"], round(h["loss"], 6)) for h in result["log_history"] if "loss" in h]
+    return [(h["step"], round(h["loss"], 6)) for h in result.log_history if "loss" in h]
 
 
-def test_tiny_training_writes_exactly_these_files(tmp_path, sample_formatted, tiny_model):
-    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "train.max_steps=6", "train.save_steps=3", "train.eval_steps=3")
+def test_tiny_training_writes_exactly_these_files(tmp_path, sample_tokenized, tiny_model):
+    prof, cfg = _run(tmp_path, sample_tokenized, tiny_model, "train.max_steps=6", "train.save_steps=3", "train.eval_steps=3")
     assert launch_command(prof, cfg) == [sys.executable, "-m", "culbot.tasks.train_entry", "--config", str(cfg)]
     result = run_training(cfg, prof)
     run = cfg.parent
-    assert result["status"] == "completed" and result["global_step"] == 6
+    assert result.status == "completed" and result.global_step == 6
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     ckpt = ["README.md", "adapter_config.json", "adapter_model.safetensors", MARKER, "optimizer.pt", "rng_state.pth", "scheduler.pt",
             "tokenizer.json", "tokenizer_config.json", "trainer_state.json", "training_args.bin"]
@@ -42,18 +42,25 @@ def test_tiny_training_writes_exactly_these_files(tmp_path, sample_formatted, ti
          "adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/culbot.json", "adapter/tokenizer.json",
          "adapter/manifest.json", "adapter/tokenizer_config.json"]
         + [f"checkpoints/checkpoint-{n}/{f}" for n in (3, 6) for f in ckpt])
-    meta = json.loads((run / "adapter" / "culbot.json").read_text())
-    assert meta["base_model"] == str(tiny_model) and meta["profile"] == "cpu-tiny"
-    assert meta["templates"]["kullm"]["prompt_no_input"].startswith("아래는 작업을 설명하는 명령어입니다.")
-    assert meta["hyperparameters"]["lora"]["r"] == 8 and meta["lora_targets"] == ["query_key_value"]
-    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model)
+    card = _store.read_model(run / "adapter" / "culbot.json", RunCard)
+    assert card.base.name == "culbot:tiny" and card.profile == "cpu-tiny"
+    assert card.base.location(run / "adapter") == str(tiny_model)   # a path relative to the adapter: no path of this machine
+    assert card.template_for("kullm").prompt_no_input.startswith("아래는 작업을 설명하는 명령어입니다.")
+    assert card.hyperparameters.lora.r == 8 and card.lora_targets == ["query_key_value"]
+    assert card.lineage.tokenized and card.lineage.formatted and card.lineage.dataset
+    assert sum(card.data_mix["train"].values()) == card.token_counts.train.kept
+    # peft's own files name the base by its portable name
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "culbot:tiny"
+    assert str(tiny_model) not in (run / "adapter" / "README.md").read_text()
+    # the run config holds paths relative to the run folder
+    assert not Path(read_config(run).data).is_absolute() and str(run.parent.parent) not in cfg.read_text()
     # a rerun of a completed run returns at once
     t0 = time.monotonic()
-    assert run_training(cfg, prof)["global_step"] == 6 and time.monotonic() - t0 < 1
+    assert run_training(cfg, prof).global_step == 6 and time.monotonic() - t0 < 1
 
 
-def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, sample_formatted, tiny_model):
-    prof, cfg = _run(tmp_path / "a", sample_formatted, tiny_model, "train.max_steps=8", "train.save_steps=4", "train.logging_steps=1",
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, sample_tokenized, tiny_model):
+    prof, cfg = _run(tmp_path / "a", sample_tokenized, tiny_model, "train.max_steps=8", "train.save_steps=4", "train.logging_steps=1",
                      "train.save_total_limit=5")
     full = run_training(cfg, prof)
     # B: same config, holding only A's checkpoint-4 plus a half-written checkpoint-6 that must be skipped.
@@ -61,9 +68,9 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, sample_fo
     shutil.copytree(cfg.parent / "checkpoints" / "checkpoint-4", b / "checkpoints" / "checkpoint-4")
     (b / "checkpoints" / "checkpoint-6").mkdir()
     (b / "checkpoints" / "checkpoint-6" / "trainer_state.json").write_text("{ half")
-    conf = json.loads(cfg.read_text())
-    conf["run_dir"] = str(b)
-    (b / "config.json").write_text(json.dumps(conf))
+    conf = _store.read_model(cfg, RunConfig)
+    _store.write_model(b / "config.json", conf.model_copy(update={
+        "data": os.path.relpath(conf.data_dir(cfg.parent), b), "card": conf.card.model_copy(update={"base": conf.card.base.relocated(cfg.parent, b)})}))
     lines = []
     resumed = run_training(b / "config.json", prof, on_line=lines.append)
     assert any("resuming from checkpoint-4" in l for l in lines)
@@ -73,8 +80,8 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, sample_fo
     assert [x for x in _losses(resumed) if x[0] > 4] == tail
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_preempted(tmp_path, sample_formatted, tiny_model):
-    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "train.max_steps=400", "train.save_steps=1000", "train.logging_steps=1",
+def test_sigterm_saves_a_checkpoint_and_exits_preempted(tmp_path, sample_tokenized, tiny_model):
+    prof, cfg = _run(tmp_path, sample_tokenized, tiny_model, "train.max_steps=400", "train.save_steps=1000", "train.logging_steps=1",
                      "train.eval_steps=1000")
     proc = subprocess.Popen(launch_command(prof, cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -86,17 +93,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_preempted(tmp_path, sample_formatt
     assert proc.wait(timeout=120) == EXIT_PREEMPTED
     ckpt = newest_complete_checkpoint(cfg.parent / "checkpoints")
     assert ckpt is not None and 3 <= int(ckpt.name.split("-")[1]) < 400
-    assert json.loads((cfg.parent / "train_result.json").read_text())["status"] == "preempted"
+    assert _store.read_model(cfg.parent / "train_result.json", TrainResult).status == "preempted"
 
 
-def test_collapse_guard_stops_the_run_and_marks_it_failed(tmp_path, sample_formatted, tiny_model):
+def test_collapse_guard_stops_the_run_and_marks_it_failed(tmp_path, sample_tokenized, tiny_model):
     # real losses (~6.9) sit under a threshold of 100: the collapse guard must fire after 2 logs
-    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "train.max_steps=20", "train.logging_steps=1",
+    prof, cfg = _run(tmp_path, sample_tokenized, tiny_model, "train.max_steps=20", "train.logging_steps=1",
                      "guards.collapse_below=100", "guards.collapse_logs=2")
     with pytest.raises(GuardFailure, match="can never be published"):
         run_training(cfg, prof)
-    res = json.loads((cfg.parent / "train_result.json").read_text())
-    assert res["status"] == "failed_guard" and "loss collapsed: 2 consecutive logs" in res["reason"]
+    res = _store.read_model(cfg.parent / "train_result.json", TrainResult)
+    assert res.status == "failed_guard" and "loss collapsed: 2 consecutive logs" in res.reason
     assert not (cfg.parent / "adapter").exists()
 
 
@@ -106,7 +113,7 @@ class _State:
 
 
 def test_guard_fires_on_an_injected_nan_loss_and_on_exploding_gradients(tmp_path):
-    guards = {"collapse_below": 0.02, "collapse_logs": 3, "grad_norm_limit": 100.0}
+    guards = Guards(collapse_below=0.02, collapse_logs=3, grad_norm_limit=100.0)
     guard = make_callbacks(guards, tmp_path, tmp_path)[0]
     guard.on_log(None, _State(), None, logs={"loss": 1.2, "grad_norm": 3.0})
     with pytest.raises(GuardTripped, match="loss is nan at step 7"):
@@ -121,77 +128,102 @@ def test_guard_fires_on_an_injected_nan_loss_and_on_exploding_gradients(tmp_path
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_gloo(tmp_path, sample_formatted, tiny_model):
-    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "hardware.gpus=2", "hardware.launcher=torchrun",
+def test_torchrun_two_processes_gloo(tmp_path, sample_tokenized, tiny_model):
+    prof, cfg = _run(tmp_path, sample_tokenized, tiny_model, "hardware.gpus=2", "hardware.launcher=torchrun",
                      "train.global_batch_size=16", "train.max_steps=4", "train.save_steps=4")
     assert launch_command(prof, cfg)[1:4] == ["-m", "torch.distributed.run", "--standalone"]
     result = run_training(cfg, prof)
-    assert result["status"] == "completed" and result["global_step"] == 4
+    assert result.status == "completed" and result.global_step == 4
     assert (cfg.parent / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_under_torchrun_two_processes(tmp_path, sample_formatted, tiny_model):
-    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "hardware.gpus=2", "hardware.launcher=torchrun", "deepspeed=zero2.json",
+def test_deepspeed_zero2_under_torchrun_two_processes(tmp_path, sample_tokenized, tiny_model):
+    prof, cfg = _run(tmp_path, sample_tokenized, tiny_model, "hardware.gpus=2", "hardware.launcher=torchrun", "deepspeed=zero2.json",
                      "train.global_batch_size=16", "train.max_steps=3", "train.save_steps=3")
     lines = []
     result = run_training(cfg, prof, on_line=lines.append, env={"TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions")})
-    assert result["status"] == "completed" and result["global_step"] == 3
+    assert result.status == "completed" and result.global_step == 3
     assert any("DeepSpeed" in l or "deepspeed" in l for l in lines)
+    assert read_config(cfg.parent).deepspeed == "deepspeed.json" and (cfg.parent / "deepspeed.json").is_file()   # travels with the run
     assert (cfg.parent / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
-def test_qlora_4bit_step_on_cpu(tmp_path, sample_formatted, tiny_model):
-    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "model.quantization=4bit", "model.bnb_4bit_compute_dtype=fp32",
+def test_qlora_4bit_step_on_cpu(tmp_path, sample_tokenized, tiny_model):
+    prof, cfg = _run(tmp_path, sample_tokenized, tiny_model, "model.quantization=4bit", "model.bnb_4bit_compute_dtype=fp32",
                      "train.max_steps=2", "train.save_steps=2")
     lines = []
     result = run_training(cfg, prof, on_line=lines.append)
-    assert result["status"] == "completed" and result["global_step"] == 2
+    assert result.status == "completed" and result.global_step == 2
 
 
-def test_packed_training_twice_gives_the_same_adapter(tmp_path, sample_formatted, tiny_model):
+def test_packed_training_twice_gives_the_same_adapter(tmp_path, sample_tokenized, tiny_model):
     from safetensors.torch import load_file
 
     runs = []
     for name in ("a", "b"):
-        prof, cfg = _run(tmp_path / name, sample_formatted, tiny_model, "data.packing=true", "train.max_steps=3", "train.save_steps=3")
+        prof, cfg = _run(tmp_path / name, sample_tokenized, tiny_model, "data.packing=true", "train.max_steps=3", "train.save_steps=3")
         result = run_training(cfg, prof)
-        assert result["status"] == "completed" and result["global_step"] == 3
-        assert all(h["loss"] == h["loss"] for h in result["log_history"] if "loss" in h)   # finite losses
-        packed = result["packing"]
-        assert packed["rows"] < packed["examples"] and packed["max_len"] == 256
-        assert packed["tokens"] <= packed["rows"] * 256 and packed["real_token_share"] > 0.9
+        assert result.status == "completed" and result.global_step == 3
+        assert all(h["loss"] == h["loss"] for h in result.log_history if "loss" in h)   # finite losses
+        packed = result.packing
+        assert packed.rows < packed.examples and packed.max_len == 256
+        assert packed.tokens <= packed.rows * 256 and packed.real_token_share > 0.9
         runs.append(load_file(str(cfg.parent / "adapter" / "adapter_model.safetensors")))
     assert runs[0].keys() == runs[1].keys()
     assert all((runs[0][k] == runs[1][k]).all() for k in runs[0])
 
 
-def test_length_grouped_training_uses_the_length_sampler(tmp_path, sample_formatted, tiny_model):
-    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "data.packing=false", "data.group_by_length=true", "train.max_steps=2", "train.save_steps=2")
+def test_length_grouped_training_uses_the_length_sampler(tmp_path, sample_tokenized, tiny_model):
+    prof, cfg = _run(tmp_path, sample_tokenized, tiny_model, "data.packing=false", "data.group_by_length=true", "train.max_steps=2", "train.save_steps=2")
     lines = []
     result = run_training(cfg, prof, on_line=lines.append)
-    assert result["status"] == "completed" and result["global_step"] == 2
+    assert result.status == "completed" and result.global_step == 2
     assert any("batches: length-grouped" in l for l in lines), lines[-20:]
 
 
 @pytest.mark.slow
-def test_wandb_runs_offline_without_a_key(tmp_path, sample_formatted, tiny_model, monkeypatch):
+def test_wandb_runs_offline_without_a_key(tmp_path, sample_tokenized, tiny_model, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    prof, cfg = _run(tmp_path, sample_formatted, tiny_model, "train.report_to=auto", "train.max_steps=2", "train.save_steps=2")
+    prof, cfg = _run(tmp_path, sample_tokenized, tiny_model, "train.report_to=auto", "train.max_steps=2", "train.save_steps=2")
     result = run_training(cfg, prof, env={"WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
-    assert result["status"] == "completed"
+    assert result.status == "completed"
     assert list((tmp_path / "wandb").glob("offline-run-*")), "expected an offline W&B run"
 
 
 def test_training_curve_artifact_states_the_packing(tmp_path):
-    from culbot.tasks.release_tasks import curve_markdown
-
-    result = {"global_step": 4, "metrics": {"train_loss": 6.5},
-              "packing": {"examples": 56, "rows": 17, "max_len": 256, "tokens": 4000, "real_token_share": 0.919, "examples_per_row": 3.29},
-              "log_history": [{"step": 2, "loss": 6.9}, {"step": 4, "loss": 6.5}, {"step": 4, "eval_loss": 6.7}]}
+    result = TrainResult(status="completed", global_step=4, metrics={"train_loss": 6.5},
+                         packing=PackingStats(examples=56, rows=17, max_len=256, tokens=4000, real_token_share=0.919, examples_per_row=3.29),
+                         log_history=[{"step": 2, "loss": 6.9}, {"step": 4, "loss": 6.5}, {"step": 4, "eval_loss": 6.7}])
     md = curve_markdown(result, tmp_path / "cpu-tiny-abc")
     assert md.splitlines()[:7] == ["# Training `cpu-tiny-abc`", "", "4 optimizer steps, train loss 6.5000", "",
                                    "Packed 56 examples into 17 rows of up to 256 tokens: 91.9% real tokens, 3.29 examples per row.", "", "| step | loss |"]
     assert "| 4 | 6.5000 |" in md and "| 4 | 6.7000 |" in md
+
+
+def test_a_deleted_adapter_rebuilt_from_the_last_checkpoint_keeps_the_metrics_of_its_run(tmp_path, sample_tokenized, tiny_model):
+    prof, cfg = _run(tmp_path, sample_tokenized, tiny_model, "train.max_steps=4", "train.save_steps=4", "train.logging_steps=1")
+    from safetensors.torch import load_file
+
+    first = run_training(cfg, prof)
+    weights = load_file(str(cfg.parent / "adapter" / "adapter_model.safetensors"))
+    shutil.rmtree(cfg.parent / "adapter")
+    again = run_training(cfg, prof)   # checkpoint-4 is the last step: its weights are the adapter, no step is trained
+    assert again.status == "completed" and again.global_step == 4 and again.resumed_from == "checkpoint-4"
+    rebuilt = load_file(str(cfg.parent / "adapter" / "adapter_model.safetensors"))
+    assert rebuilt.keys() == weights.keys() and all((rebuilt[k] == weights[k]).all() for k in weights)
+    assert again.metrics["carried_over_from"] == "checkpoint-4" and again.metrics["steps_this_process"] == 0
+    assert again.metrics["train_loss"] == pytest.approx(first.metrics["train_loss"], rel=1e-6)   # not 0.0
+    card = _store.read_model(cfg.parent / "adapter" / "culbot.json", RunCard)
+    assert card.train_metrics == again.metrics and card.resumed_from == "checkpoint-4"
+
+
+def test_the_entrypoint_refuses_a_run_config_of_another_version(tmp_path, sample_tokenized, tiny_model):
+    from culbot.tasks.train_entry import main
+
+    _, cfg = _run(tmp_path, sample_tokenized, tiny_model, "train.max_steps=1")
+    (cfg.parent / "config.json").write_text(json.dumps({**json.loads(cfg.read_text()), "version": 7}))
+    with pytest.raises(ValueError, match=r"config.json: not a valid RunConfig.*RunConfig version 7 is not the version 1"):
+        main(["--config", str(cfg)])

@@ -1,8 +1,11 @@
-"""The culbot command: fast help, clear config errors, each stage alone against a URL."""
+"""The culbot command: fast help declared from one table, clear config errors, each stage alone against a URL."""
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from culbot.tasks import _store
 from tests.servers.base import serve
@@ -22,6 +25,37 @@ def test_help_does_not_import_heavy_libraries():
     assert out.stdout.strip() == "[]"
     r = culbot("--help")
     assert r.returncode == 0 and "crawl" in r.stdout and "generate-qa" in r.stdout and "run" in r.stdout
+
+
+def test_every_subcommand_help_starts_with_what_it_does_and_flags_carry_the_field_docs():
+    from culbot.flows.cli import COMMANDS, build_parser
+    from culbot.pipeline_config.loader import field_doc
+    from culbot.pipeline_config.schema import DataProfile
+
+    build_parser()   # the table builds
+    for cmd in COMMANDS:
+        helptext = subprocess.run([sys.executable, "-m", "culbot.flows.cli", *cmd.name.split(), "--help"], capture_output=True, text=True,
+                                  timeout=60, env={**os.environ, "COLUMNS": "1000"}).stdout
+        description = " ".join(helptext.split("\n\n")[1].split())   # the paragraph under the usage line
+        assert description == cmd.help, (cmd.name, description)
+    generate = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "generate-qa", "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert " ".join(field_doc(DataProfile, "qa.backend").split()) in " ".join(generate.split()) and "[qa.backend]" in generate
+    assert "{openai,replay}" in generate   # choices from the field's Literal type
+    assert "--data-profile" in generate and "--train-profile" in subprocess.run(
+        [sys.executable, "-m", "culbot.flows.cli", "eval", "--help"], capture_output=True, text=True, timeout=60).stdout
+
+
+def test_config_docs_and_show_cover_training_profiles_too():
+    docs = culbot("config", "docs")
+    assert docs.returncode == 0
+    for line in ("qa.max_in_flight = 4", "merge_data.validation_fraction = 0.05", "train.micro_batch_size = 1",
+                 "merge_adapter.max_shard_size = \"2GB\"", "memory.usable_fraction = 0.94"):
+        assert line in docs.stdout, line
+    show = culbot("config", "show", "--train-profile", "gcp-l4", "--set", "train.micro_batch_size=1")
+    assert show.returncode == 0 and json.loads(show.stdout)["train"]["micro_batch_size"] == 1
+    assert json.loads(show.stdout)["model"]["quantization"] == "4bit"
+    bad = culbot("crawl", "univ100", "--campus", "3", "--set", "univ100.page_size=0")
+    assert bad.returncode == 2 and "--set univ100.page_size: field 'univ100.page_size'" in bad.stderr
 
 
 def test_config_error_exits_2_naming_field():
@@ -45,7 +79,7 @@ def test_generate_qa_stage_alone_against_a_url(tmp_path):
     pages = tmp_path / "pages"
     text = "충북대학교 중앙도서관은 평일 오전 9시부터 오후 10시까지 운영합니다."
     _store.atomic_write_jsonl(pages / "pages.jsonl", [{"url": "u", "title": "도서관", "text": text, "content_hash": "h"}])
-    _store.write_manifest(pages, stage="crawl_cbnu", inputs={}, config={}, counts={})
+    _store.write_manifest(pages, stage="crawl-cbnu", inputs={}, config={}, counts={})
     app = OpenAIApp(script={"도서관": [Reply(content=items_json([("도서관 운영 시간은?", "", "중앙도서관은 평일 오전 9시부터 오후 10시까지 운영합니다.")]))]})
     with serve(OpenAIHandler, app) as base:
         r = culbot("generate-qa", "--pages", str(pages), "--out", str(tmp_path / "qa"), "--backend", "openai", "--base-url", base + "/v1",
@@ -61,7 +95,7 @@ def test_stage_chain_merge_and_format_from_the_cli(tmp_path):
 
     for args in (["crawl", "univ100", "--out", str(tmp_path / "u")],
                  ["load-kullm", "--out", str(tmp_path / "k")],
-                 ["merge", "--univ100", str(tmp_path / "u"), "--kullm", str(tmp_path / "k"), "--out", str(tmp_path / "ds")]):
+                 ["merge-data", "--univ100", str(tmp_path / "u"), "--kullm", str(tmp_path / "k"), "--out", str(tmp_path / "ds")]):
         r = culbot(*args, cwd=REPO)
         assert r.returncode == 0, r.stderr
     version = (tmp_path / "ds" / "LATEST").read_text().strip()
@@ -88,3 +122,36 @@ def test_crawl_cbnu_stage_alone_against_a_url(tmp_path):
                    "--set", "cbnu.http.rate_per_host=100")
     assert r.returncode == 0, r.stderr
     assert '"pages": 2' in r.stdout and _store.is_complete(tmp_path / "c")
+
+
+def _work(tmp_path, name):
+    from tests.conftest import SAMPLES
+
+    w = tmp_path / name
+    (w / "raw").mkdir(parents=True)
+    os.symlink(SAMPLES, w / "raw" / "samples")
+    return w
+
+
+@pytest.mark.slow
+def test_a_run_is_read_from_any_folder_and_ships_no_path_of_its_machine(tmp_path, sample_formatted):
+    """The README's layout (relative artifacts/ under the working folder): train there, evaluate from elsewhere."""
+    work = _work(tmp_path, "work")
+    r = culbot("train", "--data", str(sample_formatted), "--set", "train.max_steps=2", "--set", "train.save_steps=2", cwd=work)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = next((work / "artifacts" / "runs").iterdir())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    e = culbot("eval", "--run", str(run), "--set", "eval.max_new_tokens=2", cwd=elsewhere)
+    assert e.returncode == 0, e.stderr[-2000:]
+    report = Path(e.stdout.split("report ")[1].strip())
+    assert report == run / "eval" / "eval.md" and report.is_file()
+    m = culbot("merge-adapter", "--run", str(run), cwd=elsewhere)
+    assert m.returncode == 0, m.stderr[-2000:]
+    from culbot.tasks import _store
+
+    assert _store.is_complete(m.stdout.split("done: ")[1].split("\n")[0])   # written under this folder's artifacts/, like every output
+    shipped = [p for p in (work / "artifacts").rglob("*") if p.is_file() and "checkpoints" not in p.parts]   # checkpoints stay on the host
+    assert len(shipped) > 20
+    leaks = [str(p.relative_to(work)) for p in shipped if str(work).encode() in p.read_bytes()]
+    assert leaks == []

@@ -5,8 +5,8 @@ import shutil
 import pytest
 
 from culbot.tasks import _store
-from tests.conftest import SAMPLES
-from tests.test_flow_data_refresh import _profile, _task_states
+from culbot.tasks.contracts import short_hash
+from tests.conftest import SAMPLES, sample_profile_file, task_states
 
 
 @pytest.mark.slow
@@ -20,39 +20,40 @@ def test_full_chain_then_a_cached_rerun_on_a_host_without_the_artifacts(tmp_path
     monkeypatch.chdir(tmp_path)  # CULBOT_HOME: remote keys are paths relative to it
     remote = tmp_path / "remote"  # a local folder standing in for s3:// or gs://
     LocalFileSystem(basepath=str(remote / "prefect-results")).save("culbot-results-test", overwrite=True)
-    profile = _profile(tmp_path)
+    profile = sample_profile_file(tmp_path)
     train_overrides = [f"artifacts_root={tmp_path / 'artifacts'}", f"samples_dir={SAMPLES}", "train.max_steps=4", "train.save_steps=4",
                        "eval.max_new_tokens=4", f"publish.local_dir={tmp_path / 'publish'}"]
     with temporary_settings({PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: "local-file-system/culbot-results-test"}):
-        state = culbot(profile=profile, train_overrides=train_overrides, artifact_root=str(remote), return_state=True)
+        state = culbot(data_profile=profile, train_overrides=train_overrides, artifact_root=str(remote), return_state=True)
         assert state.is_completed(), state
         out = state.result()
-        assert out["run"]["counts"]["global_step"] == 4 and out["eval"]["counts"]["status"] == "passed"
-        assert out["run"]["counts"]["packing"]["rows"] < out["run"]["counts"]["packing"]["examples"]   # cpu-tiny packs, as the GPU profiles
-        assert _store.is_complete(out["model"]["path"]) and _store.is_complete(out["run"]["path"])
+        assert out.run.global_step == 4 and out.eval.passed
+        assert out.run.packing.rows < out.run.packing.examples   # cpu-tiny packs, as the GPU profiles
+        assert _store.is_complete(out.model.path) and _store.is_complete(out.run.path) and _store.is_complete(out.tokenized.path)
         pub = tmp_path / "publish"
         folder = next(pub.iterdir())
         assert sorted(p.name for p in folder.iterdir()) == ["adapter", "manifest.json", "merged"]
         assert (folder / "merged" / "README.md").read_text().startswith("---\nlanguage:")
-        cold = [x for x in _task_states(state.state_details.flow_run_id) if x[0] != "data-refresh"]   # the subflow's own run
-        assert [n for n, _ in cold] == ["eval", "merge-adapter", "publish", "train"] and {s for _, s in cold} == {"Completed"}
+        cold = [x for x in task_states(state.state_details.flow_run_id) if x[0] != "data-refresh"]   # the subflow's own run
+        assert [n for n, _ in cold] == ["eval", "merge-adapter", "publish", "tokenize", "train"] and {s for _, s in cold} == {"Completed"}
         with get_client(sync_client=True) as client:
             name = client.read_flow_run(state.state_details.flow_run_id).name
-        assert name == f"culbot-flowtest-cpu-tiny-{out['data']['dataset']['content_hash'][:8]}-to-publish"
+        assert name == f"culbot-flowtest-cpu-tiny-{short_hash(out.data.dataset.content_hash)}-to-publish"
 
         # Everything the next host needs is in the root, each folder with its manifest; checkpoints stay behind.
-        run_name = out["run"]["run_dir"].rsplit("/", 1)[1]
-        for rel in (f"artifacts/datasets/{out['data']['dataset']['path'].rsplit('/', 1)[1]}", f"artifacts/runs/{run_name}",
-                    f"artifacts/runs/{run_name}/adapter", f"artifacts/runs/{run_name}/eval", f"artifacts/models/{out['model']['path'].rsplit('/', 1)[1]}"):
+        run_name = out.run.run_dir.name
+        for rel in (f"artifacts/datasets/{out.data.dataset.path.name}", f"artifacts/runs/{run_name}", f"artifacts/tokenized/{out.tokenized.path.name}",
+                    f"artifacts/runs/{run_name}/adapter", f"artifacts/runs/{run_name}/eval", f"artifacts/models/{out.model.path.name}",
+                    "raw/univ100", "raw/cbnu_qa"):
             assert (remote / rel / "manifest.json").is_file(), rel
         assert not (remote / f"artifacts/runs/{run_name}/checkpoints").exists()
         assert any((remote / "prefect-results").iterdir())
 
         # A second host: same CULBOT_HOME, same server, no local artifacts. Nothing is rebuilt or retrained.
         shutil.rmtree(tmp_path / "artifacts")
-        state2 = culbot(profile=profile, train_overrides=train_overrides, artifact_root=str(remote), return_state=True)
-        warm = [x for x in _task_states(state2.state_details.flow_run_id) if x[0] != "data-refresh"]
+        state2 = culbot(data_profile=profile, train_overrides=train_overrides, artifact_root=str(remote), return_state=True)
+        warm = [x for x in task_states(state2.state_details.flow_run_id) if x[0] != "data-refresh"]
         assert warm == [(n, "Cached") for n, _ in cold]
         out2 = state2.result()
-        assert out2["model"]["path"] == out["model"]["path"] and _store.is_complete(out2["model"]["path"])
-        assert _store.is_complete(out2["run"]["path"]) and _store.is_complete(out2["data"]["formatted"]["path"])
+        assert out2.model.path == out.model.path and _store.is_complete(out2.model.path)
+        assert _store.is_complete(out2.run.path) and _store.is_complete(out2.data.formatted.path)

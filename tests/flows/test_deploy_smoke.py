@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from culbot.tasks import _store
+from culbot.tasks.contracts import short_hash
 from tests.conftest import REPO
 
 
@@ -92,7 +93,7 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
                             "--home", str(work), "--artifact-root", str(remote)], capture_output=True, text=True, env=env, timeout=300)
         assert d.returncode == 0, d.stdout + d.stderr
         for name in ("culbot/full", "culbot/data-refresh", "culbot/smoke", "train-stage/train-a6000x4", "train-stage/train-gcp-l4",
-                     "train-stage/train-runpod-a100x2", "train-stage/train-cpu-tiny", "eval-stage/eval", "merge-stage/merge", "publish-stage/publish"):
+                     "train-stage/train-runpod-a100x2", "train-stage/train-cpu-tiny", "eval-stage/eval", "merge-adapter-stage/merge-adapter", "publish-stage/publish"):
             assert name in d.stdout, d.stdout
         pools = {p["name"]: p for p in httpx.post(f"{api}/work_pools/filter", json={}, timeout=30).json()}
         assert set(pools) >= {"cpu", "a6000x4", "runpod-a100x2", "gcp-l4"} and pools["a6000x4"]["concurrency_limit"] == 1
@@ -115,13 +116,13 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
         # Training went to the train-cpu-tiny deployment as a child run, keyed by the parent and named by the dataset.
         child = _children(api, first)
         dataset = next((work / "artifacts" / "datasets").glob("*/manifest.json")).parent
-        dataset_hash = _store.read_manifest(dataset)["content_hash"]
-        assert child["name"] == f"train-cpu-tiny-{dataset_hash[:8]}" and child["idempotency_key"] == f"{first}:train"
+        dataset_hash = _store.read_manifest(dataset).content_hash
+        assert child["name"] == f"train-cpu-tiny-{short_hash(dataset_hash)}" and child["idempotency_key"] == f"{first}:train"
         assert child["state"]["type"] == "COMPLETED" and child["deployment_id"]
         assert child["job_variables"]["env"]["CULBOT_ARTIFACT_ROOT"] == str(remote) and child["job_variables"]["env"]["WANDB_PROJECT"] == "culbot"
-        assert _task_states(api, child["id"]) == [("train", "Completed")]
+        assert _task_states(api, child["id"]) == [("tokenize", "Completed"), ("train", "Completed")]
         parent = httpx.get(f"{api}/flow_runs/{first}", timeout=30).json()
-        assert parent["name"].startswith(f"culbot-sample-cpu-tiny-{dataset_hash[:8]}-to-publish")
+        assert parent["name"].startswith(f"culbot-sample-cpu-tiny-{short_hash(dataset_hash)}-to-publish")
         assert list((work / "artifacts" / "datasets").glob("*/manifest.json"))
         assert list((work / "artifacts" / "runs").glob("cpu-tiny-*/adapter/adapter_model.safetensors"))
         assert list((work / "artifacts" / "models").glob("*/manifest.json"))
@@ -135,7 +136,7 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
 
         second = _run_smoke(env)
         assert [x for x in _task_states(api, second) if x[0] in ("eval", "merge-adapter", "publish")] == [(n, "Cached") for n, _ in stages]
-        assert _task_states(api, _children(api, second)["id"]) == [("train", "Cached")]
+        assert _task_states(api, _children(api, second)["id"]) == [("tokenize", "Cached"), ("train", "Cached")]
 
         # Cancelling the parent mid-training cancels the child training run, and its trainer stops.
         long = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "culbot/smoke", "-p", 'train_overrides=["train.max_steps=4000"]'],

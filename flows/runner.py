@@ -1,0 +1,87 @@
+"""How a flow runs a stage: the cache, verification, pulling a hit made on another host, pushing what it made.
+
+Every flow calls :func:`run_stage` for each stage, so the rules live here once:
+- a cached result is trusted only when its folder still verifies against its manifest;
+- a cached result whose folder is not on this host is pulled from the artifact root, else rebuilt;
+- with an artifact root, every finished output is pushed there (a no-op when it is there already).
+
+Single-stage flows start from folders the user names: :func:`existing` and :func:`existing_run`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+from prefect import get_run_logger
+
+from culbot.tasks import _store
+from culbot.tasks import artifact_root as _artifact_root
+from culbot.tasks.contracts import RunOutput, RunRef, StageOutput, StageRef
+from culbot.tasks.run_folder import finished_result, run_output
+
+O = TypeVar("O", bound=StageOutput)
+
+
+def verified(out: StageOutput | None) -> bool:
+    """The output's folder is here, its manifest is the one the result names, and every file matches."""
+    if out is None:
+        return False
+    m = _store.read_manifest(out.path)
+    return m is not None and m.content_hash == out.content_hash and _store.is_complete(out.path)
+
+
+def _pull(out: StageOutput, root: str) -> bool:
+    if isinstance(out, RunOutput):
+        return _artifact_root.pull_run(out.run_dir, root)
+    return _artifact_root.pull(out.path, root)
+
+
+def _push(out: StageOutput, root: str) -> None:
+    if isinstance(out, RunOutput):
+        _artifact_root.push_run(out.run_dir, root)
+    else:
+        _artifact_root.push(out.path, root)
+
+
+def pulled(out: StageOutput | None, root: str | None) -> bool:
+    """A cached output made on another host, fetched from the artifact root and verified here."""
+    if not root or out is None:
+        return False
+    try:
+        _pull(out, root)
+    except (_artifact_root.TransferError, FileNotFoundError) as e:
+        get_run_logger().info("not in the artifact root (%s); rebuilding", e)
+        return False
+    return verified(out)
+
+
+def run_stage(task, *, force: bool = False, root: str | None = None, **inputs) -> O:
+    """Run one stage task and return its typed output, rebuilt if its cached folder is gone or altered."""
+    out = (task.with_options(refresh_cache=True) if force else task)(**inputs)
+    if not verified(out) and not pulled(out, root):
+        get_run_logger().warning("%s: cached output %s is missing or changed; rebuilding it", task.name, out.path if out else None)
+        out = task.with_options(refresh_cache=True)(**inputs)
+        if not verified(out):
+            raise RuntimeError(f"{task.name}: output {out.path} does not verify against its manifest")
+    if root:
+        _push(out, root)
+    return out
+
+
+def existing(path: str | Path, root: str | None = None) -> StageRef:
+    """A finished stage folder the user named (pulled from the artifact root if this host lacks it)."""
+    path = Path(path)
+    if root and _store.read_manifest(path) is None:
+        _artifact_root.pull(path, root)
+    problems = _store.verify(path)
+    if problems:
+        raise FileNotFoundError(f"{path}: not a finished stage output ({problems[0]})"
+                                + ("" if root else "; set artifact_root if it was made on another host"))
+    return StageRef(path=path.resolve(), content_hash=_store.read_manifest(path).content_hash)
+
+
+def existing_run(run_dir: str | Path, root: str | None = None) -> RunRef:
+    """A finished training run the user named (pulled with its data if this host lacks it)."""
+    if root and finished_result(Path(run_dir)) is None:
+        _artifact_root.pull_run(Path(run_dir), root)
+    return run_output(run_dir).ref()

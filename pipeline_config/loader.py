@@ -1,0 +1,136 @@
+"""The one loader of the three configs (data profile, training profile, planner).
+
+YAML file -> ``--set KEY=VALUE`` overrides -> values from command-line flags -> pydantic
+validation. Every error names where the bad value came from: the file, the ``--set``
+or the flag, and the field's dotted path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file, override or flag is wrong; the message names the file and the field."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown fields are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def find_config(name_or_path: str | Path, folder: Path, what: str) -> Path:
+    """A shipped config by name (``folder/<name>.yaml``) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"{p}: {what} not found")
+        return p
+    candidate = folder / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(x.stem for x in folder.glob("*.yaml")))
+        raise ConfigError(f"unknown {what} {str(name_or_path)!r}; shipped: {known}, or give a path to a .yaml file")
+    return candidate
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of fields")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'qa.max_in_flight=8' -> (['qa', 'max_in_flight'], 8). Values are parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. qa.max_in_flight=8")
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def _put(data: dict, keys: list[str], value: Any, label: str) -> None:
+    node = data
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{label}: {k!r} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _format_errors(err: ValidationError, source: str, labels: dict[str, str]) -> str:
+    lines = [f"{source}: invalid configuration ({err.error_count()} error(s))"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        where = labels.get(loc, source)
+        msg = "unknown field (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+        got = f" (got {e['input']!r})" if e["type"] not in ("missing", "extra_forbidden") and not isinstance(e.get("input"), dict) else ""
+        lines.append(f"  {where}: field '{loc}': {msg}{got}")
+    return "\n".join(lines)
+
+
+def load_config(model: type[M], path: Path, overrides: list[str] | tuple[str, ...] = (),
+                flags: dict[str, tuple[str, Any]] | None = None, defaults: dict[str, Any] | None = None) -> M:
+    """Validate ``path`` as ``model`` after ``--set`` overrides and flag values.
+
+    ``flags`` maps a dotted field to (the flag that set it, its value), so an error says ``--campus``
+    rather than the file. ``defaults`` fill top-level fields the file leaves out (e.g. the name).
+    """
+    data = load_yaml(path)
+    for k, v in (defaults or {}).items():
+        data.setdefault(k, v)
+    labels: dict[str, str] = {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        _put(data, keys, value, f"--set {item!r}")
+        labels[".".join(keys)] = f"--set {'.'.join(keys)}"
+    for dotted, (flag, value) in (flags or {}).items():
+        _put(data, dotted.split("."), value, flag)
+        labels[dotted] = flag
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path), labels)) from None
+
+
+def field_doc(model: type[BaseModel], dotted: str) -> str:
+    """The one description of a (possibly nested) field."""
+    *parents, name = dotted.split(".")
+    for p in parents:
+        model = model.model_fields[p].annotation
+    return model.model_fields[name].description or ""
+
+
+def field_docs(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every field with its type, default and description, nested sections as headings."""
+    import json
+
+    out: list[str] = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += ["", f"# {prefix}{name}: {f.description}"] + field_docs(ann, f"{prefix}{name}.")
+            continue
+        default = "(required)" if f.is_required() else json.dumps(f.get_default(call_default_factory=True), default=str, ensure_ascii=False)
+        out += [f"{prefix}{name} = {default}", f"    {f.description}"]
+    return out

@@ -1,0 +1,73 @@
+"""Base models and adapters on disk: resolving the base, the EOS check, dtypes, loading base + adapter.
+
+Shared by tokenize, train (and its entrypoint), eval and merge-adapter, so each stage
+loads models the same way. Heavy libraries are imported inside the functions.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from culbot.pipeline_config.train_schema import TINY, ModelSpec
+
+from .contracts import BaseModelRef
+from .run_folder import read_run_card
+
+log = logging.getLogger("culbot.model_io")
+
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class EosMismatch(ValueError):
+    """The tokenizer's EOS id differs from the model config's (upstream hard-coded eos_token_id=2)."""
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[name])
+
+
+def check_eos(tokenizer, model_config) -> int:
+    tok_eos, cfg_eos = tokenizer.eos_token_id, model_config.eos_token_id
+    if tok_eos is None or tok_eos != cfg_eos:
+        raise EosMismatch(f"tokenizer eos_token_id={tok_eos} but model config eos_token_id={cfg_eos}; "
+                          "pin a model revision whose tokenizer and config agree")
+    return tok_eos
+
+
+def resolve_base(model: ModelSpec, *, models_root: Path, samples_dir: Path) -> BaseModelRef:
+    """The base model to load on this host. The tiny model is built on first use; a Hub id is pinned to its commit.
+
+    A local base comes back with an absolute ``path``; writers store it relative to their folder
+    (:meth:`BaseModelRef.relocated`).
+    """
+    if model.base == TINY:
+        from .tiny_model import build_tiny_model, sample_corpus
+
+        out = Path(models_root) / "tiny"
+        build_tiny_model(out, sample_corpus(samples_dir))
+        return BaseModelRef(name=TINY, path=str(out.resolve()))
+    if Path(model.base).exists():
+        return BaseModelRef(name=model.base, path=str(Path(model.base).resolve()))
+    from huggingface_hub import HfApi
+
+    return BaseModelRef(name=model.base, revision=HfApi().model_info(model.base, revision=model.revision).sha)
+
+
+def load_adapted(adapter_dir: Path, dtype: str | None = None):
+    """(base + adapter, tokenizer saved with the adapter, run card); the base comes from the card.
+
+    ``dtype`` None: bf16 on the GPU(s) where there is one, fp32 on CPU.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    card = read_run_card(adapter_dir)
+    gpu = torch.cuda.is_available()
+    dt = torch_dtype(dtype) if dtype else (torch.bfloat16 if gpu else torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(card.base.location(adapter_dir), revision=card.base.revision, dtype=dt,
+                                                device_map="auto" if gpu and dtype is None else None)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    return model, AutoTokenizer.from_pretrained(str(adapter_dir)), card

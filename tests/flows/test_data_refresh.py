@@ -1,0 +1,53 @@
+"""The data-refresh flow for real under prefect_test_harness: cold run, fully cached rerun, rebuild of a corrupted output."""
+import shutil
+
+import pytest
+
+from culbot.tasks import _store
+from culbot.tasks.contracts import short_hash
+from tests.conftest import flow_artifacts, sample_profile_file, task_states
+
+
+@pytest.mark.slow
+def test_data_refresh_cold_then_fully_cached_then_rebuilds_corruption(tmp_path, prefect_harness):
+    from culbot.flows.data_refresh import data_refresh
+
+    profile = sample_profile_file(tmp_path)
+    state = data_refresh(data_profile=profile, return_state=True)
+    assert state.is_completed()
+    out = state.result()
+    d = out.dataset
+    assert d.counts["train"] + d.counts["validation"] == 55
+    assert d.counts["rows_in"] == {"cbnu": 25, "kullm": 22, "univ100": 10}
+    assert d.counts["dropped"] == {"duplicate_of_kullm": 1, "duplicate_of_univ100": 1}
+    assert _store.is_complete(d.path) and _store.is_complete(out.formatted.path)
+    assert list(out.stages) == ["crawl-univ100", "crawl-cbnu", "generate-qa", "load-kullm", "merge-data", "format"]
+    cold = task_states(state.state_details.flow_run_id)
+    assert [s for _, s in cold] == ["Completed"] * 6
+    arts = flow_artifacts(state.state_details.flow_run_id)
+    assert set(arts) >= {"crawl-univ100", "crawl-cbnu", "qa-ledger", "qa-generation-progress", "load-kullm", "dataset-stats", "data-refresh-summary"}
+    assert '"replayed": 6' in arts["qa-ledger"] and "| rows | 10 |" in arts["crawl-univ100"]
+
+    state2 = data_refresh(data_profile=profile, return_state=True)
+    warm = task_states(state2.state_details.flow_run_id)
+    assert [s for _, s in warm] == ["Cached"] * 6
+    assert state2.result().dataset.content_hash == d.content_hash
+
+    # A corrupted dataset version is detected by its manifest and rebuilt, never trusted.
+    (tmp_path / "artifacts" / "datasets" / short_hash(d.content_hash) / "train.parquet").write_bytes(b"garbage")
+    shutil.rmtree(out.formatted.path)
+    state3 = data_refresh(data_profile=profile, return_state=True)
+    states3 = dict(task_states(state3.state_details.flow_run_id))
+    assert states3["merge-data"] == "Completed" and states3["format"] == "Completed" and states3["crawl-univ100"] == "Cached"
+    assert _store.is_complete(d.path) and _store.is_complete(out.formatted.path)
+    assert state3.result().dataset.content_hash == d.content_hash
+
+
+@pytest.mark.slow
+def test_force_rebuilds_every_stage(tmp_path, prefect_harness):
+    from culbot.flows.data_refresh import data_refresh
+
+    profile = sample_profile_file(tmp_path)
+    data_refresh(data_profile=profile)
+    state = data_refresh(data_profile=profile, force=True, return_state=True)
+    assert [s for _, s in task_states(state.state_details.flow_run_id)] == ["Completed"] * 6

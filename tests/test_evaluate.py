@@ -1,0 +1,36 @@
+"""Eval of a tiny trained run: loss, perplexity, probe answers with the training template, and the gate."""
+import pytest
+
+from culbot.pipeline_config.train_schema import EvalSpec
+from culbot.tasks import _store
+from culbot.tasks.contracts import EvalReport
+from culbot.tasks.evaluate import gate, run_eval
+from culbot.tasks.run_folder import RunNotFinished
+
+
+def test_eval_reports_loss_perplexity_and_probe_answers(trained_run):
+    res = run_eval(trained_run, EvalSpec(probes=["도서관은 몇 시에 여나요?", "휴학은 어디서 신청해요?"], max_new_tokens=8))
+    assert res.status == "passed" and res.label_tokens > 0
+    assert res.perplexity == pytest.approx(2.718281828 ** res.eval_loss, rel=1e-6)
+    assert res.template == "cbnu2"
+    assert res.probes[0].prompt == (
+        "아래는 충북대학교와 관련한 작업을 설명하는 명령어입니다. 충북대학교의 공식 정보에 근거하여 요청을 적절히 완료하는 응답을 작성하세요."
+        "\n\n### 명령어:\n도서관은 몇 시에 여나요?\n\n### 응답:\n")
+    md = (trained_run / "eval" / "eval.md").read_text()
+    assert "**PASSED**" in md and "도서관은 몇 시에 여나요?" in md
+    assert _store.read_model(trained_run / "eval" / "eval.json", EvalReport) == res
+    assert _store.read_manifest(trained_run / "eval").lineage.dataset   # the report says which data it judged
+    failed = run_eval(trained_run, EvalSpec(probes=["x"], max_new_tokens=1, max_eval_loss=0.001))
+    assert failed.status == "failed" and "> gate 0.001" in failed.reason
+    run_eval(trained_run, EvalSpec(probes=["도서관은 몇 시에 여나요?"], max_new_tokens=8))   # leave a passing eval for the tests below
+
+
+def test_the_gate_fails_a_loss_that_is_not_finite():
+    assert gate(float("nan"), EvalSpec()) == (False, "validation loss nan is not finite")
+    assert gate(2.5, EvalSpec(max_eval_loss=3.0)) == (True, "validation loss 2.5000 ≤ gate 3.0")
+
+
+def test_a_run_that_did_not_complete_is_not_evaluated(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(RunNotFinished, match="training status is 'missing'"):
+        run_eval(tmp_path / "run", EvalSpec())

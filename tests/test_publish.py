@@ -1,0 +1,73 @@
+"""Publishing a tiny trained run: local folders with model cards, the gate, and a round trip through a local Hub."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from culbot.pipeline_config.train_schema import MergeAdapterSpec, PublishSpec
+from culbot.tasks import _store
+from culbot.tasks.contracts import EvalReport, RunCard
+from culbot.tasks.merge_adapter import run_merge_adapter
+from culbot.tasks.publish import PublishRefused, run_publish
+from tests.servers.base import serve
+from tests.servers.hub import HubApp, HubHandler
+
+TOKEN = "hf_test_token_never_leak_0123456789"
+
+
+def test_publish_local_writes_cards_and_refuses_failed_runs(trained_run, tmp_path):
+    m = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], trained_run / "eval")
+    rec = run_publish(trained_run, m.path, PublishSpec(target="local", local_dir=tmp_path / "pub"))
+    merged = tmp_path / "pub" / rec.published["merged"].where.rsplit("/", 2)[-2] / "merged"
+    card = (merged / "README.md").read_text()
+    assert card.startswith("---\nlanguage:\n- ko\n") and "| kullm |" in card and "## Prompt template `cbnu2`" in card
+    assert "Intended use and limits" in card and "Validation loss" in card
+    assert (merged / "config.json").is_file() and (merged.parent / "adapter" / "adapter_config.json").is_file()
+    assert "base_model:" not in card.split("---")[1]   # the tiny base is not a Hub model
+    # the copied run card still finds its local base
+    adapter_card = _store.read_model(merged.parent / "adapter" / "culbot.json", RunCard)
+    assert adapter_card.base.location(merged.parent / "adapter") == _store.read_model(trained_run / "adapter" / "culbot.json", RunCard).base.location(trained_run / "adapter")
+    # a run whose eval failed is refused
+    ev_file = trained_run / "eval" / "eval.json"
+    ev = ev_file.read_text()
+    failed = _store.read_model(ev_file, EvalReport).model_copy(update={"status": "failed", "reason": "validation loss 9 > gate 1"})
+    _store.write_model(ev_file, failed)
+    try:
+        with pytest.raises(PublishRefused, match="eval gate failed"):
+            run_publish(trained_run, m.path, PublishSpec(target="local", local_dir=tmp_path / "pub2"))
+    finally:
+        ev_file.write_text(ev)
+
+
+def test_hub_round_trip_through_a_local_hub(trained_run, tmp_path):
+    m = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], trained_run / "eval")
+    app = HubApp(token=TOKEN)
+    with serve(HubHandler, app) as hub:
+        env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN,
+               "HF_HOME": str(tmp_path / "hf"), "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "10"}
+        pub = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "publish", "--run", str(trained_run), "--model", str(m.path),
+                              "--target", "hub", "--repo-id", "cbnu-lab/culbot-tiny", "--endpoint", hub, "--set", "publish.tag=v1"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert pub.returncode == 0, pub.stderr
+        repo = app.repos["cbnu-lab/culbot-tiny"]
+        assert repo["private"] and "README.md" in repo["files"] and "model.safetensors" in repo["files"]
+        assert repo["commits"][-1]["summary"].startswith("culbot: dataset "), repo["commits"]
+        assert repo["tags"]["v1"] == repo["commits"][-1]["oid"], (repo["tags"], repo["commits"])
+        assert "adapter_model.safetensors" in app.repos["cbnu-lab/culbot-tiny-lora"]["files"]
+        load = subprocess.run([sys.executable, "-c", (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "m = AutoModelForCausalLM.from_pretrained('cbnu-lab/culbot-tiny'); t = AutoTokenizer.from_pretrained('cbnu-lab/culbot-tiny')\n"
+            "ids = t('### 명령어:\\n도서관은 몇 시에 여나요?\\n\\n### 응답:\\n', return_tensors='pt', add_special_tokens=False)\n"
+            "out = m.generate(**ids, max_new_tokens=5, do_sample=False)\n"
+            "print('GENERATED', out.shape[1] - ids['input_ids'].shape[1], m.generation_config.eos_token_id)\n")],
+            capture_output=True, text=True, env={**env, "HF_TOKEN": TOKEN}, timeout=300)
+        assert load.returncode == 0, load.stderr
+        assert "GENERATED" in load.stdout and load.stdout.strip().endswith(" 2")
+    everything = pub.stdout + pub.stderr + load.stdout + load.stderr
+    assert TOKEN not in everything
+    for f in list(repo["files"].values()) + list(app.repos["cbnu-lab/culbot-tiny-lora"]["files"].values()):
+        assert TOKEN.encode() not in f
+        assert str(trained_run.parent).encode() not in f   # no path of the machine it was built on
+    assert TOKEN not in (trained_run / "publish" / "record.json").read_text()
+    assert app.tokens_seen >= {f"Bearer {TOKEN}"}
