@@ -23,18 +23,35 @@ from . import _store
 PROJECT = "culbot"
 
 
-def _source_file(module: str) -> Path | None:
+@lru_cache(maxsize=None)
+def _package_dirs(package: str) -> tuple[Path, ...]:
+    """Where a package's modules live (none for a plain module)."""
     try:
-        spec = importlib.util.find_spec(module)
+        spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
-        return None
-    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+        return ()
+    return tuple(Path(p) for p in (spec.submodule_search_locations or ())) if spec else ()
 
 
-def _imports(module: str, tree: ast.AST, package: str, project: str) -> set[str]:
-    """Project modules named by any import statement in ``tree`` (lazy ones inside functions too)."""
+@lru_cache(maxsize=None)
+def _source_file(module: str) -> Path | None:
+    package, _, leaf = module.rpartition(".")
+    for d in _package_dirs(package) if package else ():
+        for f in (d / f"{leaf}.py", d / leaf / "__init__.py"):
+            if f.is_file():
+                return f
+    return None
+
+
+@lru_cache(maxsize=None)
+def _imports(module: str, project: str) -> frozenset[str]:
+    """Project modules named by any import statement of ``module`` (lazy ones inside functions too)."""
+    path = _source_file(module)
+    if path is None:
+        return frozenset()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -44,7 +61,7 @@ def _imports(module: str, tree: ast.AST, package: str, project: str) -> set[str]
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             found.add(base)
             found |= {f"{base}.{a.name}" for a in node.names}  # `from . import _store` names a module
-    return {m for m in found if (m == project or m.startswith(project + ".")) and _source_file(m) is not None and m != module}
+    return frozenset(m for m in found if m.startswith(project + ".") and m != module and _source_file(m) is not None)
 
 
 def module_closure(module: str, project: str = PROJECT) -> list[str]:
@@ -52,14 +69,9 @@ def module_closure(module: str, project: str = PROJECT) -> list[str]:
     seen, todo = set(), [module]
     while todo:
         m = todo.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        path = _source_file(m)
-        if path is None:
-            continue
-        package = m if path.name == "__init__.py" else m.rsplit(".", 1)[0]
-        todo += sorted(_imports(m, ast.parse(path.read_text(encoding="utf-8")), package, project) - seen)
+        if m not in seen:
+            seen.add(m)
+            todo += sorted(_imports(m, project) - seen)
     return sorted(seen)
 
 
@@ -70,7 +82,7 @@ def sources_key(module: str, project: str = PROJECT) -> str:
 
 @lru_cache(maxsize=None)
 def _sources_key_cached(module: str) -> str:
-    return sources_key(module)  # the installed sources do not change while a process runs
+    return sources_key(module)  # the installed sources do not change while a process runs (imports are parsed once, too)
 
 
 @dataclass
