@@ -189,9 +189,11 @@ def merge_adapter(a, tp: TrainProfile) -> int:
     from culbot.tasks.merge_adapter import run_merge_adapter
     from culbot.tasks.run_folder import EVAL
 
-    eval_dir = a.run / EVAL
+    from culbot.tasks import _store
+
+    eval_dir = a.run / EVAL   # the eval it passed goes into the merged model's card, when there is one
     _print_output(run_merge_adapter(a.run, tp.merge_adapter, a.out or Path(tp.artifacts_root) / "models", tp.eval.probes,
-                                    eval_dir if (eval_dir / "manifest.json").is_file() else None))
+                                    eval_dir if _store.read_manifest(eval_dir) else None))
     return 0
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 
 from culbot.flows.data_refresh import data_refresh
-from culbot.flows.runner import run_stage
+from culbot.flows.runner import pulled, run_stage, verified
 from culbot.pipeline_config.train_schema import TrainProfile, load_train_profile
 from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import ChainResult, RunOutput, StageRef, short_hash
@@ -94,8 +94,8 @@ def train_on_pool(tp: TrainProfile, train_profile: str, train_overrides: list[st
         state = child.state.name if child.state else "unknown"
         raise TrainingFailed(f"training run {child.name} ({child.id}) ended {state}: {child.state.message if child.state else ''}")
     run: RunOutput = child.state.result()
-    if root and not run.path.is_dir():
-        _artifact_root.pull_run(run.run_dir, root)
+    if not verified(run) and not pulled(run, root):
+        raise TrainingFailed(f"training run {child.name} completed, but its run {run.run_dir} is neither on this host nor in the artifact root")
     return run
 
 

@@ -20,7 +20,7 @@ from typing import Any, Iterable, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from .contracts import MANIFEST_FILE as MANIFEST
-from .contracts import Lineage, Manifest
+from .contracts import Lineage, Manifest, StageRef, short_hash
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -145,7 +145,7 @@ def code_version() -> str:
             _CODE_VERSION = ""
         if not _CODE_VERSION:
             src = {p.name: sha256_file(p) for p in sorted(Path(__file__).parent.glob("*.py"))}
-            _CODE_VERSION = "src-" + hash_json(src)[:12]
+            _CODE_VERSION = "src-" + short_hash(hash_json(src))
     return _CODE_VERSION
 
 
@@ -203,6 +203,20 @@ def verify(folder: Path) -> list[str]:
 
 def is_complete(folder: Path) -> bool:
     return not verify(folder)
+
+
+def read_input(source: Path | StageRef, what: str) -> tuple[Path, Manifest]:
+    """A stage's input folder and its manifest. It must verify, and, handed over as a StageRef, hold the content
+    its hash names (the hash the task's cache key was made from)."""
+    path = Path(source.path if isinstance(source, StageRef) else source)
+    problems = verify(path)
+    if problems:
+        raise RuntimeError(f"{what}: {problems[0]}")
+    m = read_manifest(path)
+    if isinstance(source, StageRef) and m.content_hash != source.content_hash:
+        raise RuntimeError(f"{what}: {path} holds {short_hash(m.content_hash)}, not the {short_hash(source.content_hash)} it was "
+                           f"handed over as; it changed after the stage that made it finished")
+    return path, m
 
 
 # ----- contract files ------------------------------------------------------------

@@ -57,13 +57,10 @@ def count_templates(splits: dict[str, list[dict]]) -> dict[str, int]:
     return out
 
 
-def run_format(dataset_dir: Path, fmt: FormatConfig, out_root: Path | None = None) -> StageOutput:
+def run_format(dataset_dir: Path | StageRef, fmt: FormatConfig, out_root: Path | None = None) -> StageOutput:
     t0 = time.monotonic()
-    dataset_dir, out_root = Path(dataset_dir), Path(out_root or fmt.out_root)
-    problems = _store.verify(dataset_dir)
-    if problems:
-        raise RuntimeError(f"format input is not a finished dataset version: {problems[0]}")
-    dataset = _store.read_manifest(dataset_dir)
+    out_root = Path(out_root or fmt.out_root)
+    dataset_dir, dataset = _store.read_input(dataset_dir, "format input is not a finished dataset version")
     templates = template_set(fmt)
     tokenizer = _load_tokenizer(fmt.chat_tokenizer) if any(t.kind == "chat" for t in templates.templates.values()) else None
     splits = {s: format_rows(_store.read_table(dataset_dir / f"{s}.parquet"), templates, tokenizer) for s in ("train", "validation")}
@@ -86,4 +83,4 @@ def run_format(dataset_dir: Path, fmt: FormatConfig, out_root: Path | None = Non
 
 @task(name="format", cache_policy=stage_cache(__name__), persist_result=True)
 def format_task(fmt: FormatConfig, dataset: StageRef) -> StageOutput:
-    return run_format(dataset.path, fmt)
+    return run_format(dataset, fmt)

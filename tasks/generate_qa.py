@@ -28,7 +28,7 @@ from . import _store, _text
 from ._http import Progress
 from ._prefect import report, stage_cache
 from .chunking import Chunk, chunk_budget, chunk_page, estimate_tokens, make_counter
-from .contracts import StageOutput, StageRef
+from .contracts import StageOutput, StageRef, short_hash
 from .llm_client import BudgetExceeded, Completion, Ledger, LLMClient, ReplayMiss, RequestFailed, RequestRejected, ResponseCache, make_backend
 
 log = logging.getLogger("culbot.generate_qa")
@@ -75,7 +75,7 @@ def load_prompt(name_or_path: str) -> QAPrompt:
     missing = [ph for ph in ("{information}", "{format}", "{example}") if ph not in parts["user.txt"]]
     if missing:
         raise ConfigError(f"{folder / 'user.txt'}: missing placeholder(s) {', '.join(missing)}")
-    version = f"{folder.name}@{_store.hash_json(parts)[:12]}"
+    version = f"{folder.name}@{short_hash(_store.hash_json(parts))}"
     return QAPrompt(folder.name, parts["system.txt"], parts["user.txt"], parts["format.json"], parts["examples.json"], version)
 
 
@@ -245,7 +245,7 @@ async def generate(
                 quarantine.append({**base, "item_index": n, "reason": reason, "item": item})
                 continue
             ledger.items_ok += 1
-            rows.append({"id": f"cbnu:{entry['key'][:12]}:{n}", "source": "cbnu", "instruction": clean["instruction"],
+            rows.append({"id": f"cbnu:{short_hash(entry['key'])}:{n}", "source": "cbnu", "instruction": clean["instruction"],
                          "input": clean["input"], "output": clean["output"], "url": ch.url, "title": ch.title,
                          "chunk_hash": ch.hash, "grounding": clean["grounding"]})
     ledger.rate_limit_headers = getattr(client.backend, "rate_limit_headers", {})

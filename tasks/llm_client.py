@@ -19,6 +19,7 @@ from culbot.pipeline_config.schema import ConfigError, QAGenConfig
 
 from . import _store
 from ._http import GaveUp, Pacer, RetryRule, Transient, parse_retry_after, with_retries
+from .contracts import short_hash
 
 log = logging.getLogger("culbot.llm")
 
@@ -140,7 +141,7 @@ class ReplayBackend:
     async def complete(self, messages: list[dict], key: str) -> Completion:
         row = self.answers.get(key)
         if row is None:
-            raise ReplayMiss(f"no recorded answer for key {key[:16]}… in {self.folder}; record one with qa.backend=openai and qa.record_replay=FILE")
+            raise ReplayMiss(f"no recorded answer for key {short_hash(key)}… in {self.folder}; record one with qa.backend=openai and qa.record_replay=FILE")
         return Completion(row["content"], row.get("finish_reason", "stop"), row.get("prompt_tokens", 0), row.get("completion_tokens", 0))
 
     async def close(self) -> None:
@@ -270,6 +271,6 @@ class LLMClient:
             ledger.retries += 1
 
         try:
-            return await with_retries(attempt, self.rule, what=f"LLM request {key[:10]}…", on_retry=counted)
+            return await with_retries(attempt, self.rule, what=f"LLM request {short_hash(key)}…", on_retry=counted)
         except GaveUp as e:
             raise RequestFailed(e.reason) from None

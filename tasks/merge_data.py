@@ -33,7 +33,7 @@ def normalize_row(row: dict[str, Any], source: str) -> tuple[dict | None, str | 
         return None, reason if reason.startswith("empty_") else f"broken_row: {reason}"
     out = {"id": str(row.get("id") or ""), "source": source, **fields}
     if not out["id"]:
-        out["id"] = f"{source}:{_store.hash_json([out['instruction'], out['input'], out['output']])[:12]}"
+        out["id"] = f"{source}:{short_hash(_store.hash_json([out['instruction'], out['input'], out['output']]))}"
     return out, None
 
 
@@ -130,18 +130,15 @@ def stats_markdown(version: str, stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_merge(inputs: dict[str, Path], merge_data: MergeDataConfig, out_root: Path | None = None) -> StageOutput:
+def run_merge(inputs: dict[str, Path | StageRef], merge_data: MergeDataConfig, out_root: Path | None = None) -> StageOutput:
     """Merge the rows.jsonl of each input folder (source name -> folder) into a dataset version."""
     t0 = time.monotonic()
     out_root = Path(out_root or merge_data.out_root)
     sources, input_hashes = {}, {}
-    for name, folder in inputs.items():
-        folder = Path(folder)
-        problems = _store.verify(folder)
-        if problems:
-            raise RuntimeError(f"merge-data input {name!r} is not a finished stage output: {problems[0]}")
+    for name, source in inputs.items():
+        folder, m = _store.read_input(source, f"merge-data input {name!r} is not a finished stage output")
         sources[name] = _store.read_jsonl(folder / "rows.jsonl")
-        input_hashes[name] = _store.read_manifest(folder).content_hash
+        input_hashes[name] = m.content_hash
     rows, dropped, drops = merge_sources(sources, merge_data.source_priority)
     train, val = split_rows(rows, seed=merge_data.seed, fraction=merge_data.validation_fraction, size=merge_data.validation_size)
     version = _store.hash_json({"train": train, "validation": val})
@@ -172,6 +169,6 @@ def merge_data_task(merge_data: MergeDataConfig, inputs: dict[str, StageRef]) ->
     """``inputs``: source name -> its stage folder; the content hashes make the cache key."""
     from prefect.artifacts import create_markdown_artifact
 
-    out = run_merge({k: v.path for k, v in inputs.items()}, merge_data)
+    out = run_merge(inputs, merge_data)
     create_markdown_artifact(stats_markdown(out.content_hash, out.counts), key="dataset-stats", description="Dataset version stats")
     return out

@@ -93,7 +93,7 @@ def count_sources(rows: list[dict]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def run_tokenize(formatted_dir: Path, base: BaseModelRef, out_root: Path, data: DataSpec) -> StageOutput:
+def run_tokenize(formatted_dir: Path | StageRef, base: BaseModelRef, out_root: Path, data: DataSpec) -> StageOutput:
     """Tokenize both splits with the base model's tokenizer into <out_root>/<short hash>/."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -102,11 +102,8 @@ def run_tokenize(formatted_dir: Path, base: BaseModelRef, out_root: Path, data: 
     schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("input_ids", pa.list_(pa.int32())),
                         ("labels", pa.list_(pa.int32())), ("length", pa.int32()), ("truncated", pa.bool_())])
     t0 = time.monotonic()
-    formatted_dir, out_root = Path(formatted_dir), Path(out_root)
-    problems = _store.verify(formatted_dir)
-    if problems:
-        raise RuntimeError(f"tokenize input is not a finished formatted dataset: {problems[0]}")
-    formatted = _store.read_manifest(formatted_dir)
+    out_root = Path(out_root)
+    formatted_dir, formatted = _store.read_input(formatted_dir, "tokenize input is not a finished formatted dataset")
     where = base.location(Path("."))
     tokenizer = AutoTokenizer.from_pretrained(where, revision=base.revision)
     eos = check_eos(tokenizer, AutoConfig.from_pretrained(where, revision=base.revision))
@@ -144,4 +141,4 @@ def tokenize_task(tp: TrainProfile, formatted: StageRef) -> StageOutput:
     check_fits(tp)
     root = Path(tp.artifacts_root)
     base = resolve_base(tp.model, models_root=root / "models", samples_dir=tp.samples_dir)
-    return run_tokenize(formatted.path, base, root / "tokenized", tp.data)
+    return run_tokenize(formatted, base, root / "tokenized", tp.data)

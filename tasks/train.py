@@ -52,17 +52,14 @@ class Preempted(TrainingFailed):
     """The run got SIGTERM (e.g. a spot pod reclaimed) and saved a checkpoint; rerun to resume."""
 
 
-def prepare_run(tp: TrainProfile, tokenized_dir: Path, *, runs_root: Path | None = None, models_root: Path | None = None,
+def prepare_run(tp: TrainProfile, tokenized_dir: Path | StageRef, *, runs_root: Path | None = None, models_root: Path | None = None,
                 samples_dir: Path | None = None) -> Path:
     """Resolve the base model and write runs/<id>/config.json. Returns the config path."""
     check_fits(tp)  # before anything is downloaded
     root = Path(tp.artifacts_root)
     runs_root, models_root = runs_root or root / "runs", models_root or root / "models"
-    tokenized_dir = Path(tokenized_dir).resolve()
-    problems = _store.verify(tokenized_dir)
-    if problems:
-        raise RuntimeError(f"train input is not a finished tokenized dataset: {problems[0]}")
-    tokenized = _store.read_manifest(tokenized_dir)
+    tokenized_dir, tokenized = _store.read_input(tokenized_dir, "train input is not a finished tokenized dataset")
+    tokenized_dir = tokenized_dir.resolve()
     base = resolve_base(tp.model, models_root=models_root, samples_dir=samples_dir or tp.samples_dir)
     run_id = _store.hash_json({"tokenized": tokenized.content_hash, "profile": tp.model_dump(mode="json"),
                                "base": base.name, "revision": base.revision})
@@ -189,7 +186,7 @@ def train_task(tp: TrainProfile, tokenized: StageRef) -> RunOutput:
     """Launch the training subprocess and stream it; a retry after preemption resumes."""
     from prefect.artifacts import create_markdown_artifact
 
-    config = prepare_run(tp, tokenized.path)
+    config = prepare_run(tp, tokenized)
     result = run_training(config, tp, env=tp.run_env())
     create_markdown_artifact(curve_markdown(result, config.parent), key="training-curve", description="Training curve summary")
     return run_output(config.parent)

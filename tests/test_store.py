@@ -73,6 +73,19 @@ def test_a_manifest_of_another_version_is_not_trusted(tmp_path):
     assert "manifest.json" in _store.verify(tmp_path)[0]
 
 
+def test_an_input_handed_over_must_still_hold_the_content_its_hash_names(tmp_path):
+    from culbot.tasks.contracts import StageRef
+
+    (tmp_path / "rows.jsonl").write_text("{}\n")
+    m = _store.write_manifest(tmp_path, stage="t", inputs={}, config={}, counts={})
+    assert _store.read_input(StageRef(path=tmp_path, content_hash=m.content_hash), "x") == (tmp_path, m)
+    with pytest.raises(RuntimeError, match=r"holds .* not the 000000000000 it was handed over as"):
+        _store.read_input(StageRef(path=tmp_path, content_hash="0" * 64), "format input")
+    (tmp_path / "rows.jsonl").write_text("changed\n")
+    with pytest.raises(RuntimeError, match="format input: .*content hash mismatch"):
+        _store.read_input(tmp_path, "format input")
+
+
 def test_canonical_json_is_stable():
     assert _store.hash_json({"b": 1, "a": "한"}) == _store.hash_json({"a": "한", "b": 1})
     assert json.loads(_store.canonical_json({"a": "한"})) == {"a": "한"}
