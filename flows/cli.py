@@ -479,8 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # people get one clear line; --debug gets the traceback
         if a.debug or os.environ.get("CULBOT_DEBUG"):
             raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        code = getattr(e, "exit_code", 1)   # 75: preempted (resumable), 3: stopped by a training guard
+        print(str(e) if code == 75 else f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

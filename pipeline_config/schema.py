@@ -69,6 +69,8 @@ class CbnuConfig(Section):
     include_patterns: list[str] = Field([], description="If set, only URLs matching one of these regexes are fetched (seeds always are).")
     exclude_patterns: list[str] = Field([r"\.(pdf|hwp|hwpx|docx?|xlsx?|pptx?|zip|jpe?g|png|gif)(\?|$)", r"/login", r"/logout"], description="URLs matching any of these regexes are skipped.")
     min_text_chars: int = Field(100, ge=0, description="Pages with less main text are quarantined as 'too_little_text'.")
+    max_page_chars: int = Field(100_000, ge=1000, description="Most characters of main text kept per page; a longer page is cut or quarantined (`oversize`), the reason recorded.")
+    oversize: Literal["truncate", "quarantine"] = Field("truncate", description="What to do with a page over max_page_chars: keep its first max_page_chars characters, or set it aside.")
     out_dir: Path = Field(Path("raw/cbnu"), description="Crawl state folder: raw HTML, pages.jsonl, quarantine, manifest.")
     refresh_every_hours: float = Field(24.0, gt=0, description="In data-refresh, a crawl younger than this is reused from cache.")
     http: HttpPolicy = Field(default_factory=HttpPolicy, description="Politeness and retry policy.")

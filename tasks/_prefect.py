@@ -120,3 +120,28 @@ def report(key: str, title: str, counts: dict, extra: str = "") -> None:
             flat.append((k, v))
     rows = "\n".join(f"| {k} | {v} |" for k, v in flat)
     create_markdown_artifact(f"# {title}\n\n| count | value |\n|---|---:|\n{rows}\n{extra}", key=key, description=title)
+
+
+def network_failure(exc: BaseException) -> bool:
+    """Worth retrying: the network or a server failed (a parse error or a spent budget would only fail again)."""
+    from ._http import FetchError
+
+    for e in (exc, exc.__cause__, exc.__context__):
+        if e is None:
+            continue
+        if isinstance(e, FetchError):
+            return getattr(e, "network", True)   # a crawl stopped by a malformed page says network=False
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if any(c.__name__ in ("TransportError", "ConnectionError", "Timeout", "RequestFailed", "APIConnectionError") for c in type(e).__mro__):
+            return True
+    return False
+
+
+def retry_on_network(task, task_run, state) -> bool:
+    """Prefect retry condition of the network stages: retry network failures only."""
+    try:
+        state.result()
+    except Exception as e:
+        return network_failure(e)
+    return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -94,13 +95,31 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities as null: they are not JSON, and other readers refuse them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, **kw) -> str:
+    """JSON that any reader accepts: never a bare NaN or Infinity."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, sort_keys=True, default=str, allow_nan=False, **kw)
+    except ValueError:
+        return json.dumps(_finite(obj), ensure_ascii=False, sort_keys=True, default=str, allow_nan=False, **kw)
+
+
 def atomic_write_json(path: Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True, default=str) + "\n")
+    return atomic_write_text(path, strict_json(obj, indent=2) + "\n")
 
 
 def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
-    body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True, default=str) + "\n" for r in rows)
-    return atomic_write_text(path, body)
+    return atomic_write_text(path, "".join(strict_json(r) + "\n" for r in rows))
 
 
 def read_jsonl(path: Path) -> list[dict]:

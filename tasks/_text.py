@@ -9,7 +9,7 @@ EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 # Korean phone numbers: 010-1234-5678, 043-261-2114, 02)123-4567, 01012345678, +82 10 ...
 PHONE_RE = re.compile(r"(?<!\d)(?:\+82[-\s]?)?0?\d{2,3}[-.)\s]\s?\d{3,4}[-.\s]\d{4}(?!\d)|(?<!\d)01[016789]\d{7,8}(?!\d)")
 URL_RE = re.compile(r"(?:https?://|www\.)[^\s<>\"')\]]+", re.IGNORECASE)
-TAG_RE = re.compile(r"<[^>]+>")
+TAG_RE = re.compile(r"</?[A-Za-z!][^>]*>")  # a tag or comment; "a < b" is text
 LONE_JAMO_RE = re.compile(r"[ㄱ-ㅎㅏ-ㅣ]+")
 HANGUL_RE = re.compile(r"[가-힣]")
 LETTER_RE = re.compile(r"[^\W\d_]", re.UNICODE)
@@ -19,10 +19,37 @@ def nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+def decode_text(data: bytes, declared: str | None = None) -> tuple[str | None, str | None]:
+    """(text, None), or (None, why it is not text). Tries the declared charset, UTF-8, then CP949 (a superset of
+    EUC-KR, which Korean university sites still serve)."""
+    if b"\x00" in data[:65536]:
+        return None, "undecodable: NUL bytes (a binary file)"
+    for enc in dict.fromkeys(e for e in (declared, "utf-8-sig", "cp949") if e):
+        try:
+            text = data.decode(enc)
+        except (UnicodeDecodeError, LookupError):
+            continue
+        odd = non_text_share(text)
+        if odd > 0.02:
+            return None, f"mostly_non_text: {odd:.0%} control or unassigned characters as {enc}"
+        return text, None
+    return None, "undecodable: neither " + ", ".join(dict.fromkeys(e for e in (declared, "UTF-8", "CP949/EUC-KR") if e))
+
+
+def non_text_share(text: str) -> float:
+    """Share of characters no text holds: controls (but tab and line breaks), unassigned, private use, U+FFFD."""
+    if not text:
+        return 0.0
+    odd = sum(1 for c in text if c == "\ufffd" or (unicodedata.category(c) in ("Cc", "Cn", "Co", "Cs") and c not in "\n\r\t\f"))
+    return odd / len(text)
+
+
 def strip_html(text: str) -> str:
-    # Block-level tags become line breaks; inline tags (<b>, <span>) vanish without a space.
+    """Entities first (an answer may hold escaped markup such as &lt;b&gt;), then tags: block-level tags become
+    line breaks, inline tags (<b>, <span>) vanish without a space."""
+    text = html.unescape(text)
     text = re.sub(r"(?i)<br\s*/?>|</?(?:p|div|li|tr|td|th|h[1-6]|ul|ol|table)\b[^>]*>", "\n", text)
-    return html.unescape(TAG_RE.sub("", text))
+    return TAG_RE.sub("", text)
 
 
 def normalize_ws(text: str) -> str:
@@ -30,6 +57,17 @@ def normalize_ws(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u00a0", " ")
     lines = [re.sub(r"[ \t\f\v\u200b]+", " ", line).strip() for line in text.split("\n")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def normalize_field(text: str) -> str:
+    """A training field: NFC, LF line endings, no trailing spaces; indentation and inner blank lines kept (code rows)."""
+    text = nfc(text).replace("\r\n", "\n").replace("\r", "\n").replace("\u00a0", " ").replace("\u200b", "")
+    lines = [line.rstrip() for line in text.split("\n")]
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines[0].lstrip() if len(lines) == 1 else "\n".join(lines)
 
 
 def one_line(text: str) -> str:
@@ -113,7 +151,7 @@ def instruction_fields(item: dict, *, normalize: bool = True) -> tuple[dict[str,
             v = ""
         if not isinstance(v, str):
             return None, f"{key}_missing_or_not_text"
-        out[key] = normalize_ws(nfc(v)) if normalize else v
+        out[key] = normalize_field(v) if normalize else v
     if not out["instruction"].strip():
         return None, "empty_instruction"
     if not out["output"].strip():

@@ -43,7 +43,8 @@ def short_hash(content_hash: str) -> str:
 
 
 class Contract(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN (a diverged loss) is written as the string "NaN": valid JSON that reads back as a float.
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="strings")
 
 
 class Versioned(Contract):

@@ -24,7 +24,7 @@ from culbot.pipeline_config.schema import CbnuConfig
 
 from . import _store, _text
 from ._http import FetchError, PoliteClient, Progress, RobotsDisallowed
-from ._prefect import report, stage_cache
+from ._prefect import report, retry_on_network, stage_cache
 from .contracts import StageOutput
 
 log = logging.getLogger("culbot.crawl.cbnu")
@@ -37,9 +37,9 @@ MAIN_SELECTORS = ["main", "article", "#content", "#contents", ".content", ".cont
 
 # ----- pure extraction -----------------------------------------------------------
 
-def extract_page(html: bytes | str, url: str, encoding: str | None = None) -> dict[str, Any]:
-    """Title, main text and outgoing links of one HTML page."""
-    soup = BeautifulSoup(html, "lxml", from_encoding=encoding) if isinstance(html, bytes) else BeautifulSoup(html, "lxml")
+def extract_page(html: str, url: str) -> dict[str, Any]:
+    """Title, main text and outgoing links of one HTML page (decoded with _text.decode_text)."""
+    soup = BeautifulSoup(html, "lxml")
     links = []
     for a in soup.find_all("a", href=True):
         href = a["href"].strip()
@@ -68,6 +68,21 @@ def page_record(url: str, title: str, text: str, **extra) -> dict[str, Any]:
     return {"url": url, "title": title, "text": text, "content_hash": _store.sha256_text(title + "\n" + text), **extra}
 
 
+def checked_page(rec: dict, *, min_text_chars: int, max_page_chars: int | None, oversize: str = "truncate") -> tuple[dict | None, list[dict]]:
+    """(the page to keep or None, quarantine entries): too little text is set aside; too much is cut or set aside."""
+    n = len(rec["text"])
+    if n < min_text_chars:
+        return None, [{"stage": "crawl-cbnu", "url": rec["url"], "reason": "too_little_text", "raw": rec["text"]}]
+    if max_page_chars is None or n <= max_page_chars:
+        return rec, []
+    if oversize == "quarantine":
+        return None, [{"stage": "crawl-cbnu", "url": rec["url"], "reason": f"oversize: {n:,} characters > cbnu.max_page_chars={max_page_chars:,}", "chars": n}]
+    extra = {k: v for k, v in rec.items() if k not in ("url", "title", "text", "content_hash")}
+    kept = page_record(rec["url"], rec["title"], rec["text"][:max_page_chars], **extra, truncated_from=n)
+    return kept, [{"stage": "crawl-cbnu", "url": rec["url"], "chars": n,
+                   "reason": f"oversize_truncated: {n:,} characters > cbnu.max_page_chars={max_page_chars:,}; the first {max_page_chars:,} kept"}]
+
+
 def pages_hash(pages: list[dict]) -> str:
     """What QA generation consumes: URL, title and text of every page."""
     return _store.hash_json([[p["url"], p["title"], p["content_hash"]] for p in pages])
@@ -75,8 +90,9 @@ def pages_hash(pages: list[dict]) -> str:
 
 # ----- sources ---------------------------------------------------------------------
 
-def read_directory(folder: Path, min_text_chars: int = 0) -> tuple[list[dict], list[dict]]:
-    """.txt/.md documents (file name = title) and .html pages from a folder."""
+def read_directory(folder: Path, min_text_chars: int = 0, max_page_chars: int | None = None,
+                   oversize: str = "truncate") -> tuple[list[dict], list[dict]]:
+    """.txt/.md documents (file name = title) and .html pages from a folder; what is not text goes to quarantine."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: pages folder not found")
@@ -86,18 +102,22 @@ def read_directory(folder: Path, min_text_chars: int = 0) -> tuple[list[dict], l
             continue
         rel = p.relative_to(folder).as_posix()
         url = f"file:{rel}"  # relative, so hashes do not depend on where the checkout lives
-        if p.suffix in (".txt", ".md"):
-            rec = page_record(url, _text.nfc(p.stem), _text.normalize_ws(_text.nfc(p.read_text("utf-8"))))
-        elif p.suffix in (".html", ".htm"):
-            ex = extract_page(p.read_bytes(), url)
-            rec = page_record(url, ex["title"] or _text.nfc(p.stem), ex["text"])
-        else:
+        if p.suffix not in (".txt", ".md", ".html", ".htm"):
             quarantine.append({"stage": "crawl-cbnu", "url": url, "reason": f"unsupported file type {p.suffix!r}"})
             continue
-        if len(rec["text"]) < min_text_chars:
-            quarantine.append({"stage": "crawl-cbnu", "url": url, "reason": "too_little_text", "raw": rec["text"]})
+        text, why = _text.decode_text(p.read_bytes())
+        if text is None:
+            quarantine.append({"stage": "crawl-cbnu", "url": url, "reason": why, "bytes": p.stat().st_size})
             continue
-        pages.append(rec)
+        if p.suffix in (".txt", ".md"):
+            rec = page_record(url, _text.nfc(p.stem), _text.normalize_ws(_text.nfc(text)))
+        else:
+            ex = extract_page(text, url)
+            rec = page_record(url, ex["title"] or _text.nfc(p.stem), ex["text"])
+        rec, set_aside = checked_page(rec, min_text_chars=min_text_chars, max_page_chars=max_page_chars, oversize=oversize)
+        quarantine += set_aside
+        if rec is not None:
+            pages.append(rec)
     return pages, quarantine
 
 
@@ -113,6 +133,8 @@ async def crawl_site(
     exclude: list[str],
     min_text_chars: int,
     raw_dir: Path,
+    max_page_chars: int | None = None,
+    oversize: str = "truncate",
     workers: int = 4,
 ) -> tuple[list[dict], list[dict], dict[str, int]]:
     """Breadth-first crawl within allowed domains; returns (pages, quarantine, counts)."""
@@ -169,19 +191,23 @@ async def crawl_site(
             counts["skipped_not_html"] += 1
             return
         else:
-            ex = extract_page(r.content, str(r.url), r.charset_encoding)
-            rec = page_record(url, ex["title"], ex["text"], links=ex["links"], etag=r.headers.get("etag"), last_modified=r.headers.get("last-modified"))
             _store.atomic_write_bytes(raw_dir / f"{_store.sha256_text(url)[:24]}.html", r.content)
+            html, why = _text.decode_text(r.content, r.charset_encoding)
+            if html is None:
+                quarantine.append({"stage": "crawl-cbnu", "url": url, "reason": why, "bytes": len(r.content)})
+                return
+            ex = extract_page(html, str(r.url))
+            rec = page_record(url, ex["title"], ex["text"], links=ex["links"], etag=r.headers.get("etag"), last_modified=r.headers.get("last-modified"))
             if old and old["content_hash"] == rec["content_hash"]:
                 counts["unchanged"] += 1
                 rec["fetched_at"] = old.get("fetched_at")
             else:
                 counts["changed" if old else "new"] += 1
                 rec["fetched_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        if len(rec["text"]) < min_text_chars:
-            quarantine.append({"stage": "crawl-cbnu", "url": url, "reason": "too_little_text", "raw": rec["text"]})
-        else:
-            pages[url] = rec
+        kept, set_aside = checked_page(rec, min_text_chars=min_text_chars, max_page_chars=max_page_chars, oversize=oversize)
+        quarantine.extend(set_aside)
+        if kept is not None:
+            pages[url] = kept
         if depth < max_depth:
             for link in rec.get("links", []):
                 if link not in enqueued and wanted(link):
@@ -217,7 +243,7 @@ def run_crawl(cbnu: CbnuConfig, out_dir: Path | None = None) -> StageOutput:
     t0 = time.monotonic()
     (out_dir / _store.MANIFEST).unlink(missing_ok=True)
     if cbnu.source == "directory":
-        pages, quarantine = read_directory(cbnu.pages_dir, cbnu.min_text_chars)
+        pages, quarantine = read_directory(cbnu.pages_dir, cbnu.min_text_chars, cbnu.max_page_chars, cbnu.oversize)
         counts = {"documents": len(pages)}
         inputs = {"pages_dir": _store.tree_hash(cbnu.pages_dir)}
     else:
@@ -229,6 +255,7 @@ def run_crawl(cbnu: CbnuConfig, out_dir: Path | None = None) -> StageOutput:
                     client, seeds=cbnu.seeds, allowed_domains=cbnu.allowed_domains, previous=previous,
                     max_pages=cbnu.max_pages, max_depth=cbnu.max_depth, include=cbnu.include_patterns,
                     exclude=cbnu.exclude_patterns, min_text_chars=cbnu.min_text_chars, raw_dir=out_dir / "html",
+                    max_page_chars=cbnu.max_page_chars, oversize=cbnu.oversize,
                     workers=max(1, cbnu.http.max_concurrency_per_host),
                 )
                 log.info("cbnu http: %s", dict(client.stats))
@@ -245,9 +272,10 @@ def run_crawl(cbnu: CbnuConfig, out_dir: Path | None = None) -> StageOutput:
     return StageOutput.of(out_dir, m)
 
 
-@task(name="crawl-cbnu", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=[10, 60])
+@task(name="crawl-cbnu", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=retry_on_network)
 def crawl_cbnu_task(cbnu: CbnuConfig, window: str) -> StageOutput:
-    """Network stage, so retried. ``window`` (a time bucket, or the folder's hash) bounds cache reuse."""
+    """Network stage: a network failure is retried, a bad page never (it is quarantined). ``window`` (a time bucket, or the folder's hash) bounds cache reuse."""
     out = run_crawl(cbnu)
     report("crawl-cbnu", f"CBNU pages ({cbnu.source})", out.counts)
     return out

@@ -20,8 +20,8 @@ from prefect import task
 from culbot.pipeline_config.schema import Univ100Config
 
 from . import _store, _text
-from ._http import FetchError, PoliteClient, Progress, RobotsDisallowed
-from ._prefect import report, stage_cache
+from ._http import FetchError, GaveUp, PoliteClient, Progress, RetryRule, RobotsDisallowed, Transient, with_retries
+from ._prefect import report, retry_on_network, stage_cache
 from .contracts import Manifest, StageOutput
 
 log = logging.getLogger("culbot.crawl.univ100")
@@ -60,6 +60,15 @@ def parse_list_page(body: bytes | str) -> list[str]:
     if not isinstance(questions, list):
         raise ParseError("list page: 'result.questions' is missing or not a list")
     return [_qid(q) for q in questions if isinstance(q, dict)]
+
+
+def parse_list_total(body: bytes | str) -> int | None:
+    """How many questions the API says the list holds, when it says (result.total or result.totalCount)."""
+    result = _json(body, "list page")
+    for key in ("total", "totalCount", "total_count"):
+        if isinstance(result.get(key), int):
+            return result[key]
+    return None
 
 
 def parse_question(body: bytes | str, *, campus_id: int, question_url: str, fetched_at: str) -> dict[str, Any]:
@@ -135,6 +144,7 @@ def build_rows(records: list[dict], rules: Univ100Config) -> tuple[list[dict], l
 
 class Univ100Source(Protocol):
     identity: str  # what the manifest records as the crawl's input
+    retry: RetryRule  # how often a malformed list page is asked for again
 
     async def list_page(self, offset: int) -> tuple[str, bytes]: ...
     async def detail(self, qid: str) -> tuple[str, bytes]: ...
@@ -147,6 +157,7 @@ class Univ100Api:
         self.c, self.base = client, base_url.rstrip("/")
         self.campus_id, self.page_size, self.dept_id, self.keyword = campus_id, page_size, dept_id, keyword
         self.identity = f"{self.base}{LIST_PATH}?campusId={campus_id}"
+        self.retry = client.rule
 
     async def list_page(self, offset: int) -> tuple[str, bytes]:
         params = {"campusId": self.campus_id, "deptId": self.dept_id, "keyword": self.keyword, "limit": self.page_size, "offset": offset}
@@ -171,6 +182,7 @@ class Univ100Snapshot:
         if not (self.folder / "list").is_dir():
             raise FileNotFoundError(f"{self.folder}: not a univ100 snapshot (no list/ folder)")
         self.identity = "snapshot " + _store.tree_hash(self.folder)
+        self.retry = RetryRule(0, 0.0, 0.0, 0.0)  # recorded files read the same every time
 
     async def list_page(self, offset: int) -> tuple[str, bytes]:
         p = self.folder / "list" / f"offset-{offset}.json"
@@ -186,6 +198,44 @@ class Univ100Snapshot:
 
 # ----- the crawl -------------------------------------------------------------
 
+class CrawlIncomplete(FetchError):
+    """Some list pages could not be read; what was read is saved, and the next crawl pages to the end to find the rest.
+
+    ``network`` says whether a server failure (worth a retry) or a malformed page (not) stopped it.
+    """
+
+    def __init__(self, where: str, reason: str, network: bool):
+        super().__init__(where, reason)
+        self.network = network
+
+
+PENDING = "pending.json"   # what the last crawl could not read, so the next one retries it
+
+
+async def read_list_page(source: Univ100Source, offset: int) -> tuple[str, bytes, list[str], int | None]:
+    """(url, body, question ids, the total the API reports): a malformed page is retried like a failed request."""
+    last: list[bytes] = [b""]
+
+    async def attempt():
+        url, body = await source.list_page(offset)
+        last[0] = body
+        try:
+            return url, body, parse_list_page(body), parse_list_total(body)
+        except ParseError as e:
+            raise Transient(f"malformed list page: {e}") from None
+
+    try:
+        return await with_retries(attempt, source.retry, what=f"univ100 list page at offset {offset}")
+    except GaveUp as e:
+        raise ListPageUnreadable(e.reason, last[0]) from None
+
+
+class ListPageUnreadable(ParseError):
+    def __init__(self, reason: str, body: bytes):
+        super().__init__(reason)
+        self.body = body
+
+
 async def crawl(
     source: Univ100Source,
     out_dir: Path,
@@ -197,65 +247,74 @@ async def crawl(
     max_pages: int | None = None,
     stop_after_known_pages: int = 1,
 ) -> Manifest:
-    """Page the list, fetch details of unknown questions, write records/rows; returns the manifest."""
+    """Page the list, fetch details of unknown questions, write records/rows; returns the manifest.
+
+    A list page that cannot be read (after retries) is never skipped silently: it is quarantined, named, and
+    the crawl raises CrawlIncomplete after saving what it read; the next crawl pages to the end. Questions whose
+    detail failed are retried by the next crawl.
+    """
     out_dir = Path(out_dir)
     t0 = time.monotonic()
     (out_dir / _store.MANIFEST).unlink(missing_ok=True)  # unfinished until the new manifest lands
     raw = out_dir / "raw"
     records = {r["id"]: r for r in _store.read_jsonl(out_dir / "records.jsonl")}
     known = set(records)
+    pending = _store.read_json(out_dir / PENDING) if (out_dir / PENDING).is_file() else {"list_offsets": [], "question_ids": []}
+    full_scan = bool(pending["list_offsets"])  # pages were missed last time: their questions may now be anywhere
+    if full_scan:
+        log.warning("univ100: the last crawl could not read list offset(s) %s; paging to the end this time", pending["list_offsets"])
     quarantine: list[dict] = []
-    new_ids: list[str] = []
+    new_ids: list[str] = [q for q in pending["question_ids"] if q not in known]
     seen: set[str] = set()
-    pages = malformed_pages = known_streak = 0
+    unread: list[int] = []
+    network_error: FetchError | None = None
+    expected: int | None = None
+    pages = known_streak = 0
     offset = 0
-    incomplete = None
 
     while True:
         try:
-            url, body = await source.list_page(offset)
+            url, body, ids, total = await read_list_page(source, offset)
         except RobotsDisallowed as e:
             raise FetchError(e.url, "the list API is disallowed by robots.txt; nothing can be crawled") from None
-        except FetchError as e:
-            incomplete = f"list page at offset {offset} failed: {e.reason}"
-            quarantine.append({"stage": "crawl-univ100", "url": e.url, "reason": f"fetch_failed: {e.reason}"})
+        except FetchError as e:  # the server keeps failing: stop paging here
+            unread.append(offset)
+            network_error = e
+            quarantine.append({"stage": "crawl-univ100", "offset": offset, "url": e.url, "reason": f"fetch_failed: {e.reason}"})
             break
-        _store.atomic_write_bytes(raw / "list" / f"offset-{offset}.json", body)
-        pages += 1
-        try:
-            ids = parse_list_page(body)
-        except ParseError as e:
-            quarantine.append({"stage": "crawl-univ100", "url": url, "reason": f"malformed: {e}", "raw": body.decode("utf-8", "replace")[:20000]})
-            malformed_pages += 1
-            if malformed_pages >= 3:
-                incomplete = "three malformed list pages in a row"
-                break
+        except ListPageUnreadable as e:  # malformed after every retry: name it and read on
+            unread.append(offset)
+            _store.atomic_write_bytes(raw / "list" / f"offset-{offset}.json", e.body)
+            quarantine.append({"stage": "crawl-univ100", "offset": offset, "reason": f"malformed: {e}", "raw": e.body.decode("utf-8", "replace")[:20000]})
+            pages += 1
             offset += page_size
             continue
-        malformed_pages = 0
+        _store.atomic_write_bytes(raw / "list" / f"offset-{offset}.json", body)
+        pages += 1
+        expected = total if total is not None else expected
         if not ids:
             break
         seen.update(ids)
         fresh = [i for i in ids if i not in known and i not in new_ids]
         new_ids.extend(fresh)
         known_streak = 0 if fresh else known_streak + 1
-        if stop_after_known_pages and known_streak >= stop_after_known_pages:
+        if stop_after_known_pages and not full_scan and known_streak >= stop_after_known_pages:
             log.info("page at offset %d holds only known questions; stopping (incremental)", offset)
             break
         if max_pages and pages >= max_pages:
             break
         offset += page_size
 
-    log.info("univ100: %d list pages, %d new question(s) to fetch, %d already known", pages, len(new_ids), len(known))
+    listed = f"listed {len(seen)}" + (f" of {expected} questions the API reports" if expected is not None else " questions")
+    log.info("univ100: %d list pages, %s; %d new question(s) to fetch, %d already known", pages, listed, len(new_ids), len(known))
     progress = Progress("univ100 details", total=len(new_ids), logger=log)
-    failed = 0
+    missing: list[str] = []
 
     async def fetch_one(qid: str) -> None:
-        nonlocal failed
         try:
             url, body = await source.detail(qid)
         except FetchError as e:
-            failed += 1
+            missing.append(qid)
             quarantine.append({"stage": "crawl-univ100", "id": qid, "url": e.url, "reason": f"fetch_failed: {e.reason}"})
             return
         finally:
@@ -264,7 +323,7 @@ async def crawl(
         try:
             rec = parse_question(body, campus_id=campus_id, question_url=question_url, fetched_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         except ParseError as e:
-            failed += 1
+            missing.append(qid)
             quarantine.append({"stage": "crawl-univ100", "id": qid, "url": url, "reason": f"malformed: {e}", "raw": body.decode("utf-8", "replace")[:20000]})
             return
         records[rec["id"]] = rec
@@ -272,28 +331,35 @@ async def crawl(
     await asyncio.gather(*(fetch_one(q) for q in new_ids))
     if new_ids:
         log.info(progress.line())
-
-    manifest = _write_outputs(
-        out_dir, records, quarantine, rules,
-        counts={"list_pages": pages, "questions_listed": len(seen), "new": len(new_ids) - failed, "already_known": len(known), "failed": failed},
-        inputs={"source": source.identity, "campus_id": str(campus_id)},
-        timings={"crawl": time.monotonic() - t0},
-        incomplete=incomplete,
-    )
-    if incomplete:
-        raise FetchError(str(out_dir), f"crawl incomplete ({incomplete}); what was fetched is saved and the next crawl continues from it")
+    missing.sort(key=lambda x: (len(x), x))
+    if missing:
+        log.warning("univ100: %d question(s) could not be fetched (ids %s); the next crawl retries them; see quarantine.jsonl",
+                    len(missing), ", ".join(missing[:20]) + (" …" if len(missing) > 20 else ""))
+    _store.atomic_write_json(out_dir / PENDING, {"list_offsets": unread, "question_ids": missing})
+    counts = {"list_pages": pages, "questions_listed": len(seen), **({"expected": expected} if expected is not None else {}),
+              "new": len(new_ids) - len(missing), "already_known": len(known), "failed": len(missing),
+              "unread_list_offsets": unread, "missing_questions": missing}
+    manifest = _write_outputs(out_dir, records, quarantine, rules, counts=counts, timings={"crawl": time.monotonic() - t0},
+                              inputs={"source": source.identity, "campus_id": str(campus_id)}, finished=not unread)
+    if unread:
+        raise CrawlIncomplete(str(out_dir), f"crawl incomplete: the list page(s) at offset {', '.join(map(str, unread))} could not be read "
+                              f"({quarantine[0]['reason'] if quarantine else 'see quarantine.jsonl'}); {listed}; the {len(records)} "
+                              f"questions read are saved, and the next crawl pages to the end to find the rest",
+                              network=network_error is not None) from network_error
     return manifest
 
 
-def _write_outputs(out_dir, records, quarantine, rules: Univ100Config, *, counts, inputs, timings, incomplete=None) -> Manifest | None:
+def _write_outputs(out_dir, records, quarantine, rules: Univ100Config, *, counts, inputs, timings, finished: bool = True) -> Manifest | None:
+    """records, rows, dropped and the quarantine (appended: earlier runs' entries are kept); the manifest when finished."""
     ordered = [records[k] for k in sorted(records, key=lambda x: (len(x), x))]
     rows, dropped, reasons, pii = build_rows(ordered, rules)
     _store.atomic_write_jsonl(out_dir / "records.jsonl", ordered)
     _store.atomic_write_jsonl(out_dir / "rows.jsonl", rows)
     _store.atomic_write_jsonl(out_dir / "dropped.jsonl", dropped)
-    _store.atomic_write_jsonl(out_dir / "quarantine.jsonl", quarantine)
+    at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _store.atomic_write_jsonl(out_dir / "quarantine.jsonl", _store.read_jsonl(out_dir / "quarantine.jsonl") + [{**q, "at": at} for q in quarantine])
     counts = {**counts, "records": len(ordered), "rows": len(rows), "dropped": reasons, "quarantined": len(quarantine), "pii_removed": pii}
-    if incomplete:
+    if not finished:
         return None
     return _store.write_manifest(
         out_dir, stage="crawl-univ100", inputs=inputs,
@@ -341,9 +407,10 @@ def run_crawl(univ100: Univ100Config, out_dir: Path | None = None) -> StageOutpu
 
 # ----- Prefect task -----------------------------------------------------------
 
-@task(name="crawl-univ100", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=[10, 60])
+@task(name="crawl-univ100", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=retry_on_network)
 def crawl_univ100_task(univ100: Univ100Config, window: str) -> StageOutput:
-    """Network stage, so retried. ``window`` (a time bucket, or the snapshot's hash) bounds cache reuse."""
+    """Network stage: a network failure is retried, a bad page never (it is quarantined). ``window`` (a time bucket, or the snapshot's hash) bounds cache reuse."""
     out = run_crawl(univ100)
     report("crawl-univ100", f"univ100 crawl (campus {univ100.campus_id})", out.counts)
     return out

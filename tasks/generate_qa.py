@@ -26,7 +26,7 @@ from culbot.pipeline_config.schema import PACKAGE_DIR, ConfigError, QAGenConfig
 
 from . import _store, _text
 from ._http import Progress
-from ._prefect import report, stage_cache
+from ._prefect import report, retry_on_network, stage_cache
 from .chunking import Chunk, chunk_budget, chunk_page, estimate_tokens, make_counter
 from .contracts import StageOutput, StageRef, short_hash
 from .llm_client import BudgetExceeded, Completion, Ledger, LLMClient, ReplayMiss, RequestFailed, RequestRejected, ResponseCache, make_backend
@@ -205,7 +205,8 @@ async def generate(
             if on_progress:
                 on_progress(done[0], len(chunks))
 
-    await asyncio.gather(*(answer(i, ch) for i, ch in enumerate(chunks)))
+    # Tasks, so that a stop (budget spent) can cancel the ones still waiting for their turn.
+    await asyncio.gather(*(asyncio.create_task(answer(i, ch)) for i, ch in enumerate(chunks)), return_exceptions=True)
     if recorded:
         existing = _store.read_jsonl(record_to) if Path(record_to).exists() else []
         keys = {r["key"] for r in recorded}
@@ -286,6 +287,8 @@ def run_generate(qa: QAGenConfig, pages_dir: Path, out_dir: Path | None = None, 
     try:
         rows, quarantine, ledger = asyncio.run(main())
     except BudgetExceeded as e:
+        _store.atomic_write_json(out_dir / "ledger.json", client.ledger.as_dict())   # what the stopped run spent
+        log.info("qa ledger (stopped)\n%s", client.ledger.table())
         raise BudgetExceeded(f"{e}. Answers so far are cached in {qa.cache_dir}; raise the budget and rerun to continue.") from None
     _store.atomic_write_jsonl(out_dir / "rows.jsonl", rows)
     _store.atomic_write_jsonl(out_dir / "quarantine.jsonl", quarantine)
@@ -308,9 +311,10 @@ def run_generate(qa: QAGenConfig, pages_dir: Path, out_dir: Path | None = None, 
     return StageOutput.of(out_dir, m)
 
 
-@task(name="generate-qa", cache_policy=stage_cache(__name__), persist_result=True, retries=1, retry_delay_seconds=30)
+@task(name="generate-qa", cache_policy=stage_cache(__name__), persist_result=True, retries=1, retry_delay_seconds=30,
+      retry_condition_fn=retry_on_network)
 def generate_qa_task(qa: QAGenConfig, pages: StageRef) -> StageOutput:
-    """Network stage (LLM API), so retried once; the response cache makes a retry cheap."""
+    """Network stage (LLM API): retried once after a network failure, never after a spent budget; the response cache makes a retry cheap."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     art = create_progress_artifact(0.0, key="qa-generation-progress", description="QA generation: chunks answered")

@@ -222,31 +222,74 @@ def make_backend(qa: QAGenConfig) -> "ChatBackend":
 
 
 class LLMClient:
-    """Paced, retried, budgeted requests to one backend; every attempt is counted in the ledger."""
+    """Paced, retried, budgeted requests to one backend; every attempt is counted in the ledger.
+
+    Budget: before a request is sent, its worst-case cost (the prompt estimate plus max_tokens) is held; when
+    its answer is in, the hold is swapped for what the server billed. Spent plus held never passes
+    qa.max_cost_usd, so requests in flight cannot overspend it. When the budget is spent (or the key is refused),
+    :meth:`stop` cancels every request that is not yet in flight: a queue of thousands ends in moments.
+    """
 
     def __init__(self, qa: QAGenConfig, backend: "ChatBackend", ledger: Ledger):
+        import asyncio
+
         self.qa, self.backend, self.ledger = qa, backend, ledger
         self.pacer = Pacer(qa.requests_per_minute / 60.0, qa.max_in_flight)
         self.rule = RetryRule(qa.max_retries, qa.backoff_base_s, 60.0, qa.retry_after_max_s, setting="qa.retry_after_max_s")
         self.stopped: BaseException | None = None
+        self.held_usd = 0.0
+        self._budget = asyncio.Condition()
+        self._waiting: set = set()   # tasks not in flight: cancelled by stop()
 
     def stop(self, reason: BaseException) -> None:
-        """No new request starts after this (a budget was hit, or the key was refused)."""
+        """No new request starts after this; requests waiting for their turn are cancelled, those in flight finish."""
+        import asyncio
+
         if self.stopped is None:
             self.stopped = reason
+            me = asyncio.current_task()
+            for t in list(self._waiting):
+                if t is not me:
+                    t.cancel()
 
-    def _charge_check(self, prompt_tokens_est: int) -> None:
+    def worst_cost(self, prompt_tokens_est: int) -> float:
+        return (prompt_tokens_est * self.ledger.price_in + self.qa.max_tokens * self.ledger.price_out) / 1e6
+
+    async def _hold(self, worst: float) -> None:
+        """Hold the worst-case cost of one request, waiting for requests in flight when they may leave room."""
         qa, ledger = self.qa, self.ledger
-        if qa.max_requests is not None and ledger.requests >= qa.max_requests:
-            raise BudgetExceeded(f"request budget reached: {ledger.requests} of qa.max_requests={qa.max_requests}")
-        if qa.max_cost_usd is not None:
-            worst = ledger.cost_usd + (prompt_tokens_est * ledger.price_in + qa.max_tokens * ledger.price_out) / 1e6
-            if worst > qa.max_cost_usd:
-                raise BudgetExceeded(f"cost budget reached: ${ledger.cost_usd:.4f} spent, the next request could pass qa.max_cost_usd=${qa.max_cost_usd:.2f}")
+        async with self._budget:
+            while True:
+                if self.stopped is not None:
+                    raise self.stopped
+                if qa.max_requests is not None and ledger.requests >= qa.max_requests:
+                    raise BudgetExceeded(f"request budget reached: {ledger.requests} of qa.max_requests={qa.max_requests}")
+                if qa.max_cost_usd is None or ledger.cost_usd + self.held_usd + worst <= qa.max_cost_usd:
+                    self.held_usd += worst
+                    ledger.requests += 1
+                    return
+                if ledger.cost_usd + worst > qa.max_cost_usd:
+                    raise BudgetExceeded(f"cost budget reached: ${ledger.cost_usd:.4f} spent; the next request could cost up to "
+                                         f"${worst:.4f}, over qa.max_cost_usd=${qa.max_cost_usd:.4f}")
+                await self._budget.wait()   # requests in flight hold the rest; their answers free what they did not use
+
+    async def _settle(self, worst: float, comp: Completion | None) -> None:
+        async with self._budget:
+            self.held_usd -= worst
+            if comp is not None:
+                self.ledger.prompt_tokens += comp.prompt_tokens
+                self.ledger.completion_tokens += comp.completion_tokens
+                billed = (comp.prompt_tokens * self.ledger.price_in + comp.completion_tokens * self.ledger.price_out) / 1e6
+                if billed > worst:
+                    log.warning("the server billed $%.5f for a request held at $%.5f: its prompt counted more tokens than our estimate", billed, worst)
+            self._budget.notify_all()
 
     async def complete(self, messages: list[dict], key: str, prompt_tokens_est: int) -> Completion:
         """One answer; raises RequestFailed after the retries, BudgetExceeded when the budget is spent."""
-        ledger = self.ledger
+        import asyncio
+
+        ledger, me = self.ledger, asyncio.current_task()
+        worst = self.worst_cost(prompt_tokens_est)
 
         async def attempt() -> Completion:
             if self.stopped is not None:
@@ -254,23 +297,26 @@ class LLMClient:
             if not self.backend.live:  # recorded answers cost nothing and need no pacing
                 return await self.backend.complete(messages, key)
             async with self.pacer.slot():
-                if self.stopped is not None:
-                    raise self.stopped
-                self._charge_check(prompt_tokens_est)
-                ledger.requests += 1
+                await self._hold(worst)
+                self._waiting.discard(me)   # in flight now: a stop lets it finish, so its answer is kept
+                comp = None
                 try:
                     comp = await self.backend.complete(messages, key)
                 except Transient as e:
                     ledger.errors[e.reason] = ledger.errors.get(e.reason, 0) + 1
                     raise
-            ledger.prompt_tokens += comp.prompt_tokens
-            ledger.completion_tokens += comp.completion_tokens
+                finally:
+                    self._waiting.add(me)
+                    await self._settle(worst, comp)
             return comp
 
         def counted(*_) -> None:
             ledger.retries += 1
 
+        self._waiting.add(me)
         try:
             return await with_retries(attempt, self.rule, what=f"LLM request {short_hash(key)}…", on_retry=counted)
         except GaveUp as e:
             raise RequestFailed(e.reason) from None
+        finally:
+            self._waiting.discard(me)

@@ -8,7 +8,9 @@ missing or non-text field go to quarantine.jsonl with the reason.
 """
 from __future__ import annotations
 
+import json
 import logging
+import random
 import re
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ from prefect import task
 from culbot.pipeline_config.schema import KullmConfig
 
 from . import _store, _text
-from ._prefect import report, stage_cache
+from ._prefect import report, retry_on_network, stage_cache
 from .contracts import StageOutput
 
 log = logging.getLogger("culbot.load_kullm")
@@ -47,28 +49,55 @@ def resolve_revision(hub_id: str, revision: str) -> str:
     return HfApi().dataset_info(hub_id, revision=revision).sha
 
 
-def load_dataset_rows(kullm: KullmConfig, revision: str | None = None):
-    """The datasets.Dataset for the configured source (hub id at a revision, or a local file)."""
+def read_jsonl_rows(path: Path) -> tuple[list[dict], list[dict]]:
+    """(rows, quarantine) of a JSON Lines file: a line that is not a JSON object is kept aside with its number."""
+    rows, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append({"file": str(path), "line": n, "reason": f"not_json: {e.msg} at column {e.colno}", "raw": line[:2000]})
+                continue
+            if not isinstance(row, dict):
+                bad.append({"file": str(path), "line": n, "reason": "not_an_object", "raw": line[:2000]})
+                continue
+            rows.append({**row, "__line__": n})
+    return rows, bad
+
+
+def load_rows(kullm: KullmConfig, revision: str | None = None) -> tuple[list[dict], list[dict], str]:
+    """(rows, quarantine, where): the configured source's rows, each with where it came from."""
     import datasets
 
     if kullm.source == "hub":
         log.info("loading %s@%s (%s) from the Hub", kullm.hub_id, revision or kullm.revision, kullm.split)
-        return datasets.load_dataset(kullm.hub_id, revision=revision or kullm.revision, split=kullm.split)
+        ds = datasets.load_dataset(kullm.hub_id, revision=revision or kullm.revision, split=kullm.split)
+        return [{**r, "__line__": i} for i, r in enumerate(ds)], [], f"{kullm.hub_id}@{revision or kullm.revision}"
     path = Path(kullm.file)
     if not path.is_file():
         raise FileNotFoundError(f"kullm.file: {path} not found")
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+    if path.suffix == ".jsonl" or (path.suffix == ".json" and not path.read_text(encoding="utf-8", errors="replace").lstrip().startswith("[")):
+        return (*read_jsonl_rows(path), str(path))
+    kind = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
     if kind is None:
         raise ValueError(f"kullm.file: {path}: unsupported type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)")
-    return datasets.load_dataset(kind, data_files=str(path), split="train")
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:
+        raise ValueError(f"kullm.file: {path}: cannot be read as {kind} ({type(e).__name__}: {e})") from None
+    return [{**r, "__line__": i} for i, r in enumerate(ds)], [], str(path)
 
 
-def sample(ds, *, max_rows: int | None, fraction: float | None, seed: int):
-    n = len(ds)
+def sample(rows: list[dict], *, max_rows: int | None, fraction: float | None, seed: int) -> list[dict]:
+    """A deterministic sample (by seed) of at most ``max_rows`` or ``fraction`` of the rows, in their order."""
+    n = len(rows)
     keep = min(n, max_rows) if max_rows else (round(n * fraction) if fraction else n)
     if keep >= n:
-        return ds
-    return ds.shuffle(seed=seed).select(range(keep))
+        return rows
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(n), keep))]
 
 
 def run_load(kullm: KullmConfig, out_dir: Path | None = None) -> StageOutput:
@@ -76,21 +105,26 @@ def run_load(kullm: KullmConfig, out_dir: Path | None = None) -> StageOutput:
     t0 = time.monotonic()
     (out_dir / _store.MANIFEST).unlink(missing_ok=True)
     sha = resolve_revision(kullm.hub_id, kullm.revision) if kullm.source == "hub" else None
-    ds = load_dataset_rows(kullm, sha)
-    total = len(ds)
-    ds = sample(ds, max_rows=kullm.max_rows, fraction=kullm.fraction, seed=kullm.seed)
-    rows, quarantine = [], []
-    for n, row in enumerate(ds):
+    loaded, quarantine, where = load_rows(kullm, sha)
+    quarantine = [{"stage": "load-kullm", **q} for q in quarantine]
+    picked = sample(loaded, max_rows=kullm.max_rows, fraction=kullm.fraction, seed=kullm.seed)
+    rows = []
+    for n, row in enumerate(picked):
+        line = row.pop("__line__")
         clean, reason = check_row(row, n)
         if clean is None:
-            quarantine.append({"stage": "load-kullm", "row": n, "reason": reason, "item": row})
+            quarantine.append({"stage": "load-kullm", "file": where, "line": line, "row": n, "reason": reason, "item": row})
         else:
             rows.append(clean)
+    quarantine.sort(key=lambda q: q["line"])   # in file order
     _store.atomic_write_jsonl(out_dir / "rows.jsonl", rows)
     _store.atomic_write_jsonl(out_dir / "quarantine.jsonl", quarantine)
     with_input = sum(1 for r in rows if r["input"].strip())
-    counts = {"loaded": total, "sampled": len(ds), "rows": len(rows), "with_input": with_input, "quarantined": len(quarantine)}
+    counts = {"loaded": len(loaded), "sampled": len(picked), "rows": len(rows), "with_input": with_input, "quarantined": len(quarantine)}
     log.info("kullm: %s", counts)
+    if quarantine:
+        log.warning("kullm: %d row(s) kept aside in %s (first: %s line %s, %s)", len(quarantine), out_dir / "quarantine.jsonl",
+                    quarantine[0].get("file"), quarantine[0].get("line"), quarantine[0]["reason"])
     inputs = {"hub": f"{kullm.hub_id}@{sha}"} if kullm.source == "hub" else {"file": _store.sha256_file(Path(kullm.file))}
     m = _store.write_manifest(out_dir, stage="load-kullm", inputs=inputs, config=kullm.model_dump(mode="json"),
                               counts=counts, timings={"load": time.monotonic() - t0},
@@ -98,9 +132,10 @@ def run_load(kullm: KullmConfig, out_dir: Path | None = None) -> StageOutput:
     return StageOutput.of(out_dir, m)
 
 
-@task(name="load-kullm", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=30)
+@task(name="load-kullm", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=30,
+      retry_condition_fn=retry_on_network)
 def load_kullm_task(kullm: KullmConfig, source_hash: str) -> StageOutput:
-    """Network stage when loading from the Hub. ``source_hash``: the file's sha256 or hub id@revision."""
+    """Network stage when loading from the Hub (network failures are retried). ``source_hash``: the file's sha256 or hub id@revision."""
     out = run_load(kullm)
     report("load-kullm", f"KULLM-v2 ({kullm.source})", out.counts)
     return out

@@ -22,7 +22,7 @@ from prefect import task
 from culbot.pipeline_config.train_schema import PublishSpec
 
 from . import _store
-from ._prefect import stage_cache
+from ._prefect import retry_on_network, stage_cache
 from .contracts import EVAL_REPORT_FILE, RUN_CARD_FILE, Contract, EvalReport, PublishOutput, RunCard, RunRef, StageRef, short_hash
 from .run_folder import ADAPTER, EVAL, PUBLISH, read_run_card, require_completed
 
@@ -48,6 +48,7 @@ class PublishRecord(Contract):
     run: str
     dataset: str | None
     published: dict[str, Published]
+    folder: str | None = None  # target local: the folder published into (as configured), verified like any stage output
     at: str
 
 
@@ -175,10 +176,12 @@ def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishSpec) -> Pub
     folders = _folders(spec, run_dir, model_dir)
     base_name = spec.repo_id or f"culbot-{card.profile}-{short_hash(card.lineage.dataset or '')}"
     names = {"merged": base_name, "adapter": f"{base_name}-lora"}
+    root = None
     commit_message = f"culbot: dataset {short_hash(card.lineage.dataset or '')}, run {run_dir.name}"
     published: dict[str, Published] = {}
     if spec.target == "local":
-        root = Path(spec.local_dir) / base_name.replace("/", "__")
+        # One folder per run (its name holds the run id, a hash of data, base and settings): runs never share one.
+        root = Path(spec.local_dir) / f"{(spec.repo_id or 'culbot').replace('/', '__')}-{run_dir.name}"
         staging = _store.new_staging_dir(root.parent, root.name)
         for kind, folder in folders.items():
             _copy_with_card(folder, staging / kind, model_card(card, evaluation, kind, names[kind], spec.license), local_base=True)
@@ -206,7 +209,7 @@ def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishSpec) -> Pub
             published[kind] = Published(where=str(url), repo=repo, commit=info.oid)
             log.info("published %s to %s (commit %s)", kind, url, info.oid[:10])
     record = PublishRecord(target=spec.target, run=run_dir.name, dataset=card.lineage.dataset, published=published,
-                           at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                           folder=str(root) if root else None, at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     out = run_dir / PUBLISH
     (out / _store.MANIFEST).unlink(missing_ok=True)
     _store.write_model(out / RECORD, record)
@@ -215,9 +218,10 @@ def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishSpec) -> Pub
     return record
 
 
-@task(name="publish", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=30)
+@task(name="publish", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=30,
+      retry_condition_fn=retry_on_network)
 def publish_task(spec: PublishSpec, run: RunRef, model: StageRef | None, evaluation: StageRef) -> PublishOutput:
-    """Network stage for the Hub target, so retried. ``evaluation`` ties the cache to the eval verdict."""
+    """Network stage for the Hub target: a network failure is retried. ``evaluation`` ties the cache to the eval verdict."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
     rec = run_publish(run.run_dir, model.path if model else None, spec)
@@ -226,7 +230,8 @@ def publish_task(spec: PublishSpec, run: RunRef, model: StageRef | None, evaluat
             create_link_artifact(p.where, link_text=f"{kind}: {p.repo}", key=f"published-{kind}")
         else:
             create_markdown_artifact(f"# Published {kind}\n\n`{p.where}`\n", key=f"published-{kind}")
-    out = run.run_dir / PUBLISH
+    # The output that a cache hit must verify: the published folder itself for a local target, else the record.
+    out = Path(rec.folder) if rec.folder else run.run_dir / PUBLISH
     m = _store.read_manifest(out)
-    return PublishOutput(path=out, content_hash=m.content_hash, stage="publish", counts=m.counts,
+    return PublishOutput(path=out.resolve(), content_hash=m.content_hash, stage="publish", counts=m.counts,
                          published={k: p.where for k, p in rec.published.items()})

@@ -12,15 +12,18 @@ complete checkpoint.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from prefect import task
 
@@ -43,13 +46,45 @@ log = logging.getLogger("culbot.train")
 class TrainingFailed(RuntimeError):
     """The training subprocess failed; the message carries its exit status and last lines."""
 
+    exit_code = 1
+
 
 class GuardFailure(TrainingFailed):
     """A guard stopped the run (NaN, collapse, exploding gradients); it can never be published."""
 
+    exit_code = EXIT_GUARD
+
 
 class Preempted(TrainingFailed):
-    """The run got SIGTERM (e.g. a spot pod reclaimed) and saved a checkpoint; rerun to resume."""
+    """The run got SIGTERM or SIGINT (a spot pod reclaimed, a stop) and saved a checkpoint; rerun to resume."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+@contextlib.contextmanager
+def signals_forwarded(proc: subprocess.Popen) -> Iterator[list[int]]:
+    """Pass SIGTERM and SIGINT on to the trainer, which checkpoints and exits 75, instead of dying with it.
+
+    Only where nobody else owns the signal (the CLI). Under a Prefect worker, Prefect's handler raises
+    TerminationSignal for its cancellation, and run_training forwards it from its except-branch.
+    """
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+                previous[sig] = signal.signal(sig, forward)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def prepare_run(tp: TrainProfile, tokenized_dir: Path | StageRef, *, runs_root: Path | None = None, models_root: Path | None = None,
@@ -122,22 +157,27 @@ def run_training(config_path: Path, tp: TrainProfile, *, on_line: Callable[[str]
     tail: collections.deque[str] = collections.deque(maxlen=40)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     t0 = time.monotonic()
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, bufsize=1) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, bufsize=1) as proc, \
+            signals_forwarded(proc):
         try:
             for line in proc.stdout:
                 line = line.rstrip("\n")
                 tail.append(line)
                 (on_line or log_line)(line)
         except BaseException:
-            proc.terminate()  # a cancelled flow must not leave the trainer running; it checkpoints on SIGTERM
-            proc.wait(timeout=120)
+            # Prefect's cancellation (TerminationSignal) or an interrupt: the trainer checkpoints on SIGTERM, then we go on.
+            proc.terminate()
+            code = proc.wait(timeout=600)
+            log.warning("training stopped (exit %s)%s", code, "; preempted, resumable: the next run resumes from its checkpoint"
+                        if code == EXIT_PREEMPTED else "")
             raise
         code = proc.wait()
     last = "\n".join(tail)
     if code == EXIT_GUARD:
         raise GuardFailure(f"training stopped by a guard (exit {code}); this run can never be published.\n{last}")
     if code == EXIT_PREEMPTED:
-        raise Preempted(f"training was preempted (exit {code}) and saved a checkpoint; rerun to resume.\n{last}")
+        step = _store.read_model(run_dir / TRAIN_RESULT_FILE, TrainResult).global_step if (run_dir / TRAIN_RESULT_FILE).is_file() else "?"
+        raise Preempted(f"preempted, resumable: training stopped at step {step} and saved a checkpoint; rerun to resume from it")
     if code != 0:
         raise TrainingFailed(f"training exited with status {code}. Last lines:\n{last}")
     result = _store.read_model(run_dir / TRAIN_RESULT_FILE, TrainResult)

@@ -48,20 +48,41 @@ def say(msg: str) -> None:
 
 # ----- checkpoints ----------------------------------------------------------------
 
+def checkpoint_files(ckpt: Path) -> dict[str, dict]:
+    """Every file of a checkpoint but the marker: relative path -> size and sha256."""
+    return {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size, "sha256": _store.sha256_file(p)}
+            for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (no marker, a file missing, cut or changed), or None."""
+    try:
+        marker = json.loads((ckpt / MARKER).read_text())
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"incomplete ({type(e).__name__}: {e})"
+    for rel, want in marker.get("files", {}).items():
+        f = ckpt / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"{rel} has size {f.stat().st_size}, not the {want['size']} bytes written"
+        if _store.sha256_file(f) != want["sha256"]:
+            return f"{rel} does not match the hash written with it"
+    return None
+
+
 def newest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest checkpoint-N with our completion marker and a readable trainer_state.json."""
+    """The newest checkpoint-N whose marker lists files that are all there, whole and unchanged."""
     if not ckpt_dir.is_dir():
         return None
     found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
                    key=lambda p: int(p.name.split("-")[1]), reverse=True)
     for p in found:
-        try:
-            json.loads((p / "trainer_state.json").read_text())
-            json.loads((p / MARKER).read_text())
-        except (OSError, json.JSONDecodeError):
-            say(f"skipping incomplete or corrupt checkpoint {p.name}")
-            continue
-        return p
+        problem = checkpoint_problem(p)
+        if problem is None:
+            return p
+        say(f"skipping incomplete or corrupt checkpoint {p.name}: {problem}")
     return None
 
 
@@ -157,15 +178,18 @@ def make_callbacks(guards, ckpt_dir: Path, run_dir: Path):
                 raise GuardTripped(f"grad norm {g} exceeds {guards.grad_norm_limit} at step {state.global_step}")
 
     class Preemption(TrainerCallback):
-        """On SIGTERM (spot pods), save a checkpoint at the end of the step and stop."""
+        """On SIGTERM (spot pods, a stop forwarded by `culbot train`) or SIGINT (Ctrl-C), save a checkpoint at the end
+        of the step and stop."""
 
         def __init__(self):
             self.requested = False
             signal.signal(signal.SIGTERM, self._on_term)
+            signal.signal(signal.SIGINT, self._on_term)
 
         def _on_term(self, signum, frame):
+            if not self.requested:
+                say(f"{signal.Signals(signum).name} received: saving a checkpoint and stopping")
             self.requested = True
-            say("SIGTERM received: saving a checkpoint and stopping")
 
         def on_step_end(self, args, state, control, **kw):
             if self.requested:
@@ -179,7 +203,7 @@ def make_callbacks(guards, ckpt_dir: Path, run_dir: Path):
             if state.is_world_process_zero:
                 p = ckpt_dir / f"checkpoint-{state.global_step}"
                 if p.is_dir():
-                    _store.atomic_write_json(p / MARKER, {"step": state.global_step, "at": time.time()})
+                    _store.atomic_write_json(p / MARKER, {"step": state.global_step, "at": time.time(), "files": checkpoint_files(p)})
 
     class LogLines(TrainerCallback):
         """One JSON line per log, for the Prefect side to stream and summarise."""

@@ -37,8 +37,10 @@ def test_generation_crawl_and_rerun_benchmarks_print_their_tables(tmp_path, caps
     from bench.bench_data import main as data_main
     from bench.bench_rerun import main as rerun_main
 
-    data = data_main(["--questions", "20", "--chunks", "6", "--latency", "0.2", "--no-refresh", "--out", str(tmp_path / "data.json")])
+    data = data_main(["--questions", "20", "--chunks", "6", "--latency", "0.2", "--budget-chunks", "300", "--no-refresh",
+                      "--out", str(tmp_path / "data.json")])
     assert data["qa_generation"]["requests"] == 6 and data["univ100_crawl"]["questions"] == 20
+    assert data["qa_budget_stop"]["requests_sent"] == 5 and data["qa_budget_stop"]["budget_hit_to_exit_s"] < 5
     rerun = rerun_main(["--flow", "data-refresh", "--out", str(tmp_path / "rerun.json")])
     out = capsys.readouterr().out
     assert "qa_generation" in out and "cold / warm" in out

@@ -1,4 +1,6 @@
 """CBNU page crawl against a real local site: boilerplate, links, encodings, refresh, quarantine."""
+import json
+
 from culbot.pipeline_config.schema import CbnuConfig
 from culbot.tasks import _store
 from culbot.tasks.crawl_cbnu import extract_page, read_directory, run_crawl
@@ -86,3 +88,53 @@ def test_directory_source_reads_txt_and_html(tmp_path):
     (tmp_path / "image.png").write_bytes(b"\x89PNG")
     pages, quarantine = read_directory(tmp_path, min_text_chars=10)
     assert pages == [] and sorted(q["reason"] for q in quarantine) == ["too_little_text", "unsupported file type '.png'"]
+
+
+def _bad_pages_folder(tmp_path):
+    import random
+
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    rng = random.Random(0)
+    (folder / "사진.txt").write_bytes(bytes(rng.randrange(256) for _ in range(3000)))            # binary, named .txt
+    (folder / "첨부.html").write_bytes(b"<html>" + bytes(rng.randrange(256) for _ in range(3000)))  # binary, named .html
+    (folder / "학사 안내.txt").write_bytes(("충북대학교 학사 안내입니다. 수강신청은 2월에 합니다. " * 5).encode("cp949"))  # EUC-KR/CP949
+    (folder / "큰 문서.txt").write_text("충북대학교 중앙도서관 안내 문장입니다.\n" * 250_000, encoding="utf-8")      # ~5 MB
+    return folder
+
+
+def test_bad_pages_are_quarantined_by_name_korean_encodings_read_and_huge_pages_capped(tmp_path):
+    pages, quarantine = read_directory(_bad_pages_folder(tmp_path), min_text_chars=50, max_page_chars=20_000)
+    by_url = {p["url"]: p for p in pages}
+    assert sorted(by_url) == ["file:큰 문서.txt", "file:학사 안내.txt"]
+    assert by_url["file:학사 안내.txt"]["text"].startswith("충북대학교 학사 안내입니다. 수강신청은 2월에 합니다.")
+    big = by_url["file:큰 문서.txt"]
+    assert len(big["text"]) <= 20_000 and big["truncated_from"] > 4_000_000
+    reasons = {q["url"]: q["reason"] for q in quarantine}
+    assert set(reasons) == {"file:사진.txt", "file:첨부.html", "file:큰 문서.txt"}
+    assert reasons["file:사진.txt"].startswith(("undecodable", "mostly_non_text")) and reasons["file:첨부.html"].startswith(("undecodable", "mostly_non_text"))
+    assert reasons["file:큰 문서.txt"].startswith("oversize_truncated")
+    assert all(len(json.dumps(q, ensure_ascii=False)) < 3000 for q in quarantine)   # no megabytes of binary in the quarantine
+
+
+def test_a_deterministic_parse_error_is_not_retried_by_prefect():
+    from culbot.tasks._http import FetchError
+    from culbot.tasks._prefect import network_failure
+
+    assert network_failure(FetchError("https://x", "HTTP 503 after 5 attempts")) and network_failure(ConnectionError("reset"))
+    assert not network_failure(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")) and not network_failure(ValueError("bad page"))
+
+
+def test_a_crawl_stopped_by_a_malformed_page_is_not_retried_but_one_stopped_by_the_server_is():
+    from culbot.tasks._http import FetchError
+    from culbot.tasks._prefect import network_failure
+    from culbot.tasks.crawl_univ100 import CrawlIncomplete
+
+    assert not network_failure(CrawlIncomplete("u", "offset 40 malformed", network=False))
+    try:
+        try:
+            raise FetchError("https://x/list", "HTTP 500 after 5 attempts")
+        except FetchError as e:
+            raise CrawlIncomplete("u", "offset 20 failed", network=True) from e
+    except CrawlIncomplete as e:
+        assert network_failure(e)

@@ -149,3 +149,43 @@ def test_snapshot_source_runs_offline(tmp_path):
     m = run_crawl(Univ100Config(source="snapshot", snapshot_dir=SAMPLES / "univ100", out_dir=tmp_path / "u"))
     assert m.counts["records"] == 12 and m.counts["rows"] == 10
     assert m.counts["dropped"] == {"empty_output": 1, "short_output": 1}
+
+
+def test_entity_escaped_html_is_unescaped_then_stripped():
+    rec = {"id": "1", "title": "등록금 납부", "text": "언제까지 내나요?",
+           "answers": ["납부 기간은 &lt;b&gt;2월 초&lt;/b&gt;까지입니다. 자세한 건 &lt;a href=&quot;x&quot;&gt;공지&lt;/a&gt; 참고 &amp; 문의"], "url": "u"}
+    row, reason, _ = record_to_row(rec, Univ100Config())
+    assert reason is None and row["output"] == "납부 기간은 2월 초까지입니다. 자세한 건 공지 참고 & 문의"
+
+
+def test_a_cut_list_page_is_retried_and_never_skipped(tmp_path):
+    qs, ans = make_questions(137)
+    app = Univ100App(questions=qs, answers=ans, report_total=True)
+    app.faults["list:40"] = ["cut"]                                  # once: a retry reads it
+    with serve(Univ100Handler, app) as base:
+        m = run_crawl(_cfg(base, tmp_path / "u"))
+    assert m.counts["records"] == 137 and m.counts["questions_listed"] == m.counts["expected"] == 137
+    assert app.hits["list:40"] == 2
+
+
+def test_a_list_page_that_stays_broken_ends_the_crawl_loudly_and_the_next_crawl_finds_its_questions(tmp_path):
+    from culbot.tasks.crawl_univ100 import CrawlIncomplete
+
+    qs, ans = make_questions(137)
+    app = Univ100App(questions=qs, answers=ans, report_total=True)
+    app.faults["list:40"] = ["cut"] * 10                             # every try
+    with serve(Univ100Handler, app) as base:
+        with pytest.raises(CrawlIncomplete, match=r"offset 40.*listed 117 of 137"):
+            run_crawl(_cfg(base, tmp_path / "u"))
+        assert len(_store.read_jsonl(tmp_path / "u" / "records.jsonl")) == 117   # what was read is kept
+        assert _store.read_manifest(tmp_path / "u") is None                      # but the output is not marked done
+        q1 = _store.read_jsonl(tmp_path / "u" / "quarantine.jsonl")
+        assert [x["offset"] for x in q1] == [40] and q1[0]["reason"].startswith("malformed")
+        app.faults.clear()
+        new_qs, new_ans = make_questions(10, start=138)
+        app.questions[:0] = new_qs                                   # 10 new questions, newest first
+        app.answers.update(new_ans)
+        m = run_crawl(_cfg(base, tmp_path / "u"))
+    assert m.counts["records"] == 147 and m.counts["expected"] == 147
+    q2 = _store.read_jsonl(tmp_path / "u" / "quarantine.jsonl")
+    assert q2[: len(q1)] == q1                                       # quarantine accumulates; never emptied

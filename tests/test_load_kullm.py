@@ -49,3 +49,29 @@ def test_unsupported_file_type_is_named(tmp_path):
     p.write_text("x")
     with pytest.raises(ValueError, match=r"kullm.file: .*k.txt: unsupported type '.txt'"):
         run_load(KullmConfig(source="file", file=p, out_dir=tmp_path / "k"))
+
+
+def _strict_json(line: str):
+    def no_bare(name):
+        raise ValueError(f"bare {name} in JSON")
+    return json.loads(line, parse_constant=no_bare)
+
+
+def test_a_broken_jsonl_line_is_quarantined_with_file_and_line_and_the_rest_loads(tmp_path):
+    src = tmp_path / "kullm.jsonl"
+    good = [json.dumps({"id": f"a{i}", "instruction": f"명령 {i}", "input": "", "output": f"응답 {i}"}, ensure_ascii=False) for i in range(4)]
+    src.write_text("\n".join([good[0], '{"id": "cut", "instruction": "잘린 줄', good[1], "",
+                              '{"id": "nan", "instruction": "x", "input": NaN, "output": "y"}', good[2], "[1, 2]", good[3]]) + "\n")
+    m = run_load(KullmConfig(source="file", file=src, out_dir=tmp_path / "k"))
+    assert m.counts["rows"] == 4 and m.counts["quarantined"] == 3
+    q = [_strict_json(line) for line in (tmp_path / "k" / "quarantine.jsonl").read_text().splitlines()]   # no bare NaN
+    assert [(x["file"], x["line"], x["reason"].split(":")[0]) for x in q] == [
+        (str(src), 2, "not_json"), (str(src), 5, "input_missing_or_not_text"), (str(src), 7, "not_an_object")]
+    assert q[1]["item"]["input"] is None   # NaN written as null
+
+
+def test_a_file_that_cannot_be_read_at_all_names_the_file(tmp_path):
+    src = tmp_path / "kullm.parquet"
+    src.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(Exception, match=str(src)):
+        run_load(KullmConfig(source="file", file=src, out_dir=tmp_path / "k"))

@@ -22,7 +22,7 @@ def test_dedup_uses_source_priority_and_normalisation():
     rows, dropped, reasons = merge_sources(sources, ["cbnu", "univ100", "kullm"])
     assert [(r["id"], r["output"]) for r in rows] == [("c1", "cbnu 답"), ("u1", "ok")]
     assert reasons == {"duplicate_of_cbnu": 1, "empty_output": 1, "broken_row": 1}
-    assert rows[0]["instruction"] == "기숙사 신청은\n언제 하나요?"
+    assert rows[0]["instruction"] == "기숙사  신청은\n언제 하나요?"   # fields keep their spacing (code rows); the dedup key collapses it
     assert {d["row"]["id"] for d in dropped} == {"k1", "c2", "c3"}
     rows2, _, _ = merge_sources(sources, ["kullm", "cbnu"])
     assert rows2[0]["id"] == "k1"
@@ -72,3 +72,9 @@ def test_merge_refuses_unfinished_inputs(tmp_path):
 
     with pytest.raises(RuntimeError, match="not a finished stage output"):
         run_merge({"kullm": tmp_path / "k"}, MergeDataConfig(out_root=tmp_path / "ds"))
+
+
+def test_code_keeps_its_indentation_and_blank_lines():
+    code = "def f(x):\r\n    if x:   \r\n        return 1\r\n\r\n\r\n    return  0\n"
+    rows, _, _ = merge_sources({"kullm": [{"id": "k1", "instruction": "이 코드를 설명하세요.", "input": code, "output": "x가 참이면 1을 돌려줍니다."}]}, ["kullm"])
+    assert rows[0]["input"] == "def f(x):\n    if x:\n        return 1\n\n\n    return  0"

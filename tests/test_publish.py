@@ -71,3 +71,39 @@ def test_hub_round_trip_through_a_local_hub(trained_run, tmp_path):
         assert str(trained_run.parent).encode() not in f   # no path of the machine it was built on
     assert TOKEN not in (trained_run / "publish" / "record.json").read_text()
     assert app.tokens_seen >= {f"Bearer {TOKEN}"}
+
+
+def test_a_published_folder_is_verified_on_a_cache_hit_and_rebuilt_when_broken(trained_run, tmp_path, prefect_harness):
+    from prefect import flow
+
+    from culbot.flows.runner import existing, run_stage
+    from culbot.tasks.publish import publish_task
+    from culbot.tasks.run_folder import run_output
+    from tests.conftest import task_states
+
+    model = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], trained_run / "eval")
+    spec = PublishSpec(target="local", local_dir=tmp_path / "pub")
+
+    @flow(name="publish-check")
+    def publish_once():
+        return run_stage(publish_task, spec=spec, run=run_output(trained_run).ref(), model=existing(model.path), evaluation=existing(trained_run / "eval"))
+
+    first = publish_once()
+    weights = next((tmp_path / "pub").glob("*/merged/model.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF                                               # one byte flipped
+    weights.write_bytes(bytes(data))
+    state = publish_once(return_state=True)
+    assert [s for _, s in task_states(state.state_details.flow_run_id)] == ["Cached", "Completed"]   # the hit did not verify: rebuilt
+    assert _store.is_complete(state.result().path) and state.result().path == first.path
+
+
+def test_different_runs_never_publish_into_the_same_folder(trained_run, tmp_path):
+    import shutil
+
+    other = trained_run.parent / (trained_run.name + "-other-settings")
+    shutil.copytree(trained_run, other, ignore=shutil.ignore_patterns("checkpoints"))
+    a = run_publish(trained_run, None, PublishSpec(target="local", what="adapter", local_dir=tmp_path / "pub"))
+    b = run_publish(other, None, PublishSpec(target="local", what="adapter", local_dir=tmp_path / "pub"))
+    assert a.published["adapter"].where != b.published["adapter"].where
+    assert len(list((tmp_path / "pub").iterdir())) == 2

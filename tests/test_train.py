@@ -227,3 +227,18 @@ def test_the_entrypoint_refuses_a_run_config_of_another_version(tmp_path, sample
     (cfg.parent / "config.json").write_text(json.dumps({**json.loads(cfg.read_text()), "version": 7}))
     with pytest.raises(ValueError, match=r"config.json: not a valid RunConfig.*RunConfig version 7 is not the version 1"):
         main(["--config", str(cfg)])
+
+
+def test_a_checkpoint_with_truncated_files_is_skipped_and_training_resumes_from_the_one_before(tmp_path, sample_tokenized, tiny_model):
+    prof, cfg = _run(tmp_path, sample_tokenized, tiny_model, "train.max_steps=8", "train.save_steps=4", "train.logging_steps=1",
+                     "train.save_total_limit=5")
+    run_training(cfg, prof)
+    ckpt = cfg.parent / "checkpoints"
+    shutil.rmtree(cfg.parent / "adapter")                                      # force a rerun
+    weights = ckpt / "checkpoint-8" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])                            # truncated after its marker was written
+    lines = []
+    result = run_training(cfg, prof, on_line=lines.append)
+    assert result.status == "completed" and result.global_step == 8 and result.resumed_from == "checkpoint-4"
+    skipped = [l for l in lines if "skipping incomplete or corrupt checkpoint checkpoint-8" in l]
+    assert skipped and "adapter_model.safetensors" in skipped[0] and "size" in skipped[0]

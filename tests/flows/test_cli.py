@@ -155,3 +155,54 @@ def test_a_run_is_read_from_any_folder_and_ships_no_path_of_its_machine(tmp_path
     assert len(shipped) > 20
     leaks = [str(p.relative_to(work)) for p in shipped if str(work).encode() in p.read_bytes()]
     assert leaks == []
+
+
+def test_a_crawl_that_missed_a_list_page_exits_non_zero_naming_the_offset(tmp_path):
+    qs, ans = make_questions(45)
+    app = Univ100App(questions=qs, answers=ans, report_total=True)
+    app.faults["list:20"] = ["cut"] * 20
+    with serve(Univ100Handler, app) as base:
+        r = culbot("crawl", "univ100", "--base-url", base, "--out", str(tmp_path / "u"),
+                   "--set", "univ100.http.rate_per_host=100", "--set", "univ100.http.backoff_base_s=0.01")
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: CrawlIncomplete:") and "offset 20" in last and "listed 25 of 45" in last
+
+
+def _train_until_step(tmp_path, tokenized, name):
+    """`culbot train` in its own session, trained until its log shows step 3; returns (process, run folder root)."""
+    import signal  # noqa: F401  (used by the callers)
+
+    work = _work(tmp_path, name)
+    cmd = [sys.executable, "-m", "culbot.flows.cli", "train", "--data", str(tokenized), "--set", "train.max_steps=400",
+           "--set", "train.save_steps=1000", "--set", "train.logging_steps=1", "--set", "train.eval_steps=1000"]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if "step 3/400" in line:
+            return proc, work
+    raise AssertionError(f"training never reached step 3 (exit {proc.wait()})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["culbot", "group", "trainer"])
+def test_sigterm_to_culbot_train_checkpoints_and_exits_75(tmp_path, sample_tokenized, to):
+    import signal
+
+    from culbot.tasks.contracts import TrainResult
+    from culbot.tasks.train_entry import newest_complete_checkpoint
+
+    proc, work = _train_until_step(tmp_path, sample_tokenized, to)
+    if to == "culbot":
+        proc.send_signal(signal.SIGTERM)                     # the CLI alone, as `kill <pid>` does
+    elif to == "group":
+        os.killpg(proc.pid, signal.SIGTERM)                  # the whole process group, as a container stop does
+    else:
+        trainer = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(trainer[0]), signal.SIGTERM)             # the trainer alone, as a spot reclaim may
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 75, rest[-2000:]
+    run = next((work / "artifacts" / "runs").iterdir())
+    assert _store.read_model(run / "train_result.json", TrainResult).status == "preempted"
+    assert newest_complete_checkpoint(run / "checkpoints") is not None
+    assert "preempted" in rest.strip().splitlines()[-1] and "resum" in rest.strip().splitlines()[-1]

@@ -26,6 +26,8 @@ class Reply:
 class OpenAIApp:
     script: dict[str, list[Reply]]
     latency_s: float = 0.0
+    usage_from_text: bool = False   # count tokens from the text (about cl100k's rate), not a fixed 500/200
+    usage: list = field(default_factory=list)   # (prompt tokens, completion tokens) of every answer sent
     requests: int = 0
     by_marker: Counter = field(default_factory=Counter)
     bodies: list = field(default_factory=list)
@@ -47,7 +49,22 @@ def items_json(items: list[tuple[str, str, str]]) -> str:
     return json.dumps([{"instruction": a, "input": b, "output": c} for a, b, c in items], ensure_ascii=False)
 
 
+def count_tokens(text: str) -> int:
+    """About what cl100k counts: a token per Hangul syllable, four other characters a token."""
+    hangul = sum(1 for c in text if "가" <= c <= "힣")
+    other = sum(1 for c in text if not c.isspace()) - hangul
+    return hangul + (other + 3) // 4
+
+
 class OpenAIHandler(Handler):
+    def _usage(self, prompt: str, answer: str, max_tokens: int | None) -> dict:
+        if not self.app.usage_from_text:
+            return {"prompt_tokens": 500, "completion_tokens": 200, "total_tokens": 700}
+        p, c = count_tokens(prompt), min(count_tokens(answer), max_tokens or 10**9)
+        with self.app.lock:
+            self.app.usage.append((p, c))
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
     def do_POST(self) -> None:
         app: OpenAIApp = self.app
         if self.path.rstrip("/") != "/v1/chat/completions":
@@ -71,7 +88,7 @@ class OpenAIHandler(Handler):
                 "id": f"chatcmpl-{app.requests}", "object": "chat.completion", "created": int(time.time()),
                 "model": body.get("model", ""),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.content}, "finish_reason": reply.finish_reason}],
-                "usage": {"prompt_tokens": 500, "completion_tokens": 200, "total_tokens": 700},
+                "usage": self._usage(text, reply.content, body.get("max_tokens")),
             }
             headers = {"x-ratelimit-remaining-requests": "99", "x-ratelimit-limit-requests": "100", **reply.headers}
             self.send_json(200, resp, headers=headers)

@@ -19,6 +19,7 @@ class Univ100App:
     faults: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     slow_s: float = 1.5
     require_browser_ua: bool = True
+    report_total: bool = False                 # answer with result.total, as list APIs often do
     hits: Counter = field(default_factory=Counter)
     user_agents: set = field(default_factory=set)
     times: list = field(default_factory=list)
@@ -59,7 +60,8 @@ class Univ100Handler(Handler):
             if self._fault(target):
                 return
             page = [dict(x, answer={"text": (app.answers.get(x["id"]) or [""])[0]}) for x in app.questions[offset: offset + limit]]
-            return self.send_json(200, {"status": "ok", "result": {"questions": page}})
+            result = {"questions": page, **({"total": len(app.questions)} if app.report_total else {})}
+            return self.send_json(200, {"status": "ok", "result": result})
         if url.path == "/find/qna/question":
             qid = int(q["questionId"])
             target = f"detail:{qid}"
@@ -86,6 +88,8 @@ class Univ100Handler(Handler):
             self.send_json(403, {"message": "forbidden"})
         elif f == "malformed":
             self.send(200, '{"status": "ok", "result": {"questions": [ {"id": 1, "title": ', "application/json")
+        elif f == "cut":   # a page cut mid-character: invalid UTF-8 and invalid JSON
+            self.send(200, '{"status": "ok", "result": {"questions": [{"id": 1, "title": "질문'.encode("utf-8")[:-1], "application/json")
         elif f == "slow":
             time.sleep(self.app.slow_s)
             return False  # answers, but after the client gave up
