@@ -112,7 +112,10 @@ class QAGenConfig(Section):
     items_per_chunk: int = Field(10, ge=1, description="How many QA items the prompt asks for per chunk.")
     min_korean_ratio: float = Field(0.5, ge=0, le=1, description="Items whose instruction or output has a smaller share of Hangul letters are quarantined.")
     max_output_words: int = Field(100, ge=1, description="Items whose output has more words are quarantined (the prompt asks for under 100).")
-    min_grounding: float = Field(0.35, ge=0, le=1, description="Items whose output shares less of its character bigrams with the source chunk are quarantined as ungrounded.")
+    min_grounding: float = Field(0.35, ge=0, le=1, description="Items whose output shares less of its character bigrams with the source chunk are quarantined as ungrounded (after the fact and negation checks, tasks/grounding.py).")
+    judge: bool = Field(False, description="Also ask the chat model whether the source chunk supports each item that passed the other checks; unsupported items are quarantined. Cached, budgeted and replayable like the answers.")
+    judge_model: str | None = Field(None, description="Model of the judge (None: qa.model).")
+    judge_max_tokens: int = Field(200, ge=16, description="Completion token limit of a judge request (its verdict is one line of JSON).")
     out_dir: Path = Field(Path("raw/cbnu_qa"), description="Output folder: rows.jsonl, quarantine.jsonl, ledger.json, manifest.")
 
     @model_validator(mode="after")

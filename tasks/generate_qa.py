@@ -24,7 +24,7 @@ from prefect import task
 
 from culbot.pipeline_config.schema import PACKAGE_DIR, ConfigError, QAGenConfig
 
-from . import _store, _text
+from . import _store, _text, grounding
 from ._http import Progress
 from ._prefect import report, retry_on_network, stage_cache
 from .chunking import Chunk, chunk_budget, chunk_page, estimate_tokens, make_counter
@@ -125,9 +125,9 @@ def validate_item(item: Any, source_text: str, rules: QAGenConfig) -> tuple[dict
     invented = _text.contacts(" ".join(fields.values())) - _text.contacts(source_text)
     if invented:
         return None, "contact_not_in_source"
-    score = _text.grounding_score(fields["output"], source_text)
-    if score < rules.min_grounding:
-        return None, "ungrounded"
+    score, reason = grounding.check(f"{fields['input']}\n{fields['output']}".strip(), source_text, rules.min_grounding)
+    if reason is not None:
+        return None, reason
     fields["grounding"] = round(score, 3)
     return fields, None
 
@@ -216,7 +216,7 @@ async def generate(
         raise client.stopped
 
     # Validate in chunk order so results and dedup are deterministic.
-    rows: list[dict] = []
+    candidates: list[tuple[dict, dict, Chunk]] = []   # (row, where it came from, chunk)
     seen: set[str] = set()
     for i in sorted(answers):
         ch, entry = answers[i]
@@ -245,12 +245,48 @@ async def generate(
                 ledger.items_quarantined += 1
                 quarantine.append({**base, "item_index": n, "reason": reason, "item": item})
                 continue
+            row = {"id": f"cbnu:{short_hash(entry['key'])}:{n}", "source": "cbnu", "instruction": clean["instruction"],
+                   "input": clean["input"], "output": clean["output"], "url": ch.url, "title": ch.title,
+                   "chunk_hash": ch.hash, "grounding": clean["grounding"]}
+            candidates.append((row, {**base, "item_index": n, "item": item}, ch))
+    verdicts = await judge_rows(candidates, client, cache, qa, count) if qa.judge else [(True, "")] * len(candidates)
+    rows: list[dict] = []
+    for (row, where, _), (supported, why) in zip(candidates, verdicts):
+        if supported:
             ledger.items_ok += 1
-            rows.append({"id": f"cbnu:{short_hash(entry['key'])}:{n}", "source": "cbnu", "instruction": clean["instruction"],
-                         "input": clean["input"], "output": clean["output"], "url": ch.url, "title": ch.title,
-                         "chunk_hash": ch.hash, "grounding": clean["grounding"]})
+            rows.append(row)
+        else:
+            ledger.items_quarantined += 1
+            ledger.judge_unsupported += 1
+            quarantine.append({**where, "reason": f"judge_unsupported: {why}"})
     ledger.rate_limit_headers = getattr(client.backend, "rate_limit_headers", {})
     return rows, quarantine, ledger
+
+
+async def judge_rows(candidates: list[tuple[dict, dict, Chunk]], client: LLMClient, cache: ResponseCache, qa: QAGenConfig,
+                     count: Callable[[str], int]) -> list[tuple[bool, str]]:
+    """(supported, reason) per candidate row from the LLM judge: one cached, paced, budgeted request each."""
+    model = qa.judge_model or qa.model
+
+    async def one(row: dict, ch: Chunk) -> tuple[bool, str]:
+        key = cache_key(_store.hash_json([ch.hash, row["instruction"], row["input"], row["output"]]), grounding.JUDGE_VERSION, model, 0.0)
+        entry = cache.get(key)
+        if entry is None:
+            messages = grounding.judge_messages(row["instruction"], f"{row['input']}\n{row['output']}".strip(), ch.information)
+            comp = await client.complete(messages, key, sum(count(m["content"]) for m in messages), model=model, max_tokens=qa.judge_max_tokens)
+            entry = {"key": key, "kind": "judge", "model": model, "content": comp.content, "finish_reason": comp.finish_reason,
+                     "prompt_tokens": comp.prompt_tokens, "completion_tokens": comp.completion_tokens, "url": ch.url}
+            cache.put(key, entry)
+        client.ledger.judged += 1
+        return grounding.parse_verdict(entry["content"])
+
+    results = await asyncio.gather(*(asyncio.create_task(one(row, ch)) for row, _, ch in candidates), return_exceptions=True)
+    if client.stopped is not None:
+        raise client.stopped
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
 
 
 def run_generate(qa: QAGenConfig, pages_dir: Path, out_dir: Path | None = None, *, retry_failed: bool = False,

@@ -51,7 +51,7 @@ class RequestRejected(RuntimeError):
 class ChatBackend(Protocol):
     live: bool
 
-    async def complete(self, messages: list[dict], key: str) -> Completion: ...
+    async def complete(self, messages: list[dict], key: str, model: str | None = None, max_tokens: int | None = None) -> Completion: ...
 
 
 class OpenAIBackend:
@@ -74,11 +74,11 @@ class OpenAIBackend:
         self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
         self.rate_limit_headers: dict[str, str] = {}
 
-    async def complete(self, messages: list[dict], key: str) -> Completion:
+    async def complete(self, messages: list[dict], key: str, model: str | None = None, max_tokens: int | None = None) -> Completion:
         o = self._openai
         try:
             raw = await self.client.chat.completions.with_raw_response.create(
-                model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens)
+                model=model or self.model, messages=messages, temperature=self.temperature, max_tokens=max_tokens or self.max_tokens)
         except o.RateLimitError as e:
             raise Transient("HTTP 429 rate limited", _retry_after(e.response.headers)) from None
         except o.InternalServerError as e:
@@ -138,7 +138,7 @@ class ReplayBackend:
             for row in _store.read_jsonl(p):
                 self.answers[row["key"]] = row
 
-    async def complete(self, messages: list[dict], key: str) -> Completion:
+    async def complete(self, messages: list[dict], key: str, model: str | None = None, max_tokens: int | None = None) -> Completion:
         row = self.answers.get(key)
         if row is None:
             raise ReplayMiss(f"no recorded answer for key {short_hash(key)}… in {self.folder}; record one with qa.backend=openai and qa.record_replay=FILE")
@@ -167,6 +167,8 @@ class Ledger:
     answers_short: int = 0
     items_ok: int = 0
     items_quarantined: int = 0
+    judged: int = 0
+    judge_unsupported: int = 0
     rate_limit_headers: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -183,6 +185,7 @@ class Ledger:
                 ("cache hits", self.cache_hits), ("replayed", self.replayed), ("prompt tokens", self.prompt_tokens),
                 ("completion tokens", self.completion_tokens), ("estimated cost (USD)", f"{self.cost_usd:.4f}"),
                 ("items kept", self.items_ok), ("items quarantined", self.items_quarantined),
+                ("items judged", self.judged), ("judged unsupported", self.judge_unsupported),
                 ("unparsable answers", self.answers_unparsable), ("truncated answers", self.answers_truncated),
                 ("short lists", self.answers_short)]
         if self.errors:
@@ -252,8 +255,8 @@ class LLMClient:
                 if t is not me:
                     t.cancel()
 
-    def worst_cost(self, prompt_tokens_est: int) -> float:
-        return (prompt_tokens_est * self.ledger.price_in + self.qa.max_tokens * self.ledger.price_out) / 1e6
+    def worst_cost(self, prompt_tokens_est: int, max_tokens: int | None = None) -> float:
+        return (prompt_tokens_est * self.ledger.price_in + (max_tokens or self.qa.max_tokens) * self.ledger.price_out) / 1e6
 
     async def _hold(self, worst: float) -> None:
         """Hold the worst-case cost of one request, waiting for requests in flight when they may leave room."""
@@ -284,24 +287,25 @@ class LLMClient:
                     log.warning("the server billed $%.5f for a request held at $%.5f: its prompt counted more tokens than our estimate", billed, worst)
             self._budget.notify_all()
 
-    async def complete(self, messages: list[dict], key: str, prompt_tokens_est: int) -> Completion:
+    async def complete(self, messages: list[dict], key: str, prompt_tokens_est: int, *, model: str | None = None,
+                       max_tokens: int | None = None) -> Completion:
         """One answer; raises RequestFailed after the retries, BudgetExceeded when the budget is spent."""
         import asyncio
 
         ledger, me = self.ledger, asyncio.current_task()
-        worst = self.worst_cost(prompt_tokens_est)
+        worst = self.worst_cost(prompt_tokens_est, max_tokens)
 
         async def attempt() -> Completion:
             if self.stopped is not None:
                 raise self.stopped
             if not self.backend.live:  # recorded answers cost nothing and need no pacing
-                return await self.backend.complete(messages, key)
+                return await self.backend.complete(messages, key, model, max_tokens)
             async with self.pacer.slot():
                 await self._hold(worst)
                 self._waiting.discard(me)   # in flight now: a stop lets it finish, so its answer is kept
                 comp = None
                 try:
-                    comp = await self.backend.complete(messages, key)
+                    comp = await self.backend.complete(messages, key, model, max_tokens)
                 except Transient as e:
                     ledger.errors[e.reason] = ledger.errors.get(e.reason, 0) + 1
                     raise

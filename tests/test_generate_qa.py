@@ -131,3 +131,34 @@ def test_prompt_version_changes_with_the_files(tmp_path):
         load_prompt(str(copy))
 
 
+
+
+def test_the_optional_judge_quarantines_what_it_finds_unsupported_and_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    pages = write_pages(tmp_path / "pages", [page_for("가가")])
+    verdict = lambda ok: Reply(content=json.dumps({"supported": ok, "reason": "원문에 있음" if ok else "원문은 매주 월요일이라고만 합니다"}, ensure_ascii=False))
+    app = OpenAIApp(script={  # the judge's messages quote the answer after "[답변]"; the first marker found wins
+        "[답변]\n가가 안내에 따르면 항목 1번": [verdict(False)],
+        "[답변]": [verdict(True)],
+        "가가 안내": [Reply(content=items_json(facts("가가")))],
+    })
+    with serve(OpenAIHandler, app) as base:
+        m = run_generate(qa_config(tmp_path, base, judge=True, judge_model="judge-model"), pages)
+        assert app.requests == 1 + 3 and m.counts["rows"] == 2
+        judge_bodies = [b for b in app.bodies if "[답변]" in b["messages"][-1]["content"]]
+        assert {b["model"] for b in judge_bodies} == {"judge-model"} and {b["max_tokens"] for b in judge_bodies} == {200}
+        q = _store.read_jsonl(tmp_path / "qa" / "quarantine.jsonl")
+        assert [x["reason"] for x in q] == ["judge_unsupported: 원문은 매주 월요일이라고만 합니다"] and q[0]["item_index"] == 1
+        ledger = json.loads((tmp_path / "qa" / "ledger.json").read_text())
+        assert ledger["judged"] == 3 and ledger["judge_unsupported"] == 1 and ledger["requests"] == 4
+        app.requests = 0
+        again = run_generate(qa_config(tmp_path, base, judge=True, judge_model="judge-model"), pages)
+        assert app.requests == 0 and again.content_hash == m.content_hash   # verdicts come from the cache
+
+
+def test_a_judge_answer_that_is_not_json_counts_as_unsupported():
+    from culbot.tasks.grounding import parse_verdict
+
+    assert parse_verdict('{"supported": true, "reason": "ok"}') == (True, "ok")
+    assert parse_verdict('판단: ```json\n{"supported": false, "reason": "숫자가 다름"}\n```') == (False, "숫자가 다름")
+    assert parse_verdict("네, 뒷받침됩니다.")[0] is False and parse_verdict('{"supported": "yes"}')[0] is False
