@@ -122,19 +122,17 @@ def report(key: str, title: str, counts: dict, extra: str = "") -> None:
     create_markdown_artifact(f"# {title}\n\n| count | value |\n|---|---:|\n{rows}\n{extra}", key=key, description=title)
 
 
-def network_failure(exc: BaseException) -> bool:
-    """Worth retrying: the network or a server failed (a parse error or a spent budget would only fail again)."""
-    from ._http import FetchError
+_NETWORK = {"FetchError", "TransportError", "ConnectionError", "Timeout", "TimeoutError", "RequestFailed", "APIConnectionError"}
 
+
+def network_failure(exc: BaseException) -> bool:
+    """Worth retrying: the network or a server failed (a parse error or a spent budget would only fail again).
+
+    Classes are recognised by name, so this module imports no client (the stages' cache keys stay independent of them).
+    """
     for e in (exc, exc.__cause__, exc.__context__):
-        if e is None:
-            continue
-        if isinstance(e, FetchError):
+        if e is not None and _NETWORK & {c.__name__ for c in type(e).__mro__}:
             return getattr(e, "network", True)   # a crawl stopped by a malformed page says network=False
-        if isinstance(e, (ConnectionError, TimeoutError)):
-            return True
-        if any(c.__name__ in ("TransportError", "ConnectionError", "Timeout", "RequestFailed", "APIConnectionError") for c in type(e).__mro__):
-            return True
     return False
 
 
