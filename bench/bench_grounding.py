@@ -54,13 +54,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "grounding.json")
     args = ap.parse_args(argv)
     from culbot.tasks import _store
-    from culbot.tasks.crawl_cbnu import read_directory
+    from culbot.tasks.documents import read_directory
 
     rows = _store.read_jsonl(args.set)
     pages = {p["url"].removeprefix("file:"): f"[{p['title']}]\n{p['text']}" for p in read_directory(REPO / "raw" / "samples" / "cbnu_pages")[0]}
     res = {"grounded": sum(r["grounded"] for r in rows), "ungrounded": sum(not r["grounded"] for r in rows), **evaluate(rows, pages, args.min_overlap)}
     print(f"grounding check on {args.set.name}: {res['grounded']} grounded, {res['ungrounded']} ungrounded answers")
-    print(f"\n| check | precision | recall | flagged / ungrounded | false alarms / grounded |\n|---|---:|---:|---:|---:|")
+    print("\n| check | precision | recall | flagged / ungrounded | false alarms / grounded |\n|---|---:|---:|---:|---:|")
     for name in list(res)[2:]:
         r = res[name]
         print(f"| {name} | {r['precision']} | {r['recall']} | {r['flagged_ungrounded']} / {res['ungrounded']} | {r['false_alarms']} / {res['grounded']} |")

@@ -80,6 +80,8 @@ def run_flow(a, dp: DataProfile) -> int:
         out = data_refresh(data_profile=a.data_profile, data_overrides=a.overrides, force=a.force, artifact_root=a.artifact_root)
         d = out.dataset
         print(f"dataset version {d.path.name}: {d.path}  (train {d.counts['train']}, validation {d.counts['validation']})")
+        if out.index:
+            print(f"index: {out.index.path}  ({out.index.counts['documents']} documents, {out.index.counts['passages']} passages)")
         print(f"formatted: {out.formatted.path}")
         return 0
     load_train_profile(a.train_profile, a.train_overrides)  # fail fast, before Prefect starts
@@ -88,6 +90,10 @@ def run_flow(a, dp: DataProfile) -> int:
     out = culbot(data_profile=a.data_profile, train_profile=a.train_profile, data_overrides=a.overrides,
                  train_overrides=a.train_overrides, force=a.force, artifact_root=a.artifact_root)
     print(f"dataset version {out.data.dataset.path.name}: {out.data.dataset.path}")
+    if out.data.index:
+        c = out.eval.counts
+        print(f"index: {out.data.index.path}  ({out.data.index.counts['documents']} documents, {out.data.index.counts['passages']} passages; "
+              f"retrieval recall@1 {c['recall_at_1']:.3f}, recall@5 {c['recall_at_5']:.3f}, MRR {c['mrr']:.3f})")
     print(f"run: {out.run.run_dir}  (eval loss {out.eval.eval_loss:.4f}, {'passed' if out.eval.passed else 'failed'})")
     if out.model:
         print(f"merged model: {out.model.path}")
@@ -135,7 +141,39 @@ def merge_data(a, dp: DataProfile) -> int:
 def format_data(a, dp: DataProfile) -> int:
     from culbot.tasks.format_prompts import run_format
 
-    _print_output(run_format(a.dataset, dp.format))
+    _print_output(run_format(a.dataset, dp.format, rag=dp.rag, index=a.index))
+    return 0
+
+
+def index(a, dp: DataProfile) -> int:
+    from culbot.tasks.embeddings import make_embedder
+    from culbot.tasks.index import build_index
+
+    _print_output(build_index(a.pages, dp.rag, qa=a.qa, dataset=a.dataset, embedder=make_embedder(dp.rag)))
+    return 0
+
+
+def retrieve(a, _) -> int:
+    from culbot.tasks import _store
+    from culbot.tasks.retrieval import Retriever, hits_json, read_questions
+
+    retriever = Retriever(a.index)
+    if a.queries:
+        if not a.out:
+            raise ConfigError("--queries needs --out FILE.jsonl for the hits")
+        rows = [{"id": q["id"], "hits": hits_json(retriever.search(q["question"], a.k).hits)} for q in read_questions(a.queries)]
+        _store.atomic_write_jsonl(a.out, rows)
+        print(f"{len(rows)} queries -> {a.out}")
+        return 0
+    if not a.query:
+        raise ConfigError("give --query TEXT, or --queries FILE.jsonl --out FILE.jsonl")
+    res = retriever.search(a.query, a.k)
+    if a.json:
+        print(json.dumps({"query": a.query, "confidence": res.confidence, "hits": hits_json(res.hits)}, ensure_ascii=False, indent=2))
+        return 0
+    print(f"confidence {res.confidence} (top lexical score)")
+    for n, h in enumerate(res.hits, 1):
+        print(f"\n{n}. {h.title}  [{h.doc}]  score {h.score}\n   {h.passage[:300].replace(chr(10), chr(10) + '   ')}")
     return 0
 
 
@@ -180,7 +218,7 @@ def evaluate(a, tp: TrainProfile) -> int:
     from culbot.tasks.evaluate import REPORT_MD, run_eval
     from culbot.tasks.run_folder import EVAL
 
-    res = run_eval(a.run, tp.eval)
+    res = run_eval(a.run, tp.eval, a.index)
     print(f"eval {res.status}: loss {res.eval_loss:.4f}, perplexity {res.perplexity:.2f}; report {a.run.resolve() / EVAL / REPORT_MD}")
     return 0 if res.passed else 1
 
@@ -307,9 +345,29 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--cbnu-qa", "Finished QA generation folder (default: qa.out_dir).", FOLDER),
         Arg("--kullm", "Finished KULLM folder (default: kullm.out_dir).", FOLDER),
     )),
-    Command("format", "Format a dataset version into prompt/response pairs with the named templates.", format_data, "data", flags=(
+    Command("index", "Build the retrieval index of a folder of CBNU pages (a crawl, or any .txt/.html documents): passages, Korean BM25, "
+                     "question keys, optional dense vectors.", index, "data", flags=(
+        Flag("--out", "rag.out_root"), Flag("--dense", "rag.dense"), Flag("--embedding-model", "rag.embedding_model"),
+        Flag("--embedding-base-url", "rag.embedding_base_url"),
+    ), args=(
+        Arg("--pages", "A CBNU crawl folder (pages.jsonl) or any folder of .txt/.html documents.", {**FOLDER, "required": True}),
+        Arg("--qa", "A generate-qa folder: its questions become keys of their documents.", FOLDER),
+        Arg("--dataset", "A dataset version: only its train split's questions become keys, and gold.jsonl says each question's split.", FOLDER),
+    )),
+    Command("retrieve", "Search an index: one --query, or a batch (--queries FILE.jsonl of {id, question} -> --out FILE.jsonl of {id, hits}).",
+            retrieve, args=(
+        Arg("--index", "An index folder (artifacts/indexes/<hash>).", {**FOLDER, "required": True}),
+        Arg("--query", "A question.", {}),
+        Arg("--queries", "JSONL of {\"id\", \"question\"}.", {"type": Path, "metavar": "FILE"}),
+        Arg("--out", "Where the batch's hits go (JSONL of {\"id\", \"hits\": [{doc, title, url, passage, score}]}).", {"type": Path, "metavar": "FILE"}),
+        Arg("--k", "Passages per query (default: the index's).", {"type": int}),
+        Arg("--json", "Print the hits as JSON.", {"action": "store_true"}),
+    )),
+    Command("format", "Format a dataset version into prompt/response pairs with the named templates (with retrieved context, given an index).",
+            format_data, "data", flags=(
         Flag("--out", "format.out_root"), Flag("--template", "format.template_map", mapping=True),
-    ), args=(Arg("--dataset", "A dataset version folder (artifacts/datasets/<version>).", {**FOLDER, "required": True}),)),
+    ), args=(Arg("--dataset", "A dataset version folder (artifacts/datasets/<version>).", {**FOLDER, "required": True}),
+             Arg("--index", "An index folder: CBNU rows get retrieved context as serving will (rag.train_with_context).", FOLDER))),
     Command("tokenize", "Tokenize a formatted dataset with the training profile's tokenizer: EOS, label masking, cutoff.", tokenize, "train", args=(
         Arg("--data", "A formatted dataset folder (artifacts/formatted/<hash>).", {**FOLDER, "required": True}),
         Arg("--out", "Tokenized root (default: <artifacts_root>/tokenized).", FOLDER),
@@ -318,7 +376,8 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--data", "A tokenized or formatted dataset folder (artifacts/tokenized/<hash> or artifacts/formatted/<hash>).", {**FOLDER, "required": True}),
         Arg("--dry-run", "Resolve, tokenize and print the launch command without training.", {"action": "store_true"}),
     )),
-    Command("eval", "Evaluate a trained run: validation loss, perplexity, probe answers, and the gate.", evaluate, "train", args=(RUN,)),
+    Command("eval", "Evaluate a trained run: validation loss, perplexity, probe answers, retrieval (given an index), and the gate.", evaluate,
+            "train", args=(RUN, Arg("--index", "An index folder: score retrieval too (eval.retrieval_questions and the validation questions).", FOLDER))),
     Command("merge-adapter", "Merge a run's adapter into its base model, verify the logits, save a self-describing model folder.",
             merge_adapter, "train", args=(RUN, Arg("--out", "Models root (default: <artifacts_root>/models).", FOLDER))),
     Command("publish", "Publish the merged model and/or the adapter with a model card, to the Hub or a local folder.", publish, "train", flags=(

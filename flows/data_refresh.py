@@ -1,4 +1,4 @@
-"""The `data-refresh` flow: crawl univ100 -> crawl CBNU -> generate QA -> load KULLM -> merge-data -> format.
+"""The `data-refresh` flow: crawl univ100 -> crawl CBNU -> generate QA -> load KULLM -> merge-data -> index -> format.
 
 Run as: culbot run data-refresh [--data-profile sample] [--set qa.max_in_flight=8] [--force]
 
@@ -26,6 +26,7 @@ from culbot.tasks.crawl_cbnu import crawl_cbnu_task
 from culbot.tasks.crawl_univ100 import crawl_univ100_task
 from culbot.tasks.format_prompts import format_task
 from culbot.tasks.generate_qa import generate_qa_task
+from culbot.tasks.index import index_task
 from culbot.tasks.load_kullm import load_kullm_task
 from culbot.tasks.merge_data import merge_data_task
 
@@ -86,7 +87,12 @@ def data_refresh(data_profile: str = "sample", data_overrides: list[str] | None 
     if not sources:
         raise ValueError(f"data profile {dp.name!r}: every source stage is disabled; nothing to merge")
     stages["merge-data"] = dataset = stage(merge_data_task, merge_data=dp.merge_data, inputs={k: v.ref() for k, v in sources.items()})
-    stages["format"] = formatted = stage(format_task, fmt=dp.format, dataset=dataset.ref())
+    index = None
+    if dp.rag.enabled and "crawl-cbnu" in stages:
+        stages["index"] = index = stage(index_task, rag=dp.rag, pages=stages["crawl-cbnu"].ref(), dataset=dataset.ref(),
+                                        qa=sources["cbnu"].ref() if "cbnu" in sources else None,
+                                        univ100=sources["univ100"].ref() if "univ100" in sources and dp.rag.include_univ100 else None)
+    stages["format"] = formatted = stage(format_task, fmt=dp.format, dataset=dataset.ref(), rag=dp.rag, index=index.ref() if index else None)
     create_markdown_artifact(summary_markdown(dp.name, stages), key="data-refresh-summary", description="data-refresh outputs")
     get_run_logger().info("dataset version %s at %s; formatted at %s", short_hash(dataset.content_hash), dataset.path, formatted.path)
-    return DataRefreshResult(dataset=dataset, formatted=formatted, stages=stages)
+    return DataRefreshResult(dataset=dataset, formatted=formatted, index=index, stages=stages)

@@ -161,6 +161,28 @@ class FormatConfig(Section):
     out_root: Path = Field(Path("artifacts/formatted"), description="Formatted datasets go to <out_root>/<content-hash>/.")
 
 
+class RagConfig(Section):
+    enabled: bool = Field(True, description="Build the retrieval index over the CBNU pages in data-refresh (after merge-data).")
+    passage_tokens: int = Field(200, ge=32, description="Most tokens per passage (the QA token estimate); headings start a new passage and table rows are never split.")
+    overlap_tokens: int = Field(40, ge=0, description="Tokens of the previous passage's last lines repeated at the start of the next.")
+    question_keys: bool = Field(True, description="Also find a document through questions about it: its title questions and the generated QA instructions of the train split whose source chunk it holds.")
+    title_questions: list[str] = Field(["{subject}에 대해 알려주세요"], description="Questions asked of every document ({subject}: its title without trailing 안내/소개 and site names).")
+    include_univ100: bool = Field(False, description="Index univ100 Q&A too, one document per question.")
+    dense: Literal["none", "openai", "local"] = Field("none", description="Dense retrieval: 'openai' (any OpenAI-compatible /v1/embeddings server), 'local' (a sentence-transformers model), or 'none' (lexical and question keys only; offline).")
+    embedding_model: str = Field("text-embedding-3-small", description="Embedding model: the server's model name for 'openai', a Hub id or local folder for 'local' (e.g. a multilingual sentence-transformers model).")
+    embedding_base_url: str | None = Field(None, description="Embeddings API base URL (None: OPENAI_BASE_URL or the OpenAI default).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the embeddings API key (never the key itself).")
+    embed_batch: int = Field(64, ge=1, description="Texts per embeddings request or local batch.")
+    weights: dict[Literal["lexical", "keys", "dense"], float] = Field({"lexical": 1.0, "keys": 0.5, "dense": 1.0}, description="Weight of each ranking in reciprocal-rank fusion (keys 0.5: short title questions match on one word; bench/bench_retrieval.py).")
+    rrf_k: int = Field(60, ge=1, description="Reciprocal-rank fusion constant: score = weight / (rrf_k + rank).")
+    k: int = Field(5, ge=1, description="Passages returned per query.")
+    train_with_context: bool = Field(True, description="Put retrieved context in `input` of the sources below when formatting: the gold passage plus distractors, shuffled, exactly as serving will.")
+    context_sources: list[str] = Field(["cbnu"], description="Sources whose rows get context (only rows whose gold passage is known).")
+    context_k: int = Field(3, ge=1, description="Passages in a training context: the gold one and context_k - 1 retrieved distractors.")
+    no_context_share: float = Field(0.25, ge=0, le=1, description="Share of those rows kept without context, so the model also answers without retrieval.")
+    out_root: Path = Field(Path("artifacts/indexes"), description="Index versions go to <out_root>/<content-hash>/.")
+
+
 class DataProfile(Section):
     name: str = Field(description="Profile name, shown in run names and manifests.")
     description: str = Field("", description="What this profile is for.")
@@ -170,6 +192,7 @@ class DataProfile(Section):
     kullm: KullmConfig = Field(default_factory=KullmConfig, description="KULLM-v2 loading.")
     merge_data: MergeDataConfig = Field(default_factory=MergeDataConfig, description="Merge of the sources: dedup, split and versioning.")
     format: FormatConfig = Field(default_factory=FormatConfig, description="Prompt formatting.")
+    rag: RagConfig = Field(default_factory=RagConfig, description="The retrieval index over CBNU pages, and retrieved context in training rows.")
 
 
 # ----- loading ---------------------------------------------------------------

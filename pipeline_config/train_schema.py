@@ -108,6 +108,8 @@ class EvalSpec(Section):
     probe_source: str = Field("cbnu", description="Rows of this source's template format the probes, exactly as in training.")
     max_new_tokens: int = Field(64, ge=1, description="Generation length for probes.")
     max_eval_loss: float | None = Field(None, gt=0, description="Eval gate: a higher validation loss fails the run (None: only finite).")
+    retrieval_questions: Path | None = Field(Path("raw/samples/rag_questions.jsonl"), description="Hand-written questions with gold documents (JSONL: id, question, gold; gold [] for unanswerable), scored against the index with the validation split's CBNU questions.")
+    min_recall_at_5: float | None = Field(None, ge=0, le=1, description="Eval gate: a lower retrieval recall@5 fails the run (None: reported, not gated).")
     batch_size: int = Field(8, ge=1, description="Eval batch size.")
 
 

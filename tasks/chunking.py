@@ -58,7 +58,7 @@ class Chunk:
 _SENTENCE_END = re.compile(r"(?<=[.!?。])\s+|(?<=다\.)\s*|(?<=요\.)\s*")
 
 
-def _pieces(text: str, budget: int, count: Callable[[str], int]) -> tuple[list[str], int]:
+def split_text(text: str, budget: int, count: Callable[[str], int]) -> tuple[list[str], int]:
     """Split text into pieces each within budget: lines, then sentences, then characters."""
     out, hard = [], 0
     for line in text.split("\n"):
@@ -86,7 +86,7 @@ def chunk_page(page: dict, budget: int, count: Callable[[str], int]) -> tuple[li
     text_budget = budget - count(f"[{title}]\n")
     if text_budget < 20:
         raise ConfigError(f"qa.chunk_tokens: budget {budget} is too small for the page title of {page['url']}")
-    pieces, hard = _pieces(page["text"], text_budget, count)
+    pieces, hard = split_text(page["text"], text_budget, count)
     chunks, cur = [], []
     for piece in pieces:
         if cur and count("\n".join(cur + [piece])) > text_budget:

@@ -146,6 +146,7 @@ class DataRefreshResult(Contract):
 
     dataset: StageOutput
     formatted: StageOutput
+    index: StageOutput | None = None   # the retrieval index over the CBNU pages
     stages: dict[str, StageOutput]
 
 
@@ -190,12 +191,23 @@ class Template(Contract):
     system: str = ""
 
 
+class ContextFormat(Contract):
+    """How retrieved passages become a prompt's `input`, the same in training rows and in serving."""
+
+    passage: str = "[참고 {n}] {title}\n{text}"   # {n}: 1-based position, {title}, {text}
+    joiner: str = "\n\n"
+    k: int = 3                   # passages in a training context: the gold one and k - 1 distractors
+    no_context_share: float = 0.0  # share of rows trained without context
+    sources: list[str] = []      # sources whose rows were trained with context
+
+
 class TemplateSet(Contract):
-    """``templates.json``: which template formats each source, with the full text of each."""
+    """``templates.json``: which template formats each source, with the full text of each, and the RAG context format."""
 
     map: dict[str, str]
     default: str
     templates: dict[str, Template]
+    context: ContextFormat | None = None   # None: trained without retrieved context
 
     def for_source(self, source: str) -> Template:
         """The one rule that picks a template for a row's source, in training and in serving."""
@@ -269,10 +281,49 @@ class EvalReport(Versioned):
     template: str
     probes: list[ProbeAnswer]
     seconds: float
+    retrieval: RetrievalMetrics | None = None
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
+
+
+class Passage(Contract):
+    """One retrievable passage of a document (``passages.jsonl`` of an index)."""
+
+    id: str
+    doc: str          # the document's file name without extension, or its URL
+    title: str
+    url: str
+    position: int     # its place in the document, from 0
+    heading: str = ""
+    text: str
+
+
+class Hit(Contract):
+    """A retrieved passage, as `culbot retrieve` prints it."""
+
+    doc: str
+    title: str
+    url: str
+    passage: str
+    score: float
+    passage_id: str = ""
+
+
+class RetrievalMetrics(Contract):
+    """Retrieval quality on questions with gold documents, and how well the top score tells answerable from not."""
+
+    questions: int
+    unanswerable: int
+    recall_at_1: float
+    recall_at_5: float
+    mrr: float
+    answerable_top_score_median: float | None = None
+    unanswerable_top_score_median: float | None = None
+    no_answer_threshold: float | None = None   # a top lexical score under this: "I don't know"
+    threshold_accuracy: float | None = None   # balanced accuracy of that threshold
+    by_set: dict[str, dict[str, float]] = {}
 
 
 class MergeInfo(Contract):

@@ -1,6 +1,10 @@
-"""Evaluate a trained adapter: validation loss and perplexity, answers to Korean probe questions, and the gate.
+"""Evaluate a trained adapter: validation loss and perplexity, answers to Korean probe questions, retrieval, and the gate.
 
-Run as: culbot eval --run artifacts/runs/<run>
+Run as: culbot eval --run artifacts/runs/<run> [--index artifacts/indexes/<hash>]
+
+With an index, retrieval is scored too (recall@1, recall@5, MRR, and the top score that tells answerable
+questions from the rest) on the validation split's generated CBNU questions and the hand-written set
+(eval.retrieval_questions), and eval.min_recall_at_5 gates on it.
 
 Probes are formatted with the training template code (templates.render_prompt) and the
 template recorded in the adapter's run card. The result is <run>/eval/: eval.json (an
@@ -19,7 +23,7 @@ from culbot.pipeline_config.train_schema import EvalSpec
 
 from . import _store
 from ._prefect import stage_cache
-from .contracts import EVAL_REPORT_FILE, EvalOutput, EvalReport, ProbeAnswer, RunRef, Template
+from .contracts import EVAL_REPORT_FILE, EvalOutput, EvalReport, ProbeAnswer, RetrievalMetrics, RunRef, StageRef, Template
 from .model_io import load_adapted
 from .run_folder import ADAPTER, EVAL, read_config, require_completed
 from .templates import extract_response, render_prompt
@@ -61,26 +65,58 @@ def answer_probes(model, tokenizer, template: Template, probes: list[str], max_n
     return out
 
 
+def retrieval_markdown(m: RetrievalMetrics) -> list[str]:
+    lines = ["## Retrieval", "", f"{m.questions} questions ({m.unanswerable} unanswerable)", "",
+             "| questions | n | recall@1 | recall@5 | MRR |", "|---|---:|---:|---:|---:|",
+             f"| all answerable | {m.questions - m.unanswerable} | {m.recall_at_1:.3f} | {m.recall_at_5:.3f} | {m.mrr:.3f} |"]
+    lines += [f"| {name} | {f['questions']:.0f} | {f['recall_at_1']:.3f} | {f['recall_at_5']:.3f} | {f['mrr']:.3f} |" for name, f in m.by_set.items()]
+    if m.no_answer_threshold is not None:
+        lines += ["", f"Top score, median: answerable {m.answerable_top_score_median}, unanswerable {m.unanswerable_top_score_median}; "
+                      f"below {m.no_answer_threshold} say \"I don't know\" (balanced accuracy {m.threshold_accuracy})."]
+    return lines + [""]
+
+
 def report_markdown(res: EvalReport) -> str:
     lines = [f"# Eval of `{res.run}`", "", f"**{res.status.upper()}**: {res.reason}", "",
              "| metric | value |", "|---|---:|", f"| validation loss | {res.eval_loss:.4f} |",
-             f"| perplexity | {res.perplexity:.2f} |", f"| label tokens | {res.label_tokens} |", "",
-             f"## Probes (template `{res.template}`)", ""]
+             f"| perplexity | {res.perplexity:.2f} |", f"| label tokens | {res.label_tokens} |", ""]
+    if res.retrieval is not None:
+        lines += retrieval_markdown(res.retrieval)
+    lines += [f"## Probes (template `{res.template}`)", ""]
     for p in res.probes:
         lines += [f"**Q:** {p.question}", "", f"**A:** {p.answer or '(empty)'}", ""]
     return "\n".join(lines)
 
 
-def gate(loss: float, spec: EvalSpec) -> tuple[bool, str]:
-    """The eval gate: a finite validation loss, at most ``max_eval_loss`` when set."""
+def gate(loss: float, spec: EvalSpec, retrieval: RetrievalMetrics | None = None) -> tuple[bool, str]:
+    """The eval gate: a finite validation loss, at most ``max_eval_loss`` when set; retrieval recall@5 at least ``min_recall_at_5``."""
     if not math.isfinite(loss):
         return False, f"validation loss {loss} is not finite"
     if spec.max_eval_loss is not None and loss > spec.max_eval_loss:
         return False, f"validation loss {loss:.4f} > gate {spec.max_eval_loss}"
-    return True, f"validation loss {loss:.4f}" + (f" ≤ gate {spec.max_eval_loss}" if spec.max_eval_loss else " is finite")
+    reason = f"validation loss {loss:.4f}" + (f" ≤ gate {spec.max_eval_loss}" if spec.max_eval_loss else " is finite")
+    if retrieval is not None and spec.min_recall_at_5 is not None:
+        if retrieval.recall_at_5 < spec.min_recall_at_5:
+            return False, f"retrieval recall@5 {retrieval.recall_at_5:.3f} < gate {spec.min_recall_at_5}"
+        reason += f"; retrieval recall@5 {retrieval.recall_at_5:.3f} ≥ gate {spec.min_recall_at_5}"
+    return True, reason
 
 
-def run_eval(run_dir: Path, spec: EvalSpec) -> EvalReport:
+def evaluate_retrieval(index: Path | StageRef, spec: EvalSpec) -> RetrievalMetrics:
+    """The index scored on the validation split's CBNU questions and the hand-written set (when its file is there)."""
+    from .retrieval import Retriever, evaluate, read_questions, validation_questions
+
+    folder, _ = _store.read_input(index, "eval: the index is not a finished index")
+    questions = validation_questions(folder)
+    if spec.retrieval_questions is not None:
+        if Path(spec.retrieval_questions).is_file():
+            questions += [{**q, "set": q.get("set", "hand-written")} for q in read_questions(spec.retrieval_questions)]
+        else:
+            log.warning("eval.retrieval_questions: %s not found; retrieval is scored on the validation questions only", spec.retrieval_questions)
+    return evaluate(Retriever(folder), questions)
+
+
+def run_eval(run_dir: Path, spec: EvalSpec, index: Path | StageRef | None = None) -> EvalReport:
     import datasets
 
     run_dir = Path(run_dir).resolve()
@@ -92,17 +128,22 @@ def run_eval(run_dir: Path, spec: EvalSpec) -> EvalReport:
     loss, n = eval_loss(model, rows, tokenizer.pad_token_id, spec.batch_size)
     template = card.template_for(spec.probe_source)
     probes = answer_probes(model, tokenizer, template, spec.probes, spec.max_new_tokens)
-    ok, reason = gate(loss, spec)
+    retrieval = evaluate_retrieval(index, spec) if index is not None else None
+    ok, reason = gate(loss, spec, retrieval)
     res = EvalReport(run=run_dir.name, status="passed" if ok else "failed", reason=reason, eval_loss=loss,
                      perplexity=math.exp(loss) if math.isfinite(loss) and loss < 50 else float("inf"), label_tokens=n,
-                     template=template.name, probes=probes, seconds=round(time.monotonic() - t0, 2))
+                     template=template.name, probes=probes, seconds=round(time.monotonic() - t0, 2), retrieval=retrieval)
     out = run_dir / EVAL
     (out / _store.MANIFEST).unlink(missing_ok=True)
     _store.write_model(out / EVAL_REPORT_FILE, res)
     _store.atomic_write_text(out / REPORT_MD, report_markdown(res))
-    _store.write_manifest(out, stage="eval", inputs={"adapter": _store.read_manifest(run_dir / ADAPTER).content_hash},
-                          lineage=card.lineage, config=spec.model_dump(mode="json"),
-                          counts={"eval_loss": loss, "label_tokens": n, "status": res.status}, timings={"eval": res.seconds})
+    inputs = {"adapter": _store.read_manifest(run_dir / ADAPTER).content_hash}
+    if index is not None:
+        inputs["index"] = _store.read_input(index, "eval: the index is not a finished index")[1].content_hash
+    counts = {"eval_loss": loss, "label_tokens": n, "status": res.status,
+              **({"recall_at_1": retrieval.recall_at_1, "recall_at_5": retrieval.recall_at_5, "mrr": retrieval.mrr} if retrieval else {})}
+    _store.write_manifest(out, stage="eval", inputs=inputs, lineage=card.lineage, config=spec.model_dump(mode="json"),
+                          counts=counts, timings={"eval": res.seconds})
     log.info("eval %s: loss %.4f, perplexity %.2f (%s); report %s", res.status, loss, res.perplexity, reason, out / REPORT_MD)
     return res
 
@@ -118,10 +159,17 @@ def eval_output(run_dir: Path) -> EvalOutput:
                       reason=res.reason, eval_loss=res.eval_loss)
 
 
+def questions_hash(spec: EvalSpec) -> str | None:
+    """The content of the hand-written question file, for the eval task's cache key."""
+    p = spec.retrieval_questions
+    return _store.sha256_file(Path(p)) if p is not None and Path(p).is_file() else None
+
+
 @task(name="eval", cache_policy=stage_cache(__name__), persist_result=True)
-def eval_task(spec: EvalSpec, run: RunRef) -> EvalOutput:
+def eval_task(spec: EvalSpec, run: RunRef, index: StageRef | None = None, questions: str | None = None) -> EvalOutput:
+    """``questions``: the hash of the hand-written question file (questions_hash), so editing it reruns eval."""
     from prefect.artifacts import create_markdown_artifact
 
-    run_eval(run.run_dir, spec)
+    run_eval(run.run_dir, spec, index)
     create_markdown_artifact((run.run_dir / EVAL / REPORT_MD).read_text(encoding="utf-8"), key="eval-report", description="Eval report")
     return eval_output(run.run_dir)

@@ -129,13 +129,21 @@ def negated_word(clause: str) -> tuple[str, str] | None:
 
 
 def negation_flip(answer: str, source: str, min_overlap: float = 0.2) -> str | None:
-    """An answer clause and a source clause on the same topic (shared character pairs) with opposite polarity, where
-    the word the negative one negates stands in the other: 휴관하지 않습니다 against 휴관합니다. None when there is none."""
+    """An answer clause that the source says with the opposite polarity, or None.
+
+    A flip needs a source clause on the same topic (shared character pairs) whose polarity differs, where the word
+    the negative one negates stands in the other (휴관하지 않습니다 against 휴관합니다), and which matches the answer
+    clause better than every source clause of the answer's own polarity (the source may say both).
+    """
     src = [(c, _content(c), bool(NEGATION.search(c))) for c in _clauses(source)]
     for clause in _clauses(answer):
         mine, negative = _content(clause), bool(NEGATION.search(clause))
+        if not mine:
+            continue
+        same = max((len(mine & theirs) / len(mine) for _, theirs, neg in src if neg == negative), default=0.0)
         for other, theirs, other_negative in src:
-            if negative == other_negative or not mine or len(mine & theirs) / len(mine) < min_overlap:
+            overlap = len(mine & theirs) / len(mine)
+            if negative == other_negative or overlap < min_overlap or overlap <= same:
                 continue
             neg_clause, pos_clause = (clause, other) if negative else (other, clause)
             found = negated_word(neg_clause)

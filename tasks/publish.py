@@ -9,6 +9,8 @@ publish record.
 """
 from __future__ import annotations
 
+import json
+
 import logging
 import os
 import shutil
@@ -85,6 +87,16 @@ def model_card(card: RunCard, evaluation: EvalReport, kind: str, repo_name: str,
         ("dtype / quantisation", f"{hp.model.dtype} / {hp.model.quantization}"),
         ("optimizer steps", card.global_step)])
     probe = evaluation.probes[0] if evaluation.probes else None
+    ctx = card.templates.context
+    context = ""
+    if ctx is not None:
+        shown = [json.dumps(x, ensure_ascii=False) for x in (ctx.passage, ctx.joiner)]   # newlines as \n
+        context = (f"\nWith retrieval, put the retrieved passages in `input`, each as `{shown[0][1:-1]}`, joined by `{shown[1][1:-1]}`; "
+                   f"the instruction is the student's question.\nIn training, {', '.join(ctx.sources)} rows had {ctx.k} passages "
+                   f"(the source passage and {ctx.k - 1} retrieved distractors, shuffled); {ctx.no_context_share:.0%} had none.\n")
+    ret = evaluation.retrieval
+    retrieval = "" if ret is None else (f"Retrieval over the CBNU documents ({ret.questions} questions): recall@1 **{ret.recall_at_1:.3f}**, "
+                                        f"recall@5 **{ret.recall_at_5:.3f}**, MRR **{ret.mrr:.3f}**.\n")
     usage = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(\"%s\")" % repo_name) if kind == "adapter" \
         else ("from transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained(\"%s\")\n"
               "tokenizer = AutoTokenizer.from_pretrained(\"%s\")" % (repo_name, repo_name))
@@ -108,7 +120,7 @@ Format prompts exactly like this (the templates are also saved as `templates.jso
 ```
 {t.prompt_no_input}
 ```
-
+{context}
 ## Training
 
 Profile `{card.profile}`.
@@ -120,7 +132,7 @@ Profile `{card.profile}`.
 ## Evaluation
 
 Validation loss **{evaluation.eval_loss:.4f}**, perplexity **{evaluation.perplexity:.2f}** ({evaluation.status}: {evaluation.reason}).
-{f"Example: **Q:** {probe.question} **A:** {probe.answer or '(empty)'}" if probe else ''}
+{retrieval}{f"Example: **Q:** {probe.question} **A:** {probe.answer or '(empty)'}" if probe else ''}
 
 ## Use
 

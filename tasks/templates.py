@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from culbot.pipeline_config.loader import PACKAGE_DIR, ConfigError
 
-from .contracts import Template
+from .contracts import ContextFormat, Template
 
 TEMPLATE_DIR = PACKAGE_DIR / "templates"
 
@@ -54,6 +54,12 @@ def render_prompt(t: Template, instruction: str, input: str = "", tokenizer: Any
     if input:
         return t.prompt_input.replace("{instruction}", instruction).replace("{input}", input)
     return t.prompt_no_input.replace("{instruction}", instruction)
+
+
+def render_context(passages: list[tuple[str, str]], fmt: ContextFormat) -> str:
+    """Retrieved passages, (title, text) in order, as the `input` of a prompt: the same text in training and serving."""
+    return fmt.joiner.join(fmt.passage.replace("{n}", str(n)).replace("{title}", title).replace("{text}", text)
+                           for n, (title, text) in enumerate(passages, 1))
 
 
 def extract_response(t: Template, generated: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import _store
+from .documents import read_directory
 from .contracts import Manifest
 
 log = logging.getLogger("culbot.tiny_model")
@@ -28,9 +29,8 @@ def sample_corpus(samples_dir: Path) -> list[str]:
     texts: list[str] = []
     for row in _store.read_jsonl(samples_dir / "kullm_sample.jsonl"):
         texts += [v for k, v in row.items() if k != "id" and isinstance(v, str) and v]
-    for p in sorted((samples_dir / "cbnu_pages").glob("*")):
-        if p.suffix in (".txt", ".html"):
-            texts += [line for line in p.read_text("utf-8").splitlines() if line.strip()]
+    for page in read_directory(samples_dir / "cbnu_pages")[0]:   # decoded (UTF-8 or CP949) and extracted like the crawl does
+        texts += [page["title"]] + [line for line in page["text"].splitlines() if line.strip()]
     for p in sorted((samples_dir / "univ100" / "detail").glob("*.json")):
         r = _store.read_json(p)["result"]
         texts += [r["question"]["title"], r["question"]["text"]] + [a["text"] for a in r["answers"] if a["text"]]

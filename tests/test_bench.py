@@ -45,3 +45,18 @@ def test_generation_crawl_and_rerun_benchmarks_print_their_tables(tmp_path, caps
     out = capsys.readouterr().out
     assert "qa_generation" in out and "cold / warm" in out
     assert rerun["cold_s"] > rerun["warm_s"] > 0
+
+
+@pytest.mark.slow
+def test_retrieval_benchmark_prints_quality_and_scale_tables(tmp_path, capsys):
+    from bench.bench_retrieval import main
+
+    res = main(["--sizes", "300", "--queries", "20", "--dim", "32", "--out", str(tmp_path / "retrieval.json")])
+    out = capsys.readouterr().out
+    assert "retrieval quality: 57 answerable hand-written questions (+10 unanswerable)" in out and "retrieval at scale" in out
+    quality = {r["setting"]: r["hand_written"] for r in res["quality"]}
+    assert quality["lexical + title + QA questions (train split)"]["recall_at_1"] > quality["lexical (BM25 over morphemes)"]["recall_at_1"]
+    assert any(name.startswith("hybrid: lexical + keys + dense") for name in quality)
+    scale = res["scale"][0]
+    assert scale["lexical"]["passages"] == 300 and scale["hybrid"]["passages"] == 300
+    assert 0 < scale["lexical"]["p50_ms"] <= scale["lexical"]["p95_ms"] and scale["peak_rss_mb"] > 0

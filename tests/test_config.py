@@ -1,5 +1,4 @@
 """Config: every shipped YAML loads, errors name the file and the field, --set works."""
-from pathlib import Path
 
 import pytest
 import yaml

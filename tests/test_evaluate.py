@@ -6,6 +6,7 @@ from culbot.tasks import _store
 from culbot.tasks.contracts import EvalReport
 from culbot.tasks.evaluate import gate, run_eval
 from culbot.tasks.run_folder import RunNotFinished
+from tests.conftest import SAMPLES
 
 
 def test_eval_reports_loss_perplexity_and_probe_answers(trained_run):
@@ -22,6 +23,26 @@ def test_eval_reports_loss_perplexity_and_probe_answers(trained_run):
     assert _store.read_manifest(trained_run / "eval").lineage.dataset   # the report says which data it judged
     failed = run_eval(trained_run, EvalSpec(probes=["x"], max_new_tokens=1, max_eval_loss=0.001))
     assert failed.status == "failed" and "> gate 0.001" in failed.reason
+    run_eval(trained_run, EvalSpec(probes=["도서관은 몇 시에 여나요?"], max_new_tokens=8))   # leave a passing eval for the tests below
+
+
+def test_eval_scores_retrieval_on_the_hand_written_questions_and_gates_on_recall(trained_run, tmp_path):
+    from culbot.pipeline_config.schema import RagConfig
+    from culbot.tasks.index import build_index
+
+    index = build_index(SAMPLES / "cbnu_pages", RagConfig(), tmp_path / "idx")
+    spec = EvalSpec(probes=["x"], max_new_tokens=1, retrieval_questions=SAMPLES / "rag_questions.jsonl")
+    failed = run_eval(trained_run, spec.model_copy(update={"min_recall_at_5": 1.0}), index.path)
+    assert failed.status == "failed" and failed.reason.startswith(f"retrieval recall@5 {failed.retrieval.recall_at_5:.3f} < gate 1.0")
+    res = run_eval(trained_run, spec.model_copy(update={"min_recall_at_5": 0.8}), index.path)
+    r = res.retrieval
+    assert res.status == "passed" and "retrieval recall@5" in res.reason and "≥ gate 0.8" in res.reason
+    assert r.questions == 67 and r.unanswerable == 10 and set(r.by_set) == {"direct", "paraphrase", "near-duplicate"}
+    assert 0.8 <= r.recall_at_5 < 1.0 and r.recall_at_1 <= r.recall_at_5 and r.mrr >= r.recall_at_1
+    md = (trained_run / "eval" / "eval.md").read_text()
+    assert "## Retrieval" in md and f"| all answerable | 57 | {r.recall_at_1:.3f} | {r.recall_at_5:.3f} | {r.mrr:.3f} |" in md
+    m = _store.read_manifest(trained_run / "eval")
+    assert m.inputs["index"] == index.content_hash and m.counts["recall_at_5"] == r.recall_at_5
     run_eval(trained_run, EvalSpec(probes=["도서관은 몇 시에 여나요?"], max_new_tokens=8))   # leave a passing eval for the tests below
 
 

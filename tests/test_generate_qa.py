@@ -79,14 +79,14 @@ def test_generation_counts_quarantine_ledger_and_zero_calls_on_rerun(tmp_path, m
 
 
 def test_replay_backend_answers_samples_offline_and_quarantines_misses(tmp_path):
-    from culbot.tasks.crawl_cbnu import read_directory
+    from culbot.tasks.documents import read_directory
 
     pages, _ = read_directory(SAMPLES / "cbnu_pages")
     pages.append({"url": "file:new.txt", "title": "새 문서", "text": "아직 녹음된 답변이 없는 새 문서입니다. " * 3, "content_hash": "x"})
     folder = write_pages(tmp_path / "pages", pages)
     c = QAGenConfig(backend="replay", replay_dir=SAMPLES / "qa_replay", chunk_tokens=400, cache_dir=tmp_path / "cache", out_dir=tmp_path / "qa")
     m = run_generate(c, folder)
-    assert m.counts["rows"] == 25 and m.counts["requests"] == 0
+    assert m.counts["rows"] == 25 + 56 and m.counts["requests"] == 0   # the 5 first sample pages, then 28 more with 2 items each
     q = _store.read_jsonl(tmp_path / "qa" / "quarantine.jsonl")
     miss = [x for x in q if x["reason"] == "no_recorded_answer"]
     assert len(miss) == 1 and miss[0]["url"] == "file:new.txt" and "record_replay" in miss[0]["detail"]

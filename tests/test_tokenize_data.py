@@ -1,6 +1,4 @@
 """Tokenization: EOS only when not truncated, prompt labels masked, cutoff handling, EOS agreement."""
-import pytest
-
 from culbot.tasks.tokenize_data import IGNORE, build_example
 from tests.conftest import tiny_base
 
@@ -40,7 +38,8 @@ def test_tokenize_formatted_sample_with_the_tiny_tokenizer(tmp_path, sample_form
     m = run_tokenize(sample_formatted, base, tmp_path / "tok", DataSpec(cutoff_len=128))
     train = datasets.Dataset.from_parquet(str(tmp_path / "tok" / short_hash(m.content_hash) / "train.parquet")).to_list()
     counts = TokenCounts.model_validate(m.counts)
-    assert counts.train.kept + counts.train.over_cutoff + counts.train.prompt_fills_cutoff == 50
+    n_train = len(_store.read_table(sample_formatted / "train.parquet", ["id"]))
+    assert counts.train.rows == n_train and counts.train.kept + counts.train.over_cutoff + counts.train.prompt_fills_cutoff == n_train
     assert sum(counts.train.by_source.values()) == counts.train.kept and set(counts.train.by_source) == {"cbnu", "kullm", "univ100"}
     # the lineage and the templates travel forward, so training reads them from its own input
     manifest = _store.read_manifest(m.path)

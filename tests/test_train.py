@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -168,8 +167,9 @@ def test_packed_training_twice_gives_the_same_adapter(tmp_path, sample_tokenized
         assert result.status == "completed" and result.global_step == 3
         assert all(h["loss"] == h["loss"] for h in result.log_history if "loss" in h)   # finite losses
         packed = result.packing
-        assert packed.rows < packed.examples and packed.max_len == 256
-        assert packed.tokens <= packed.rows * 256 and packed.real_token_share > 0.9
+        cutoff = prof.data.cutoff_len
+        assert packed.rows < packed.examples and packed.max_len == cutoff
+        assert packed.tokens <= packed.rows * cutoff and packed.real_token_share > 0.9
         runs.append(load_file(str(cfg.parent / "adapter" / "adapter_model.safetensors")))
     assert runs[0].keys() == runs[1].keys()
     assert all((runs[0][k] == runs[1][k]).all() for k in runs[0])

@@ -20,7 +20,7 @@ def culbot(*args, env=None, cwd=None):
 
 def test_help_does_not_import_heavy_libraries():
     out = subprocess.run([sys.executable, "-c", "import sys; from culbot.flows.cli import build_parser; build_parser().format_help(); "
-                          "print(sorted(m for m in ('prefect','datasets','openai','transformers','torch') if m in sys.modules))"],
+                          "print(sorted(m for m in ('prefect','datasets','openai','transformers','torch','kiwipiepy','bm25s','lancedb','sentence_transformers') if m in sys.modules))"],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]"
     r = culbot("--help")
@@ -170,9 +170,7 @@ def test_a_crawl_that_missed_a_list_page_exits_non_zero_naming_the_offset(tmp_pa
 
 
 def _train_until_step(tmp_path, tokenized, name):
-    """`culbot train` in its own session, trained until its log shows step 3; returns (process, run folder root)."""
-    import signal  # noqa: F401  (used by the callers)
-
+    """`culbot train` in its own session, trained until its log shows step 3; returns (process, its working folder)."""
     work = _work(tmp_path, name)
     cmd = [sys.executable, "-m", "culbot.flows.cli", "train", "--data", str(tokenized), "--set", "train.max_steps=400",
            "--set", "train.save_steps=1000", "--set", "train.logging_steps=1", "--set", "train.eval_steps=1000"]

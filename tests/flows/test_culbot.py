@@ -22,7 +22,7 @@ def test_full_chain_then_a_cached_rerun_on_a_host_without_the_artifacts(tmp_path
     LocalFileSystem(basepath=str(remote / "prefect-results")).save("culbot-results-test", overwrite=True)
     profile = sample_profile_file(tmp_path)
     train_overrides = [f"artifacts_root={tmp_path / 'artifacts'}", f"samples_dir={SAMPLES}", "train.max_steps=4", "train.save_steps=4",
-                       "eval.max_new_tokens=4", f"publish.local_dir={tmp_path / 'publish'}"]
+                       "eval.max_new_tokens=4", f"eval.retrieval_questions={SAMPLES / 'rag_questions.jsonl'}", f"publish.local_dir={tmp_path / 'publish'}"]
     with temporary_settings({PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: "local-file-system/culbot-results-test"}):
         state = culbot(data_profile=profile, train_overrides=train_overrides, artifact_root=str(remote), return_state=True)
         assert state.is_completed(), state
@@ -33,7 +33,11 @@ def test_full_chain_then_a_cached_rerun_on_a_host_without_the_artifacts(tmp_path
         pub = tmp_path / "publish"
         folder = next(pub.iterdir())
         assert sorted(p.name for p in folder.iterdir()) == ["adapter", "manifest.json", "merged"]
-        assert (folder / "merged" / "README.md").read_text().startswith("---\nlanguage:")
+        card = (folder / "merged" / "README.md").read_text()
+        assert card.startswith("---\nlanguage:") and "With retrieval, put the retrieved passages in `input`, each as `[참고 {n}] {title}\\n{text}`" in card
+        assert "25% had none" in card and "Retrieval over the CBNU documents (" in card and "recall@5" in card
+        report = (out.run.run_dir / "eval" / "eval.md").read_text()
+        assert "## Retrieval" in report and "| paraphrase |" in report and "| validation QA |" in report   # hand-written and held-out questions
         cold = [x for x in task_states(state.state_details.flow_run_id) if x[0] != "data-refresh"]   # the subflow's own run
         assert [n for n, _ in cold] == ["eval", "merge-adapter", "publish", "tokenize", "train"] and {s for _, s in cold} == {"Completed"}
         with get_client(sync_client=True) as client:
@@ -44,7 +48,7 @@ def test_full_chain_then_a_cached_rerun_on_a_host_without_the_artifacts(tmp_path
         run_name = out.run.run_dir.name
         for rel in (f"artifacts/datasets/{out.data.dataset.path.name}", f"artifacts/runs/{run_name}", f"artifacts/tokenized/{out.tokenized.path.name}",
                     f"artifacts/runs/{run_name}/adapter", f"artifacts/runs/{run_name}/eval", f"artifacts/models/{out.model.path.name}",
-                    "raw/univ100", "raw/cbnu_qa"):
+                    f"artifacts/indexes/{out.data.index.path.name}", "raw/univ100", "raw/cbnu_qa"):
             assert (remote / rel / "manifest.json").is_file(), rel
         assert not (remote / f"artifacts/runs/{run_name}/checkpoints").exists()
         assert any((remote / "prefect-results").iterdir())

@@ -32,6 +32,8 @@ class OpenAIApp:
     by_marker: Counter = field(default_factory=Counter)
     bodies: list = field(default_factory=list)
     auth: set = field(default_factory=set)
+    embedding_errors: list = field(default_factory=list)   # HTTP statuses the embeddings endpoint answers first, in order
+    embedding_inputs: list = field(default_factory=list)   # the batch sizes it was sent
     in_flight: int = 0
     max_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -56,7 +58,34 @@ def count_tokens(text: str) -> int:
     return hangul + (other + 3) // 4
 
 
+def bigram_vector(text: str, dim: int = 64) -> list[float]:
+    """A deterministic embedding for tests: character bigrams hashed into ``dim`` buckets, so similar texts are close."""
+    import hashlib
+
+    v = [0.0] * dim
+    t = "".join(text.split())
+    for a, b in zip(t, t[1:]):
+        v[int(hashlib.md5((a + b).encode()).hexdigest(), 16) % dim] += 1.0
+    return v
+
+
 class OpenAIHandler(Handler):
+    def _embeddings(self, body: dict) -> None:
+        app: OpenAIApp = self.app
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        with app.lock:
+            app.requests += 1
+            app.bodies.append(body)
+            app.auth.add(self.headers.get("Authorization", ""))
+            status = app.embedding_errors.pop(0) if app.embedding_errors else 200
+            if status == 200:
+                app.embedding_inputs.append(len(texts))
+        if status != 200:
+            return self.send_json(status, {"error": {"message": f"scripted {status}", "type": "server_error"}}, headers={"retry-after": "0"})
+        data = [{"object": "embedding", "index": i, "embedding": bigram_vector(t)} for i, t in enumerate(texts)]
+        self.send_json(200, {"object": "list", "data": data, "model": body.get("model", ""),
+                             "usage": {"prompt_tokens": sum(map(len, texts)), "total_tokens": sum(map(len, texts))}})
+
     def _usage(self, prompt: str, answer: str, max_tokens: int | None) -> dict:
         if not self.app.usage_from_text:
             return {"prompt_tokens": 500, "completion_tokens": 200, "total_tokens": 700}
@@ -67,6 +96,8 @@ class OpenAIHandler(Handler):
 
     def do_POST(self) -> None:
         app: OpenAIApp = self.app
+        if self.path.rstrip("/") == "/v1/embeddings":
+            return self._embeddings(json.loads(self.read_body() or b"{}"))
         if self.path.rstrip("/") != "/v1/chat/completions":
             return self.send_json(404, {"error": {"message": "unknown path", "type": "invalid_request_error"}})
         body = json.loads(self.read_body() or b"{}")

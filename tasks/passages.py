@@ -1,0 +1,87 @@
+"""Documents into retrievable passages, by their structure: headings start a passage, table rows stay whole.
+
+Each passage holds at most a token budget (the QA token estimate) of whole lines; a long paragraph
+is cut at sentence ends. The last lines of a passage (up to the overlap) open the next one, so an
+answer that straddles a cut is still found. Every passage keeps its document, title, URL and position.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+from typing import Callable
+
+from .chunking import estimate_tokens, split_text
+from .contracts import Passage
+
+_SITE_SUFFIX = re.compile(r"\s*[|\-–]\s*(충북대학교|CBNU).*$")
+_TRAILING = re.compile(r"\s*(이용\s*)?(안내|소개)$")
+
+
+def doc_name(url: str) -> str:
+    """The document's file name without extension (a folder of documents), or its URL (a crawled site)."""
+    return PurePosixPath(url[len("file:"):]).with_suffix("").as_posix() if url.startswith("file:") else url
+
+
+def subject(title: str) -> str:
+    """What a document is about, for title questions: 김하늘 교수 소개 -> 김하늘 교수, 중앙도서관 이용 안내 -> 중앙도서관."""
+    s = _SITE_SUFFIX.sub("", title).strip()
+    return _TRAILING.sub("", s).strip() or s
+
+
+def lines(page: dict) -> list[tuple[str, str]]:
+    """(kind, line) with kind heading, row (a table row, cells joined by ' | ') or text."""
+    headings = {*page.get("headings", []), page.get("title", "")}
+    out = []
+    for line in page["text"].split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        if line in headings or line.startswith("#"):
+            out.append(("heading", line.lstrip("#").strip()))
+        elif " | " in line:
+            out.append(("row", line))
+        else:
+            out.append(("text", line))
+    return out
+
+
+def split_passages(page: dict, max_tokens: int, overlap_tokens: int, count: Callable[[str], int] = estimate_tokens) -> list[Passage]:
+    doc, title, url = doc_name(page["url"]), page.get("title") or page["url"], page["url"]
+    passages: list[Passage] = []
+    heading, cur, size = "", [], 0
+
+    def flush() -> None:
+        if cur:
+            body = "\n".join(([heading] if heading and heading != title else []) + cur)
+            passages.append(Passage(id=f"{doc}#{len(passages)}", doc=doc, title=title, url=url, position=len(passages), heading=heading, text=body))
+
+    header = None   # the header row of the table being read, repeated when the table runs into the next passage
+    previous_kind = ""
+    for kind, line in lines(page):
+        if kind == "heading":
+            flush()
+            heading, cur, size = line, [], 0
+            previous_kind = kind
+            continue
+        if kind == "row" and previous_kind != "row":
+            header = line
+        elif kind != "row":
+            header = None
+        previous_kind = kind
+        pieces = [line] if kind == "row" else split_text(line, max_tokens, count)[0]   # a table row is never cut
+        for piece in pieces:
+            n = count(piece)
+            if cur and size + n > max_tokens:
+                flush()
+                tail: list[str] = []
+                for prev in reversed(cur):   # whole lines of the passage just closed, up to the overlap
+                    if sum(map(count, tail)) + count(prev) > overlap_tokens:
+                        break
+                    tail.insert(0, prev)
+                if header is not None and header not in tail and piece != header:
+                    tail.insert(0, header)
+                cur, size = tail, sum(map(count, tail))
+            cur.append(piece)
+            size += n
+    flush()
+    return passages
