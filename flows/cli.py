@@ -95,10 +95,19 @@ def run_flow(a, dp: DataProfile) -> int:
         print(f"index: {out.data.index.path}  ({out.data.index.counts['documents']} documents, {out.data.index.counts['passages']} passages; "
               f"retrieval recall@1 {c['recall_at_1']:.3f}, recall@5 {c['recall_at_5']:.3f}, MRR {c['mrr']:.3f})")
     print(f"run: {out.run.run_dir}  (eval loss {out.eval.eval_loss:.4f}, {'passed' if out.eval.passed else 'failed'})")
+    c = out.eval.counts
+    if "fact_recall" in c or "chrf" in c:
+        print("answer quality: " + ", ".join(f"{k} {c[k]}" for k in ("fact_recall", "chrf", "groundedness", "refusal_rate", "false_refusal_rate") if k in c)
+              + f" ({out.eval.reason.split('; ')[-1]})")
     if out.model:
         print(f"merged model: {out.model.path}")
     for kind, where in out.publish.published.items():
         print(f"published {kind}: {where}")
+    model = out.model.path if out.model else out.run.run_dir / "adapter"
+    here = Path.cwd()
+    rel = lambda p: os.path.relpath(p, here) if Path(p).is_relative_to(here) else str(p)   # noqa: E731
+    index = f" --index {rel(out.data.index.path)}" if out.data.index else ""
+    print(f"ask it: culbot chat --model {rel(model)}{index} --once \"기숙사 신청은 언제 해요?\"")
     return 0
 
 
@@ -171,7 +180,7 @@ def retrieve(a, _) -> int:
     if a.json:
         print(json.dumps({"query": a.query, "confidence": res.confidence, "hits": hits_json(res.hits)}, ensure_ascii=False, indent=2))
         return 0
-    print(f"confidence {res.confidence} (top lexical score)")
+    print(f"confidence {res.confidence} (top lexical score {res.lexical_score} x coverage {res.coverage} of the question's words)")
     for n, h in enumerate(res.hits, 1):
         print(f"\n{n}. {h.title}  [{h.doc}]  score {h.score}\n   {h.passage[:300].replace(chr(10), chr(10) + '   ')}")
     return 0
@@ -218,7 +227,10 @@ def evaluate(a, tp: TrainProfile) -> int:
     from culbot.tasks.evaluate import REPORT_MD, run_eval
     from culbot.tasks.run_folder import EVAL
 
-    res = run_eval(a.run, tp.eval, a.index)
+    res = run_eval(a.run, tp.eval, a.index, answer=tp.answer, dataset=a.dataset, publish=tp.publish)
+    if res.answers is not None:
+        print(f"answer quality against {res.answers.baseline}: " + ", ".join(f"{k} {v}" for k, v in res.answers.metrics_dict().items()))
+    print(f"gate: {res.reason}")
     print(f"eval {res.status}: loss {res.eval_loss:.4f}, perplexity {res.perplexity:.2f}; report {a.run.resolve() / EVAL / REPORT_MD}")
     return 0 if res.passed else 1
 
@@ -301,10 +313,140 @@ def templates(a, _) -> int:
     return 0
 
 
+def _answerer(a, **kw):
+    from culbot.tasks.answer import Answerer
+
+    spec = None
+    if getattr(a, "max_new_tokens", None):
+        from culbot.tasks.answer import eval_report_of
+        from culbot.tasks.run_folder import read_run_card
+        from culbot.pipeline_config.train_schema import AnswerSpec
+
+        ev = eval_report_of(a.model, read_run_card(a.model))
+        spec = ((ev.answer if ev and ev.answer else None) or AnswerSpec()).model_copy(update={"max_new_tokens": a.max_new_tokens})
+    return Answerer.load(a.model, a.index, spec=spec, **kw)
+
+
+def _print_reply(r, show_prompt: bool) -> None:
+    if show_prompt and r.prompt:
+        print(f"----- prompt ({r.template}) -----\n{r.prompt}\n----- answer -----")
+    for d in r:
+        print(d, end="", flush=True)
+    print()
+    for n, s in enumerate(r.sources, 1):
+        print(f"  [{n}] {s.title} {s.url}".rstrip())
+    for note in r.notes:
+        print(f"  ({note})")
+
+
+def chat(a, _) -> int:
+    answerer = _answerer(a)
+    if a.once is not None:
+        r = answerer.reply(a.once, retrieval=not a.no_retrieval)
+        if a.json:
+            r = answerer.counted(r.finish())
+            print(json.dumps(r.as_dict(), ensure_ascii=False, indent=2))
+        else:
+            _print_reply(r, a.show_prompt)
+        return 0
+    info = answerer.info()
+    print(f"Culbot: {info.id} (run {info.run}, dataset {info.dataset}, template {info.template}"
+          f"{f', index {info.index}' if info.index else ', no index'}). /reset clears the conversation, /exit leaves.")
+    history: list[tuple[str, str]] = []
+    while True:
+        try:
+            q = input("\n질문> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if q in ("/exit", "/quit"):
+            return 0
+        if q == "/reset":
+            history = []
+            continue
+        if not q:
+            continue
+        r = answerer.reply(q, history, retrieval=not a.no_retrieval)
+        _print_reply(r, a.show_prompt)
+        history.append((q, r.text))
+
+
+def serve(a, _) -> int:
+    if a.engine == "vllm":
+        return _serve_vllm(a)
+    import uvicorn
+
+    from culbot.tasks.serve_api import create_app
+
+    answerer = _answerer(a, upstream=a.upstream, served_name=a.served_name)
+    info = answerer.info()
+    print(f"serving {info.id} at http://{a.host}:{a.port}/v1 ({'proxy to ' + a.upstream if a.upstream else 'transformers'}, "
+          f"index {info.index or 'none'}); e.g. curl http://{a.host}:{a.port}/v1/models")
+    if os.environ.get(a.api_key_env):
+        print(f"requests need Authorization: Bearer ${a.api_key_env}")
+    uvicorn.run(create_app(answerer, max_queue=a.max_queue, api_key_env=a.api_key_env), host=a.host, port=a.port, log_level="info")
+    return 0
+
+
+def _serve_vllm(a) -> int:
+    import shlex
+    import shutil
+    import subprocess
+    import time as _time
+
+    from culbot.tasks.run_folder import read_run_card
+    from culbot.tasks.serve_api import vllm_command
+
+    from culbot.tasks.answer import default_name
+
+    name = a.served_name or default_name(a.model)
+    vport = a.port + 1 if a.index else a.port
+    cmd = vllm_command(a.model, read_run_card(a.model), host="127.0.0.1" if a.index else a.host, port=vport, served_name=name)
+    print("vllm: " + shlex.join(cmd))
+    proxy = ["culbot", "serve", "--model", str(a.model), "--index", str(a.index), "--upstream", f"http://127.0.0.1:{vport}/v1",
+             "--served-name", name, "--host", a.host, "--port", str(a.port)] if a.index else None
+    if proxy:
+        print("retrieval proxy: " + shlex.join(proxy))
+    if a.dry_run:
+        return 0
+    if shutil.which("vllm") is None:
+        raise ConfigError("--engine vllm: vllm is not installed here (pip install vllm on the GPU host; deploy/README.md)")
+    if not proxy:
+        os.execvp(cmd[0], cmd)
+    child = subprocess.Popen(cmd)
+    try:
+        import httpx
+
+        for _ in range(900):   # vLLM loads weights and captures graphs before /health answers
+            if child.poll() is not None:
+                raise RuntimeError(f"vllm exited with {child.returncode}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{vport}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            _time.sleep(2)
+        a.engine, a.upstream = "transformers", f"http://127.0.0.1:{vport}/v1"
+        return serve(a, None)
+    finally:
+        child.terminate()
+
+
+def demo(a, _) -> int:
+    from culbot.tasks.demo import build_demo
+
+    answerer = _answerer(a)
+    build_demo(answerer).launch(server_name=a.host, server_port=a.port, share=False)
+    return 0
+
+
 # ----- the table ------------------------------------------------------------------------
 
 FOLDER = {"type": Path, "metavar": "DIR"}
 RUN = Arg("--run", "A run folder (artifacts/runs/<run>).", {**FOLDER, "required": True})
+MODEL = Arg("--model", "A merged model (artifacts/models/<hash>) or an adapter folder (artifacts/runs/<run>/adapter).", {**FOLDER, "required": True})
+INDEX = Arg("--index", "A retrieval index folder (artifacts/indexes/<hash>); without it, answers come without retrieval.", FOLDER)
+MAX_NEW = Arg("--max-new-tokens", "Most tokens per answer. Default: the model's answer settings (from its eval).", {"type": int})
 
 COMMANDS: tuple[Command, ...] = (
     Command("run", "Run a flow: 'full' (data refresh, tokenize, train, eval, merge-adapter, publish) or 'data-refresh'. "
@@ -377,12 +519,46 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--dry-run", "Resolve, tokenize and print the launch command without training.", {"action": "store_true"}),
     )),
     Command("eval", "Evaluate a trained run: validation loss, perplexity, probe answers, retrieval (given an index), and the gate.", evaluate,
-            "train", args=(RUN, Arg("--index", "An index folder: score retrieval too (eval.retrieval_questions and the validation questions).", FOLDER))),
+            "train", args=(RUN, Arg("--index", "An index folder: score retrieval too (eval.retrieval_questions and the validation questions).", FOLDER),
+                           Arg("--dataset", "The dataset version whose validation questions are answered (default: the run's, under artifacts/datasets).",
+                               FOLDER))),
     Command("merge-adapter", "Merge a run's adapter into its base model, verify the logits, save a self-describing model folder.",
             merge_adapter, "train", args=(RUN, Arg("--out", "Models root (default: <artifacts_root>/models).", FOLDER))),
     Command("publish", "Publish the merged model and/or the adapter with a model card, to the Hub or a local folder.", publish, "train", flags=(
         Flag("--target", "publish.target"), Flag("--repo-id", "publish.repo_id"), Flag("--endpoint", "publish.endpoint"),
     ), args=(RUN, Arg("--model", "A merged model folder (artifacts/models/<hash>).", FOLDER))),
+    Command("chat", "Talk to a model folder (merged or adapter) in the terminal, with retrieval over an index: the training prompt exactly, "
+                    "streamed, with sources.", chat, args=(
+        MODEL, INDEX,
+        Arg("--once", "Answer this one question and exit.", {"metavar": "QUESTION"}),
+        Arg("--json", "With --once: print the answer, sources, prompt and timings as JSON.", {"action": "store_true"}),
+        Arg("--show-prompt", "Print the exact rendered prompt before each answer.", {"action": "store_true"}),
+        Arg("--no-retrieval", "Answer without the index.", {"action": "store_true"}),
+        MAX_NEW,
+    )),
+    Command("serve", "Serve a model folder as an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health) with retrieval; "
+                     "or print and exec the `vllm serve` command for a GPU host (--engine vllm).", serve, args=(
+        MODEL, INDEX,
+        Arg("--host", "Address to listen on. Default: 127.0.0.1 (this host only).", {"default": "127.0.0.1"}),
+        Arg("--port", "Port. Default: 8000.", {"type": int, "default": 8000}),
+        Arg("--engine", "transformers: generate in this process (CPU or GPU). vllm: run vLLM's OpenAI server (with --index, "
+                        "on --port + 1 behind a retrieval proxy on --port).", {"choices": ["transformers", "vllm"], "default": "transformers"}),
+        Arg("--upstream", "Generate on this OpenAI-compatible server (e.g. vLLM at http://127.0.0.1:8001/v1) instead of loading the "
+                          "weights; this process retrieves and renders the prompt.", {"metavar": "URL"}),
+        Arg("--served-name", "Model id in the API. Default: the run's name for an adapter, culbot-<folder> for a merged model.", {}),
+        Arg("--max-queue", "Requests that may wait behind the one being answered; more get 503. Default: 8.", {"type": int, "default": 8}),
+        Arg("--api-key-env", "Environment variable whose value, when set, every request must send as a bearer token. Default: CULBOT_API_KEY.",
+            {"default": "CULBOT_API_KEY"}),
+        Arg("--dry-run", "--engine vllm: print the commands and exit.", {"action": "store_true"}),
+        MAX_NEW,
+    )),
+    Command("demo", "A web chat (gradio) over a model folder: streamed answers, sources as links, a retrieval switch, example questions "
+                    "and the model's version.", demo, args=(
+        MODEL, INDEX,
+        Arg("--host", "Address to listen on. Default: 127.0.0.1.", {"default": "127.0.0.1"}),
+        Arg("--port", "Port. Default: 7860.", {"type": int, "default": 7860}),
+        MAX_NEW,
+    )),
     Command("plan", "Per-GPU memory, the largest micro batch that fits, and time and cost of training profiles.", plan, args=(
         Arg("--train-profile", "Training profile (repeatable). Default: every shipped profile.", {"action": "append", "default": []}),
         Arg("--set", "Override a training-profile field, e.g. --set train.micro_batch_size=4 (repeatable).",

@@ -17,7 +17,7 @@ from culbot.pipeline_config.train_schema import load_train_profile
 from culbot.tasks import _store
 from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import EvalOutput, PublishOutput, RunOutput, StageOutput, short_hash
-from culbot.tasks.evaluate import eval_task, questions_hash
+from culbot.tasks.evaluate import eval_task, questions_hash, release_key
 from culbot.tasks.merge_adapter import merge_adapter_task
 from culbot.tasks.publish import publish_task
 from culbot.tasks.run_folder import EVAL
@@ -53,11 +53,14 @@ def train_stage(formatted: str, train_profile: str = "cpu-tiny", train_overrides
 
 @flow(name="eval-stage", flow_run_name="eval-{train_profile}")
 def eval_stage(run_dir: str, index_dir: str | None = None, train_profile: str = "cpu-tiny", train_overrides: list[str] | None = None,
-               force: bool = False, artifact_root: str | None = None) -> EvalOutput:
-    """Evaluate a finished run folder (artifacts/runs/<run>), and retrieval over an index folder (artifacts/indexes/<hash>) when given."""
+               force: bool = False, artifact_root: str | None = None, dataset_dir: str | None = None) -> EvalOutput:
+    """Evaluate a finished run folder (artifacts/runs/<run>): loss, retrieval over an index folder (artifacts/indexes/<hash>) when
+    given, and answer quality on the validation questions of a dataset version (artifacts/datasets/<hash>; default: the run's)."""
     root, tp, stage = _setup(artifact_root, train_profile, train_overrides, force)
-    return stage(eval_task, spec=tp.eval, run=existing_run(run_dir, root), index=existing(index_dir, root) if index_dir else None,
-                 questions=questions_hash(tp.eval))
+    run = existing_run(run_dir, root)
+    return stage(eval_task, spec=tp.eval, run=run, index=existing(index_dir, root) if index_dir else None,
+                 questions=questions_hash(tp.eval), answer=tp.answer, dataset=existing(dataset_dir, root) if dataset_dir else None,
+                 publish=tp.publish, baseline=release_key(tp.publish, run.run_dir.name))
 
 
 @flow(name="merge-adapter-stage", flow_run_name="merge-adapter-{train_profile}")

@@ -175,6 +175,9 @@ class RagConfig(Section):
     embed_batch: int = Field(64, ge=1, description="Texts per embeddings request or local batch.")
     weights: dict[Literal["lexical", "keys", "dense"], float] = Field({"lexical": 1.0, "keys": 0.5, "dense": 1.0}, description="Weight of each ranking in reciprocal-rank fusion (keys 0.5: short title questions match on one word; bench/bench_retrieval.py).")
     rrf_k: int = Field(60, ge=1, description="Reciprocal-rank fusion constant: score = weight / (rrf_k + rank).")
+    synonyms: dict[str, list[str]] = Field(
+        {"기숙사": ["생활관"], "학식": ["학생식당"], "셔틀": ["셔틀버스"], "와이파이": ["무선랜"], "휴학계": ["휴학"]},
+        description="Words students say for what the pages call otherwise (기숙사 for 생활관): a query word also searches for these. Lexical search cannot bridge them; dense retrieval can.")
     k: int = Field(5, ge=1, description="Passages returned per query.")
     train_with_context: bool = Field(True, description="Put retrieved context in `input` of the sources below when formatting: the gold passage plus distractors, shuffled, exactly as serving will.")
     context_sources: list[str] = Field(["cbnu"], description="Sources whose rows get context (only rows whose gold passage is known).")

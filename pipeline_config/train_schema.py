@@ -111,6 +111,47 @@ class EvalSpec(Section):
     retrieval_questions: Path | None = Field(Path("raw/samples/rag_questions.jsonl"), description="Hand-written questions with gold documents (JSONL: id, question, gold; gold [] for unanswerable), scored against the index with the validation split's CBNU questions.")
     min_recall_at_5: float | None = Field(None, ge=0, le=1, description="Eval gate: a lower retrieval recall@5 fails the run (None: reported, not gated).")
     batch_size: int = Field(8, ge=1, description="Eval batch size.")
+    answer_questions: int = Field(24, ge=0, description="Answer-quality evaluation: at most this many validation questions (CBNU and univ100, spread over both) are answered with retrieval, plus every hand-written question (0: no answer-quality evaluation).")
+    gate: Literal["enforce", "report"] = Field("enforce", description="'enforce': an answer-quality regression against the last published model (or the base model the first time) beyond `margins`, or a metric under `floors`, fails eval and nothing is published. 'report': the same comparison is reported and nothing is refused (the tiny model cannot meet a realistic floor).")
+    margins: dict[Literal["fact_recall", "chrf", "groundedness", "refusal_rate", "false_refusal_rate"], float] = Field(
+        {"fact_recall": 0.02, "chrf": 1.0, "groundedness": 0.05, "refusal_rate": 0.1, "false_refusal_rate": 0.1},
+        description="Largest allowed regression per answer metric against the previous model (fact_recall, groundedness and the rates are shares in [0, 1]; chrf is 0-100; false_refusal_rate regresses upwards).")
+    floors: dict[Literal["fact_recall", "chrf", "groundedness", "refusal_rate"], float] = Field(
+        {}, description="Absolute minimum per answer metric (e.g. fact_recall: 0.5); empty: none.")
+    grounding_min_overlap: float = Field(0.5, ge=0, le=1, description="Groundedness: the share of an answer's character pairs that must appear in its retrieved passages (with every number and date in them; tasks/grounding.py).")
+
+
+class Office(Section):
+    name: str = Field(description="Office name, as students know it (e.g. 학생지원과).")
+    contact: str = Field("", description="How to reach it: a phone number, an e-mail or a web page.")
+    topics: list[str] = Field([], description="Words in a question that send it to this office (empty: the fallback office).")
+
+
+DEFAULT_OFFICES = [
+    Office(name="생활관 행정실", contact="https://dorm.chungbuk.ac.kr", topics=["기숙사", "생활관", "입사", "퇴사"]),
+    Office(name="학생지원과 장학 담당", contact="https://www.chungbuk.ac.kr", topics=["장학", "등록금", "학자금"]),
+    Office(name="학사관리과", contact="https://www.chungbuk.ac.kr", topics=["수강", "휴학", "복학", "졸업", "학점", "성적", "학사"]),
+    Office(name="중앙도서관", contact="https://cbnul.chungbuk.ac.kr", topics=["도서관", "열람실", "대출"]),
+    Office(name="충북대학교 대표전화", contact="043-261-2114", topics=[]),
+]
+
+
+class AnswerSpec(Section):
+    source: str = Field("cbnu", description="Questions are rendered with this source's training template (the chat templates saved in the tokenizer default to it).")
+    max_new_tokens: int = Field(200, ge=1, description="Most tokens per answer.")
+    do_sample: bool = Field(False, description="Sample (temperature, top_p) instead of greedy decoding.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
+    repetition_penalty: float = Field(1.1, ge=1, description="Penalty on repeated tokens (1: none).")
+    context_k: int | None = Field(None, ge=1, description="Retrieved passages put in the prompt (None: as many as in training, templates.json context.k).")
+    no_answer_threshold: float | None = Field(None, ge=0, description="Below this top retrieval score the answer is the refusal, not a generation (None: the threshold eval measured on the index; no index: always generate).")
+    refusal: str = Field("죄송합니다. 확인된 자료에서 이 질문의 답을 찾지 못했습니다. 정확한 내용은 {office}({contact})에 문의해 주세요.",
+                         description="The answer when retrieval finds nothing relevant; {office} and {contact} come from `offices`.")
+    empty_answer: str = Field("관련 자료는 찾았지만 답변을 만들지 못했습니다. 아래 출처를 확인해 주세요.",
+                              description="Said when the model generates no text (it ended at once): the sources are still shown.")
+    offices: list[Office] = Field(default_factory=lambda: [o.model_copy() for o in DEFAULT_OFFICES],
+                                  description="Where the refusal points: the first office one of whose topics is in the question, else the one without topics. Check the contacts before a release.")
+    history_turns: int = Field(3, ge=0, description="Earlier turns kept for templates with a conversation form (chat); alpaca-style templates keep the last turn only.")
 
 
 class MergeAdapterSpec(Section):
@@ -143,6 +184,7 @@ class TrainProfile(Section):
     artifacts_root: Path = Field(Path("artifacts"), description="Runs, tokenized data and merged models go to runs/, tokenized/ and models/ below this.")
     samples_dir: Path = Field(Path("raw/samples"), description="Shipped samples; the tiny model's tokenizer is trained on them.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation and the eval gate.")
+    answer: AnswerSpec = Field(default_factory=AnswerSpec, description="How the model answers (chat, serve, demo and the answer-quality eval): template, generation, refusal.")
     merge_adapter: MergeAdapterSpec = Field(default_factory=MergeAdapterSpec, description="Merging the adapter into the base model.")
     publish: PublishSpec = Field(default_factory=PublishSpec, description="Where the model goes.")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON in pipeline_config/deepspeed/ (or a path); needs launcher deepspeed or torchrun.")

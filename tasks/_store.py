@@ -36,6 +36,11 @@ def sha256_text(text: str) -> str:
     return sha256_bytes(text.encode("utf-8"))
 
 
+def stable_share(key: str) -> float:
+    """A stable number in [0, 1) per key (a row id): the same rows are picked on every rebuild, on every host."""
+    return int(sha256_text(key)[:8], 16) / 16 ** 8
+
+
 def canonical_json(obj: Any) -> str:
     """One JSON text per value: sorted keys, no spaces, UTF-8 kept."""
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from culbot.pipeline_config.train_schema import DataSpec, LoraSpec, ModelSpec, Schedule, TrainProfile
+from culbot.pipeline_config.train_schema import AnswerSpec, DataSpec, LoraSpec, ModelSpec, Schedule, TrainProfile
 
 SHORT_HASH_LEN = 12
 
@@ -282,10 +282,89 @@ class EvalReport(Versioned):
     probes: list[ProbeAnswer]
     seconds: float
     retrieval: RetrievalMetrics | None = None
+    answer: AnswerSpec | None = None        # how the model answered (chat, serve and demo answer the same way)
+    answers: AnswerQuality | None = None    # answer quality, against the previous model
+    index: str | None = None                # content hash of the index it was evaluated with
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
+
+
+# Answer metrics: higher is better, except false_refusal_rate.
+LOWER_IS_BETTER = {"false_refusal_rate"}
+
+
+class AnswerMetrics(Contract):
+    """Answer quality over a question set (None: no question of that kind)."""
+
+    questions: int
+    answerable: int
+    unanswerable: int
+    fact_recall: float | None = None        # share of the reference's numbers, dates, contacts and names in the answer
+    chrf: float | None = None               # chrF (0-100) against the reference answers
+    groundedness: float | None = None       # share of answers supported by their retrieved passages (tasks/grounding.py)
+    refusal_rate: float | None = None       # share of unanswerable questions answered "I don't know"
+    false_refusal_rate: float | None = None  # share of answerable questions refused
+    first_token_s: float | None = None      # median seconds to the first token
+    tokens_per_s: float | None = None       # generated tokens per second, overall
+
+    def gated(self) -> dict[str, float]:
+        return {k: v for k in ("fact_recall", "chrf", "groundedness", "refusal_rate", "false_refusal_rate")
+                if (v := getattr(self, k)) is not None}
+
+
+class AnswerExample(Contract):
+    id: str
+    set: str
+    question: str
+    reference: str = ""
+    answer: str
+    refused: bool
+    sources: list[str] = []
+    grounded: bool | None = None
+    fact_recall: float | None = None
+
+
+class MetricChange(Contract):
+    metric: str
+    previous: float
+    current: float
+    delta: float
+    margin: float | None
+    regressed: bool
+
+
+class AnswerQuality(Contract):
+    """The answer-quality evaluation: this model's metrics and answers, and the comparison with the baseline."""
+
+    metrics: AnswerMetrics
+    baseline: str                              # what it was compared with: "published <run>" or "base model <name>"
+    baseline_metrics: AnswerMetrics | None = None
+    changes: list[MetricChange] = []
+    floors_missed: list[str] = []
+    examples: list[AnswerExample]
+    baseline_answers: dict[str, str] = {}      # question id -> the baseline's answer, for side-by-side examples
+
+    def metrics_dict(self) -> dict[str, float]:
+        return self.metrics.gated()
+
+
+class Release(Contract):
+    """One published model in the registry (<publish.local_dir>/registry.json, and culbot_release.json on the Hub)."""
+
+    run: str
+    at: str
+    target: str
+    where: dict[str, str]
+    dataset: str | None = None
+    index: str | None = None                   # content hash of the index it was evaluated with
+    metrics: AnswerMetrics | None = None
+    answers: dict[str, str] = {}               # question id -> answer
+
+
+class Registry(Versioned):
+    releases: list[Release] = []
 
 
 class Passage(Contract):

@@ -52,7 +52,9 @@ def extract_page(html: str, url: str) -> dict[str, Any]:
         tr.replace_with(soup.new_string("\n" + " | ".join(c for c in cells if c) + "\n"))
     headings = [_text.normalize_ws(_text.nfc(h.get_text(" ", strip=True))) for h in main.find_all(["h1", "h2", "h3", "h4", "h5", "h6"])]
     text = _text.normalize_ws(_text.nfc(main.get_text("\n")))
-    return {"title": _text.nfc(title), "text": text, "links": sorted(set(links)), "headings": [h for h in headings if h]}
+    canonical = soup.find("link", rel="canonical", href=True)
+    return {"title": _text.nfc(title), "text": text, "links": sorted(set(links)), "headings": [h for h in headings if h],
+            "canonical": canonical["href"].strip() if canonical and canonical["href"].strip().startswith(("http://", "https://")) else None}
 
 
 def page_record(url: str, title: str, text: str, **extra) -> dict[str, Any]:
@@ -76,7 +78,7 @@ def checked_page(rec: dict, *, min_text_chars: int, max_page_chars: int | None, 
 
 def pages_hash(pages: list[dict]) -> str:
     """What QA generation consumes: URL, title and text of every page."""
-    return _store.hash_json([[p["url"], p["title"], p["content_hash"]] for p in pages])
+    return _store.hash_json([[p["url"], p["title"], p["content_hash"], *([p["source_url"]] if p.get("source_url") else [])] for p in pages])
 
 
 def read_directory(folder: Path, min_text_chars: int = 0, max_page_chars: int | None = None,
@@ -102,7 +104,9 @@ def read_directory(folder: Path, min_text_chars: int = 0, max_page_chars: int | 
             rec = page_record(url, _text.nfc(p.stem), _text.normalize_ws(_text.nfc(text)))
         else:
             ex = extract_page(text, url)
-            rec = page_record(url, ex["title"] or _text.nfc(p.stem), ex["text"], headings=ex["headings"])
+            # A saved web page keeps its address in <link rel="canonical">: answers link there, not to a local file.
+            rec = page_record(url, ex["title"] or _text.nfc(p.stem), ex["text"], headings=ex["headings"],
+                              **({"source_url": ex["canonical"]} if ex["canonical"] else {}))
         rec, set_aside = checked_page(rec, min_text_chars=min_text_chars, max_page_chars=max_page_chars, oversize=oversize)
         quarantine += set_aside
         if rec is not None:

@@ -1,6 +1,11 @@
-"""Evaluate a trained adapter: validation loss and perplexity, answers to Korean probe questions, retrieval, and the gate.
+"""Evaluate a trained adapter: validation loss and perplexity, probe answers, retrieval, answer quality, and the gate.
 
-Run as: culbot eval --run artifacts/runs/<run> [--index artifacts/indexes/<hash>]
+Run as: culbot eval --run artifacts/runs/<run> [--index artifacts/indexes/<hash>] [--dataset artifacts/datasets/<hash>]
+
+Answer quality (answer_quality.py): the model answers validation and hand-written questions through the
+same core as `culbot chat` (answer.py), with retrieval, and is scored (fact recall, chrF, groundedness,
+refusals) against the last published model, or the base model the first time. eval.gate 'enforce' fails
+the run on a regression beyond eval.margins; 'report' only reports it.
 
 With an index, retrieval is scored too (recall@1, recall@5, MRR, and the top score that tells answerable
 questions from the rest) on the validation split's generated CBNU questions and the hand-written set
@@ -19,12 +24,14 @@ from pathlib import Path
 
 from prefect import task
 
-from culbot.pipeline_config.train_schema import EvalSpec
+from culbot.pipeline_config.train_schema import AnswerSpec, EvalSpec, PublishSpec
 
 from . import _store
 from ._prefect import stage_cache
-from .contracts import EVAL_REPORT_FILE, EvalOutput, EvalReport, ProbeAnswer, RetrievalMetrics, RunRef, StageRef, Template
+from .contracts import (EVAL_REPORT_FILE, AnswerQuality, EvalOutput, EvalReport, ProbeAnswer, Release, RetrievalMetrics, RunCard, RunRef,
+                        StageRef, Template, short_hash)
 from .model_io import load_adapted
+from .releases import registry_path
 from .run_folder import ADAPTER, EVAL, read_config, require_completed
 from .templates import extract_response, render_prompt
 
@@ -80,6 +87,10 @@ def report_markdown(res: EvalReport) -> str:
     lines = [f"# Eval of `{res.run}`", "", f"**{res.status.upper()}**: {res.reason}", "",
              "| metric | value |", "|---|---:|", f"| validation loss | {res.eval_loss:.4f} |",
              f"| perplexity | {res.perplexity:.2f} |", f"| label tokens | {res.label_tokens} |", ""]
+    if res.answers is not None:
+        from .answer_quality import markdown
+
+        lines += markdown(res.answers)
     if res.retrieval is not None:
         lines += retrieval_markdown(res.retrieval)
     lines += [f"## Probes (template `{res.template}`)", ""]
@@ -88,8 +99,9 @@ def report_markdown(res: EvalReport) -> str:
     return "\n".join(lines)
 
 
-def gate(loss: float, spec: EvalSpec, retrieval: RetrievalMetrics | None = None) -> tuple[bool, str]:
-    """The eval gate: a finite validation loss, at most ``max_eval_loss`` when set; retrieval recall@5 at least ``min_recall_at_5``."""
+def gate(loss: float, spec: EvalSpec, retrieval: RetrievalMetrics | None = None, answers: AnswerQuality | None = None) -> tuple[bool, str]:
+    """The eval gate: a finite validation loss, at most ``max_eval_loss`` when set; retrieval recall@5 at least ``min_recall_at_5``;
+    answer quality no worse than the baseline beyond eval.margins and above eval.floors (eval.gate 'enforce')."""
     if not math.isfinite(loss):
         return False, f"validation loss {loss} is not finite"
     if spec.max_eval_loss is not None and loss > spec.max_eval_loss:
@@ -99,6 +111,13 @@ def gate(loss: float, spec: EvalSpec, retrieval: RetrievalMetrics | None = None)
         if retrieval.recall_at_5 < spec.min_recall_at_5:
             return False, f"retrieval recall@5 {retrieval.recall_at_5:.3f} < gate {spec.min_recall_at_5}"
         reason += f"; retrieval recall@5 {retrieval.recall_at_5:.3f} ≥ gate {spec.min_recall_at_5}"
+    if answers is not None:
+        from .answer_quality import verdict
+
+        ok, says = verdict(answers, spec)
+        if not ok:
+            return False, says
+        reason += "; " + says
     return True, reason
 
 
@@ -116,7 +135,40 @@ def evaluate_retrieval(index: Path | StageRef, spec: EvalSpec) -> RetrievalMetri
     return evaluate(Retriever(folder), questions)
 
 
-def run_eval(run_dir: Path, spec: EvalSpec, index: Path | StageRef | None = None) -> EvalReport:
+def find_dataset(card: RunCard, root: Path = Path("artifacts/datasets")) -> Path | None:
+    """The dataset version a run was trained on, where the default layout keeps it."""
+    folder = root / short_hash(card.lineage.dataset or "")
+    return folder if card.lineage.dataset and _store.is_complete(folder) else None
+
+
+def evaluate_answer_quality(model, tokenizer, card: RunCard, adapter_dir: Path, spec: EvalSpec, answer: AnswerSpec,
+                            index: Path | None, retrieval: RetrievalMetrics | None, dataset: Path | None,
+                            previous: Release | None) -> tuple[AnswerQuality, AnswerSpec]:
+    """Answer quality through the serving core; returns it and the answer settings used (with the measured threshold)."""
+    from .answer import Answerer, LocalGenerator
+    from .answer_quality import evaluate_answers, select_questions
+    from .retrieval import Retriever, read_questions
+
+    if answer.no_answer_threshold is None and retrieval is not None:
+        answer = answer.model_copy(update={"no_answer_threshold": retrieval.no_answer_threshold})
+    hand = read_questions(spec.retrieval_questions) if spec.retrieval_questions and Path(spec.retrieval_questions).is_file() else []
+    if index is None:
+        hand = [q for q in hand if q.get("gold")]   # without an index nothing can refuse by retrieval
+    questions = select_questions(dataset, hand, spec.answer_questions)
+    if dataset is None:
+        log.warning("answer quality: no dataset version found for %s; only the hand-written questions are answered", adapter_dir.parent.name)
+    answerer = Answerer(adapter_dir, LocalGenerator(model, tokenizer, adapter_dir.parent.name), tokenizer, card,
+                        retriever=Retriever(index) if index is not None else None, spec=answer, index_dir=index)
+    log.info("answer quality: %d questions, retrieval %s, baseline %s", len(questions), "on" if index else "off",
+             f"release {previous.run}" if previous else "the base model")
+    q = evaluate_answers(answerer, questions, spec, previous=previous, base_answerer=None if previous else answerer.base_model())
+    return q, answer
+
+
+def run_eval(run_dir: Path, spec: EvalSpec, index: Path | StageRef | None = None, *, answer: AnswerSpec | None = None,
+             dataset: Path | StageRef | None = None, publish: PublishSpec | None = None) -> EvalReport:
+    """``publish``: where the previous release is recorded (the answer-quality baseline); ``dataset``: the dataset version
+    whose validation questions are answered (None: found by the run's lineage under artifacts/datasets)."""
     import datasets
 
     run_dir = Path(run_dir).resolve()
@@ -129,19 +181,30 @@ def run_eval(run_dir: Path, spec: EvalSpec, index: Path | StageRef | None = None
     template = card.template_for(spec.probe_source)
     probes = answer_probes(model, tokenizer, template, spec.probes, spec.max_new_tokens)
     retrieval = evaluate_retrieval(index, spec) if index is not None else None
-    ok, reason = gate(loss, spec, retrieval)
+    index_dir, index_hash = (None, None)
+    if index is not None:
+        index_dir, im = _store.read_input(index, "eval: the index is not a finished index")
+        index_hash = im.content_hash
+    answers, answer = None, answer or AnswerSpec()
+    if spec.answer_questions > 0:
+        from .releases import previous_release
+
+        dataset_dir = _store.read_input(dataset, "eval: the dataset is not a finished dataset version")[0] if dataset else find_dataset(card)
+        answers, answer = evaluate_answer_quality(model, tokenizer, card, run_dir / ADAPTER, spec, answer, index_dir, retrieval, dataset_dir,
+                                                  previous_release(publish, exclude_run=run_dir.name) if publish else None)
+    ok, reason = gate(loss, spec, retrieval, answers)
     res = EvalReport(run=run_dir.name, status="passed" if ok else "failed", reason=reason, eval_loss=loss,
                      perplexity=math.exp(loss) if math.isfinite(loss) and loss < 50 else float("inf"), label_tokens=n,
-                     template=template.name, probes=probes, seconds=round(time.monotonic() - t0, 2), retrieval=retrieval)
+                     template=template.name, probes=probes, seconds=round(time.monotonic() - t0, 2), retrieval=retrieval,
+                     answer=answer, answers=answers, index=index_hash)
     out = run_dir / EVAL
     (out / _store.MANIFEST).unlink(missing_ok=True)
     _store.write_model(out / EVAL_REPORT_FILE, res)
     _store.atomic_write_text(out / REPORT_MD, report_markdown(res))
-    inputs = {"adapter": _store.read_manifest(run_dir / ADAPTER).content_hash}
-    if index is not None:
-        inputs["index"] = _store.read_input(index, "eval: the index is not a finished index")[1].content_hash
+    inputs = {"adapter": _store.read_manifest(run_dir / ADAPTER).content_hash, **({"index": index_hash} if index_hash else {})}
     counts = {"eval_loss": loss, "label_tokens": n, "status": res.status,
-              **({"recall_at_1": retrieval.recall_at_1, "recall_at_5": retrieval.recall_at_5, "mrr": retrieval.mrr} if retrieval else {})}
+              **({"recall_at_1": retrieval.recall_at_1, "recall_at_5": retrieval.recall_at_5, "mrr": retrieval.mrr} if retrieval else {}),
+              **(answers.metrics_dict() if answers else {})}
     _store.write_manifest(out, stage="eval", inputs=inputs, lineage=card.lineage, config=spec.model_dump(mode="json"),
                           counts=counts, timings={"eval": res.seconds})
     log.info("eval %s: loss %.4f, perplexity %.2f (%s); report %s", res.status, loss, res.perplexity, reason, out / REPORT_MD)
@@ -165,11 +228,23 @@ def questions_hash(spec: EvalSpec) -> str | None:
     return _store.sha256_file(Path(p)) if p is not None and Path(p).is_file() else None
 
 
+def release_key(publish: PublishSpec, run: str) -> str | None:
+    """The baseline release of ``run`` (the last one of another run), for the eval task's cache key: a new release
+    is a new baseline, while publishing this run itself changes nothing (a rerun stays cached)."""
+    from .releases import previous_release
+
+    prev = previous_release(publish, exclude_run=run) if registry_path(publish).is_file() else None
+    return f"{prev.run}@{prev.at}" if prev else None
+
+
 @task(name="eval", cache_policy=stage_cache(__name__), persist_result=True)
-def eval_task(spec: EvalSpec, run: RunRef, index: StageRef | None = None, questions: str | None = None) -> EvalOutput:
-    """``questions``: the hash of the hand-written question file (questions_hash), so editing it reruns eval."""
+def eval_task(spec: EvalSpec, run: RunRef, index: StageRef | None = None, questions: str | None = None, *,
+              answer: AnswerSpec | None = None, dataset: StageRef | None = None, publish: PublishSpec | None = None,
+              baseline: str | None = None) -> EvalOutput:
+    """``questions``: the hash of the hand-written question file (questions_hash), so editing it reruns eval;
+    ``baseline``: release_key, so a new release reruns it."""
     from prefect.artifacts import create_markdown_artifact
 
-    run_eval(run.run_dir, spec, index)
+    run_eval(run.run_dir, spec, index, answer=answer, dataset=dataset, publish=publish)
     create_markdown_artifact((run.run_dir / EVAL / REPORT_MD).read_text(encoding="utf-8"), key="eval-report", description="Eval report")
     return eval_output(run.run_dir)

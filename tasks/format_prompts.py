@@ -58,9 +58,7 @@ def count_templates(splits: dict[str, list[dict]]) -> dict[str, int]:
     return out
 
 
-def share_of(row_id: str) -> float:
-    """A stable number in [0, 1) per row: the same rows go without context on every rebuild."""
-    return int(_store.sha256_text(row_id)[:8], 16) / 16 ** 8
+share_of = _store.stable_share   # the same rows go without context on every rebuild
 
 
 def with_context(rows: list[dict], index: Path | StageRef, rag: RagConfig, fmt: ContextFormat) -> int:

@@ -29,7 +29,7 @@ log = logging.getLogger("culbot.index")
 
 # What shapes the index, and how it is meant to be searched (recorded in index.json; Retriever reads it back).
 BUILD_SETTINGS = {"passage_tokens", "overlap_tokens", "question_keys", "title_questions", "include_univ100", "dense", "embedding_model",
-                  "embedding_base_url", "weights", "rrf_k", "k"}
+                  "embedding_base_url", "weights", "rrf_k", "k", "synonyms"}
 
 
 def _pages(source: Path | StageRef) -> tuple[list[dict], str]:

@@ -46,7 +46,7 @@ def lines(page: dict) -> list[tuple[str, str]]:
 
 
 def split_passages(page: dict, max_tokens: int, overlap_tokens: int, count: Callable[[str], int] = estimate_tokens) -> list[Passage]:
-    doc, title, url = doc_name(page["url"]), page.get("title") or page["url"], page["url"]
+    doc, title, url = doc_name(page["url"]), page.get("title") or page["url"], page.get("source_url") or page["url"]
     passages: list[Passage] = []
     heading, cur, size = "", [], 0
 

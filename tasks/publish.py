@@ -10,7 +10,6 @@ publish record.
 from __future__ import annotations
 
 import json
-
 import logging
 import os
 import shutil
@@ -25,16 +24,14 @@ from culbot.pipeline_config.train_schema import PublishSpec
 
 from . import _store
 from ._prefect import retry_on_network, stage_cache
-from .contracts import EVAL_REPORT_FILE, RUN_CARD_FILE, Contract, EvalReport, PublishOutput, RunCard, RunRef, StageRef, short_hash
+from .contracts import EVAL_REPORT_FILE, RUN_CARD_FILE, ContextFormat, Contract, EvalReport, PublishOutput, Release, RunCard, RunRef, StageRef, short_hash
+from .releases import RELEASE_FILE, PublishRefused, hub_token, record_release, release_of
 from .run_folder import ADAPTER, EVAL, PUBLISH, read_run_card, require_completed
+from .templates import render_context, render_prompt
 
 log = logging.getLogger("culbot.publish")
 
 RECORD = "record.json"
-
-
-class PublishRefused(RuntimeError):
-    """The run did not pass the guards and the eval gate."""
 
 
 class Published(Contract):
@@ -87,6 +84,20 @@ def model_card(card: RunCard, evaluation: EvalReport, kind: str, repo_name: str,
         ("dtype / quantisation", f"{hp.model.dtype} / {hp.model.quantization}"),
         ("optimizer steps", card.global_step)])
     probe = evaluation.probes[0] if evaluation.probes else None
+    spec = evaluation.answer
+    if spec is not None:
+        t = card.template_for(spec.source)
+    example_ctx = render_context([("생활관 입사 안내", "신입생 입사 신청은 합격자 발표 후 생활관 홈페이지에서 받습니다.")],
+                                 card.templates.context or ContextFormat())
+    example = render_prompt(t, "기숙사 신청은 언제 해요?", example_ctx if card.templates.context else "") if t.kind == "alpaca" else None
+    example_block = ("\nA student's question with one retrieved passage, exactly as the model was trained and evaluated:\n\n"
+                     f"```\n{example}\n```\n") if example else ""
+    quality = ""
+    if evaluation.answers is not None:
+        from .answer_quality import markdown as answer_markdown
+
+        quality = "\n".join(answer_markdown(evaluation.answers, examples=3)[2:]) + "\n"
+    index = f"Evaluated with the retrieval index `{short_hash(evaluation.index)}` (content hash `{evaluation.index}`).\n" if evaluation.index else ""
     ctx = card.templates.context
     context = ""
     if ctx is not None:
@@ -97,9 +108,15 @@ def model_card(card: RunCard, evaluation: EvalReport, kind: str, repo_name: str,
     ret = evaluation.retrieval
     retrieval = "" if ret is None else (f"Retrieval over the CBNU documents ({ret.questions} questions): recall@1 **{ret.recall_at_1:.3f}**, "
                                         f"recall@5 **{ret.recall_at_5:.3f}**, MRR **{ret.mrr:.3f}**.\n")
-    usage = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(\"%s\")" % repo_name) if kind == "adapter" \
-        else ("from transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained(\"%s\")\n"
-              "tokenizer = AutoTokenizer.from_pretrained(\"%s\")" % (repo_name, repo_name))
+    load = ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n"
+            f"model = AutoPeftModelForCausalLM.from_pretrained(\"{repo_name}\")") if kind == "adapter" \
+        else f"from transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained(\"{repo_name}\")"
+    usage = (f"{load}\ntokenizer = AutoTokenizer.from_pretrained(\"{repo_name}\")\n"
+             "# The tokenizer's chat template is the training prompt; retrieved passages go in `documents`.\n"
+             "prompt = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": \"기숙사 신청은 언제 해요?\"}],\n"
+             "                                       documents=[{\"title\": \"생활관 입사 안내\", \"text\": \"...\"}], tokenize=False)\n"
+             "inputs = tokenizer(prompt, return_tensors=\"pt\", add_special_tokens=False)\n"
+             "answer = model.generate(**inputs, max_new_tokens=200, eos_token_id=tokenizer.eos_token_id)")
     body = f"""# {repo_name}
 
 A Korean campus assistant for Chungbuk National University (충북대학교, CBNU), built by the Culbot pipeline:
@@ -115,12 +132,25 @@ Dataset version `{short_hash(card.lineage.dataset or '')}` (KULLM-v2, QA generat
 
 ## Prompt template `{t.name}`
 
-Format prompts exactly like this (the templates are also saved as `templates.json`):
+Format prompts exactly like this (the templates are also saved as `templates.json`, and as the tokenizer's chat template):
 
 ```
 {t.prompt_no_input}
 ```
-{context}
+{context}{example_block}
+## Chat with it
+
+```bash
+culbot chat --model ./{repo_name.split('/')[-1]} --index artifacts/indexes/<index> --once "기숙사 신청은 언제 해요?"
+culbot serve --model ./{repo_name.split('/')[-1]} --index artifacts/indexes/<index> --port 8000   # OpenAI-compatible API
+```
+
+Generation: greedy{'' if not spec or not spec.do_sample else f' sampling (temperature {spec.temperature}, top_p {spec.top_p})'}, at most
+{spec.max_new_tokens if spec else 256} new tokens, repetition penalty {spec.repetition_penalty if spec else 1.1}; the answer ends at the tokenizer's EOS
+or the template's next section header. Below the no-answer threshold
+({spec.no_answer_threshold if spec and spec.no_answer_threshold is not None else 'not measured'}) of the top retrieval score, Culbot does not
+generate: it says it does not know and names the office to ask.
+
 ## Training
 
 Profile `{card.profile}`.
@@ -132,7 +162,7 @@ Profile `{card.profile}`.
 ## Evaluation
 
 Validation loss **{evaluation.eval_loss:.4f}**, perplexity **{evaluation.perplexity:.2f}** ({evaluation.status}: {evaluation.reason}).
-{retrieval}{f"Example: **Q:** {probe.question} **A:** {probe.answer or '(empty)'}" if probe else ''}
+{retrieval}{index}{quality}{f"Example: **Q:** {probe.question} **A:** {probe.answer or '(empty)'}" if probe else ''}
 
 ## Use
 
@@ -150,17 +180,6 @@ Not for medical, legal or financial advice.
     return "---\n" + yaml.safe_dump(front, allow_unicode=True, sort_keys=False) + "---\n\n" + body
 
 
-def hub_token(spec: PublishSpec) -> str:
-    tok = os.environ.get("HF_TOKEN")
-    if not tok and spec.token_secret_block:
-        from prefect.blocks.system import Secret
-
-        tok = Secret.load(spec.token_secret_block, _sync=True).get()
-    if not tok:
-        raise PublishRefused("no Hub token: set HF_TOKEN, or publish.token_secret_block to a Prefect Secret block")
-    return tok
-
-
 def _folders(spec: PublishSpec, run_dir: Path, model_dir: Path | None) -> dict[str, Path]:
     out = {}
     if spec.what in ("merged", "both"):
@@ -172,10 +191,12 @@ def _folders(spec: PublishSpec, run_dir: Path, model_dir: Path | None) -> dict[s
     return out
 
 
-def _copy_with_card(folder: Path, dest: Path, card_text: str, local_base: bool) -> None:
-    """The folder without its manifest, a README.md model card, and a run card whose local base still resolves (or is dropped)."""
+def _copy_with_card(folder: Path, dest: Path, card_text: str, local_base: bool, release: Release) -> None:
+    """The folder without its manifest, a README.md model card, the release (answer metrics, the gate's next baseline),
+    and a run card whose local base still resolves (or is dropped)."""
     shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("manifest.json", ".*"))
     (dest / "README.md").write_text(card_text, encoding="utf-8")
+    _store.write_model(dest / RELEASE_FILE, release)
     card = read_run_card(folder)
     base = card.base.relocated(folder, dest) if local_base else card.base.model_copy(update={"path": None})
     _store.write_model(dest / RUN_CARD_FILE, card.model_copy(update={"base": base}))
@@ -196,7 +217,8 @@ def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishSpec) -> Pub
         root = Path(spec.local_dir) / f"{(spec.repo_id or 'culbot').replace('/', '__')}-{run_dir.name}"
         staging = _store.new_staging_dir(root.parent, root.name)
         for kind, folder in folders.items():
-            _copy_with_card(folder, staging / kind, model_card(card, evaluation, kind, names[kind], spec.license), local_base=True)
+            _copy_with_card(folder, staging / kind, model_card(card, evaluation, kind, names[kind], spec.license), local_base=True,
+                            release=release_of(run_dir, card, evaluation, spec.target, {k: str(root / k) for k in folders}))
             published[kind] = Published(where=str(root / kind))
         _store.write_manifest(staging, stage="publish", inputs={"adapter": _store.read_manifest(run_dir / ADAPTER).content_hash},
                               lineage=card.lineage, config=spec.model_dump(mode="json"), counts={"folders": len(folders)})
@@ -214,7 +236,8 @@ def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishSpec) -> Pub
             url = api.create_repo(repo, private=spec.private, exist_ok=True, repo_type="model")
             with tempfile.TemporaryDirectory() as tmp:
                 upload = Path(tmp) / "upload"
-                _copy_with_card(folder, upload, model_card(card, evaluation, kind, repo, spec.license), local_base=False)
+                _copy_with_card(folder, upload, model_card(card, evaluation, kind, repo, spec.license), local_base=False,
+                                release=release_of(run_dir, card, evaluation, spec.target, {kind: str(url)}))
                 info = api.upload_folder(folder_path=str(upload), repo_id=repo, repo_type="model", commit_message=commit_message)
             if spec.tag:
                 api.create_tag(repo, tag=spec.tag, revision=info.oid, repo_type="model")
@@ -222,6 +245,7 @@ def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishSpec) -> Pub
             log.info("published %s to %s (commit %s)", kind, url, info.oid[:10])
     record = PublishRecord(target=spec.target, run=run_dir.name, dataset=card.lineage.dataset, published=published,
                            folder=str(root) if root else None, at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    record_release(spec, release_of(run_dir, card, evaluation, spec.target, {k: p.where for k, p in published.items()}))
     out = run_dir / PUBLISH
     (out / _store.MANIFEST).unlink(missing_ok=True)
     _store.write_model(out / RECORD, record)

@@ -124,8 +124,10 @@ def nearest(vectors, ids: list[str], query, k: int) -> list[str]:
 @dataclass
 class SearchResult:
     hits: list[Hit]
-    confidence: float     # the best lexical score of the passage or key rankings: low means nothing matches
+    confidence: float     # best lexical score x coverage (below): low means nothing answers it
     rankings: dict[str, list[str]]
+    lexical_score: float = 0.0   # the best lexical score of the passage or key rankings
+    coverage: float = 0.0        # share of the question's words (a synonym counts) found in the top document
 
 
 class Retriever:
@@ -146,6 +148,7 @@ class Retriever:
         self.keys_lexical = Lexical.load(self.folder / "keys_lexical") if self.keys else None
         self.vectors = None
         self.embedder = embedder
+        self._doc_words: dict[str, set[str]] = {}
         if self.info.dense and self.rag.weights.get("dense", 0) > 0:
             self.dense_ids, self.vectors = load_vectors(self.folder / "dense")
             if self.embedder is None:
@@ -154,9 +157,15 @@ class Retriever:
                 self.embedder = make_embedder(self.rag.model_copy(update={"dense": self.info.dense.split(":", 1)[0],
                                                                            "embedding_model": self.info.dense.split(":", 1)[1]}))
 
+    def expand(self, tokens: list[str]) -> list[str]:
+        """The query's morphemes and those of the configured synonyms of each (기숙사 -> 생활관)."""
+        extra = [m for t in tokens for syn in self.rag.synonyms.get(t, ()) for m in morphemes([syn])[0]]
+        return tokens + [m for m in extra if m not in tokens]
+
     def search(self, query: str, k: int | None = None, query_vector=None) -> SearchResult:
         k = k or self.rag.k
-        tokens = morphemes([query])[0]
+        asked = morphemes([query])[0]
+        tokens = self.expand(asked)
         lexical = [(self.passages[i].id, s) for i, s in self.lexical.search(tokens, CANDIDATES)]
         rankings = {"lexical": [pid for pid, _ in lexical]}
         confidence = lexical[0][1] if lexical else 0.0
@@ -172,7 +181,25 @@ class Retriever:
         fused = fuse(rankings, self.rag.weights, self.rag.rrf_k)[:k]
         hits = [Hit(doc=p.doc, title=p.title, url=p.url, passage=p.text, score=round(s, 6), passage_id=pid)
                 for pid, s in fused for p in [self.by_id[pid]]]
-        return SearchResult(hits, round(confidence, 4), rankings)
+        coverage = self.coverage(asked, hits[0].doc) if hits else 0.0
+        return SearchResult(hits, round(confidence * coverage, 4), rankings, round(confidence, 4), round(coverage, 4))
+
+    def doc_words(self, doc: str) -> set[str]:
+        """Content morphemes of a document (every passage, title and question key), computed when first asked."""
+        if doc not in self._doc_words:
+            ids = {p.id for p in self.passages if p.doc == doc}
+            texts = [f"{p.title}\n{p.text}" for p in self.passages if p.id in ids] + [k["key"] for k in self.keys if k["passage"] in ids]
+            self._doc_words[doc] = {m for ms in morphemes(texts) for m in ms}
+        return self._doc_words[doc]
+
+    def coverage(self, tokens: list[str], doc: str) -> float:
+        """Share of the question's words found in ``doc``, a word or one of its synonyms: a question that shares one
+        common word with a page (청주 시내버스 환승 요금 ~ 셔틀버스 요금) covers little of it; one about the page covers it all."""
+        if not tokens:
+            return 0.0
+        words = self.doc_words(doc)
+        groups = [{t, *(m for syn in self.rag.synonyms.get(t, ()) for m in morphemes([syn])[0])} for t in dict.fromkeys(tokens)]
+        return sum(bool(g & words) for g in groups) / len(groups)
 
 
 # ----- measuring it ---------------------------------------------------------------------------

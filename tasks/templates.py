@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from culbot.pipeline_config.loader import PACKAGE_DIR, ConfigError
 
-from .contracts import ContextFormat, Template
+from .contracts import ContextFormat, Template, TemplateSet
 
 TEMPLATE_DIR = PACKAGE_DIR / "templates"
 
@@ -42,14 +42,21 @@ def load_template(name: str, folder: Path = TEMPLATE_DIR) -> Template:
     return t
 
 
-def render_prompt(t: Template, instruction: str, input: str = "", tokenizer: Any = None) -> str:
-    """The exact prompt text for one example (everything before the response)."""
+def render_prompt(t: Template, instruction: str, input: str = "", tokenizer: Any = None,
+                  history: list[tuple[str, str]] = ()) -> str:
+    """The exact prompt text for one example (everything before the response).
+
+    ``history``: earlier (question, answer) turns, rendered only by templates with a conversation form (chat);
+    training rows have none."""
     if t.kind == "chat":
         if tokenizer is None:
             raise ConfigError(f"template {t.name!r} renders through a tokenizer's chat template; set format.chat_tokenizer")
         user = instruction if not input else f"{instruction}\n\n{input}"
-        messages = ([{"role": "system", "content": t.system}] if t.system else []) + [{"role": "user", "content": user}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        turns = [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+        messages = ([{"role": "system", "content": t.system}] if t.system else []) + turns + [{"role": "user", "content": user}]
+        # The base template, not a culbot one installed on this tokenizer (that one adds the persona itself).
+        base = tokenizer.chat_template.get("base") if isinstance(tokenizer.chat_template, dict) else None
+        return tokenizer.apply_chat_template(messages, chat_template=base, tokenize=False, add_generation_prompt=True)
     # str.replace, not str.format: user text may contain braces.
     if input:
         return t.prompt_input.replace("{instruction}", instruction).replace("{input}", input)
@@ -67,3 +74,78 @@ def extract_response(t: Template, generated: str) -> str:
     if t.response_split and t.response_split in generated:
         return generated.split(t.response_split, 1)[1].strip()
     return generated.strip()
+
+
+# ----- the same prompt as a Jinja chat template (saved in every adapter's and merged model's tokenizer) -----
+
+def _lit(text: str) -> str:
+    """A Jinja string literal for any text (JSON's escapes are Jinja's, and \\uXXXX keeps it ASCII)."""
+    return json.dumps(text)
+
+
+def _context_jinja(fmt: ContextFormat | None) -> str:
+    """Sets ns.context from `documents` ({title, text} each), exactly as render_context joins them."""
+    fmt = fmt or ContextFormat()
+    return ("{%- set ns.context = '' -%}"
+            "{%- if documents is defined and documents -%}{%- for d in documents -%}"
+            f"{{%- set p = {_lit(fmt.passage)}|replace('{{n}}', loop.index|string)|replace('{{title}}', d['title'] if d['title'] is defined else '')"
+            "|replace('{text}', d['text']) -%}"
+            f"{{%- set ns.context = p if loop.first else ns.context ~ {_lit(fmt.joiner)} ~ p -%}}"
+            "{%- endfor -%}{%- endif -%}")
+
+
+def chat_template_jinja(t: Template, context: ContextFormat | None = None, base_chat_template: str | None = None) -> str:
+    """``t`` as a Jinja chat template that renders exactly :func:`render_prompt`'s text.
+
+    The last user message is the instruction; its optional ``input`` key is the input; retrieved passages come as
+    ``documents`` ([{title, text}], the HF/vLLM convention), rendered with ``context`` and put before the input as
+    in training. An alpaca-style template has no conversation form: earlier turns are not rendered. A chat
+    template wraps the base tokenizer's own chat template and adds the persona when no system message is given.
+    """
+    head = ("{%- set ns = namespace(instruction='', input='', context='', msgs=[]) -%}"
+            "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.instruction = m['content'] -%}"
+            "{%- set ns.input = m['input'] if m['input'] is defined and m['input'] else '' -%}{%- endif -%}{%- endfor -%}"
+            + _context_jinja(context) +
+            "{%- if ns.context and ns.input -%}{%- set ns.input = ns.context ~ '\\n\\n' ~ ns.input -%}"
+            "{%- elif ns.context -%}{%- set ns.input = ns.context -%}{%- endif -%}")
+    if t.kind == "alpaca":
+        return (head + "{%- if ns.input -%}"
+                f"{{{{- {_lit(t.prompt_input)}|replace('{{instruction}}', ns.instruction)|replace('{{input}}', ns.input) -}}}}"
+                "{%- else -%}"
+                f"{{{{- {_lit(t.prompt_no_input)}|replace('{{instruction}}', ns.instruction) -}}}}"
+                "{%- endif -%}")
+    if not base_chat_template:
+        raise ConfigError(f"template {t.name!r} wraps the base tokenizer's chat template, and that tokenizer has none")
+    # Rebuild the message list: the persona first (unless the caller sent a system message), and the input folded
+    # into the last user message the way render_prompt does (instruction, a blank line, input).
+    persona = (f"{{%- if t_system is not defined -%}}{{%- set t_system = {_lit(t.system)} -%}}{{%- endif -%}}"
+               "{%- if messages[0]['role'] != 'system' and t_system -%}{%- set ns.msgs = [{'role': 'system', 'content': t_system}] -%}{%- endif -%}"
+               "{%- for m in messages -%}{%- if loop.last and m['role'] == 'user' and ns.input -%}"
+               "{%- set ns.msgs = ns.msgs + [{'role': 'user', 'content': m['content'] ~ '\\n\\n' ~ ns.input}] -%}"
+               "{%- else -%}{%- set ns.msgs = ns.msgs + [m] -%}{%- endif -%}{%- endfor -%}"
+               "{%- set messages = ns.msgs -%}")
+    return head + persona + base_chat_template
+
+
+def chat_templates(templates: TemplateSet, serve_source: str, base_chat_template: str | None = None) -> dict[str, str]:
+    """Every template of a set as Jinja, by name, with 'default' the one that serves (``serve_source``'s template).
+
+    Saved as the tokenizer's chat templates, so ``apply_chat_template``, vLLM and TGI render the training prompt."""
+    out = {}
+    for name, t in sorted(templates.templates.items()):
+        if t.kind == "chat" and not base_chat_template:
+            continue
+        out[name] = chat_template_jinja(t, templates.context, base_chat_template)
+    serving = templates.for_source(serve_source)
+    out["default"] = out.get(serving.name) or chat_template_jinja(serving, templates.context, base_chat_template)
+    if base_chat_template:
+        out["base"] = base_chat_template   # the model's own, for render_prompt and anyone who wants it bare
+    return out
+
+
+def install_chat_templates(tokenizer: Any, templates: TemplateSet, serve_source: str) -> None:
+    """Set ``tokenizer.chat_template`` to the training templates (chat_templates) before it is saved with a model."""
+    base = tokenizer.chat_template
+    if isinstance(base, dict):
+        base = base.get("base")
+    tokenizer.chat_template = chat_templates(templates, serve_source, base)

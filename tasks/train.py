@@ -87,6 +87,10 @@ def signals_forwarded(proc: subprocess.Popen) -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
+# Sections about what happens after training: changing them never retrains.
+AFTER_TRAINING = {"eval", "answer", "merge_adapter", "publish"}
+
+
 def prepare_run(tp: TrainProfile, tokenized_dir: Path | StageRef, *, runs_root: Path | None = None, models_root: Path | None = None,
                 samples_dir: Path | None = None) -> Path:
     """Resolve the base model and write runs/<id>/config.json. Returns the config path."""
@@ -96,7 +100,7 @@ def prepare_run(tp: TrainProfile, tokenized_dir: Path | StageRef, *, runs_root: 
     tokenized_dir, tokenized = _store.read_input(tokenized_dir, "train input is not a finished tokenized dataset")
     tokenized_dir = tokenized_dir.resolve()
     base = resolve_base(tp.model, models_root=models_root, samples_dir=samples_dir or tp.samples_dir)
-    run_id = _store.hash_json({"tokenized": tokenized.content_hash, "profile": tp.model_dump(mode="json"),
+    run_id = _store.hash_json({"tokenized": tokenized.content_hash, "profile": tp.model_dump(mode="json", exclude=AFTER_TRAINING),
                                "base": base.name, "revision": base.revision})
     run_dir = (Path(runs_root) / f"{tp.name}-{short_hash(run_id)}").resolve()
     card = RunCard(

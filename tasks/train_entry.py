@@ -27,6 +27,7 @@ from pathlib import Path
 from culbot.tasks import _store
 from culbot.tasks.contracts import RUN_CARD_FILE, TRAIN_RESULT_FILE, RunConfig, TrainResult
 from culbot.tasks.model_io import torch_dtype
+from culbot.tasks.templates import install_chat_templates
 
 EXIT_GUARD = 3
 EXIT_PREEMPTED = 75
@@ -332,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.is_world_process_zero():
         adapter = run_dir / "adapter"
         trainer.model.save_pretrained(adapter)
+        # The training prompt as the tokenizer's chat template: apply_chat_template, vLLM and TGI render it exactly.
+        install_chat_templates(tokenizer, run.card.templates, prof.answer.source)
         tokenizer.save_pretrained(adapter)
         metrics = run_metrics(trainer_metrics, history, resumed_step, step)
         card = run.card.model_copy(update={"base": run.card.base.relocated(run_dir, adapter), "lora_targets": targets,

@@ -180,5 +180,14 @@ def trained_run(tmp_path_factory, sample_tokenized, tiny_model) -> Path:
     prof, cfg = prepare_tiny_run(tmp_path_factory.mktemp("release"), sample_tokenized, tiny_model,
                                  "train.max_steps=8", "train.save_steps=8", "train.eval_steps=8")
     run_training(cfg, prof)
-    run_eval(cfg.parent, EvalSpec(probes=["도서관은 몇 시에 여나요?"], max_new_tokens=8))
+    run_eval(cfg.parent, EvalSpec(probes=["도서관은 몇 시에 여나요?"], max_new_tokens=8, answer_questions=0))
     return cfg.parent
+
+
+@pytest.fixture(scope="session")
+def cbnu_index(tmp_path_factory) -> Path:
+    """The retrieval index of the shipped CBNU sample pages (lexical and title keys)."""
+    from culbot.pipeline_config.schema import RagConfig
+    from culbot.tasks.index import build_index
+
+    return build_index(SAMPLES / "cbnu_pages", RagConfig(), tmp_path_factory.mktemp("index")).path

@@ -10,7 +10,7 @@ from tests.conftest import SAMPLES
 
 
 def test_eval_reports_loss_perplexity_and_probe_answers(trained_run):
-    res = run_eval(trained_run, EvalSpec(probes=["도서관은 몇 시에 여나요?", "휴학은 어디서 신청해요?"], max_new_tokens=8))
+    res = run_eval(trained_run, EvalSpec(probes=["도서관은 몇 시에 여나요?", "휴학은 어디서 신청해요?"], max_new_tokens=8, answer_questions=0))
     assert res.status == "passed" and res.label_tokens > 0
     assert res.perplexity == pytest.approx(2.718281828 ** res.eval_loss, rel=1e-6)
     assert res.template == "cbnu2"
@@ -21,9 +21,9 @@ def test_eval_reports_loss_perplexity_and_probe_answers(trained_run):
     assert "**PASSED**" in md and "도서관은 몇 시에 여나요?" in md
     assert _store.read_model(trained_run / "eval" / "eval.json", EvalReport) == res
     assert _store.read_manifest(trained_run / "eval").lineage.dataset   # the report says which data it judged
-    failed = run_eval(trained_run, EvalSpec(probes=["x"], max_new_tokens=1, max_eval_loss=0.001))
+    failed = run_eval(trained_run, EvalSpec(probes=["x"], max_new_tokens=1, max_eval_loss=0.001, answer_questions=0))
     assert failed.status == "failed" and "> gate 0.001" in failed.reason
-    run_eval(trained_run, EvalSpec(probes=["도서관은 몇 시에 여나요?"], max_new_tokens=8))   # leave a passing eval for the tests below
+    run_eval(trained_run, EvalSpec(probes=["도서관은 몇 시에 여나요?"], max_new_tokens=8, answer_questions=0))   # leave a passing eval for the tests below
 
 
 def test_eval_scores_retrieval_on_the_hand_written_questions_and_gates_on_recall(trained_run, tmp_path):
@@ -31,7 +31,7 @@ def test_eval_scores_retrieval_on_the_hand_written_questions_and_gates_on_recall
     from culbot.tasks.index import build_index
 
     index = build_index(SAMPLES / "cbnu_pages", RagConfig(), tmp_path / "idx")
-    spec = EvalSpec(probes=["x"], max_new_tokens=1, retrieval_questions=SAMPLES / "rag_questions.jsonl")
+    spec = EvalSpec(probes=["x"], max_new_tokens=1, retrieval_questions=SAMPLES / "rag_questions.jsonl", answer_questions=0)
     failed = run_eval(trained_run, spec.model_copy(update={"min_recall_at_5": 1.0}), index.path)
     assert failed.status == "failed" and failed.reason.startswith(f"retrieval recall@5 {failed.retrieval.recall_at_5:.3f} < gate 1.0")
     res = run_eval(trained_run, spec.model_copy(update={"min_recall_at_5": 0.8}), index.path)
@@ -43,7 +43,7 @@ def test_eval_scores_retrieval_on_the_hand_written_questions_and_gates_on_recall
     assert "## Retrieval" in md and f"| all answerable | 57 | {r.recall_at_1:.3f} | {r.recall_at_5:.3f} | {r.mrr:.3f} |" in md
     m = _store.read_manifest(trained_run / "eval")
     assert m.inputs["index"] == index.content_hash and m.counts["recall_at_5"] == r.recall_at_5
-    run_eval(trained_run, EvalSpec(probes=["도서관은 몇 시에 여나요?"], max_new_tokens=8))   # leave a passing eval for the tests below
+    run_eval(trained_run, EvalSpec(probes=["도서관은 몇 시에 여나요?"], max_new_tokens=8, answer_questions=0))   # leave a passing eval for the tests below
 
 
 def test_the_gate_fails_a_loss_that_is_not_finite():

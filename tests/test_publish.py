@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,9 @@ def test_publish_local_writes_cards_and_refuses_failed_runs(trained_run, tmp_pat
     card = (merged / "README.md").read_text()
     assert card.startswith("---\nlanguage:\n- ko\n") and "| kullm |" in card and "## Prompt template `cbnu2`" in card
     assert "Intended use and limits" in card and "Validation loss" in card
+    # how to chat with it: the exact prompt of a question with a retrieved passage, and the commands
+    assert "## Chat with it" in card and "culbot chat --model" in card and "### 명령어:\n기숙사 신청은 언제 해요?\n\n### 응답:\n" in card
+    assert "apply_chat_template" in card and (merged / "chat_template.jinja").is_file()
     assert (merged / "config.json").is_file() and (merged.parent / "adapter" / "adapter_config.json").is_file()
     assert "base_model:" not in card.split("---")[1]   # the tiny base is not a Hub model
     # the copied run card still finds its local base
@@ -64,6 +68,13 @@ def test_hub_round_trip_through_a_local_hub(trained_run, tmp_path):
             capture_output=True, text=True, env={**env, "HF_TOKEN": TOKEN}, timeout=300)
         assert load.returncode == 0, load.stderr
         assert "GENERATED" in load.stdout and load.stdout.strip().endswith(" 2")
+        assert "culbot_release.json" in repo["files"]
+        # the next eval's baseline is read back from the Hub repo when there is no local registry
+        prev = subprocess.run([sys.executable, "-c", (
+            "from culbot.pipeline_config.train_schema import PublishSpec\nfrom culbot.tasks.releases import previous_release\n"
+            f"r = previous_release(PublishSpec(target='hub', repo_id='cbnu-lab/culbot-tiny', endpoint={hub!r}, local_dir={str(tmp_path / 'none')!r}))\n"
+            "print('PREVIOUS', r.run, r.target)\n")], capture_output=True, text=True, env=env, timeout=120)
+        assert f"PREVIOUS {trained_run.name} hub" in prev.stdout, prev.stderr[-2000:]
     everything = pub.stdout + pub.stderr + load.stdout + load.stderr
     assert TOKEN not in everything
     for f in list(repo["files"].values()) + list(app.repos["cbnu-lab/culbot-tiny-lora"]["files"].values()):
@@ -106,4 +117,10 @@ def test_different_runs_never_publish_into_the_same_folder(trained_run, tmp_path
     a = run_publish(trained_run, None, PublishSpec(target="local", what="adapter", local_dir=tmp_path / "pub"))
     b = run_publish(other, None, PublishSpec(target="local", what="adapter", local_dir=tmp_path / "pub"))
     assert a.published["adapter"].where != b.published["adapter"].where
-    assert len(list((tmp_path / "pub").iterdir())) == 2
+    assert len([p for p in (tmp_path / "pub").iterdir() if p.is_dir()]) == 2
+    # Both releases are in the registry, newest last: the next eval's baseline is the run published last.
+    from culbot.tasks.releases import previous_release
+
+    spec = PublishSpec(target="local", local_dir=tmp_path / "pub")
+    assert previous_release(spec).run == other.name and (tmp_path / "pub" / "registry.json").is_file()
+    assert (Path(b.published["adapter"].where) / "culbot_release.json").is_file()

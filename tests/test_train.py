@@ -36,12 +36,14 @@ def test_tiny_training_writes_exactly_these_files(tmp_path, sample_tokenized, ti
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     ckpt = ["README.md", "adapter_config.json", "adapter_model.safetensors", MARKER, "optimizer.pt", "rng_state.pth", "scheduler.pt",
             "tokenizer.json", "tokenizer_config.json", "trainer_state.json", "training_args.bin"]
+    card = _store.read_model(run / "adapter" / "culbot.json", RunCard)
+    # the training prompt as chat templates: the serving one (default) and one per template trained with
+    chat = ["adapter/chat_template.jinja"] + [f"adapter/additional_chat_templates/{n}.jinja" for n in card.templates.templates]
     assert files == sorted(
         ["config.json", "train_result.json",
          "adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/culbot.json", "adapter/tokenizer.json",
-         "adapter/manifest.json", "adapter/tokenizer_config.json"]
+         "adapter/manifest.json", "adapter/tokenizer_config.json"] + chat
         + [f"checkpoints/checkpoint-{n}/{f}" for n in (3, 6) for f in ckpt])
-    card = _store.read_model(run / "adapter" / "culbot.json", RunCard)
     assert card.base.name == "culbot:tiny" and card.profile == "cpu-tiny"
     assert card.base.location(run / "adapter") == str(tiny_model)   # a path relative to the adapter: no path of this machine
     assert card.template_for("kullm").prompt_no_input.startswith("아래는 작업을 설명하는 명령어입니다.")

@@ -1,0 +1,190 @@
+"""`culbot serve` and `culbot chat`: the OpenAI-compatible API answered through the real `openai` client (a local model and a
+vLLM-like upstream), errors, the bearer token, the queue bound, the vLLM command line; the terminal chat."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+
+from culbot.pipeline_config.train_schema import AnswerSpec
+from culbot.tasks.templates import render_prompt
+
+from .servers.base import serve as serve_scripted
+from .servers.completions import CompletionsApp, CompletionsHandler
+
+QUESTION = "기숙사 신청은 언제 해요?"
+
+
+@contextmanager
+def running(app):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
+def client(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def local_answerer(trained_run, cbnu_index):
+    from culbot.tasks.answer import Answerer
+
+    return Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerSpec(max_new_tokens=16, no_answer_threshold=0.0))
+
+
+def test_the_api_answers_the_openai_client_streaming_and_not(local_answerer):
+    from culbot.tasks.serve_api import create_app
+
+    with running(create_app(local_answerer)) as url:
+        c = client(url)
+        assert [m.id for m in c.models.list().data] == [local_answerer.info().id]
+        r = c.chat.completions.create(model=local_answerer.info().id, messages=[{"role": "user", "content": QUESTION}], max_tokens=8)
+        sources = r.model_extra["sources"]
+        assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "stop"
+        assert sources and {"title", "url", "doc", "score"} <= set(sources[0]) and r.model_extra["culbot"]["refused"] is False
+        assert 0 < r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 50
+        stream = c.chat.completions.create(model=local_answerer.info().id, messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=8, stream=True)
+        chunks = list(stream)
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].model_extra["sources"] == sources
+        assert text.strip() == r.choices[0].message.content   # greedy: the same answer either way
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_as_a_proxy_it_sends_the_training_prompt_upstream(trained_run, cbnu_index):
+    """The vLLM setup: this process retrieves and renders; the upstream completions server generates."""
+    from culbot.tasks.answer import Answerer
+    from culbot.tasks.run_folder import read_run_card
+    from culbot.tasks.serve_api import create_app
+
+    app = CompletionsApp(script=lambda p: "2월 3일부터 신청합니다.\n\n### 명령어:\n다른 질문")
+    with serve_scripted(CompletionsHandler, app) as upstream:
+        a = Answerer.load(trained_run / "adapter", cbnu_index, upstream=f"{upstream}/v1", served_name="culbot-test",
+                          spec=AnswerSpec(no_answer_threshold=0.0))
+        with running(create_app(a)) as url:
+            c = client(url)
+            history = [{"role": "user", "content": "안녕"}, {"role": "assistant", "content": "안녕하세요"}]
+            r = c.chat.completions.create(model="culbot-test", messages=[*history, {"role": "user", "content": QUESTION}])
+            streamed = "".join(ch.choices[0].delta.content or "" for ch in
+                               c.chat.completions.create(model="culbot-test", messages=[{"role": "user", "content": QUESTION}], stream=True)
+                               if ch.choices)
+    t = read_run_card(trained_run / "adapter").template_for("cbnu")
+    assert r.choices[0].message.content == "2월 3일부터 신청합니다." == streamed.strip()
+    prompt = app.prompts[0]
+    ctx = prompt.split("### 입력:\n")[1].split("\n\n### 응답:")[0]
+    assert prompt == render_prompt(t, QUESTION, ctx) and ctx.startswith("[참고 1] ")
+    assert app.requests[0]["stop"] == ["### 명령어:", "### 입력:", "### 응답:"] and app.requests[0]["model"] == "culbot-test"
+    assert "no conversation form" in " ".join(r.model_extra["culbot"]["notes"])
+
+
+def scripted_answerer(trained_run, upstream: str, **spec):
+    from culbot.tasks.answer import Answerer
+
+    return Answerer.load(trained_run / "adapter", upstream=f"{upstream}/v1", served_name="m", spec=AnswerSpec(**spec))
+
+
+def test_bad_requests_get_openai_shaped_errors(trained_run):
+    from culbot.tasks.serve_api import create_app
+
+    with serve_scripted(CompletionsHandler, CompletionsApp(script=lambda p: "네.")) as upstream, \
+            running(create_app(scripted_answerer(trained_run, upstream))) as url:
+        c = client(url)
+        with pytest.raises(openai.BadRequestError, match="messages"):
+            c.chat.completions.create(model="m", messages=[])
+        with pytest.raises(openai.BadRequestError, match="last message must be the user"):
+            c.chat.completions.create(model="m", messages=[{"role": "assistant", "content": "hi"}])
+        with pytest.raises(openai.NotFoundError, match="not served here"):
+            c.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):
+            c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=0)
+        bad = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+        assert c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}]).choices[0].message.content == "네."
+
+
+def test_a_bearer_token_from_the_environment_is_required_when_set(trained_run, monkeypatch):
+    from culbot.tasks.serve_api import create_app
+
+    monkeypatch.setenv("CULBOT_TEST_KEY", "s3cret-token")
+    with serve_scripted(CompletionsHandler, CompletionsApp(script=lambda p: "네.")) as upstream, \
+            running(create_app(scripted_answerer(trained_run, upstream), api_key_env="CULBOT_TEST_KEY")) as url:
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        ok = client(url, "s3cret-token").chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert ok.choices[0].message.content == "네."
+        assert httpx.get(f"{url}/health").status_code == 200   # health stays open for load balancers
+
+
+def test_past_the_queue_bound_a_request_gets_503_with_retry_after(trained_run):
+    from culbot.tasks.serve_api import create_app
+
+    def slow(prompt: str) -> str:
+        time.sleep(1.5)
+        return "늦은 답"
+
+    with serve_scripted(CompletionsHandler, CompletionsApp(script=slow)) as upstream, \
+            running(create_app(scripted_answerer(trained_run, upstream), max_queue=0)) as url:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=30)
+            time.sleep(0.5)
+            second = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+            assert first.result().status_code == 200
+        assert second.status_code == 503 and second.headers["retry-after"] == "5"
+        assert second.json()["error"]["type"] == "server_busy"
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 200   # the slot is free again
+
+
+def test_vllm_engine_prints_the_vllm_command_and_the_retrieval_proxy(trained_run, cbnu_index, capsys):
+    from culbot.flows.cli import main
+
+    adapter = trained_run / "adapter"
+    assert main(["serve", "--engine", "vllm", "--model", str(adapter), "--index", str(cbnu_index), "--port", "9000", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    vllm = next(line for line in out.splitlines() if line.startswith("vllm: "))
+    assert vllm.startswith("vllm: vllm serve ") and f"--enable-lora --lora-modules {trained_run.name}=" in vllm
+    assert f"--chat-template {adapter.resolve() / 'chat_template.jinja'}" in vllm and "--port 9001" in vllm
+    assert f"--upstream http://127.0.0.1:9001/v1 --served-name {trained_run.name} --host 127.0.0.1 --port 9000" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(shutil.which("vllm") is None or not os.environ.get("CUDA_VISIBLE_DEVICES", "x"), reason="needs vllm and a GPU")
+def test_vllm_serves_the_training_prompt_live():   # pragma: no cover - GPU hosts only
+    pytest.skip("run deploy/README.md's vLLM check on a GPU host")
+
+
+def test_chat_once_answers_with_sources_as_json_and_shows_the_prompt(trained_run, cbnu_index, capsys):
+    from culbot.flows.cli import main
+
+    adapter = str(trained_run / "adapter")
+    assert main(["chat", "--model", adapter, "--index", str(cbnu_index), "--once", QUESTION, "--json", "--max-new-tokens", "6"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["question"] == QUESTION and out["sources"] and out["prompt"].endswith("### 응답:\n")
+    assert out["refused"] or out["tokens"] > 0
+    assert main(["chat", "--model", adapter, "--index", str(cbnu_index), "--once", QUESTION, "--show-prompt", "--max-new-tokens", "6"]) == 0
+    shown = capsys.readouterr().out
+    assert "----- prompt (" in shown and f"### 명령어:\n{QUESTION}" in shown and "  [1] " in shown
