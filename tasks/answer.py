@@ -89,6 +89,12 @@ class Reply:
         self.seconds = time.monotonic() - self._t0
         self.text = self.text.strip()
 
+    def cancel(self) -> None:
+        """Stop generating (a client went away); what was generated so far stays in .text."""
+        stop = self.meter.get("cancel")
+        if stop is not None:
+            stop.set()
+
     def finish(self) -> "Reply":
         for _ in self:
             pass
@@ -147,13 +153,20 @@ class LocalGenerator:
         import torch
         from transformers import TextIteratorStreamer
 
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
         tok = self.tokenizer
         enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        cancel = meter["cancel"] = threading.Event()
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw) -> bool:
+                return cancel.is_set()
         kwargs = dict(**enc, streamer=streamer, max_new_tokens=spec.max_new_tokens, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                       repetition_penalty=spec.repetition_penalty, do_sample=spec.do_sample,
-                      stop_strings=stops or None, tokenizer=tok)
+                      stop_strings=stops or None, tokenizer=tok, stopping_criteria=StoppingCriteriaList([Cancelled()]))
         if spec.do_sample:
             kwargs.update(temperature=spec.temperature, top_p=spec.top_p)
         else:

@@ -285,6 +285,7 @@ class EvalReport(Versioned):
     answer: AnswerSpec | None = None        # how the model answered (chat, serve and demo answer the same way)
     answers: AnswerQuality | None = None    # answer quality, against the previous model
     index: str | None = None                # content hash of the index it was evaluated with
+    index_name: str | None = None           # and its folder's name (artifacts/indexes/<name>)
 
     @property
     def passed(self) -> bool:

@@ -196,7 +196,7 @@ def run_eval(run_dir: Path, spec: EvalSpec, index: Path | StageRef | None = None
     res = EvalReport(run=run_dir.name, status="passed" if ok else "failed", reason=reason, eval_loss=loss,
                      perplexity=math.exp(loss) if math.isfinite(loss) and loss < 50 else float("inf"), label_tokens=n,
                      template=template.name, probes=probes, seconds=round(time.monotonic() - t0, 2), retrieval=retrieval,
-                     answer=answer, answers=answers, index=index_hash)
+                     answer=answer, answers=answers, index=index_hash, index_name=index_dir.name if index_dir else None)
     out = run_dir / EVAL
     (out / _store.MANIFEST).unlink(missing_ok=True)
     _store.write_model(out / EVAL_REPORT_FILE, res)

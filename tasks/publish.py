@@ -97,7 +97,9 @@ def model_card(card: RunCard, evaluation: EvalReport, kind: str, repo_name: str,
         from .answer_quality import markdown as answer_markdown
 
         quality = "\n".join(answer_markdown(evaluation.answers, examples=3)[2:]) + "\n"
-    index = f"Evaluated with the retrieval index `{short_hash(evaluation.index)}` (content hash `{evaluation.index}`).\n" if evaluation.index else ""
+    index = (f"Evaluated with the retrieval index `artifacts/indexes/{evaluation.index_name}` (content hash `{evaluation.index}`); "
+             "serve with the same index.\n") if evaluation.index else ""
+    index_dir = f"artifacts/indexes/{evaluation.index_name or '<index>'}"
     ctx = card.templates.context
     context = ""
     if ctx is not None:
@@ -141,8 +143,8 @@ Format prompts exactly like this (the templates are also saved as `templates.jso
 ## Chat with it
 
 ```bash
-culbot chat --model ./{repo_name.split('/')[-1]} --index artifacts/indexes/<index> --once "기숙사 신청은 언제 해요?"
-culbot serve --model ./{repo_name.split('/')[-1]} --index artifacts/indexes/<index> --port 8000   # OpenAI-compatible API
+culbot chat --model ./{repo_name.split('/')[-1]} --index {index_dir} --once "기숙사 신청은 언제 해요?"
+culbot serve --model ./{repo_name.split('/')[-1]} --index {index_dir} --port 8000   # OpenAI-compatible API
 ```
 
 Generation: greedy{'' if not spec or not spec.do_sample else f' sampling (temperature {spec.temperature}, top_p {spec.top_p})'}, at most

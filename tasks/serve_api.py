@@ -79,6 +79,8 @@ def split_messages(messages: list[Message]) -> tuple[str, list[tuple[str, str]]]
     turns = [m for m in messages if m.role != "system"]
     if not turns or turns[-1].role != "user":
         raise ValueError("the last message must be the user's question")
+    if not turns[-1].content.strip():
+        raise ValueError("the user's question is empty")
     history, pending = [], None
     for m in turns[:-1]:
         if m.role == "user":
@@ -131,7 +133,7 @@ def create_app(answerer: Answerer, *, max_queue: int = 8, api_key_env: str = "CU
     @app.get("/v1/models")
     def models():
         return {"object": "list", "data": [{"id": info.id, "object": "model", "created": 0, "owned_by": "culbot",
-                                            "culbot": info.model_dump()}]}
+                                            "culbot": info.model_dump(exclude={"folder"})}]}   # no path of the server
 
     def settings(req: ChatRequest):
         spec = answerer.spec
@@ -195,6 +197,7 @@ def create_app(answerer: Answerer, *, max_queue: int = 8, api_key_env: str = "CU
                 log.exception("streaming failed")
                 yield f"data: {json.dumps({'error': {'message': f'{type(e).__name__}: {e}', 'type': 'server_error'}})}\n\n"
             finally:
+                r.cancel()   # a client that went away stops its generation, freeing the model for the queue
                 gate.leave()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -131,3 +131,16 @@ def test_a_model_that_says_nothing_gets_the_empty_answer_notice_not_a_blank(trai
         r = a.answer("기숙사 신청은 언제 해요?")
     assert r.empty and not r.refused and r.text == AnswerSpec().empty_answer and r.sources
     assert "generated no text" in " ".join(r.notes) and r.as_dict()["empty"] is True
+
+
+def test_a_cancelled_reply_stops_generating(trained_run):
+    """What the API does when a streaming client goes away: the model is freed for the next request."""
+    from culbot.tasks.answer import Answerer
+
+    base = Answerer.load(trained_run / "adapter", spec=AnswerSpec(max_new_tokens=400, repetition_penalty=1.0)).base_model()
+    r = base.reply("도서관은 몇 시에 여나요?")   # the base tiny model never ends early: 400 tokens unless stopped
+    it = iter(r)
+    next(it)
+    r.cancel()
+    rest = list(it)
+    assert r.meter["tokens"] < 400 and len(rest) < 400

@@ -3,7 +3,6 @@ vLLM-like upstream), errors, the bearer token, the queue bound, the vLLM command
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import threading
@@ -117,6 +116,8 @@ def test_bad_requests_get_openai_shaped_errors(trained_run):
             c.chat.completions.create(model="m", messages=[])
         with pytest.raises(openai.BadRequestError, match="last message must be the user"):
             c.chat.completions.create(model="m", messages=[{"role": "assistant", "content": "hi"}])
+        with pytest.raises(openai.BadRequestError, match="question is empty"):
+            c.chat.completions.create(model="m", messages=[{"role": "user", "content": "  "}])
         with pytest.raises(openai.NotFoundError, match="not served here"):
             c.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
         with pytest.raises(openai.BadRequestError, match="max_tokens"):
@@ -171,10 +172,55 @@ def test_vllm_engine_prints_the_vllm_command_and_the_retrieval_proxy(trained_run
     assert f"--upstream http://127.0.0.1:9001/v1 --served-name {trained_run.name} --host 127.0.0.1 --port 9000" in out
 
 
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(shutil.which("vllm") is None or not os.environ.get("CUDA_VISIBLE_DEVICES", "x"), reason="needs vllm and a GPU")
-def test_vllm_serves_the_training_prompt_live():   # pragma: no cover - GPU hosts only
-    pytest.skip("run deploy/README.md's vLLM check on a GPU host")
+@pytest.mark.skipif(shutil.which("vllm") is None or not _cuda(), reason="needs vllm and a CUDA GPU")
+def test_vllm_renders_the_training_prompt_live(trained_run, tmp_path):   # pragma: no cover - GPU hosts only
+    """On a GPU host: vLLM, started by `culbot serve --engine vllm`, tokenizes a chat request exactly as training rendered it."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from culbot.pipeline_config.train_schema import MergeAdapterSpec
+    from culbot.tasks.merge_adapter import run_merge_adapter
+    from culbot.tasks.run_folder import read_run_card
+
+    merged = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], trained_run / "eval").path
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "culbot.flows.cli", "serve", "--engine", "vllm", "--model", str(merged), "--port", str(port)])
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(3)
+        docs = [{"title": "생활관 입사 안내", "text": "입사 신청은 2월에 합니다."}]
+        got = httpx.post(f"http://127.0.0.1:{port}/tokenize", json={"model": f"culbot-{merged.name}", "add_generation_prompt": True,
+                         "messages": [{"role": "user", "content": QUESTION}], "chat_template_kwargs": {"documents": docs}},
+                         timeout=30).json()["tokens"]
+        card, tok = read_run_card(merged), AutoTokenizer.from_pretrained(str(merged))
+        from culbot.tasks.contracts import ContextFormat
+        from culbot.tasks.templates import render_context
+
+        ctx = render_context([(d["title"], d["text"]) for d in docs], card.templates.context or ContextFormat())
+        want = tok(render_prompt(card.template_for("cbnu"), QUESTION, ctx), add_special_tokens=False)["input_ids"]
+        assert got == want
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 def test_chat_once_answers_with_sources_as_json_and_shows_the_prompt(trained_run, cbnu_index, capsys):
@@ -188,3 +234,15 @@ def test_chat_once_answers_with_sources_as_json_and_shows_the_prompt(trained_run
     assert main(["chat", "--model", adapter, "--index", str(cbnu_index), "--once", QUESTION, "--show-prompt", "--max-new-tokens", "6"]) == 0
     shown = capsys.readouterr().out
     assert "----- prompt (" in shown and f"### 명령어:\n{QUESTION}" in shown and "  [1] " in shown
+
+
+def test_interactive_chat_keeps_the_conversation_until_reset(trained_run, cbnu_index, capsys, monkeypatch):
+    from culbot.flows.cli import main
+
+    lines = iter(["기숙사 신청은 언제 해요?", "그럼 주말에는요?", "/reset", "", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", str(trained_run / "adapter"), "--index", str(cbnu_index), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Culbot: {trained_run.name} (run ") and "/reset clears the conversation" in out
+    assert out.count("  [1] ") == 2   # sources under each answer
+    assert "no conversation form" in out   # the second question came with history, which this template cannot render

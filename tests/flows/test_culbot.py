@@ -6,7 +6,7 @@ import pytest
 
 from culbot.tasks import _store
 from culbot.tasks.contracts import short_hash
-from tests.conftest import SAMPLES, sample_profile_file, task_states
+from tests.conftest import SAMPLES, flow_artifacts, sample_profile_file, task_states
 
 
 @pytest.mark.slow
@@ -31,13 +31,18 @@ def test_full_chain_then_a_cached_rerun_on_a_host_without_the_artifacts(tmp_path
         assert out.run.packing.rows < out.run.packing.examples   # cpu-tiny packs, as the GPU profiles
         assert _store.is_complete(out.model.path) and _store.is_complete(out.run.path) and _store.is_complete(out.tokenized.path)
         pub = tmp_path / "publish"
-        folder = next(pub.iterdir())
+        folder = next(p for p in pub.iterdir() if p.is_dir())
         assert sorted(p.name for p in folder.iterdir()) == ["adapter", "manifest.json", "merged"]
         card = (folder / "merged" / "README.md").read_text()
         assert card.startswith("---\nlanguage:") and "With retrieval, put the retrieved passages in `input`, each as `[참고 {n}] {title}\\n{text}`" in card
         assert "25% had none" in card and "Retrieval over the CBNU documents (" in card and "recall@5" in card
         report = (out.run.run_dir / "eval" / "eval.md").read_text()
         assert "## Retrieval" in report and "| paraphrase |" in report and "| validation QA |" in report   # hand-written and held-out questions
+        # answer quality against the base model (the first release), reported (cpu-tiny: eval.gate=report), in the card too
+        assert "compared with **base model culbot:tiny**" in report and "answers side by side" in report
+        assert "## Chat with it" in card and f"Evaluated with the retrieval index `artifacts/indexes/{out.data.index.path.name}`" in card
+        assert "## Answer quality" in flow_artifacts(state.state_details.flow_run_id)["eval-report"]
+        assert (pub / "registry.json").is_file()   # the next eval's baseline; it does not change this run's cache keys (below)
         cold = [x for x in task_states(state.state_details.flow_run_id) if x[0] != "data-refresh"]   # the subflow's own run
         assert [n for n, _ in cold] == ["eval", "merge-adapter", "publish", "tokenize", "train"] and {s for _, s in cold} == {"Completed"}
         with get_client(sync_client=True) as client:
