@@ -147,11 +147,11 @@ culbot chat --model ./{repo_name.split('/')[-1]} --index {index_dir} --once "기
 culbot serve --model ./{repo_name.split('/')[-1]} --index {index_dir} --port 8000   # OpenAI-compatible API
 ```
 
-Generation: greedy{'' if not spec or not spec.do_sample else f' sampling (temperature {spec.temperature}, top_p {spec.top_p})'}, at most
-{spec.max_new_tokens if spec else 256} new tokens, repetition penalty {spec.repetition_penalty if spec else 1.1}; the answer ends at the tokenizer's EOS
-or the template's next section header. Below the no-answer threshold
-({spec.no_answer_threshold if spec and spec.no_answer_threshold is not None else 'not measured'}) of the top retrieval score, Culbot does not
-generate: it says it does not know and names the office to ask.
+Generation: {'greedy' if not spec or not spec.do_sample else f'sampling (temperature {spec.temperature}, top_p {spec.top_p})'}, at most {spec.max_new_tokens if spec else 256} new tokens,
+repetition penalty {spec.repetition_penalty if spec else 1.1}; the answer ends at the tokenizer's EOS or the template's next section header.
+When the retrieval confidence (best lexical score × the share of the question's words in the top document) is under
+{spec.no_answer_threshold if spec and spec.no_answer_threshold is not None else 'the threshold eval measures'}, Culbot does not generate:
+it says it does not know and names the office to ask.
 
 ## Training
 
