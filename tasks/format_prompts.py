@@ -21,7 +21,7 @@ from culbot.pipeline_config.schema import FormatConfig, RagConfig
 from . import _store
 from ._prefect import stage_cache
 from .contracts import TEMPLATES_FILE, ContextFormat, StageOutput, StageRef, TemplateSet, short_hash
-from .templates import load_template, render_context, render_prompt
+from .templates import RENDERER_VERSION, load_template, render_context, render_prompt
 
 log = logging.getLogger("culbot.format")
 
@@ -98,7 +98,7 @@ def run_format(dataset_dir: Path | StageRef, fmt: FormatConfig, out_root: Path |
     splits = {s: _store.read_table(dataset_dir / f"{s}.parquet") for s in ("train", "validation")}
     with_ctx = {s: with_context(rows, index_dir, rag, templates.context) if templates.context else 0 for s, rows in splits.items()}
     splits = {s: format_rows(rows, templates, tokenizer) for s, rows in splits.items()}
-    version = _store.hash_json({"dataset": dataset.content_hash, "templates": templates.model_dump(mode="json"),
+    version = _store.hash_json({"dataset": dataset.content_hash, "templates": templates.model_dump(mode="json"), "renderer": RENDERER_VERSION,
                                 "chat_tokenizer": fmt.chat_tokenizer, **context_inputs})
     final = out_root / short_hash(version)
     if _store.is_complete(final):

@@ -9,6 +9,7 @@ the template saved in the run card, so prompts never drift between them.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +58,29 @@ def render_prompt(t: Template, instruction: str, input: str = "", tokenizer: Any
         # The base template, not a culbot one installed on this tokenizer (that one adds the persona itself).
         base = tokenizer.chat_template.get("base") if isinstance(tokenizer.chat_template, dict) else None
         return tokenizer.apply_chat_template(messages, chat_template=base, tokenize=False, add_generation_prompt=True)
-    # str.replace, not str.format: user text may contain braces.
     if input:
-        return t.prompt_input.replace("{instruction}", instruction).replace("{input}", input)
-    return t.prompt_no_input.replace("{instruction}", instruction)
+        return fill(t.prompt_input, instruction=instruction, input=input)
+    return fill(t.prompt_no_input, instruction=instruction)
 
 
 def render_context(passages: list[tuple[str, str]], fmt: ContextFormat) -> str:
     """Retrieved passages, (title, text) in order, as the `input` of a prompt: the same text in training and serving."""
-    return fmt.joiner.join(fmt.passage.replace("{n}", str(n)).replace("{title}", title).replace("{text}", text)
-                           for n, (title, text) in enumerate(passages, 1))
+    return fmt.joiner.join(fill(fmt.passage, n=str(n), title=title, text=text) for n, (title, text) in enumerate(passages, 1))
+
+
+def _pieces(template: str, fields: tuple[str, ...]) -> list[tuple[str, str]]:
+    """A template as ("text", literal) and ("field", name) pieces, in order."""
+    out, at = [], 0
+    for m in re.finditer("|".join(re.escape("{" + f + "}") for f in fields), template):
+        out += [("text", template[at:m.start()]), ("field", m.group(0)[1:-1])]
+        at = m.end()
+    return [p for p in out + [("text", template[at:])] if p != ("text", "")]
+
+
+def fill(template: str, **values: str) -> str:
+    """The template with each {field} replaced once, in one pass: a value is never searched for fields itself, so a
+    student's literal "{input}" or braces stay as typed (str.format would fail, chained str.replace would re-substitute)."""
+    return "".join(v if kind == "text" else values[v] for kind, v in _pieces(template, tuple(values)))
 
 
 def extract_response(t: Template, generated: str) -> str:
@@ -76,6 +90,9 @@ def extract_response(t: Template, generated: str) -> str:
     return generated.strip()
 
 
+RENDERER_VERSION = 2   # 2: fields filled in one pass (fill); part of the format stage's key, so old renderings are rebuilt
+
+
 # ----- the same prompt as a Jinja chat template (saved in every adapter's and merged model's tokenizer) -----
 
 def _lit(text: str) -> str:
@@ -83,13 +100,22 @@ def _lit(text: str) -> str:
     return json.dumps(text)
 
 
+_TITLE = "(d['title'] if d['title'] is defined else '')"
+_TEXT = "d['text']"
+
+
+def _jinja_concat(template: str, fields: dict[str, str]) -> str:
+    """A Jinja expression that renders ``template`` as :func:`fill` does: literals and variables joined with ~."""
+    parts = [_lit(v) if kind == "text" else fields[v] for kind, v in _pieces(template, tuple(fields))]
+    return " ~ ".join(parts) or "''"
+
+
 def _context_jinja(fmt: ContextFormat | None) -> str:
     """Sets ns.context from `documents` ({title, text} each), exactly as render_context joins them."""
     fmt = fmt or ContextFormat()
     return ("{%- set ns.context = '' -%}"
             "{%- if documents is defined and documents -%}{%- for d in documents -%}"
-            f"{{%- set p = {_lit(fmt.passage)}|replace('{{n}}', loop.index|string)|replace('{{title}}', d['title'] if d['title'] is defined else '')"
-            "|replace('{text}', d['text']) -%}"
+            f"{{%- set p = {_jinja_concat(fmt.passage, {'n': '(loop.index|string)', 'title': _TITLE, 'text': _TEXT})} -%}}"
             f"{{%- set ns.context = p if loop.first else ns.context ~ {_lit(fmt.joiner)} ~ p -%}}"
             "{%- endfor -%}{%- endif -%}")
 
@@ -110,9 +136,9 @@ def chat_template_jinja(t: Template, context: ContextFormat | None = None, base_
             "{%- elif ns.context -%}{%- set ns.input = ns.context -%}{%- endif -%}")
     if t.kind == "alpaca":
         return (head + "{%- if ns.input -%}"
-                f"{{{{- {_lit(t.prompt_input)}|replace('{{instruction}}', ns.instruction)|replace('{{input}}', ns.input) -}}}}"
+                f"{{{{- {_jinja_concat(t.prompt_input, {'instruction': 'ns.instruction', 'input': 'ns.input'})} -}}}}"
                 "{%- else -%}"
-                f"{{{{- {_lit(t.prompt_no_input)}|replace('{{instruction}}', ns.instruction) -}}}}"
+                f"{{{{- {_jinja_concat(t.prompt_no_input, {'instruction': 'ns.instruction'})} -}}}}"
                 "{%- endif -%}")
     if not base_chat_template:
         raise ConfigError(f"template {t.name!r} wraps the base tokenizer's chat template, and that tokenizer has none")

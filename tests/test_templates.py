@@ -24,8 +24,8 @@ def test_kullm_matches_the_published_text_exactly():
 
 
 def test_koalpaca_alpaca_and_cbnu_exact():
-    assert render_prompt(load_template("koalpaca"), "질문입니다") == "### 질문: 질문입니다\n\n### 답변:"
-    assert render_prompt(load_template("koalpaca"), "질문", "맥락") == "### 질문: 질문\n\n### 맥락: 맥락\n\n### 답변:"
+    assert render_prompt(load_template("koalpaca"), "질문입니다") == "### 질문: 질문입니다\n\n### 답변: "   # "### 답변: {output}", as KoAlpaca
+    assert render_prompt(load_template("koalpaca"), "질문", "맥락") == "### 질문: 질문\n\n### 맥락: 맥락\n\n### 답변: "
     assert render_prompt(load_template("alpaca"), "Say hi") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         "\n\n### Instruction:\nSay hi\n\n### Response:\n")
@@ -37,6 +37,17 @@ def test_koalpaca_alpaca_and_cbnu_exact():
 def test_user_braces_are_not_template_fields():
     out = render_prompt(load_template("kullm"), "코드 {x} 설명", "f'{y}'")
     assert "코드 {x} 설명" in out and "f'{y}'" in out
+
+
+def test_fields_are_filled_once_so_a_literal_field_in_user_text_stays():
+    """Chained str.replace put the input into an instruction that said "{input}"; one pass never re-substitutes."""
+    t = load_template("kullm")
+    out = render_prompt(t, "템플릿의 {input} 자리에는 무엇이 들어가나요?", "입력 {instruction} 끝")
+    assert "### 명령어:\n템플릿의 {input} 자리에는 무엇이 들어가나요?\n\n### 입력:\n입력 {instruction} 끝\n\n### 응답:\n" in out
+    from culbot.tasks.contracts import ContextFormat
+    from culbot.tasks.templates import render_context
+
+    assert render_context([("{text} 제목", "본문 {n} {title}")], ContextFormat()) == "[참고 1] {text} 제목\n본문 {n} {title}"
 
 
 def test_extract_response_uses_the_same_split():
