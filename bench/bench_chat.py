@@ -132,14 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "chat.json")
     a = ap.parse_args(argv)
 
-    from culbot.pipeline_config.train_schema import AnswerSpec
-    from culbot.tasks.answer import Answerer, eval_report_of
-    from culbot.tasks.run_folder import read_run_card
+    from culbot.tasks.answer import Answerer
 
-    ev = eval_report_of(a.model, read_run_card(a.model))
-    spec = ((ev.answer if ev and ev.answer else None) or AnswerSpec()).model_copy(update={"max_new_tokens": a.max_new_tokens})
     t0 = time.perf_counter()
-    answerer = Answerer.load(a.model, a.index, spec=spec)
+    answerer = Answerer.load(a.model, a.index, max_new_tokens=a.max_new_tokens)
     load_s = round(time.perf_counter() - t0, 2)
     if a.base_model:
         answerer = answerer.base_model()

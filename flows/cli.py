@@ -229,7 +229,7 @@ def evaluate(a, tp: TrainProfile) -> int:
 
     res = run_eval(a.run, tp.eval, a.index, answer=tp.answer, dataset=a.dataset, publish=tp.publish)
     if res.answers is not None:
-        print(f"answer quality against {res.answers.baseline}: " + ", ".join(f"{k} {v}" for k, v in res.answers.metrics_dict().items()))
+        print(f"answer quality against {res.answers.baseline}: " + ", ".join(f"{k} {v}" for k, v in res.answers.metrics.gated().items()))
     print(f"gate: {res.reason}")
     print(f"eval {res.status}: loss {res.eval_loss:.4f}, perplexity {res.perplexity:.2f}; report {a.run.resolve() / EVAL / REPORT_MD}")
     return 0 if res.passed else 1
@@ -316,15 +316,7 @@ def templates(a, _) -> int:
 def _answerer(a, **kw):
     from culbot.tasks.answer import Answerer
 
-    spec = None
-    if getattr(a, "max_new_tokens", None):
-        from culbot.tasks.answer import eval_report_of
-        from culbot.tasks.run_folder import read_run_card
-        from culbot.pipeline_config.train_schema import AnswerSpec
-
-        ev = eval_report_of(a.model, read_run_card(a.model))
-        spec = ((ev.answer if ev and ev.answer else None) or AnswerSpec()).model_copy(update={"max_new_tokens": a.max_new_tokens})
-    return Answerer.load(a.model, a.index, spec=spec, **kw)
+    return Answerer.load(a.model, a.index, max_new_tokens=a.max_new_tokens, **kw)
 
 
 def _print_reply(r, show_prompt: bool) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import threading
 import time
@@ -197,8 +198,6 @@ class RemoteGenerator:
     """An OpenAI-compatible /v1/completions server (vLLM, TGI, another `culbot serve`) given the rendered prompt."""
 
     def __init__(self, base_url: str, model: str, tokenizer=None, api_key_env: str = "CULBOT_UPSTREAM_API_KEY"):
-        import os
-
         from openai import OpenAI
 
         self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "none", max_retries=1)
@@ -240,18 +239,9 @@ def eval_report_of(folder: Path, card: RunCard) -> EvalReport | None:
 
 def load_local(folder: Path, dtype: str | None = None):
     """(model, tokenizer, card) of a merged model or an adapter folder, in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .model_io import load_adapted, load_merged
 
-    from .model_io import load_adapted, torch_dtype
-
-    folder = Path(folder)
-    if is_adapter(folder):
-        return load_adapted(folder, dtype)
-    card = read_run_card(folder)
-    dt = torch_dtype(dtype) if dtype else (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt, device_map="auto" if torch.cuda.is_available() else None)
-    return model.eval(), AutoTokenizer.from_pretrained(str(folder)), card
+    return (load_adapted if is_adapter(folder) else load_merged)(Path(folder), dtype)
 
 
 def office_for(question: str, spec: AnswerSpec) -> tuple[str, str]:
@@ -285,8 +275,9 @@ class Answerer:
 
     @classmethod
     def load(cls, folder: Path, index: Path | None = None, *, spec: AnswerSpec | None = None, upstream: str | None = None,
-             served_name: str | None = None, dtype: str | None = None) -> "Answerer":
-        """``upstream``: an OpenAI-compatible base URL that generates (vLLM); only the tokenizer is loaded here."""
+             served_name: str | None = None, dtype: str | None = None, max_new_tokens: int | None = None) -> "Answerer":
+        """``upstream``: an OpenAI-compatible base URL that generates (vLLM); only the tokenizer is loaded here.
+        ``max_new_tokens``: overrides the answer settings' (the model's, or ``spec``)."""
         folder = Path(folder).resolve()
         if upstream:
             from transformers import AutoTokenizer
@@ -303,14 +294,17 @@ class Answerer:
             from .retrieval import Retriever
 
             retriever = Retriever(Path(index))
-        return cls(folder, generator, tokenizer, card, retriever=retriever, spec=spec, index_dir=index)
+        answerer = cls(folder, generator, tokenizer, card, retriever=retriever, spec=spec, index_dir=index)
+        if max_new_tokens:
+            answerer.spec = answerer.spec.model_copy(update={"max_new_tokens": max_new_tokens})
+        return answerer
 
     def info(self) -> ModelInfo:
         ev = self.evaluation
         return ModelInfo(id=self.generator.name, folder=str(self.folder), kind="adapter" if is_adapter(self.folder) else "merged",
                          run=ev.run if ev else None, dataset=short_hash(self.card.lineage.dataset or "") or None,
                          template=self.template.name, eval_status=ev.status if ev else None, eval_loss=ev.eval_loss if ev else None,
-                         answer_metrics=ev.answers.metrics_dict() if ev and ev.answers else {},
+                         answer_metrics=ev.answers.metrics.gated() if ev and ev.answers else {},
                          index=self.index_dir.name if self.index_dir else None, no_answer_threshold=self.threshold)
 
     def history_for_prompt(self, history: list[tuple[str, str]], notes: list[str]) -> list[tuple[str, str]]:
@@ -381,7 +375,12 @@ class Answerer:
 
     def counted(self, r: Reply) -> Reply:
         """A finished reply with its generated tokens counted (for usage and tokens/s)."""
-        r.tokens = 0 if r.refused else r.meter.get("tokens", 0) if r.meter.get("empty") else r.meter.get("tokens") or self.generator.count_tokens(r.text)
+        if r.refused:
+            r.tokens = 0
+        elif "tokens" in r.meter:   # the local model's own count
+            r.tokens = r.meter["tokens"]
+        else:                       # a remote server's text, minus the empty-answer notice
+            r.tokens = 0 if r.empty else self.generator.count_tokens(r.text)
         return r
 
     def prompt_tokens(self, r: Reply) -> int:

@@ -347,9 +347,6 @@ class AnswerQuality(Contract):
     examples: list[AnswerExample]
     baseline_answers: dict[str, str] = {}      # question id -> the baseline's answer, for side-by-side examples
 
-    def metrics_dict(self) -> dict[str, float]:
-        return self.metrics.gated()
-
 
 class Release(Contract):
     """One published model in the registry (<publish.local_dir>/registry.json, and culbot_release.json on the Hub)."""

@@ -31,7 +31,7 @@ from ._prefect import stage_cache
 from .contracts import (EVAL_REPORT_FILE, AnswerQuality, EvalOutput, EvalReport, ProbeAnswer, Release, RetrievalMetrics, RunCard, RunRef,
                         StageRef, Template, short_hash)
 from .model_io import load_adapted
-from .releases import registry_path
+from .releases import previous_release, registry_path
 from .run_folder import ADAPTER, EVAL, read_config, require_completed
 from .templates import extract_response, render_prompt
 
@@ -187,8 +187,6 @@ def run_eval(run_dir: Path, spec: EvalSpec, index: Path | StageRef | None = None
         index_hash = im.content_hash
     answers, answer = None, answer or AnswerSpec()
     if spec.answer_questions > 0:
-        from .releases import previous_release
-
         dataset_dir = _store.read_input(dataset, "eval: the dataset is not a finished dataset version")[0] if dataset else find_dataset(card)
         answers, answer = evaluate_answer_quality(model, tokenizer, card, run_dir / ADAPTER, spec, answer, index_dir, retrieval, dataset_dir,
                                                   previous_release(publish, exclude_run=run_dir.name) if publish else None)
@@ -204,7 +202,7 @@ def run_eval(run_dir: Path, spec: EvalSpec, index: Path | StageRef | None = None
     inputs = {"adapter": _store.read_manifest(run_dir / ADAPTER).content_hash, **({"index": index_hash} if index_hash else {})}
     counts = {"eval_loss": loss, "label_tokens": n, "status": res.status,
               **({"recall_at_1": retrieval.recall_at_1, "recall_at_5": retrieval.recall_at_5, "mrr": retrieval.mrr} if retrieval else {}),
-              **(answers.metrics_dict() if answers else {})}
+              **(answers.metrics.gated() if answers else {})}
     _store.write_manifest(out, stage="eval", inputs=inputs, lineage=card.lineage, config=spec.model_dump(mode="json"),
                           counts=counts, timings={"eval": res.seconds})
     log.info("eval %s: loss %.4f, perplexity %.2f (%s); report %s", res.status, loss, res.perplexity, reason, out / REPORT_MD)
@@ -231,8 +229,6 @@ def questions_hash(spec: EvalSpec) -> str | None:
 def release_key(publish: PublishSpec, run: str) -> str | None:
     """The baseline release of ``run`` (the last one of another run), for the eval task's cache key: a new release
     is a new baseline, while publishing this run itself changes nothing (a rerun stays cached)."""
-    from .releases import previous_release
-
     prev = previous_release(publish, exclude_run=run) if registry_path(publish).is_file() else None
     return f"{prev.run}@{prev.at}" if prev else None
 

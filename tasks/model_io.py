@@ -55,19 +55,29 @@ def resolve_base(model: ModelSpec, *, models_root: Path, samples_dir: Path) -> B
     return BaseModelRef(name=model.base, revision=HfApi().model_info(model.base, revision=model.revision).sha)
 
 
-def load_adapted(adapter_dir: Path, dtype: str | None = None):
-    """(base + adapter, tokenizer saved with the adapter, run card); the base comes from the card.
-
-    ``dtype`` None: bf16 on the GPU(s) where there is one, fp32 on CPU.
-    """
+def _load_causal_lm(where: str, dtype: str | None, revision: str | None = None):
+    """``dtype`` None: bf16 spread over the GPU(s) where there is one, fp32 on CPU."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    card = read_run_card(adapter_dir)
     gpu = torch.cuda.is_available()
     dt = torch_dtype(dtype) if dtype else (torch.bfloat16 if gpu else torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(card.base.location(adapter_dir), revision=card.base.revision, dtype=dt,
-                                                device_map="auto" if gpu and dtype is None else None)
+    return AutoModelForCausalLM.from_pretrained(where, revision=revision, dtype=dt, device_map="auto" if gpu and dtype is None else None)
+
+
+def load_adapted(adapter_dir: Path, dtype: str | None = None):
+    """(base + adapter, tokenizer saved with the adapter, run card); the base comes from the card."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    card = read_run_card(adapter_dir)
+    base = _load_causal_lm(card.base.location(adapter_dir), dtype, card.base.revision)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     return model, AutoTokenizer.from_pretrained(str(adapter_dir)), card
+
+
+def load_merged(folder: Path, dtype: str | None = None):
+    """(merged model, its tokenizer, run card) of a merged-model folder."""
+    from transformers import AutoTokenizer
+
+    return _load_causal_lm(str(folder), dtype).eval(), AutoTokenizer.from_pretrained(str(folder)), read_run_card(folder)

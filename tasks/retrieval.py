@@ -149,6 +149,11 @@ class Retriever:
         self.vectors = None
         self.embedder = embedder
         self._doc_words: dict[str, set[str]] = {}
+        self._doc_texts: dict[str, list[str]] = {}   # title + text of each passage, then the question keys, per document
+        for p in self.passages:
+            self._doc_texts.setdefault(p.doc, []).append(f"{p.title}\n{p.text}")
+        for key in self.keys:
+            self._doc_texts[self.by_id[key["passage"]].doc].append(key["key"])
         if self.info.dense and self.rag.weights.get("dense", 0) > 0:
             self.dense_ids, self.vectors = load_vectors(self.folder / "dense")
             if self.embedder is None:
@@ -187,9 +192,7 @@ class Retriever:
     def doc_words(self, doc: str) -> set[str]:
         """Content morphemes of a document (every passage, title and question key), computed when first asked."""
         if doc not in self._doc_words:
-            ids = {p.id for p in self.passages if p.doc == doc}
-            texts = [f"{p.title}\n{p.text}" for p in self.passages if p.id in ids] + [k["key"] for k in self.keys if k["passage"] in ids]
-            self._doc_words[doc] = {m for ms in morphemes(texts) for m in ms}
+            self._doc_words[doc] = {m for ms in morphemes(self._doc_texts.get(doc, [])) for m in ms}
         return self._doc_words[doc]
 
     def coverage(self, tokens: list[str], doc: str) -> float:
