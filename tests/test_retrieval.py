@@ -68,3 +68,13 @@ def test_metrics_are_exact_on_a_small_case(tmp_path):
                      {"question": "열람실 예약은 식당에서?", "gold": ["식당"]}, {"question": "우주 정거장", "gold": []}])
     assert (m.recall_at_1, m.mrr) == (pytest.approx(2 / 3, abs=1e-3), pytest.approx((1 + 1 + 0.5) / 3, abs=1e-3))
     assert m.unanswerable_top_score_median == 0.0 and m.no_answer_threshold > 0 and m.threshold_accuracy == 1.0
+
+
+def test_a_student_word_reaches_the_page_and_clears_the_no_answer_threshold(sample_index):
+    """"기숙사 신청은 언제 해요?" (the pages say 생활관): lexical-only retrieval found 성적 이의신청 안내 with confidence 0.96
+    under its threshold 2.89, so Culbot refused. With rag.synonyms and the coverage-weighted confidence it answers from the page."""
+    r = Retriever(sample_index)
+    threshold = evaluate(r, read_questions(SAMPLES / "rag_questions.jsonl")).no_answer_threshold
+    res = r.search("기숙사 신청은 언제 해요?")
+    assert res.hits[0].doc == "생활관 입사 안내" and res.confidence >= threshold
+    assert r.search("청주 시내버스 환승 요금은 얼마예요?").confidence < threshold   # one shared word (버스) is not an answer
