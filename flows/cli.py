@@ -132,18 +132,50 @@ def generate_qa(a, dp: DataProfile) -> int:
     return 0
 
 
-def load_kullm(a, dp: DataProfile) -> int:
-    from culbot.tasks.load_kullm import run_load
+def load_dataset(a, dp: DataProfile) -> int:
+    from culbot.pipeline_config.schema import DatasetEntry
+    from culbot.tasks.load_datasets import run_load_dataset
 
-    _print_output(run_load(dp.kullm))
+    if a.file:
+        try:
+            entries = [DatasetEntry(name=a.name or a.file.stem, file=a.file, type=a.type, out_dir=a.out)]
+        except ValueError as e:
+            raise ConfigError(f"load-dataset: {e}") from None
+    else:
+        entries = [dp.dataset(a.name)] if a.name else [d for d in dp.datasets if d.enabled]
+        if a.out:
+            entries = [e.model_copy(update={"out_dir": a.out}) for e in entries]
+    for entry in entries:
+        _print_output(run_load_dataset(entry))
     return 0
+
+
+def _named_folders(items: list[str] | None, what: str) -> dict[str, Path]:
+    out = {}
+    for item in items or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"{what} {item!r}: expected NAME=FOLDER, e.g. kullm=raw/datasets/kullm")
+        out[name] = Path(folder)
+    return out
 
 
 def merge_data(a, dp: DataProfile) -> int:
     from culbot.tasks.merge_data import run_merge
 
-    inputs = {k: v for k, v in (("univ100", a.univ100), ("cbnu", a.cbnu_qa), ("kullm", a.kullm)) if v}
-    _print_output(run_merge(inputs or {"univ100": dp.univ100.out_dir, "cbnu": dp.qa.out_dir, "kullm": dp.kullm.out_dir}, dp.merge_data))
+    inputs = {k: v for k, v in (("univ100", a.univ100), ("cbnu", a.cbnu_qa)) if v} | _named_folders(a.source, "--source")
+    defaults = {"univ100": dp.univ100.out_dir, "cbnu": dp.qa.out_dir} | {d.name: d.folder() for d in dp.datasets if d.enabled}
+    _print_output(run_merge(inputs or defaults, dp.merge_data))
+    return 0
+
+
+def export_dataset(a, _) -> int:
+    from culbot.tasks.export_dataset import export_dataset as export
+
+    counts = export(a.dataset, a.format, a.out, a.name)
+    print(f"exported {a.dataset} as {a.format}: train {counts['train']}, validation {counts['validation']}"
+          + (f", {counts['skipped_completion']} plain-text rows skipped" if counts["skipped_completion"] else "") + f" -> {a.out}")
+    print(f"  {a.out / 'train.jsonl'}, {a.out / 'validation.jsonl'}, {a.out / 'dataset_info.json'} (LLaMA-Factory), {a.out / 'README.md'} (dataset card)")
     return 0
 
 
@@ -273,7 +305,7 @@ def tiny_model(a, _) -> int:
     from culbot.tasks.contracts import StageOutput
     from culbot.tasks.tiny_model import build_tiny_model, sample_corpus
 
-    _print_output(StageOutput.of(a.out, build_tiny_model(a.out, sample_corpus(a.samples))))
+    _print_output(StageOutput.of(a.out, build_tiny_model(a.out, sample_corpus(a.samples), family=a.family)))
     return 0
 
 
@@ -309,7 +341,20 @@ def templates(a, _) -> int:
             print(f"{n:10} {load_template(n).description}")
         return 0
     t = load_template(a.name)
-    print(t.model_dump_json(indent=2) if t.kind == "chat" else render_prompt(t, "충북대학교 중앙도서관은 몇 시에 여나요?", "") + "…")
+    question = "충북대학교 중앙도서관은 몇 시에 여나요?"
+    if t.kind == "chat":
+        if a.tokenizer:
+            from transformers import AutoTokenizer
+
+            tok, through = AutoTokenizer.from_pretrained(a.tokenizer), f"the chat template of {a.tokenizer}"
+        else:
+            from culbot.tasks.tiny_model import build_tokenizer
+
+            tok, through = build_tokenizer([], 300, "llama"), "the Llama-3 chat template (culbot:tiny-llama's; --tokenizer PATH for another model's)"
+        print(f"{t.name}: {t.description}\n\nsystem persona: {t.system or '(none)'}\n\nRendered through {through}:\n")
+    else:
+        tok = None
+    print(render_prompt(t, question, "", tok) + "…")
     return 0
 
 
@@ -469,15 +514,27 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--pages", "Folder of a finished CBNU crawl (holds pages.jsonl). Default: cbnu.out_dir.", FOLDER),
         Arg("--retry-failed", "Ask again for chunks whose cached answer was quarantined.", {"action": "store_true"}),
     )),
-    Command("load-kullm", "Load KULLM-v2 rows (a Hub id at a revision, or a local file), keeping `input`.", load_kullm, "data", flags=(
-        Flag("--file", "kullm.file", {"kullm.source": "file"}), Flag("--hub-id", "kullm.hub_id", {"kullm.source": "hub"}),
-        Flag("--revision", "kullm.revision", {"kullm.source": "hub"}), Flag("--max-rows", "kullm.max_rows"), Flag("--out", "kullm.out_dir"),
+    Command("load-dataset", "Load the data profile's extra datasets (KULLM-v2, ...: a Hub id at a revision or a local file, in alpaca, "
+                            "sharegpt, messages or completion form), or one file given here.", load_dataset, "data", args=(
+        Arg("--name", "The dataset of the profile's `datasets:` list to load (default: every enabled one); with --file, its source name.", {}),
+        Arg("--file", "Load this file instead of the profile's datasets (JSONL, JSON, Parquet or CSV).", {"type": Path, "metavar": "FILE"}),
+        Arg("--type", "With --file: its row format.", {"choices": ["alpaca", "sharegpt", "messages", "completion"], "default": "alpaca"}),
+        Arg("--out", "Output folder (default: the entry's out_dir, raw/datasets/<name>).", FOLDER),
     )),
     Command("merge-data", "Merge the source rows into a dataset version: one schema, dedup, stratified split, content hash.", merge_data, "data",
             flags=(Flag("--out", "merge_data.out_root"),), args=(
         Arg("--univ100", "Finished univ100 crawl folder (default: univ100.out_dir).", FOLDER),
         Arg("--cbnu-qa", "Finished QA generation folder (default: qa.out_dir).", FOLDER),
-        Arg("--kullm", "Finished KULLM folder (default: kullm.out_dir).", FOLDER),
+        Arg("--source", "NAME=FOLDER: a finished load-dataset folder and its source name (repeatable; default: every enabled "
+                        "dataset of the profile, raw/datasets/<name>).", {"action": "append", "metavar": "NAME=DIR"}),
+    )),
+    Command("export-dataset", "Write a dataset version as alpaca or sharegpt JSONL with a dataset card and LLaMA-Factory's dataset_info.json, "
+                              "ready for axolotl and LLaMA-Factory.", export_dataset, args=(
+        Arg("--dataset", "A dataset version (artifacts/datasets/<version>).", {**FOLDER, "required": True}),
+        Arg("--format", "alpaca (instruction/input/output, history for conversations) or sharegpt (conversations).",
+            {"choices": ["alpaca", "sharegpt"], "default": "sharegpt"}),
+        Arg("--out", "Output folder.", {**FOLDER, "required": True}),
+        Arg("--name", "Dataset name in dataset_info.json and the card (default: culbot_<version>).", {}),
     )),
     Command("index", "Build the retrieval index of a folder of CBNU pages (a crawl, or any .txt/.html documents): passages, Korean BM25, "
                      "question keys, optional dense vectors.", index, "data", flags=(
@@ -559,8 +616,10 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--tokens-per-example", "Mean tokens per row (default: planner.yaml).", {"type": float}),
         Arg("--json", "Also write the plans as JSON here.", {"type": Path, "metavar": "FILE"}),
     )),
-    Command("tiny-model", "Build the tiny GPT-NeoX and its tokenizer from the shipped samples (CPU runs and CI).", tiny_model, args=(
+    Command("tiny-model", "Build a tiny model (GPT-NeoX, Llama-3-style or Qwen2) and its tokenizer from the shipped samples (CPU runs and CI).", tiny_model, args=(
         Arg("--out", "Where to save it.", {**FOLDER, "default": Path("artifacts/models/tiny")}),
+        Arg("--family", "Architecture: gpt_neox (polyglot-ko), llama (Llama-3, no pad, <|eot_id|> turns) or qwen2.",
+            {"choices": ["gpt_neox", "llama", "qwen2"], "default": "gpt_neox"}),
         Arg("--samples", "The shipped samples.", {**FOLDER, "default": Path("raw/samples")}),
     )),
     Command("deploy", "Create the work pools and deploy every flow in deploy/prefect.yaml (needs PREFECT_API_URL).", deploy, args=(
@@ -580,6 +639,7 @@ COMMANDS: tuple[Command, ...] = (
     )),
     Command("templates", "List the prompt templates, or show one rendered on an example question.", templates, args=(
         Arg("name", "A template name.", {"nargs": "?"}),
+        Arg("--tokenizer", "A chat template renders through this tokenizer's own (a folder or Hub id); default: the Llama-3 template.", {}),
     )),
 )
 

@@ -134,8 +134,9 @@ def culbot(data_profile: str = "sample", train_profile: str = "cpu-tiny", data_o
     """The whole chain, or its beginning up to `to_stage`.
 
     Args:
-        data_profile: data profile (pipeline_config/<name>.yaml or a path): sample, production.
-        train_profile: training profile (pipeline_config/profiles/<name>.yaml or a path): a6000x4, runpod-a100x2, gcp-l4, cpu-tiny.
+        data_profile: data profile (pipeline_config/<name>.yaml or a path): sample, sample-mixed, production.
+        train_profile: training profile (pipeline_config/profiles/<name>.yaml or a path): a6000x4, runpod-a100x2, runpod-a100x2-llama3,
+            gcp-l4, laptop-6gb, cpu-tiny, cpu-tiny-llama.
         data_overrides: `section.field=value` settings for the data profile.
         train_overrides: `section.field=value` settings for the training profile (e.g. publish.target=hub).
         to_stage: last stage to run: format (the data refresh only), train, eval, merge-adapter or publish.

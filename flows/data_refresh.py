@@ -1,4 +1,4 @@
-"""The `data-refresh` flow: crawl univ100 -> crawl CBNU -> generate QA -> load KULLM -> merge-data -> index -> format.
+"""The `data-refresh` flow: crawl univ100 -> crawl CBNU -> generate QA -> load datasets (KULLM-v2, ...) -> merge-data -> index -> format.
 
 Run as: culbot run data-refresh [--data-profile sample] [--set qa.max_in_flight=8] [--force]
 
@@ -9,16 +9,14 @@ served from the cache; a cached result whose folder no longer verifies is rebuil
 from __future__ import annotations
 
 import math
-import re
 import time
 from functools import partial
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from culbot.flows.runner import run_stage
-from culbot.pipeline_config.schema import CbnuConfig, KullmConfig, Univ100Config, load_data_profile
+from culbot.pipeline_config.schema import CbnuConfig, Univ100Config, load_data_profile
 from culbot.tasks import _store
 from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import DataRefreshResult, StageOutput, short_hash
@@ -27,7 +25,7 @@ from culbot.tasks.crawl_univ100 import crawl_univ100_task
 from culbot.tasks.format_prompts import format_task
 from culbot.tasks.generate_qa import generate_qa_task
 from culbot.tasks.index import index_task
-from culbot.tasks.load_kullm import load_kullm_task
+from culbot.tasks.load_datasets import load_dataset_task, source_hash
 from culbot.tasks.merge_data import merge_data_task
 
 
@@ -42,14 +40,6 @@ def univ100_window(univ100: Univ100Config) -> str:
 
 def cbnu_window(cbnu: CbnuConfig) -> str:
     return "dir-" + _store.tree_hash(cbnu.pages_dir) if cbnu.source == "directory" else _time_window(cbnu.refresh_every_hours)
-
-
-def kullm_source_hash(kullm: KullmConfig) -> str:
-    if kullm.source == "file":
-        return _store.sha256_file(Path(kullm.file))
-    pinned = re.fullmatch(r"[0-9a-f]{40}", kullm.revision) is not None
-    # A commit sha never changes; a branch such as "main" is re-read once a day.
-    return f"{kullm.hub_id}@{kullm.revision}" + ("" if pinned else "-" + _time_window(24))
 
 
 def summary_markdown(profile: str, results: dict[str, StageOutput]) -> str:
@@ -82,8 +72,10 @@ def data_refresh(data_profile: str = "sample", data_overrides: list[str] | None 
         stages["crawl-cbnu"] = pages = stage(crawl_cbnu_task, cbnu=dp.cbnu, window=cbnu_window(dp.cbnu))
         if dp.qa.enabled:
             stages["generate-qa"] = sources["cbnu"] = stage(generate_qa_task, qa=dp.qa, pages=pages.ref())
-    if dp.kullm.enabled:
-        stages["load-kullm"] = sources["kullm"] = stage(load_kullm_task, kullm=dp.kullm, source_hash=kullm_source_hash(dp.kullm))
+    for entry in dp.datasets:
+        if entry.enabled:   # a branch (not a pinned sha) is re-read once a day
+            stages[f"load-dataset-{entry.name}"] = sources[entry.name] = stage(load_dataset_task, entry=entry,
+                                                                              source_hash=source_hash(entry, _time_window(24)))
     if not sources:
         raise ValueError(f"data profile {dp.name!r}: every source stage is disabled; nothing to merge")
     stages["merge-data"] = dataset = stage(merge_data_task, merge_data=dp.merge_data, inputs={k: v.ref() for k, v in sources.items()})

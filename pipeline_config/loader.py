@@ -6,6 +6,7 @@ or the flag, and the field's dotted path.
 """
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -131,6 +132,11 @@ def field_docs(model: type[BaseModel], prefix: str = "") -> list[str]:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out += ["", f"# {prefix}{name}: {f.description}"] + field_docs(ann, f"{prefix}{name}.")
             continue
-        default = "(required)" if f.is_required() else json.dumps(f.get_default(call_default_factory=True), default=str, ensure_ascii=False)
-        out += [f"{prefix}{name} = {default}", f"    {f.description}"]
+        default = None if f.is_required() else f.get_default(call_default_factory=True)
+        shown = "(required)" if f.is_required() else json.dumps(default, ensure_ascii=False, default=lambda m: (
+            m.model_dump(mode="json", exclude_defaults=True) if isinstance(m, BaseModel) else str(m)))
+        out += [f"{prefix}{name} = {shown}", f"    {f.description}"]
+        item = typing.get_args(ann)[0] if typing.get_origin(ann) is list and typing.get_args(ann) else None
+        if isinstance(item, type) and issubclass(item, BaseModel):   # a list of sections: document one entry's fields
+            out += ["", f"# {prefix}{name}[]: each entry"] + field_docs(item, f"{prefix}{name}[].")
     return out

@@ -1,4 +1,4 @@
-"""Typed configuration of the planner: GPU kinds, model shapes and the constants of the memory model.
+"""Typed configuration of the planner: GPU kinds and the constants of the memory model (model shapes come from config.json).
 
 Loaded from pipeline_config/planner/planner.yaml. The memory model itself is in tasks/plan.py.
 """
@@ -21,19 +21,10 @@ class GpuKind(Section):
     hourly_usd: float = Field(0, ge=0, description="Price of one such GPU per hour, for cost estimates (a profile's hardware.hourly_usd wins).")
 
 
-class ModelShape(Section):
-    hidden: int = Field(ge=1, description="Hidden size.")
-    layers: int = Field(ge=1, description="Transformer layers.")
-    heads: int = Field(ge=1, description="Attention heads.")
-    intermediate: int = Field(ge=1, description="MLP width.")
-    vocab: int = Field(ge=1, description="Vocabulary (embedding rows; input and output embeddings are not tied in GPT-NeoX).")
-
-
 class MemoryModel(Section):
     usable_fraction: float = Field(0.94, gt=0, le=1, description="Share of a GPU's memory a process can allocate (driver, ECC and reserved pages take the rest).")
     cuda_context_gb: float = Field(1.0, ge=0, description="CUDA context, cuBLAS workspaces and NCCL buffers per process.")
     fragmentation: float = Field(0.10, ge=0, description="Caching-allocator overhead on top of live tensors, as a fraction.")
-    activation_bytes_per_token_hidden: float = Field(34, gt=0, description="Activation bytes per token per hidden unit in one layer, 16-bit (Korthikanti et al. 2022).")
     eager_attention_bytes: float = Field(5, ge=0, description="Bytes per head × seq² × batch for eager attention's score tensors; sdpa/flash keep none.")
     logits_bytes: float = Field(10, gt=0, description="Bytes per token × vocab around the loss: 16-bit logits, fp32 upcast and fp32 gradient.")
     backward_layer_factor: float = Field(2.0, ge=1, description="Peak of one layer's backward relative to its forward activations (gradients beside activations).")
@@ -49,7 +40,6 @@ class TimeModel(Section):
 
 class PlannerConfig(Section):
     gpus: dict[str, GpuKind] = Field(description="GPU kinds by the name profiles use in hardware.gpu_name.")
-    shapes: dict[str, ModelShape] = Field(description="Model shapes by Hub id, so no download is needed to plan.")
     memory: MemoryModel = Field(default_factory=MemoryModel, description="Constants of the memory model.")
     time: TimeModel = Field(default_factory=TimeModel, description="Constants of the time model.")
 

@@ -125,25 +125,54 @@ class QAGenConfig(Section):
         return self
 
 
-class KullmConfig(Section):
-    enabled: bool = Field(True, description="Run this stage in data-refresh.")
-    source: Literal["hub", "file"] = Field("hub", description="'hub': load `hub_id` at `revision` with datasets. 'file': a local JSON/JSONL/Parquet file in KULLM's schema.")
-    hub_id: str = Field("nlpai-lab/kullm-v2", description="Hub dataset id.")
-    revision: str = Field("main", description="Hub revision; pin a commit sha for reproducible builds.")
-    split: str = Field("train", description="Split to load.")
-    file: Path | None = Field(None, description="Local file for source 'file'.")
+DATASET_FIELDS = {   # per type: Culbot's field -> the column it is read from by default (a dataset's `fields` overrides)
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system", "history": "history", "id": "id"},
+    "sharegpt": {"conversations": "conversations", "role": "from", "content": "value", "system": "system", "id": "id"},
+    "messages": {"messages": "messages", "role": "role", "content": "content", "system": "system", "id": "id"},
+    "completion": {"text": "text", "id": "id"},
+}
+
+
+class DatasetEntry(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Source name of its rows (dataset versions, template_map and source_priority use it), e.g. kullm.")
+    enabled: bool = Field(True, description="Load this dataset in data-refresh.")
+    hub_id: str | None = Field(None, description="Hub dataset id (loaded with datasets.load_dataset); or set `file`.")
+    revision: str | None = Field(None, description="Hub revision, required with hub_id: a commit sha pins it (a branch or tag is resolved to its sha, recorded in the manifest, and re-read daily).")
+    subset: str | None = Field(None, description="Hub dataset configuration (subset) name, if it has several.")
+    split: str = Field("train", description="Split to load from the Hub.")
+    file: Path | None = Field(None, description="A local JSONL, JSON, Parquet or CSV file; or set hub_id.")
+    type: Literal["alpaca", "sharegpt", "messages", "completion"] = Field("alpaca", description="Row format: alpaca (instruction/input/output, optional system and history pairs), sharegpt (conversations of {from, value}), messages (OpenAI/HF {role, content} lists) or completion (text, learned whole).")
+    fields: dict[str, str] = Field({}, description="Culbot's field -> the dataset's column, over the type's defaults (alpaca: instruction, input, output, system, history, id; sharegpt: conversations, role=from, content=value, system, id; messages: messages, role, content, system, id; completion: text, id).")
+    roles: dict[str, str] = Field({}, description="Extra role names -> system, user or assistant (sharegpt already knows human, gpt, model, system).")
     max_rows: int | None = Field(None, ge=1, description="Keep at most this many rows (sampled with `seed`).")
     fraction: float | None = Field(None, gt=0, le=1, description="Keep this fraction of rows (sampled with `seed`).")
     seed: int = Field(42, description="Sampling seed.")
-    out_dir: Path = Field(Path("raw/kullm"), description="Output folder: rows.jsonl, quarantine.jsonl, manifest.")
+    out_dir: Path | None = Field(None, description="Output folder: rows.jsonl, quarantine.jsonl, manifest (None: raw/datasets/<name>).")
 
     @model_validator(mode="after")
     def _check(self):
-        if self.source == "file" and self.file is None:
-            raise ValueError("source 'file' needs file")
+        if (self.hub_id is None) == (self.file is None):
+            raise ValueError(f"dataset {self.name!r}: set exactly one of hub_id and file")
+        if self.hub_id and not self.revision:
+            raise ValueError(f"dataset {self.name!r}: hub_id needs a revision (a commit sha pins it; 'main' is re-read daily)")
         if self.max_rows is not None and self.fraction is not None:
-            raise ValueError("set max_rows or fraction, not both")
+            raise ValueError(f"dataset {self.name!r}: set max_rows or fraction, not both")
+        unknown = sorted(set(self.fields) - set(DATASET_FIELDS[self.type]))
+        if unknown:
+            raise ValueError(f"dataset {self.name!r}: fields {unknown} do not apply to type {self.type} (its fields: {', '.join(DATASET_FIELDS[self.type])})")
+        bad_roles = sorted(r for r, v in self.roles.items() if v not in ("system", "user", "assistant"))
+        if bad_roles:
+            raise ValueError(f"dataset {self.name!r}: roles {bad_roles} must map to system, user or assistant")
         return self
+
+    def field_map(self) -> dict[str, str]:
+        return {**DATASET_FIELDS[self.type], **self.fields}
+
+    def folder(self) -> Path:
+        return Path(self.out_dir) if self.out_dir is not None else Path("raw/datasets") / self.name
+
+
+KULLM_V2 = DatasetEntry(name="kullm", hub_id="nlpai-lab/kullm-v2", revision="main", type="alpaca")
 
 
 class MergeDataConfig(Section):
@@ -157,7 +186,7 @@ class MergeDataConfig(Section):
 class FormatConfig(Section):
     template_map: dict[str, str] = Field({"kullm": "kullm", "cbnu": "cbnu2", "univ100": "cbnu"}, description="Template per source, as upstream chose by its row tag.")
     default_template: str = Field("kullm", description="Template for sources not in template_map.")
-    chat_tokenizer: str | None = Field(None, description="Tokenizer (path or hub id) whose chat template renders 'chat' templates.")
+    chat_tokenizer: str | None = Field(None, description="Tokenizer (path or hub id) whose chat template renders the `prompt` column of rows with a 'chat' template, for reading; training renders every row with the base model's own tokenizer (tokenize), so this is optional.")
     out_root: Path = Field(Path("artifacts/formatted"), description="Formatted datasets go to <out_root>/<content-hash>/.")
 
 
@@ -192,10 +221,25 @@ class DataProfile(Section):
     univ100: Univ100Config = Field(default_factory=Univ100Config, description="univ100 crawl.")
     cbnu: CbnuConfig = Field(default_factory=CbnuConfig, description="CBNU page crawl.")
     qa: QAGenConfig = Field(default_factory=QAGenConfig, description="QA generation from CBNU pages.")
-    kullm: KullmConfig = Field(default_factory=KullmConfig, description="KULLM-v2 loading.")
+    datasets: list[DatasetEntry] = Field(default_factory=lambda: [KULLM_V2.model_copy()], description="Extra instruction datasets (KULLM-v2 by default), each a Hub id at a revision or a local file, in alpaca, sharegpt, messages or completion form.")
     merge_data: MergeDataConfig = Field(default_factory=MergeDataConfig, description="Merge of the sources: dedup, split and versioning.")
     format: FormatConfig = Field(default_factory=FormatConfig, description="Prompt formatting.")
     rag: RagConfig = Field(default_factory=RagConfig, description="The retrieval index over CBNU pages, and retrieved context in training rows.")
+
+    @model_validator(mode="after")
+    def _unique_sources(self):
+        names = [d.name for d in self.datasets]
+        taken = {"cbnu", "univ100"}
+        clash = sorted({n for n in names if names.count(n) > 1 or n in taken})
+        if clash:
+            raise ValueError(f"datasets: names {clash} are used twice or by a built-in source (cbnu, univ100)")
+        return self
+
+    def dataset(self, name: str) -> DatasetEntry:
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise ConfigError(f"data profile {self.name!r} has no dataset {name!r} (its datasets: {', '.join(d.name for d in self.datasets) or 'none'})")
 
 
 # ----- loading ---------------------------------------------------------------

@@ -17,6 +17,7 @@ from .loader import PACKAGE_DIR, ConfigError, Section, find_config, load_config
 PROFILE_DIR = PACKAGE_DIR / "profiles"
 DEEPSPEED_DIR = PACKAGE_DIR / "deepspeed"
 TINY = "culbot:tiny"
+TINY_FAMILIES = {TINY: "gpt_neox", "culbot:tiny-llama": "llama", "culbot:tiny-qwen2": "qwen2"}   # built in-process (tasks/tiny_model.py)
 
 
 class Hardware(Section):
@@ -33,7 +34,7 @@ class Hardware(Section):
 
 
 class ModelSpec(Section):
-    base: str = Field(description=f"Base model: a Hub id (e.g. EleutherAI/polyglot-ko-12.8b), a local path, or {TINY!r} for the built-in tiny GPT-NeoX.")
+    base: str = Field(description=f"Base model: a Hub id (e.g. EleutherAI/polyglot-ko-12.8b, beomi/Llama-3-Open-Ko-8B-Instruct-preview), a local path, or a built-in tiny model: {', '.join(TINY_FAMILIES)} (GPT-NeoX, Llama-3-style, Qwen2).")
     revision: str = Field("main", description="Hub revision; resolved to its commit sha and recorded with the adapter.")
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the base weights and of mixed-precision training.")
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="bitsandbytes quantisation of the frozen base (QLoRA for 4bit).")
@@ -48,7 +49,7 @@ class LoraSpec(Section):
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] | Literal["all-linear"] = Field(["query_key_value"], description="Module names to adapt, or 'all-linear' (every linear layer but the output head).")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(None, description="Linear layers to adapt (names as in the model, e.g. query_key_value for GPT-NeoX, q_proj/v_proj for Llama and Qwen2, checked against the model's modules), 'all-linear' (peft's: every linear layer but the output head), or None: the architecture's default in pipeline_config/models/families.yaml.")
 
 
 class DataSpec(Section):
@@ -56,6 +57,7 @@ class DataSpec(Section):
     train_on_inputs: bool = Field(False, description="Also learn the prompt tokens (else their labels are -100).")
     overlength: Literal["truncate", "drop"] = Field("truncate", description="What to do with rows longer than cutoff_len (counted either way).")
     packing: bool = Field(False, description="Pack examples into rows of up to cutoff_len tokens (best-fit, position_ids restart per example, no cross-attention); micro and global batch sizes then count rows. 99% real tokens at cutoff 1024 (bench/bench_prep.py).")
+    template: str | None = Field(None, description="Render every row with this template (pipeline_config/templates/<name>.json), e.g. 'persona' for a chat model with a system persona; None: the data profile's per-source templates (format.template_map).")
     group_by_length: bool = Field(False, description="Batch examples of similar length (transformers' LengthGroupedSampler): 97% real tokens vs 43% for random batches at micro 8, cutoff 1024 (bench/bench_prep.py). Not with packing.")
 
     @model_validator(mode="after")

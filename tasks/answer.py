@@ -24,7 +24,7 @@ from typing import Iterator, Protocol
 from culbot.pipeline_config.train_schema import AnswerSpec
 
 from . import _store
-from .contracts import EVAL_REPORT_FILE, ContextFormat, Contract, EvalReport, RunCard, Template, short_hash
+from .contracts import EVAL_REPORT_FILE, ContextFormat, Contract, EvalReport, RunCard, SpecialTokens, Template, short_hash
 from .run_folder import read_run_card
 from .templates import render_context, render_prompt
 
@@ -112,7 +112,10 @@ class Reply:
 class Generator(Protocol):
     name: str
 
-    def stream(self, prompt: str, spec: AnswerSpec, stops: list[str], meter: dict) -> Iterator[str]: ...
+    def stream(self, prompt: str, spec: AnswerSpec, stops: list[str], meter: dict, tokens: SpecialTokens | None = None,
+               chat: bool = False) -> Iterator[str]:
+        """``tokens``: the run's special tokens (BOS before an alpaca-style prompt, the stop ids); ``chat``: the prompt
+        came from a chat template, which writes its own BOS."""
 
     def count_tokens(self, text: str) -> int: ...
 
@@ -149,7 +152,8 @@ class LocalGenerator:
         self.model, self.tokenizer, self.name, self.without_adapter = model, tokenizer, name, without_adapter
         self.lock = lock or threading.Lock()
 
-    def stream(self, prompt: str, spec: AnswerSpec, stops: list[str], meter: dict) -> Iterator[str]:
+    def stream(self, prompt: str, spec: AnswerSpec, stops: list[str], meter: dict, tokens: SpecialTokens | None = None,
+               chat: bool = False) -> Iterator[str]:
         """Text as it is generated; ``meter["tokens"]``: how many tokens were generated, once done."""
         import torch
         from transformers import TextIteratorStreamer
@@ -157,14 +161,15 @@ class LocalGenerator:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         tok = self.tokenizer
-        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        ids = (list(tokens.bos) if tokens and not chat else []) + tok(prompt, add_special_tokens=False)["input_ids"]   # as in training
+        enc = {"input_ids": torch.tensor([ids], device=self.model.device), "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=self.model.device)}
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
         cancel = meter["cancel"] = threading.Event()
 
         class Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kw) -> bool:
                 return cancel.is_set()
-        kwargs = dict(**enc, streamer=streamer, max_new_tokens=spec.max_new_tokens, eos_token_id=tok.eos_token_id,
+        kwargs = dict(**enc, streamer=streamer, max_new_tokens=spec.max_new_tokens, eos_token_id=tokens.stop_ids if tokens else tok.eos_token_id,
                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                       repetition_penalty=spec.repetition_penalty, do_sample=spec.do_sample,
                       stop_strings=stops or None, tokenizer=tok, stopping_criteria=StoppingCriteriaList([Cancelled()]))
@@ -203,8 +208,11 @@ class RemoteGenerator:
         self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "none", max_retries=1)
         self.name, self.tokenizer = model, tokenizer
 
-    def stream(self, prompt: str, spec: AnswerSpec, stops: list[str], meter: dict) -> Iterator[str]:
+    def stream(self, prompt: str, spec: AnswerSpec, stops: list[str], meter: dict, tokens: SpecialTokens | None = None,
+               chat: bool = False) -> Iterator[str]:
         extra = {"repetition_penalty": spec.repetition_penalty} if spec.repetition_penalty != 1 else {}
+        if chat:
+            extra["add_special_tokens"] = False   # vLLM: the chat template's text holds its BOS already
         chunks = self.client.completions.create(model=self.name, prompt=prompt, max_tokens=spec.max_new_tokens, stream=True,
                                                 temperature=spec.temperature if spec.do_sample else 0.0,
                                                 top_p=spec.top_p if spec.do_sample else 1.0,
@@ -346,7 +354,7 @@ class Answerer:
         turns = self.history_for_prompt(list(history), notes)
         prompt = render_prompt(self.template, question, context, self.tokenizer, history=turns)
         meter: dict = {}
-        deltas = self.never_blank(cut_at_stops(self.generator.stream(prompt, spec, self.stops, meter), self.stops), spec, notes, meter)
+        deltas = self.never_blank(cut_at_stops(self.generator.stream(prompt, spec, self.stops, meter, self.card.special_tokens, self.template.kind == "chat"), self.stops), spec, notes, meter)
         return Reply(question, prompt=prompt, template=self.template.name, sources=sources, refused=False,
                      confidence=confidence, notes=notes, deltas=deltas, context=context, meter=meter)
 

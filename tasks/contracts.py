@@ -256,6 +256,18 @@ class TokenCounts(Contract):
     validation: SplitCounts
 
 
+class SpecialTokens(Contract):
+    """The special tokens a run trained with and answers with (tasks/special_tokens.py)."""
+
+    bos: list[int] = []          # put before every prompt (alpaca-style templates; chat templates write their own)
+    end_id: int                  # learned at the end of every answer
+    end_token: str
+    stop_ids: list[int]          # generation stops on these (the end token first)
+    pad_id: int
+    pad_token: str
+    pad_from: Literal["tokenizer", "family", "eos"] = "tokenizer"
+
+
 class Hyperparameters(Contract):
     lora: LoraSpec
     train: Schedule
@@ -423,6 +435,9 @@ class RunCard(Versioned):
     hyperparameters: Hyperparameters
     token_counts: TokenCounts
     lora_targets: list[str] = []
+    model_type: str | None = None           # the base's config.json model_type (gpt_neox, llama, qwen2)
+    special_tokens: SpecialTokens | None = None
+    prompt_example: str = ""                # the serving template's rendered prompt for an example question
     global_step: int | None = None
     train_metrics: dict[str, Any] = {}
     resumed_from: str | None = None

@@ -28,11 +28,12 @@ from culbot.pipeline_config.train_schema import AnswerSpec, EvalSpec, PublishSpe
 
 from . import _store
 from ._prefect import stage_cache
-from .contracts import (EVAL_REPORT_FILE, AnswerQuality, EvalOutput, EvalReport, ProbeAnswer, Release, RetrievalMetrics, RunCard, RunRef,
+from .contracts import (EVAL_REPORT_FILE, AnswerQuality, EvalOutput, EvalReport, ProbeAnswer, Release, RetrievalMetrics, RunCard, RunRef, SpecialTokens,
                         StageRef, Template, short_hash)
 from .model_io import load_adapted
 from .releases import previous_release, registry_path
 from .run_folder import ADAPTER, EVAL, read_config, require_completed
+from .special_tokens import encode_prompt
 from .templates import extract_response, render_prompt
 
 log = logging.getLogger("culbot.eval")
@@ -57,17 +58,19 @@ def eval_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> tuple[fl
     return (total / count if count else float("nan")), count
 
 
-def answer_probes(model, tokenizer, template: Template, probes: list[str], max_new_tokens: int) -> list[ProbeAnswer]:
+def answer_probes(model, tokenizer, template: Template, probes: list[str], max_new_tokens: int,
+                  tokens: SpecialTokens | None = None) -> list[ProbeAnswer]:
+    """Each probe rendered and encoded as in training (special_tokens.encode_prompt), stopping on the run's end tokens."""
     import torch
 
     out = []
     for q in probes:
         prompt = render_prompt(template, q, "", tokenizer)
-        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        ids = torch.tensor([encode_prompt(tokenizer, prompt, template)], device=model.device)
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        text = tokenizer.decode(gen[0][enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tokens.stop_ids if tokens else tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(gen[0][ids.shape[1]:], skip_special_tokens=True)
         out.append(ProbeAnswer(question=q, prompt=prompt, answer=extract_response(template, text)))
     return out
 
@@ -179,7 +182,7 @@ def run_eval(run_dir: Path, spec: EvalSpec, index: Path | StageRef | None = None
     rows = datasets.Dataset.from_parquet(str(config.data_dir(run_dir) / "validation.parquet")).select_columns(["input_ids", "labels"]).to_list()
     loss, n = eval_loss(model, rows, tokenizer.pad_token_id, spec.batch_size)
     template = card.template_for(spec.probe_source)
-    probes = answer_probes(model, tokenizer, template, spec.probes, spec.max_new_tokens)
+    probes = answer_probes(model, tokenizer, template, spec.probes, spec.max_new_tokens, card.special_tokens)
     retrieval = evaluate_retrieval(index, spec) if index is not None else None
     index_dir, index_hash = (None, None)
     if index is not None:

@@ -24,6 +24,7 @@ from ._prefect import stage_cache
 from .contracts import EVAL_REPORT_FILE, RUN_CARD_FILE, TEMPLATES_FILE, EvalReport, MergeInfo, RunCard, RunRef, StageOutput, StageRef, short_hash
 from .model_io import load_adapted, torch_dtype
 from .run_folder import ADAPTER, read_run_card, require_completed
+from .special_tokens import check_end
 from .templates import render_prompt
 
 log = logging.getLogger("culbot.merge_adapter")
@@ -62,7 +63,8 @@ def run_merge_adapter(run_dir: Path, spec: MergeAdapterSpec, out_root: Path, pro
     # The probe batch is padded by its own tokenizer: padding a batch leaves its direction in the fast
     # tokenizer's backend, which save_pretrained writes to tokenizer.json. The saved one never pads.
     probe_tokenizer = AutoTokenizer.from_pretrained(str(adapter), padding_side="left")
-    batch = probe_tokenizer([render_prompt(template, q) for q in probes], return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = probe_tokenizer([render_prompt(template, q, "", probe_tokenizer) for q in probes], return_tensors="pt", padding=True,
+                            add_special_tokens=False)
     with torch.no_grad():
         ref = model(**batch).logits.float()
         merged = model.merge_and_unload()
@@ -71,8 +73,14 @@ def run_merge_adapter(run_dir: Path, spec: MergeAdapterSpec, out_root: Path, pro
     if diff > atol:
         raise MergeMismatch(f"merged logits differ from base + adapter by {diff:.2e} > merge_adapter.atol={atol}")
     staging = _store.new_staging_dir(out_root, short_hash(key))
-    merged.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                                pad_token_id=tokenizer.pad_token_id, max_new_tokens=256)
+    if (adapter / "generation_config.json").is_file():   # written by training: stops on every end token the run learned
+        merged.generation_config = GenerationConfig.from_pretrained(str(adapter))
+    else:
+        merged.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                    pad_token_id=tokenizer.pad_token_id)
+    merged.generation_config.max_new_tokens = 256
+    if card.special_tokens is not None:
+        check_end(card.special_tokens, merged.generation_config.eos_token_id)
     merged.save_pretrained(staging, max_shard_size=spec.max_shard_size)
     tokenizer.save_pretrained(staging)
     _store.write_model(staging / TEMPLATES_FILE, card.templates)

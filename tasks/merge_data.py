@@ -1,6 +1,6 @@
-"""Merge univ100, CBNU QA and KULLM rows into one dataset version: dedup, split, version.
+"""Merge univ100, CBNU QA and the extra datasets' rows (KULLM-v2, ...) into one dataset version: dedup, split, version.
 
-Run as: culbot merge-data --univ100 raw/univ100 --cbnu-qa raw/cbnu_qa --kullm raw/kullm --out artifacts/datasets
+Run as: culbot merge-data --univ100 raw/univ100 --cbnu-qa raw/cbnu_qa --source kullm=raw/datasets/kullm --out artifacts/datasets
 
 A version is addressed by the content hash of its rows:
 artifacts/datasets/<short hash>/{train,validation}.parquet, stats.json, dropped.jsonl
@@ -8,6 +8,7 @@ and manifest.json (written last). The same inputs give the same version.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -20,25 +21,35 @@ from culbot.pipeline_config.schema import MergeDataConfig
 from . import _store, _text
 from ._prefect import stage_cache
 from .contracts import StageOutput, StageRef, short_hash
+from .conversations import as_row, check_messages, dedup_text
 
 log = logging.getLogger("culbot.merge")
 
-COLUMNS = ("id", "source", "instruction", "input", "output")
+COLUMNS = ("id", "source", "instruction", "input", "output", "messages")
 
 
 def normalize_row(row: dict[str, Any], source: str) -> tuple[dict | None, str | None]:
-    """One schema {id, source, instruction, input, output}; NFC and whitespace normalised."""
-    fields, reason = _text.instruction_fields(row)
-    if fields is None:
-        return None, reason if reason.startswith("empty_") else f"broken_row: {reason}"
-    out = {"id": str(row.get("id") or ""), "source": source, **fields}
+    """One schema {id, source, instruction, input, output, messages}; NFC and whitespace normalised. ``messages`` is the
+    conversation (JSON) of a multi-turn or plain-text row (tasks/conversations.py), "" for a single-turn one."""
+    if row.get("messages"):
+        msgs, reason = check_messages(row["messages"])
+        if msgs is None:
+            return None, f"broken_row: {reason}"
+        fields = {k: v for k, v in as_row(msgs).items() if k != "messages"}
+        messages = json.dumps(msgs, ensure_ascii=False)
+    else:
+        fields, reason = _text.instruction_fields(row)
+        if fields is None:
+            return None, reason if reason.startswith("empty_") else f"broken_row: {reason}"
+        messages = ""
+    out = {"id": str(row.get("id") or ""), "source": source, **fields, "messages": messages}
     if not out["id"]:
-        out["id"] = f"{source}:{short_hash(_store.hash_json([out['instruction'], out['input'], out['output']]))}"
+        out["id"] = f"{source}:{short_hash(_store.hash_json([out['instruction'], out['input'], out['output'], messages]))}"
     return out, None
 
 
 def dedup_key(row: dict) -> str:
-    return _text.one_line(row["instruction"] + "\n" + row["input"]).lower()
+    return _text.one_line(dedup_text({**row, "messages": json.loads(row["messages"]) if row["messages"] else None})).lower()
 
 
 def merge_sources(sources: dict[str, list[dict]], priority: list[str]) -> tuple[list[dict], list[dict], dict[str, int]]:
@@ -112,6 +123,7 @@ def dataset_stats(train: list[dict], val: list[dict], drops: dict[str, int], inp
         "train_by_source": per_source(train), "validation_by_source": per_source(val),
         "dropped": dict(sorted(drops.items())),
         "with_input": sum(1 for r in rows if r["input"]),
+        "conversations": sum(1 for r in rows if r["messages"]),
         "output_chars": lengths(rows, "output"), "instruction_chars": lengths(rows, "instruction"),
     }
 

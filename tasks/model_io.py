@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from culbot.pipeline_config.train_schema import TINY, ModelSpec
+from culbot.pipeline_config.train_schema import TINY_FAMILIES, ModelSpec
 
 from .contracts import BaseModelRef
 from .run_folder import read_run_card
@@ -42,12 +42,13 @@ def resolve_base(model: ModelSpec, *, models_root: Path, samples_dir: Path) -> B
     A local base comes back with an absolute ``path``; writers store it relative to their folder
     (:meth:`BaseModelRef.relocated`).
     """
-    if model.base == TINY:
+    if model.base in TINY_FAMILIES:
         from .tiny_model import build_tiny_model, sample_corpus
 
-        out = Path(models_root) / "tiny"
-        build_tiny_model(out, sample_corpus(samples_dir))
-        return BaseModelRef(name=TINY, path=str(out.resolve()))
+        family = TINY_FAMILIES[model.base]
+        out = Path(models_root) / ("tiny" if family == "gpt_neox" else f"tiny-{family}")
+        build_tiny_model(out, sample_corpus(samples_dir), family=family)
+        return BaseModelRef(name=model.base, path=str(out.resolve()))
     if Path(model.base).exists():
         return BaseModelRef(name=model.base, path=str(Path(model.base).resolve()))
     from huggingface_hub import HfApi

@@ -2,12 +2,15 @@
 
 Run as: culbot plan --profile a6000x4 [--set train.micro_batch_size=4] [--examples 160000]
 
-The memory model (every constant is in pipeline_config/planner/planner.yaml):
-  weights      linear params × bytes (bf16 2, 8-bit 1, nf4 ≈0.52) + embeddings (fp32 once quantised: peft upcasts them);
-               divided by the world size under ZeRO-3
+The model's shape (linear layers, embeddings, heads, KV heads) comes from its config.json, for any architecture
+(tasks/architecture.py). The memory model (constants in pipeline_config/planner/planner.yaml, per-architecture
+activation bytes in pipeline_config/models/families.yaml):
+  weights      linear params × bytes (bf16 2, 8-bit 1, nf4 ≈0.52) + embeddings and output head (fp32 once quantised:
+               peft upcasts them; once when tied); divided by the world size under ZeRO-3
   LoRA         trainable params × (4 weight + 4 grad + optimizer state: 8 AdamW, 2 8-bit AdamW); grads and states
                divided by the world size under ZeRO-2/3
-  activations  one layer: b·s·h·34 bytes, plus 5·a·s²·b for eager attention (sdpa/flash store no scores);
+  activations  one layer: b·s·(c_h·h + c_kv·h_kv + c_i·I) bytes (GPT-NeoX: 34·b·s·h, Korthikanti et al.), plus
+               5·a·s²·b for eager attention (sdpa/flash store no scores);
                without checkpointing every layer's; with it, each layer's input (b·s·h·2) plus one layer recomputed,
                × backward_layer_factor
   logits       b·s·V × 10 bytes (16-bit logits, fp32 upcast, fp32 gradient)
@@ -21,14 +24,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from culbot.pipeline_config.planner_schema import ModelShape, PlannerConfig, load_planner
+from culbot.pipeline_config.planner_schema import PlannerConfig, load_planner
 from culbot.pipeline_config.schema import ConfigError
-from culbot.pipeline_config.train_schema import TINY, TrainProfile
+from culbot.pipeline_config.train_schema import TrainProfile
+
+from . import architecture
+from .architecture import ModelShape, model_config, shape_of
 
 GB = 1e9
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+MEASURED_ON = "EleutherAI/polyglot-ko-12.8b"   # a GPU kind's tokens_per_s is for this model; other shapes scale by FLOPs per token
 EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit_8bit")
 
 
@@ -36,47 +42,17 @@ class PlanDoesNotFit(RuntimeError):
     """The profile needs more GPU memory than the GPU has; the message names the largest micro batch that fits."""
 
 
-def model_shape(profile: TrainProfile, planner: PlannerConfig) -> ModelShape:
-    base = profile.model.base
-    if base in planner.shapes:
-        return planner.shapes[base]
-    if base == TINY:
-        from .tiny_model import TINY_SHAPE
-
-        model_config = {**TINY_SHAPE, "vocab_size": 1024}
-    elif (Path(base) / "config.json").is_file():
-        model_config = json.loads((Path(base) / "config.json").read_text())
-    else:
-        try:  # a Hub id not listed: its config.json (a few KB) says
-            from transformers import AutoConfig
-
-            model_config = AutoConfig.from_pretrained(base, revision=profile.model.revision).to_dict()
-        except Exception as e:
-            raise ConfigError(f"{base}: no model shape known ({type(e).__name__}); add it under 'shapes' in pipeline_config/planner/planner.yaml") from None
-    return ModelShape(hidden=model_config["hidden_size"], layers=model_config["num_hidden_layers"], heads=model_config["num_attention_heads"],
-                      intermediate=model_config["intermediate_size"], vocab=model_config["vocab_size"])
-
-
-_MODULES = {  # GPT-NeoX linear layers: (in, out) as functions of the shape
-    "query_key_value": lambda s: (s.hidden, 3 * s.hidden),
-    "dense": lambda s: (s.hidden, s.hidden),
-    "dense_h_to_4h": lambda s: (s.hidden, s.intermediate),
-    "dense_4h_to_h": lambda s: (s.intermediate, s.hidden),
-}
+def model_shape(profile: TrainProfile) -> ModelShape:
+    """The base model's shape, from its config.json (tasks/architecture.py)."""
+    return shape_of(model_config(profile.model.base, profile.model.revision))
 
 
 def param_counts(shape: ModelShape) -> dict[str, int]:
-    linear = sum(i * o for i, o in (f(shape) for f in _MODULES.values())) * shape.layers
-    embeddings = 2 * shape.vocab * shape.hidden  # embed_in and embed_out are separate in GPT-NeoX
-    return {"linear": linear, "embeddings": embeddings, "total": linear + embeddings}
+    return {"linear": shape.linear_params, "embeddings": shape.embedding_params, "total": shape.total_params}
 
 
 def lora_params(shape: ModelShape, profile: TrainProfile) -> int:
-    targets = list(_MODULES) if profile.lora.target_modules == "all-linear" else profile.lora.target_modules
-    unknown = [t for t in targets if t not in _MODULES]
-    if unknown:
-        raise ConfigError(f"lora.target_modules: {unknown} are not GPT-NeoX linear layers ({', '.join(_MODULES)})")
-    return sum(profile.lora.r * sum(_MODULES[t](shape)) for t in targets) * shape.layers
+    return architecture.lora_params(shape, profile.lora.target_modules, profile.lora.r)
 
 
 def _zero_stage(profile: TrainProfile) -> int:
@@ -89,10 +65,11 @@ def _zero_stage(profile: TrainProfile) -> int:
 def memory_gb(profile: TrainProfile, planner: PlannerConfig, micro_batch: int | None = None,
               gradient_checkpointing: bool | None = None) -> dict[str, float]:
     """Per-GPU memory by component, in GB, and the total."""
-    shape, mem, m = model_shape(profile, planner), planner.memory, profile.model
+    shape, mem, m = model_shape(profile), planner.memory, profile.model
     b = micro_batch or profile.train.micro_batch_size
     gc = m.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     s, h, L = profile.data.cutoff_len, shape.hidden, shape.layers
+    act = shape.family().activation_bytes
     world, zero = profile.hardware.gpus, _zero_stage(profile)
     dt = DTYPE_BYTES[m.dtype]
     counts = param_counts(shape)
@@ -105,7 +82,7 @@ def memory_gb(profile: TrainProfile, planner: PlannerConfig, micro_batch: int | 
     opt = 2 if profile.train.optim in EIGHT_BIT_OPTIMIZERS else 8
     lora = n_lora * 4 + n_lora * (4 + opt) / (world if zero >= 2 else 1)
     act_scale = dt / 2  # the 34-byte figure is for 16-bit activations
-    layer = b * s * h * mem.activation_bytes_per_token_hidden * act_scale
+    layer = b * s * (act.per_hidden * h + act.per_kv * shape.kv_width + act.per_intermediate * shape.intermediate) * act_scale
     if m.attn_implementation == "eager":
         layer += mem.eager_attention_bytes * shape.heads * s * s * b * act_scale
     if gc:
@@ -177,7 +154,7 @@ def plan(profile: TrainProfile, planner: PlannerConfig | None = None, *, example
          tokens_per_example: float | None = None) -> Plan:
     """Memory verdict and time and cost for ``examples`` training rows (KULLM-v2 size by default)."""
     planner = planner or load_planner()
-    shape, hw = model_shape(profile, planner), profile.hardware
+    shape, hw = model_shape(profile), profile.hardware
     mem = memory_gb(profile, planner)
     tok_ex = tokens_per_example or planner.time.average_tokens_per_example
     strategy = "packing" if profile.data.packing else "group_by_length" if profile.data.group_by_length else "random"
@@ -199,7 +176,7 @@ def plan(profile: TrainProfile, planner: PlannerConfig | None = None, *, example
         verdict = (f"does not fit: {mem['total']:.1f} GB > {limit:.1f} GB usable; largest micro batch that fits: {best}"
                    + ("" if profile.model.gradient_checkpointing else f" ({best_gc} with gradient checkpointing)"))
     if kind.tokens_per_s:  # measured on 12.8b; scale by FLOPs per token for other shapes
-        ref = flops_per_token(planner.shapes["EleutherAI/polyglot-ko-12.8b"], profile) if "EleutherAI/polyglot-ko-12.8b" in planner.shapes else fpt
+        ref = flops_per_token(shape_of(model_config(MEASURED_ON)), profile)
         tps, source = kind.tokens_per_s * ref / fpt, "measured"
     else:
         tps, source = planner.time.assumed_mfu * kind.bf16_tflops * 1e12 / fpt, f"assumed {planner.time.assumed_mfu:.0%} MFU"

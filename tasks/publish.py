@@ -27,7 +27,7 @@ from ._prefect import retry_on_network, stage_cache
 from .contracts import EVAL_REPORT_FILE, RUN_CARD_FILE, ContextFormat, Contract, EvalReport, PublishOutput, Release, RunCard, RunRef, StageRef, short_hash
 from .releases import RELEASE_FILE, PublishRefused, hub_token, record_release, release_of
 from .run_folder import ADAPTER, EVAL, PUBLISH, read_run_card, require_completed
-from .templates import render_context, render_prompt
+from .templates import EXAMPLE_QUESTION, render_context, render_prompt
 
 log = logging.getLogger("culbot.publish")
 
@@ -63,12 +63,23 @@ def check_publishable(run_dir: Path) -> EvalReport:
     return evaluation
 
 
+def architecture_tags(card: RunCard) -> list[str]:
+    """The base architecture's tags (pipeline_config/models/families.yaml), from the model_type training read."""
+    if not card.model_type:
+        return []
+    from culbot.pipeline_config.model_schema import families
+
+    fam = families().get(card.model_type)
+    return fam.tags if fam else [card.model_type]
+
+
 def model_card(card: RunCard, evaluation: EvalReport, kind: str, repo_name: str, license: str) -> str:
     """README.md with Hub metadata: base model, data mix, template, hyperparameters, profile, eval, use and limits."""
     hp = card.hyperparameters
     base = card.base
     front = {"language": ["ko"], "license": license, "library_name": "peft" if kind == "adapter" else "transformers",
-             "tags": ["culbot", "cbnu", "korean", "lora", "gpt_neox"], "datasets": ["nlpai-lab/kullm-v2"], "pipeline_tag": "text-generation"}
+             "tags": ["culbot", "cbnu", "korean", "lora", *architecture_tags(card)], "datasets": ["nlpai-lab/kullm-v2"],
+             "pipeline_tag": "text-generation"}
     if base.path is None:  # a Hub model, not a local folder
         front["base_model"] = base.name
     mix = card.data_mix
@@ -89,9 +100,17 @@ def model_card(card: RunCard, evaluation: EvalReport, kind: str, repo_name: str,
         t = card.template_for(spec.source)
     example_ctx = render_context([("생활관 입사 안내", "신입생 입사 신청은 합격자 발표 후 생활관 홈페이지에서 받습니다.")],
                                  card.templates.context or ContextFormat())
-    example = render_prompt(t, "기숙사 신청은 언제 해요?", example_ctx if card.templates.context else "") if t.kind == "alpaca" else None
-    example_block = ("\nA student's question with one retrieved passage, exactly as the model was trained and evaluated:\n\n"
-                     f"```\n{example}\n```\n") if example else ""
+    if t.kind == "alpaca":
+        example = render_prompt(t, EXAMPLE_QUESTION, example_ctx if card.templates.context else "")
+        example_block = ("\nA student's question with one retrieved passage, exactly as the model was trained and evaluated:\n\n"
+                         f"```\n{example}\n```\n")
+        template_block = f"```\n{t.prompt_no_input}\n```"
+    else:
+        example_block = ""
+        template_block = (f"The tokenizer's own chat template with this system persona (used when a conversation brings none):\n\n"
+                          f"> {t.system}\n\nA student's question, rendered exactly as in training:\n\n```\n{card.prompt_example}\n```")
+    tokens = card.special_tokens
+    stops = tokens.stop_ids if tokens else None
     quality = ""
     if evaluation.answers is not None:
         from .answer_quality import markdown as answer_markdown
@@ -118,7 +137,7 @@ def model_card(card: RunCard, evaluation: EvalReport, kind: str, repo_name: str,
              "prompt = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": \"기숙사 신청은 언제 해요?\"}],\n"
              "                                       documents=[{\"title\": \"생활관 입사 안내\", \"text\": \"...\"}], tokenize=False)\n"
              "inputs = tokenizer(prompt, return_tensors=\"pt\", add_special_tokens=False)\n"
-             "answer = model.generate(**inputs, max_new_tokens=200, eos_token_id=tokenizer.eos_token_id)")
+             f"answer = model.generate(**inputs, max_new_tokens=200, eos_token_id={stops or 'tokenizer.eos_token_id'})")
     body = f"""# {repo_name}
 
 A Korean campus assistant for Chungbuk National University (충북대학교, CBNU), built by the Culbot pipeline:
@@ -136,9 +155,7 @@ Dataset version `{short_hash(card.lineage.dataset or '')}` (KULLM-v2, QA generat
 
 Format prompts exactly like this (the templates are also saved as `templates.json`, and as the tokenizer's chat template):
 
-```
-{t.prompt_no_input}
-```
+{template_block}
 {context}{example_block}
 ## Chat with it
 
@@ -148,7 +165,7 @@ culbot serve --model ./{repo_name.split('/')[-1]} --index {index_dir} --port 800
 ```
 
 Generation: {'greedy' if not spec or not spec.do_sample else f'sampling (temperature {spec.temperature}, top_p {spec.top_p})'}, at most {spec.max_new_tokens if spec else 256} new tokens,
-repetition penalty {spec.repetition_penalty if spec else 1.1}; the answer ends at the tokenizer's EOS or the template's next section header.
+repetition penalty {spec.repetition_penalty if spec else 1.1}; the answer ends at {f"`{tokens.end_token}`" if tokens else "the tokenizer's EOS"}{" or the template's next section header" if t.kind == "alpaca" else ""}.
 When the retrieval confidence (best lexical score × the share of the question's words in the top document) is under
 {spec.no_answer_threshold if spec and spec.no_answer_threshold is not None else 'the threshold eval measures'}, Culbot does not generate:
 it says it does not know and names the office to ask.

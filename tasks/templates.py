@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from culbot.pipeline_config.loader import PACKAGE_DIR, ConfigError
 
 from .contracts import ContextFormat, Template, TemplateSet
+from .conversations import COMPLETION
 
 TEMPLATE_DIR = PACKAGE_DIR / "templates"
 
@@ -43,6 +44,35 @@ def load_template(name: str, folder: Path = TEMPLATE_DIR) -> Template:
     return t
 
 
+def conversation(instruction: str, input: str = "", output: str | None = None) -> list[dict]:
+    """A single-turn row as messages: the input rides on the user message (the chat templates' ``input`` key)."""
+    user = {"role": "user", "content": instruction, **({"input": input} if input else {})}
+    return [user] + ([{"role": "assistant", "content": output}] if output is not None else [])
+
+
+def _chat_messages(t: Template, messages: list[dict]) -> list[dict]:
+    """Plain {role, content} messages for a tokenizer's chat template: the persona first unless the conversation
+    brings its own system message, and each user message's input after a blank line."""
+    out = [{"role": "system", "content": t.system}] if t.system and (not messages or messages[0]["role"] != "system") else []
+    for m in messages:
+        content = m["content"] + (f"\n\n{m['input']}" if m.get("input") else "")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def render_messages(t: Template, tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+    """A conversation through the tokenizer's own chat template (chat-kind templates)."""
+    if tokenizer is None:
+        raise ConfigError(f"template {t.name!r} renders through a tokenizer's chat template, and none was given")
+    # The base template, not a culbot one installed on this tokenizer (that one adds the persona itself).
+    base = tokenizer.chat_template.get("base") if isinstance(tokenizer.chat_template, dict) else tokenizer.chat_template
+    if not base:
+        raise ConfigError(f"template {t.name!r} needs a tokenizer with a chat template; this one has none "
+                          "(use an alpaca-style template such as kullm for a base model without one)")
+    return tokenizer.apply_chat_template(_chat_messages(t, messages), chat_template=base, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
 def render_prompt(t: Template, instruction: str, input: str = "", tokenizer: Any = None,
                   history: list[tuple[str, str]] = ()) -> str:
     """The exact prompt text for one example (everything before the response).
@@ -50,17 +80,45 @@ def render_prompt(t: Template, instruction: str, input: str = "", tokenizer: Any
     ``history``: earlier (question, answer) turns, rendered only by templates with a conversation form (chat);
     training rows have none."""
     if t.kind == "chat":
-        if tokenizer is None:
-            raise ConfigError(f"template {t.name!r} renders through a tokenizer's chat template; set format.chat_tokenizer")
-        user = instruction if not input else f"{instruction}\n\n{input}"
-        turns = [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
-        messages = ([{"role": "system", "content": t.system}] if t.system else []) + turns + [{"role": "user", "content": user}]
-        # The base template, not a culbot one installed on this tokenizer (that one adds the persona itself).
-        base = tokenizer.chat_template.get("base") if isinstance(tokenizer.chat_template, dict) else None
-        return tokenizer.apply_chat_template(messages, chat_template=base, tokenize=False, add_generation_prompt=True)
+        turns = [m for q, a in history for m in conversation(q, "", a)]
+        return render_messages(t, tokenizer, turns + conversation(instruction, input), add_generation_prompt=True)
     if input:
         return fill(t.prompt_input, instruction=instruction, input=input)
     return fill(t.prompt_no_input, instruction=instruction)
+
+
+def render_segments(t: Template, messages: list[dict], tokenizer: Any = None) -> list[tuple[str, bool]]:
+    """A training conversation as (text, learned) pieces, in order; only assistant turns are learned.
+
+    Alpaca-style: each user turn through the template, each answer after it (tokenize appends the EOS to every
+    answer). Chat: the tokenizer's chat template, cut where each assistant turn starts and ends, so an answer's
+    piece carries the template's end-of-turn token (Llama-3's <|eot_id|>); the cuts hold only for a template whose
+    renderings of a conversation's prefixes are prefixes of its whole rendering, which is checked.
+    """
+    if messages and messages[0]["role"] == COMPLETION:   # plain text: learned whole, whatever the template
+        return [(messages[0]["content"], True)]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("a training conversation must end with an assistant turn")
+    if t.kind != "chat":
+        out = []
+        for m in messages:
+            if m["role"] == "user":
+                out.append((render_prompt(t, m["content"], m.get("input", "")), False))
+            elif m["role"] == "assistant":
+                out.append((m["content"], True))
+        return out
+    out, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render_messages(t, tokenizer, messages[:i], add_generation_prompt=True)
+        through = render_messages(t, tokenizer, messages[:i + 1], add_generation_prompt=False)
+        if not (before.startswith(done) and through.startswith(before)):
+            raise ValueError(f"template {t.name!r}: the tokenizer's chat template does not render a conversation's prefixes "
+                             "as prefixes of it, so assistant turns cannot be masked")
+        out += [(before[len(done):], False), (through[len(before):], True)]
+        done = through
+    return [(text, learned) for text, learned in out if text]
 
 
 def render_context(passages: list[tuple[str, str]], fmt: ContextFormat) -> str:
@@ -90,7 +148,9 @@ def extract_response(t: Template, generated: str) -> str:
     return generated.strip()
 
 
-RENDERER_VERSION = 2   # 2: fields filled in one pass (fill); part of the format stage's key, so old renderings are rebuilt
+EXAMPLE_QUESTION = "기숙사 신청은 언제 해요?"   # the question rendered as the example prompt in run and model cards
+
+RENDERER_VERSION = 3   # 2: fields filled in one pass (fill); 3: rows carry their conversation (messages). In the format key
 
 
 # ----- the same prompt as a Jinja chat template (saved in every adapter's and merged model's tokenizer) -----

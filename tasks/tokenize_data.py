@@ -1,19 +1,20 @@
-"""Tokenize a formatted dataset for training: EOS, label masking, cutoff.
+"""Tokenize a formatted dataset for training: special tokens, label masking, cutoff.
 
 Run as: culbot tokenize --data artifacts/formatted/<hash> --train-profile cpu-tiny [--out artifacts/tokenized]
 
-Prompt and response are tokenized separately and concatenated, so the prompt's
-tokens are exactly what inference sees when it tokenizes the prompt alone. EOS
-is appended only when the sequence was not truncated (alpaca-lora). With
-train_on_inputs=False the prompt's labels are -100. Over-length rows are
-truncated or dropped as configured, and counted either way. The output folder
-also holds the formatted data's templates.json, so a run reads its templates
-from its own input.
+Each row's conversation is rendered with its template (or the profile's data.template) into
+prompt and answer pieces, tokenized separately and concatenated, so a prompt's tokens are
+exactly what inference sees when it encodes the prompt alone. The special tokens follow
+tasks/special_tokens.py: the BOS the tokenizer adds, the EOS after alpaca-style answers (only
+when not truncated, as alpaca-lora), a chat template's own end-of-turn token. With
+train_on_inputs=False only answers are learned (every assistant turn of a multi-turn row).
+Over-length rows are truncated or dropped as configured, and counted either way. The output
+folder also holds the templates the run trains with and their special tokens.
 """
 from __future__ import annotations
 
+import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -23,65 +24,92 @@ from culbot.pipeline_config.train_schema import DataSpec, TrainProfile
 
 from . import _store
 from ._prefect import stage_cache
-from .contracts import TEMPLATES_FILE, BaseModelRef, StageOutput, StageRef, TokenCounts, short_hash
+from .contracts import TEMPLATES_FILE, BaseModelRef, SpecialTokens, StageOutput, StageRef, TemplateSet, TokenCounts, short_hash
 from .model_io import check_eos
+from .conversations import COMPLETION
+from .special_tokens import prefix_ids, special_tokens
+from .templates import load_template, render_segments
 
 log = logging.getLogger("culbot.tokenize")
 
 IGNORE = -100
-SETTINGS = {"cutoff_len", "train_on_inputs", "overlength"}  # the DataSpec fields that shape tokens
+SETTINGS = {"cutoff_len", "train_on_inputs", "overlength"}  # the DataSpec fields that shape tokens (and template, in the key as text)
+SPECIAL_TOKENS_FILE = "special_tokens.json"   # template name -> SpecialTokens
+
+
+def build_from_pieces(pieces: list[tuple[list[int], bool]], *, cutoff_len: int, train_on_inputs: bool,
+                      overlength: str) -> tuple[dict | None, str | None]:
+    """One training example from (ids, learned) pieces in order, or (None, reason) when it is dropped.
+
+    Over the cutoff it is cut (the end token, last, goes first: alpaca-lora's "EOS only when not truncated")
+    or dropped; an example with no learned token left is dropped."""
+    ids, labels = [], []
+    for piece, learned in pieces:
+        ids += piece
+        labels += piece if (learned or train_on_inputs) else [IGNORE] * len(piece)
+    truncated = len(ids) > cutoff_len
+    if truncated:
+        if overlength == "drop":
+            return None, "over_cutoff"
+        ids, labels = ids[:cutoff_len], labels[:cutoff_len]
+        if all(x == IGNORE for x in labels):
+            return None, "prompt_fills_cutoff"   # no response token would be learned
+    return {"input_ids": ids, "labels": labels, "length": len(ids), "truncated": truncated}, None
 
 
 def build_example(prompt_ids: list[int], response_ids: list[int], *, eos_id: int, cutoff_len: int,
                   train_on_inputs: bool, overlength: str) -> tuple[dict | None, str | None]:
-    """One training example, or (None, reason) when it is dropped."""
-    ids = prompt_ids + response_ids
-    truncated = len(ids) + 1 > cutoff_len
-    if truncated:
-        if overlength == "drop":
-            return None, "over_cutoff"
-        if len(prompt_ids) >= cutoff_len and not train_on_inputs:
-            return None, "prompt_fills_cutoff"   # no response token would be learned
-        ids = ids[:cutoff_len]
-    else:
-        ids = ids + [eos_id]
-    labels = list(ids)
-    if not train_on_inputs:
-        n = min(len(prompt_ids), len(ids))
-        labels[:n] = [IGNORE] * n
-    return {"input_ids": ids, "labels": labels, "length": len(ids), "truncated": truncated}, None
+    """A single-turn example: the prompt (masked unless train_on_inputs), then the response and the EOS (learned)."""
+    return build_from_pieces([(prompt_ids, False), (response_ids + [eos_id], True)], cutoff_len=cutoff_len,
+                             train_on_inputs=train_on_inputs, overlength=overlength)
 
 
 def tokenizer_hash(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return _store.hash_json([text, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id])
+    return _store.hash_json([text, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                             tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None])
 
 
-def tokenize_rows(rows: list[dict], tokenizer, *, eos_id: int, cutoff_len: int, train_on_inputs: bool,
-                  overlength: str) -> tuple[list[dict], dict[str, int]]:
-    """Batched fast-tokenizer calls over all prompts and responses, then per-row assembly."""
-    # The Rust tokenizer directly: one parallel batch call each, ids only (no per-row Python conversion).
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Ids of many texts in one batched call, no special tokens added (those in the text are parsed as such)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)   # the Rust tokenizer: one parallel call, ids only
+    if backend is None:  # a slow (Python) tokenizer
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
-    def encode(texts: list[str]) -> list[list[int]]:
-        if backend is None:  # a slow (Python) tokenizer
-            return tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
-    prompts = encode([r["prompt"] for r in rows])
-    responses = encode([r["response"] for r in rows])
+def tokenize_rows(rows: list[dict], tokenizer, templates: TemplateSet, tokens: dict[str, SpecialTokens], *, cutoff_len: int,
+                  train_on_inputs: bool, overlength: str) -> tuple[list[dict], dict[str, int]]:
+    """Each row's conversation rendered with its template into (text, learned) pieces (templates.render_segments),
+    every piece of every row encoded in one batched call, then assembled: the BOS, the pieces, and after each
+    answer of an alpaca-style template the EOS (a chat template's pieces already end with its end-of-turn token)."""
+    rendered, plain_bos = [], prefix_ids(tokenizer)
+    for r in rows:
+        t, messages = templates.for_source(r["source"]), json.loads(r["messages"])
+        rendered.append((t, messages[0]["role"] == COMPLETION, render_segments(t, messages, tokenizer)))
+    flat = encode_texts(tokenizer, [text for _, _, segs in rendered for text, _ in segs])
     out, counts = [], {"rows": len(rows), "kept": 0, "truncated": 0, "over_cutoff": 0, "prompt_fills_cutoff": 0,
                        "tokens": 0, "label_tokens": 0}
-    for r, p, a in zip(rows, prompts, responses):
-        ex, reason = build_example(p, a, eos_id=eos_id, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, overlength=overlength)
+    at = 0
+    for r, (t, completion, segs) in zip(rows, rendered):
+        tok = tokens[t.name]
+        bos = plain_bos if completion else tok.bos
+        # plain text ends with the EOS; an alpaca-style answer with the end token; a chat template's pieces carry theirs
+        end = [tokenizer.eos_token_id] if completion else [tok.end_id] if t.kind != "chat" else []
+        pieces = [(list(bos), False)] if bos else []
+        for _, learned in segs:
+            ids = flat[at]
+            at += 1
+            pieces.append((ids + end if learned else ids, learned))
+        ex, reason = build_from_pieces(pieces, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, overlength=overlength)
         if ex is None:
             counts[reason] += 1
             continue
         counts["kept"] += 1
         counts["truncated"] += ex["truncated"]
         counts["tokens"] += ex["length"]
-        counts["label_tokens"] += ex["length"] - (0 if train_on_inputs else min(len(p), ex["length"]))
+        counts["label_tokens"] += sum(1 for x in ex["labels"] if x != IGNORE)
         out.append({"id": r["id"], "source": r["source"], **ex})
     return out, counts
 
@@ -91,6 +119,13 @@ def count_sources(rows: list[dict]) -> dict[str, int]:
     for r in rows:
         out[r["source"]] = out.get(r["source"], 0) + 1
     return dict(sorted(out.items()))
+
+
+def training_templates(formatted: TemplateSet, data: DataSpec) -> TemplateSet:
+    """The templates a run trains with: the formatted data's, or every source through ``data.template``."""
+    if not data.template:
+        return formatted
+    return TemplateSet(map={}, default=data.template, templates={data.template: load_template(data.template)}, context=formatted.context)
 
 
 def run_tokenize(formatted_dir: Path | StageRef, base: BaseModelRef, out_root: Path, data: DataSpec) -> StageOutput:
@@ -104,29 +139,36 @@ def run_tokenize(formatted_dir: Path | StageRef, base: BaseModelRef, out_root: P
     t0 = time.monotonic()
     out_root = Path(out_root)
     formatted_dir, formatted = _store.read_input(formatted_dir, "tokenize input is not a finished formatted dataset")
+    templates = training_templates(_store.read_model(formatted_dir / TEMPLATES_FILE, TemplateSet), data)
     where = base.location(Path("."))
     tokenizer = AutoTokenizer.from_pretrained(where, revision=base.revision)
-    eos = check_eos(tokenizer, AutoConfig.from_pretrained(where, revision=base.revision))
+    model_config = AutoConfig.from_pretrained(where, revision=base.revision)
+    if any(t.kind != "chat" for t in templates.templates.values()):
+        check_eos(tokenizer, model_config)   # alpaca-style answers end with the EOS: tokenizer and model must agree on it
+    tokens = {name: special_tokens(tokenizer, t, model_config.model_type) for name, t in templates.templates.items()}
     settings = data.model_dump(include=SETTINGS)
     tok_hash = tokenizer_hash(tokenizer)
-    key = _store.hash_json({"formatted": formatted.content_hash, "tokenizer": tok_hash, **settings})
+    key = _store.hash_json({"formatted": formatted.content_hash, "tokenizer": tok_hash, "templates": templates.model_dump(mode="json"),
+                            "special_tokens": {k: v.model_dump() for k, v in tokens.items()}, **settings})
     final = out_root / short_hash(key)
     if _store.is_complete(final):
         return StageOutput.of(final, _store.read_manifest(final))
     staging = _store.new_staging_dir(out_root, short_hash(key))
     counts = {}
     for split in ("train", "validation"):
-        rows = pq.read_table(formatted_dir / f"{split}.parquet", columns=["id", "source", "prompt", "response"]).to_pylist()
-        examples, counts[split] = tokenize_rows(rows, tokenizer, eos_id=eos, **settings)
+        rows = pq.read_table(formatted_dir / f"{split}.parquet", columns=["id", "source", "messages"]).to_pylist()
+        examples, counts[split] = tokenize_rows(rows, tokenizer, templates, tokens, **settings)
         counts[split]["by_source"] = count_sources(examples)
         # pyarrow directly: 5x faster than datasets' per-example feature encoding; datasets reads it back as is.
         table = pa.Table.from_pydict({c: [e[c] for e in examples] for c in schema.names}, schema=schema)
         pq.write_table(table, staging / f"{split}.parquet")
-    shutil.copyfile(formatted_dir / TEMPLATES_FILE, staging / TEMPLATES_FILE)
+    _store.write_model(staging / TEMPLATES_FILE, templates)
+    _store.atomic_write_json(staging / SPECIAL_TOKENS_FILE, {k: v.model_dump() for k, v in tokens.items()})
     m = _store.write_manifest(staging, stage="tokenize", inputs={"formatted": formatted.content_hash, "tokenizer": tok_hash},
                               lineage=formatted.lineage.then(formatted=formatted.content_hash),
-                              config={**settings, "base": base.name, "eos_token_id": eos}, counts=TokenCounts(**counts).model_dump(),
-                              timings={"tokenize": time.monotonic() - t0}, content_hash=key)
+                              config={**settings, "base": base.name, "template": data.template,
+                                      "special_tokens": {k: v.model_dump() for k, v in tokens.items()}},
+                              counts=TokenCounts(**counts).model_dump(), timings={"tokenize": time.monotonic() - t0}, content_hash=key)
     _store.promote(staging, final)
     log.info("tokenized %s: %s", formatted_dir.name, {s: c["kept"] for s, c in counts.items()})
     return StageOutput.of(final, m)

@@ -27,7 +27,7 @@ from pathlib import Path
 from culbot.tasks import _store
 from culbot.tasks.contracts import RUN_CARD_FILE, TRAIN_RESULT_FILE, RunConfig, TrainResult
 from culbot.tasks.model_io import torch_dtype
-from culbot.tasks.templates import install_chat_templates
+from culbot.tasks.templates import EXAMPLE_QUESTION, install_chat_templates, render_prompt
 
 EXIT_GUARD = 3
 EXIT_PREEMPTED = 75
@@ -97,20 +97,6 @@ def final_state(checkpoint: Path | None) -> dict | None:
 
 # ----- model -----------------------------------------------------------------------
 
-def linear_module_names(model) -> list[str]:
-    """Names of the linear layers to adapt for 'all-linear' (the output head excluded)."""
-    import torch
-
-    names = set()
-    for name, mod in model.named_modules():
-        cls = type(mod).__name__
-        if isinstance(mod, torch.nn.Linear) or cls in ("Linear4bit", "Linear8bitLt"):
-            names.add(name.rsplit(".", 1)[-1])
-    names.discard("embed_out")
-    names.discard("lm_head")
-    return sorted(names)
-
-
 def load_model(spec, model_path: str, revision: str | None, use_cpu: bool):
     """The base model per the profile's ``model`` section (a ModelSpec): dtype, quantisation, checkpointing, no KV cache."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -138,17 +124,31 @@ def load_model(spec, model_path: str, revision: str | None, use_cpu: bool):
     return model
 
 
+def generation_config(model, tokenizer, stop_ids: list[int]):
+    """The base model's generation config, stopping on every end token the run learned (Llama-3 chat: <|eot_id|>)."""
+    from transformers import GenerationConfig
+
+    gc = model.generation_config if model.generation_config is not None else GenerationConfig()
+    gc = GenerationConfig.from_dict({**gc.to_dict(), "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                                     "eos_token_id": stop_ids[0] if len(stop_ids) == 1 else stop_ids})
+    return gc
+
+
 def apply_lora(model, lora):
-    """LoRA per the profile's ``lora`` section (a LoraSpec)."""
+    """LoRA per the profile's ``lora`` section (a LoraSpec): the names given, peft's own 'all-linear', or the
+    architecture's default (pipeline_config/models/families.yaml). Returns the layers peft actually adapted."""
     from peft import LoraConfig, get_peft_model
 
-    targets = linear_module_names(model) if lora.target_modules == "all-linear" else lora.target_modules
+    from culbot.pipeline_config.model_schema import family
+
+    targets = lora.target_modules if lora.target_modules is not None else family(model.config.model_type).lora_targets
     config = LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=targets, bias="none")
     model = get_peft_model(model, config)
+    resolved = sorted({t.rsplit(".", 1)[-1] for t in model.peft_config["default"].target_modules})   # all-linear: peft resolved it
     trainable, total = model.get_nb_trainable_parameters()
-    say(f"LoRA on {targets}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
-    return model, targets
+    say(f"LoRA on {resolved}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    return model, resolved
 
 
 # ----- callbacks --------------------------------------------------------------------
@@ -249,13 +249,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from culbot.tasks.collate import PackedRows, PadCollator, PositionCollator
     from culbot.tasks.model_io import check_eos
+    from culbot.tasks.special_tokens import special_tokens
 
     prof = run.profile
     hw, spec, sched, data = prof.hardware, prof.model, prof.train, prof.data
     base, revision = run.base_location(run_dir), run.card.base.revision
     set_seed(sched.seed)  # before LoRA init, which draws random A matrices; the Trainer seeds only later
     tokenizer = AutoTokenizer.from_pretrained(base, revision=revision)
-    check_eos(tokenizer, AutoConfig.from_pretrained(base, revision=revision))
+    base_config = AutoConfig.from_pretrained(base, revision=revision)
+    if any(t.kind != "chat" for t in run.card.templates.templates.values()):
+        check_eos(tokenizer, base_config)
+    serving = run.card.templates.for_source(prof.answer.source)
+    tokens = {name: special_tokens(tokenizer, t, base_config.model_type) for name, t in run.card.templates.templates.items()}
     model = load_model(spec, base, revision, hw.use_cpu)
     # The adapter's own files (adapter_config.json, README.md) name the base as peft finds it here: make
     # that the Hub id, or the name the profile gave, never a path of this machine.
@@ -334,10 +339,15 @@ def main(argv: list[str] | None = None) -> int:
         adapter = run_dir / "adapter"
         trainer.model.save_pretrained(adapter)
         # The training prompt as the tokenizer's chat template: apply_chat_template, vLLM and TGI render it exactly.
+        example = render_prompt(serving, EXAMPLE_QUESTION, "", tokenizer)
         install_chat_templates(tokenizer, run.card.templates, prof.answer.source)
-        tokenizer.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)   # with the pad token chosen above
+        stops = sorted({i for t in tokens.values() for i in t.stop_ids})
+        generation_config(model.get_base_model(), tokenizer, stops).save_pretrained(adapter)
         metrics = run_metrics(trainer_metrics, history, resumed_step, step)
         card = run.card.model_copy(update={"base": run.card.base.relocated(run_dir, adapter), "lora_targets": targets,
+                                           "special_tokens": tokens[serving.name], "prompt_example": example,
+                                           "model_type": base_config.model_type,
                                            "train_metrics": metrics, "global_step": step, "resumed_from": resume.name if resume else None})
         _store.write_model(adapter / RUN_CARD_FILE, card)
         _store.write_model(run_dir / TRAIN_RESULT_FILE, TrainResult(

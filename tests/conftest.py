@@ -57,7 +57,7 @@ def sample_profile_file(tmp_path: Path, name: str = "flowtest") -> str:
         "cbnu": {"source": "directory", "pages_dir": str(SAMPLES / "cbnu_pages"), "out_dir": str(raw / "cbnu")},
         "qa": {"backend": "replay", "replay_dir": str(SAMPLES / "qa_replay"), "chunk_tokens": 400,
                "cache_dir": str(raw / "qa_cache"), "out_dir": str(raw / "cbnu_qa")},
-        "kullm": {"source": "file", "file": str(SAMPLES / "kullm_sample.jsonl"), "out_dir": str(raw / "kullm")},
+        "datasets": [{"name": "kullm", "file": str(SAMPLES / "kullm_sample.jsonl"), "type": "alpaca", "out_dir": str(raw / "kullm")}],
         "merge_data": {"validation_fraction": 0.1, "out_root": str(tmp_path / "artifacts" / "datasets")},
         "format": {"out_root": str(tmp_path / "artifacts" / "formatted")},
     }
@@ -124,15 +124,15 @@ def qa_config(tmp_path, base, **kw):
 def sample_formatted(tmp_path_factory) -> Path:
     """The sample data half run through the stage cores (no Prefect): a formatted dataset folder."""
     from culbot.pipeline_config.schema import load_data_profile
-    from culbot.tasks import crawl_cbnu, crawl_univ100, format_prompts, generate_qa, load_kullm, merge_data
+    from culbot.tasks import crawl_cbnu, crawl_univ100, format_prompts, generate_qa, load_datasets, merge_data
 
     root = tmp_path_factory.mktemp("sample-data")
     dp = load_data_profile(sample_profile_file(root))
     crawl_univ100.run_crawl(dp.univ100)
     crawl_cbnu.run_crawl(dp.cbnu)
     generate_qa.run_generate(dp.qa, dp.cbnu.out_dir)
-    load_kullm.run_load(dp.kullm)
-    d = merge_data.run_merge({"univ100": dp.univ100.out_dir, "cbnu": dp.qa.out_dir, "kullm": dp.kullm.out_dir}, dp.merge_data)
+    kullm = load_datasets.run_load_dataset(dp.dataset("kullm"))
+    d = merge_data.run_merge({"univ100": dp.univ100.out_dir, "cbnu": dp.qa.out_dir, "kullm": kullm.path}, dp.merge_data)
     return format_prompts.run_format(d.path, dp.format).path
 
 

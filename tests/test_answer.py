@@ -38,7 +38,7 @@ def test_alpaca_templates_render_only_the_last_turn_and_chat_keeps_the_conversat
     history = [{"role": "user", "content": "도서관은?"}, {"role": "assistant", "content": "9시에 엽니다."}, {"role": "user", "content": "주말은요?"}]
     cbnu = chat_template_jinja(load_template("cbnu"))
     assert chat_tok.apply_chat_template(history, chat_template=cbnu, tokenize=False) == render_prompt(load_template("cbnu"), "주말은요?")
-    chat = load_template("chat")
+    chat = load_template("persona")
     got = chat_tok.apply_chat_template(history, chat_template=chat_template_jinja(chat, None, chat_tok.chat_template), tokenize=False,
                                        add_generation_prompt=True)
     assert got == render_prompt(chat, "주말은요?", "", chat_tok, history=[("도서관은?", "9시에 엽니다.")])

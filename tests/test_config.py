@@ -39,7 +39,7 @@ def test_sample_profile_is_offline():
     assert prof.univ100.source == "snapshot"
     assert prof.cbnu.source == "directory"
     assert prof.qa.backend == "replay"
-    assert prof.kullm.source == "file"
+    assert [d.file is not None for d in prof.datasets] == [True]
 
 
 def _walk(model: type[BaseModel], prefix=""):
@@ -81,7 +81,7 @@ def test_cross_field_check_names_section(tmp_path):
 
 
 def test_set_overrides_are_typed_and_named_in_errors():
-    prof = load_data_profile("sample", ["qa.max_in_flight=8", "univ100.keep_url_domains=[a.kr, b.kr]", "kullm.max_rows=null"])
+    prof = load_data_profile("sample", ["qa.max_in_flight=8", "univ100.keep_url_domains=[a.kr, b.kr]", "merge_data.validation_size=null"])
     assert prof.qa.max_in_flight == 8
     assert prof.univ100.keep_url_domains == ["a.kr", "b.kr"]
     with pytest.raises(ConfigError, match=r"--set qa.max_in_flight: field 'qa.max_in_flight'"):
@@ -119,7 +119,8 @@ def test_every_training_profile_loads_with_exact_batch_arithmetic(path):
 
 
 def test_shipped_training_profiles_match_the_upstream_targets():
-    assert {p.stem for p in train_profiles()} == {"a6000x4", "runpod-a100x2", "gcp-l4", "cpu-tiny"}
+    assert {p.stem for p in train_profiles()} == {"a6000x4", "runpod-a100x2", "gcp-l4", "cpu-tiny", "runpod-a100x2-llama3", "laptop-6gb",
+                                                  "cpu-tiny-llama"}
     a = load_train_profile("a6000x4")
     # upstream: 128 examples per step; packed rows hold ~3.5 examples, so 32 rows per step
     assert (a.hardware.gpus, a.train.micro_batch_size, a.data.cutoff_len, a.train.global_batch_size, a.data.packing) == (4, 8, 1024, 32, True)
@@ -130,6 +131,14 @@ def test_shipped_training_profiles_match_the_upstream_targets():
     g = load_train_profile("gcp-l4")
     assert (g.model.quantization, g.model.bnb_4bit_quant_type, g.train.micro_batch_size, g.model.gradient_checkpointing, g.train.optim) == \
         ("4bit", "nf4", 2, True, "paged_adamw_8bit")
+    # the persona chat model: Llama-3-Open-Ko-8B-Instruct, persona chat template, ZeRO-3, all linear layers, cosine, bf16
+    c = load_train_profile("runpod-a100x2-llama3")
+    assert (c.model.base, c.data.template, c.deepspeed_path().name, c.lora.target_modules, c.train.lr_scheduler, c.model.dtype,
+            c.hardware.gpus, c.hardware.work_pool) == ("beomi/Llama-3-Open-Ko-8B-Instruct-preview", "persona", "zero3.json", "all-linear",
+                                                      "cosine", "bf16", 2, "runpod-a100x2")
+    lap = load_train_profile("laptop-6gb")   # the laptop QLoRA: polyglot-ko-1.3b, nf4 + double quant, checkpointing, paged 8-bit AdamW
+    assert (lap.model.base, lap.model.quantization, lap.model.bnb_4bit_quant_type, lap.model.bnb_4bit_use_double_quant,
+            lap.model.gradient_checkpointing, lap.train.optim) == ("EleutherAI/polyglot-ko-1.3b", "4bit", "nf4", True, True, "paged_adamw_8bit")
 
 
 def test_upstream_batch_bug_is_an_error_at_load(tmp_path):

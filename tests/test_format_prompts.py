@@ -44,5 +44,5 @@ def test_format_picks_templates_per_source_and_saves_their_text(tmp_path):
 def test_format_with_chat_template(tmp_path):
     d = _dataset(tmp_path)
     tok_dir = tiny_chat_tokenizer(tmp_path / "tok")
-    m = run_format(d.path, FormatConfig(template_map={"cbnu": "chat"}, chat_tokenizer=tok_dir, out_root=tmp_path / "fmt"))
-    assert m.counts["by_template"]["chat"] == 1
+    m = run_format(d.path, FormatConfig(template_map={"cbnu": "persona"}, chat_tokenizer=tok_dir, out_root=tmp_path / "fmt"))
+    assert m.counts["by_template"]["persona"] == 1

@@ -42,7 +42,8 @@ def small(tmp_path):
         (docs / name).write_text(text, encoding="utf-8")
     rows = [{"id": i, "source": "cbnu", "url": f"file:{doc}", "instruction": q, "input": "", "output": a} for i, doc, q, a in QA]
     qa = _finished(tmp_path / "qa", "generate-qa", {"rows.jsonl": lambda p: _store.atomic_write_jsonl(p, rows)})
-    table = [{c: r[c] for c in COLUMNS} for r in rows] + [{"id": "k1", "source": "kullm", "instruction": "인사해 주세요", "input": "", "output": "안녕하세요"}]
+    table = [{c: r.get(c, "") for c in COLUMNS} for r in rows] + [
+        {"id": "k1", "source": "kullm", "instruction": "인사해 주세요", "input": "", "output": "안녕하세요", "messages": ""}]
     dataset = _finished(tmp_path / "dataset", "merge-data", {
         "train.parquet": lambda p: _store.write_text_table(p, [r for r in table if r["id"] != "q3"], COLUMNS),
         "validation.parquet": lambda p: _store.write_text_table(p, [r for r in table if r["id"] == "q3"], COLUMNS)})

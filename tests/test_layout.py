@@ -30,7 +30,7 @@ def _is_stage(path: Path) -> bool:
 def test_stages_import_helpers_only_and_helpers_import_no_stage():
     modules = {p.stem: p for p in TASKS.glob("*.py") if p.stem != "__init__"}
     stages = {name for name, p in modules.items() if _is_stage(p)}
-    assert stages == {"crawl_univ100", "crawl_cbnu", "generate_qa", "load_kullm", "merge_data", "index", "format_prompts", "tokenize_data",
+    assert stages == {"crawl_univ100", "crawl_cbnu", "generate_qa", "load_datasets", "merge_data", "index", "format_prompts", "tokenize_data",
                       "train", "evaluate", "merge_adapter", "publish"}
     bad = {}
     for name, path in modules.items():

@@ -57,7 +57,7 @@ def test_version_folder_is_content_addressed_and_reused(tmp_path):
     assert m.counts["train"] == 27 and m.counts["validation"] == 3
     assert (tmp_path / "ds" / "LATEST").read_text().strip() == short_hash(m.content_hash)
     train = _store.read_table(folder / "train.parquet")
-    assert set(train[0]) == {"id", "source", "instruction", "input", "output"}
+    assert set(train[0]) == {"id", "source", "instruction", "input", "output", "messages"} and train[0]["messages"] == ""   # single-turn
     again = run_merge(inputs, cfg)
     assert again.content_hash == m.content_hash
     assert len(_store.read_jsonl(tmp_path / "ds" / "versions.jsonl")) == 1   # no new version when nothing changed

@@ -53,10 +53,10 @@ def test_every_retried_stage_retries_network_failures_only():
     from culbot.tasks.crawl_cbnu import crawl_cbnu_task
     from culbot.tasks.crawl_univ100 import crawl_univ100_task
     from culbot.tasks.generate_qa import generate_qa_task
-    from culbot.tasks.load_kullm import load_kullm_task
+    from culbot.tasks.load_datasets import load_dataset_task
     from culbot.tasks.publish import publish_task
     from culbot.tasks.train import _retry_if_preempted, train_task
 
-    for t in (crawl_univ100_task, crawl_cbnu_task, generate_qa_task, load_kullm_task, publish_task):
+    for t in (crawl_univ100_task, crawl_cbnu_task, generate_qa_task, load_dataset_task, publish_task):
         assert t.retries >= 1 and t.retry_condition_fn is retry_on_network, t.name   # a bad page or a spent budget is not retried
     assert train_task.retry_condition_fn is _retry_if_preempted

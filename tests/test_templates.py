@@ -10,7 +10,7 @@ KULLM_NO_INPUT = "아래는 작업을 설명하는 명령어입니다. 요청을
 
 
 def test_registry_has_the_named_templates():
-    assert available_templates() == ["alpaca", "cbnu", "cbnu2", "chat", "koalpaca", "kullm"]
+    assert available_templates() == ["alpaca", "cbnu", "cbnu2", "chat", "koalpaca", "kullm", "persona"]
 
 
 def test_kullm_matches_the_published_text_exactly():
@@ -78,10 +78,10 @@ def test_chat_template_renders_through_the_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_chat_tokenizer(tmp_path / "tok"))
-    t = load_template("chat")
+    t = load_template("persona")
     assert render_prompt(t, "도서관은 몇 시에 여나요?", "", tok) == (
         f"<|system|>\n{t.system}\n<|user|>\n도서관은 몇 시에 여나요?\n<|assistant|>\n")
-    with pytest.raises(ConfigError, match="chat_tokenizer"):
+    with pytest.raises(ConfigError, match="none was given"):
         render_prompt(t, "x")
 
 

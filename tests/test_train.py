@@ -42,7 +42,7 @@ def test_tiny_training_writes_exactly_these_files(tmp_path, sample_tokenized, ti
     assert files == sorted(
         ["config.json", "train_result.json",
          "adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/culbot.json", "adapter/tokenizer.json",
-         "adapter/manifest.json", "adapter/tokenizer_config.json"] + chat
+         "adapter/manifest.json", "adapter/tokenizer_config.json", "adapter/generation_config.json"] + chat
         + [f"checkpoints/checkpoint-{n}/{f}" for n in (3, 6) for f in ckpt])
     assert card.base.name == "culbot:tiny" and card.profile == "cpu-tiny"
     assert card.base.location(run / "adapter") == str(tiny_model)   # a path relative to the adapter: no path of this machine

@@ -94,11 +94,16 @@ def test_stage_chain_merge_and_format_from_the_cli(tmp_path):
     from tests.conftest import REPO
 
     for args in (["crawl", "univ100", "--out", str(tmp_path / "u")],
-                 ["load-kullm", "--out", str(tmp_path / "k")],
-                 ["merge-data", "--univ100", str(tmp_path / "u"), "--kullm", str(tmp_path / "k"), "--out", str(tmp_path / "ds")]):
+                 ["load-dataset", "--name", "kullm", "--out", str(tmp_path / "k")],
+                 ["merge-data", "--univ100", str(tmp_path / "u"), "--source", f"kullm={tmp_path / 'k'}", "--out", str(tmp_path / "ds")]):
         r = culbot(*args, cwd=REPO)
         assert r.returncode == 0, r.stderr
     version = (tmp_path / "ds" / "LATEST").read_text().strip()
+    r = culbot("export-dataset", "--dataset", str(tmp_path / "ds" / version), "--format", "alpaca", "--out", str(tmp_path / "export"), cwd=REPO)
+    assert r.returncode == 0 and "exported" in r.stdout, r.stderr
+    assert {p.name for p in (tmp_path / "export").iterdir()} == {"train.jsonl", "validation.jsonl", "dataset_info.json", "README.md"}
+    r = culbot("load-dataset", "--name", "nope", cwd=REPO)
+    assert r.returncode == 2 and "has no dataset 'nope' (its datasets: kullm)" in r.stderr
     r = culbot("format", "--dataset", str(tmp_path / "ds" / version), "--out", str(tmp_path / "fmt"), "--template", "univ100=koalpaca", cwd=REPO)
     assert r.returncode == 0, r.stderr
     folder = r.stdout.split("done: ")[1].split("\n")[0]

@@ -21,13 +21,13 @@ def test_data_refresh_cold_then_fully_cached_then_rebuilds_corruption(tmp_path, 
     assert d.counts["rows_in"] == {"cbnu": 81, "kullm": 22, "univ100": 10}
     assert d.counts["dropped"] == {"duplicate_of_kullm": 1, "duplicate_of_univ100": 1}
     assert _store.is_complete(d.path) and _store.is_complete(out.formatted.path)
-    assert list(out.stages) == ["crawl-univ100", "crawl-cbnu", "generate-qa", "load-kullm", "merge-data", "index", "format"]
+    assert list(out.stages) == ["crawl-univ100", "crawl-cbnu", "generate-qa", "load-dataset-kullm", "merge-data", "index", "format"]
     assert _store.is_complete(out.index.path) and out.index.counts["documents"] == 33 and out.index.counts["qa_keys"] > 0
     assert out.formatted.counts["with_context"]["train"] > 0   # CBNU rows trained with retrieved context
     cold = task_states(state.state_details.flow_run_id)
     assert [s for _, s in cold] == ["Completed"] * 7
     arts = flow_artifacts(state.state_details.flow_run_id)
-    assert set(arts) >= {"crawl-univ100", "crawl-cbnu", "qa-ledger", "qa-generation-progress", "load-kullm", "dataset-stats", "data-refresh-summary"}
+    assert set(arts) >= {"crawl-univ100", "crawl-cbnu", "qa-ledger", "qa-generation-progress", "load-dataset-kullm", "dataset-stats", "data-refresh-summary"}
     assert '"replayed": 34' in arts["qa-ledger"] and "| rows | 10 |" in arts["crawl-univ100"]
 
     state2 = data_refresh(data_profile=profile, return_state=True)

@@ -93,10 +93,11 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
                             "--home", str(work), "--artifact-root", str(remote)], capture_output=True, text=True, env=env, timeout=300)
         assert d.returncode == 0, d.stdout + d.stderr
         for name in ("culbot/full", "culbot/data-refresh", "culbot/smoke", "train-stage/train-a6000x4", "train-stage/train-gcp-l4",
-                     "train-stage/train-runpod-a100x2", "train-stage/train-cpu-tiny", "eval-stage/eval", "merge-adapter-stage/merge-adapter", "publish-stage/publish"):
+                     "train-stage/train-runpod-a100x2", "train-stage/train-cpu-tiny", "train-stage/train-runpod-a100x2-llama3",
+                     "train-stage/train-laptop-6gb", "train-stage/train-cpu-tiny-llama", "eval-stage/eval", "merge-adapter-stage/merge-adapter", "publish-stage/publish"):
             assert name in d.stdout, d.stdout
         pools = {p["name"]: p for p in httpx.post(f"{api}/work_pools/filter", json={}, timeout=30).json()}
-        assert set(pools) >= {"cpu", "a6000x4", "runpod-a100x2", "gcp-l4"} and pools["a6000x4"]["concurrency_limit"] == 1
+        assert set(pools) >= {"cpu", "a6000x4", "runpod-a100x2", "gcp-l4", "laptop"} and pools["a6000x4"]["concurrency_limit"] == 1
         pool_env = pools["gcp-l4"]["base_job_template"]["variables"]["properties"]["env"]["default"]
         assert pool_env == {"CULBOT_ARTIFACT_ROOT": str(remote), "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": "local-file-system/culbot-results"}
         refresh = httpx.get(f"{api}/deployments/name/culbot/data-refresh", timeout=30).json()

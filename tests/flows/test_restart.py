@@ -35,6 +35,6 @@ def test_sigkill_during_training_then_rerun_resumes(tmp_path):
     second = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
-    assert out.count("Finished in state Cached") >= 7          # crawl x2, generate-qa, load-kullm, merge-data, format, tokenize
+    assert out.count("Finished in state Cached") >= 7          # crawl x2, generate-qa, load-dataset, merge-data, format, tokenize
     assert "resuming from checkpoint-" in out and "starting from step 0" not in out
     assert "published merged:" in out

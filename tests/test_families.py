@@ -1,0 +1,177 @@
+"""GPT-NeoX (polyglot-ko), Llama (Llama-3) and Qwen2, each as a tiny model built in-process: labels decode to the
+special tokens each family and template need, packed rows give the logits of each example alone, and a trained
+adapter merges into the same logits."""
+import json
+
+import pytest
+import torch
+
+from culbot.pipeline_config.schema import ConfigError
+from culbot.pipeline_config.train_schema import DataSpec, MergeAdapterSpec
+from culbot.tasks import _store
+from culbot.tasks.contracts import BaseModelRef, TemplateSet
+from culbot.tasks.special_tokens import encode_prompt
+from culbot.tasks.templates import load_template, render_prompt
+from culbot.tasks.tokenize_data import IGNORE, SPECIAL_TOKENS_FILE, run_tokenize, tokenize_rows
+from tests.conftest import SAMPLES
+
+TINY_IDS = {"gpt_neox": "culbot:tiny", "llama": "culbot:tiny-llama", "qwen2": "culbot:tiny-qwen2"}
+FOLDERS = {"gpt_neox": "tiny", "llama": "tiny-llama", "qwen2": "tiny-qwen2"}
+
+
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory):
+    from culbot.tasks.tiny_model import build_tiny_model, sample_corpus
+
+    root = tmp_path_factory.mktemp("family-models")
+    for family, folder in FOLDERS.items():
+        build_tiny_model(root / folder, sample_corpus(SAMPLES), family=family)
+    return root
+
+
+def _base(models_root, family) -> BaseModelRef:
+    return BaseModelRef(name=TINY_IDS[family], path=str(models_root / FOLDERS[family]))
+
+
+def _tokenizer(models_root, family):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(models_root / FOLDERS[family])
+
+
+# (family, template) -> what the text starts with, the token every answer ends with, the pad and where it came from
+CASES = {
+    ("gpt_neox", "kullm"): ("아래는", "<|endoftext|>", "<|endoftext|>", "tokenizer"),
+    ("llama", "kullm"): ("<|begin_of_text|>아래는", "<|end_of_text|>", "<|reserved_special_token_0|>", "family"),
+    ("llama", "persona"): ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n당신은 충북대학교", "<|eot_id|>",
+                           "<|reserved_special_token_0|>", "family"),
+    ("qwen2", "kullm"): ("아래는", "<|im_end|>", "<|endoftext|>", "tokenizer"),
+    ("qwen2", "persona"): ("<|im_start|>system\n당신은 충북대학교", "<|im_end|>", "<|endoftext|>", "tokenizer"),
+}
+
+
+@pytest.mark.parametrize("family,template", list(CASES))
+def test_labels_decode_to_the_answer_and_the_end_token_of_the_family_and_template(family, template, models_root, sample_formatted, tmp_path):
+    import datasets
+
+    start, end, pad, pad_from = CASES[(family, template)]
+    out = run_tokenize(sample_formatted, _base(models_root, family), tmp_path / "tok", DataSpec(cutoff_len=1024, template=template))
+    tokens = json.loads((out.path / SPECIAL_TOKENS_FILE).read_text())[template]
+    assert (tokens["end_token"], tokens["pad_token"], tokens["pad_from"]) == (end, pad, pad_from)
+    assert _store.read_model(out.path / "templates.json", TemplateSet).for_source("cbnu").name == template   # every source
+    tok = _tokenizer(models_root, family)
+    tok.pad_token = pad
+    formatted = {r["id"]: r for r in datasets.Dataset.from_parquet(str(sample_formatted / "train.parquet")).to_list()}
+    rows = datasets.Dataset.from_parquet(str(out.path / "train.parquet")).to_list()
+    t = load_template(template)
+    for row in [r for r in rows if not r["truncated"]][:5]:
+        text = tok.decode(row["input_ids"])
+        assert text.startswith(start), text[:80]
+        assert tok.convert_tokens_to_ids(pad) not in row["input_ids"] or pad == end   # a pad is never trained on
+        # the prompt's ids are exactly what serving encodes for the same question (render_prompt + encode_prompt)
+        user, answer = json.loads(formatted[row["id"]]["messages"])
+        prompt_ids = encode_prompt(tok, render_prompt(t, user["content"], user.get("input", ""), tok), t)
+        n = len(prompt_ids)
+        assert row["input_ids"][:n] == prompt_ids and row["labels"][:n] == [IGNORE] * n
+        learned = row["labels"][n:]
+        assert IGNORE not in learned and learned == row["input_ids"][n:]
+        assert tok.decode(learned, skip_special_tokens=False).startswith(answer["content"].strip()[:20])
+        assert learned[-1] == tokens["end_id"] or (family == "qwen2" and template == "persona" and tok.decode(learned[-2:]) == "<|im_end|>\n")
+
+
+def test_a_chat_template_on_a_model_without_one_is_a_clear_error(models_root, sample_formatted, tmp_path):
+    with pytest.raises(ConfigError, match="needs a tokenizer with a chat template"):
+        run_tokenize(sample_formatted, _base(models_root, "gpt_neox"), tmp_path / "tok", DataSpec(template="persona"))
+
+
+@pytest.mark.parametrize("family,template", [("llama", "persona"), ("qwen2", "persona"), ("gpt_neox", "kullm")])
+def test_a_multi_turn_conversation_learns_every_assistant_turn_and_nothing_else(family, template, models_root):
+    from culbot.tasks.special_tokens import special_tokens
+
+    tok = _tokenizer(models_root, family)
+    t = load_template(template)
+    tokens = {template: special_tokens(tok, t, family)}
+    convo = [{"role": "user", "content": "기숙사 신청은 언제 해요?"}, {"role": "assistant", "content": "합격자 발표 후에 해요."},
+             {"role": "user", "content": "어디서 해요?"}, {"role": "assistant", "content": "생활관 홈페이지에서 해요."}]
+    rows = [{"id": "c1", "source": "sharegpt", "messages": json.dumps(convo, ensure_ascii=False)}]
+    out, counts = tokenize_rows(rows, tok, TemplateSet(map={}, default=template, templates={template: t}), tokens,
+                                cutoff_len=512, train_on_inputs=False, overlength="truncate")
+    ex = out[0]
+    spans, cur = [], []
+    for i, lab in zip(ex["input_ids"], ex["labels"]):
+        if lab == IGNORE:
+            if cur:
+                spans.append(cur)
+            cur = []
+        else:
+            cur.append(i)
+    spans.append(cur) if cur else None
+    learned = [tok.decode(s) for s in spans]
+    end = tokens[template].end_token
+    assert [x.replace("\n", "") for x in learned] == [f"합격자 발표 후에 해요.{end}", f"생활관 홈페이지에서 해요.{end}"]
+    assert counts["label_tokens"] == sum(len(s) for s in spans)
+
+
+def _tiny(family):
+    from transformers import AutoModelForCausalLM
+
+    from culbot.tasks.tiny_model import build_tokenizer, tiny_config
+
+    cfg = tiny_config(family, build_tokenizer([], 300, family), vocab_size=100, attn_implementation="sdpa", use_cache=False)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("family", list(TINY_IDS))
+def test_packed_rows_give_each_examples_own_logits(family):
+    import datasets
+
+    from culbot.tasks.collate import PackedRows, PositionCollator
+
+    model = _tiny(family)
+    g = torch.Generator().manual_seed(1)
+    ex = [{"input_ids": (ids := torch.randint(3, 100, (n,), generator=g).tolist()), "labels": ids} for n in (12, 7, 20, 5, 9)]
+    rows = PackedRows(datasets.Dataset.from_list(ex), max_len=32)
+    assert len(rows) < len(ex)
+    batch = PositionCollator(pad_id=0)([rows[i] for i in range(len(rows))])
+    with torch.no_grad():
+        packed = model(**batch).logits
+        for r, members in enumerate(rows.rows):
+            start = 0
+            for i in members:
+                k = len(ex[i]["input_ids"])
+                alone = model(input_ids=torch.tensor([ex[i]["input_ids"]])).logits[0]
+                assert (packed[r, start:start + k] - alone).abs().max().item() < 1e-4, (family, r, i)
+                start += k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,template,targets", [("llama", "persona", "all-linear"), ("qwen2", "persona", None)])
+def test_a_trained_adapter_of_each_family_merges_into_the_same_logits(family, template, targets, models_root, sample_formatted, tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from culbot.pipeline_config.train_schema import load_train_profile
+    from culbot.tasks.merge_adapter import run_merge_adapter
+    from culbot.tasks.run_folder import read_run_card
+    from culbot.tasks.train import prepare_run, run_training
+
+    sets = [f"model.base={TINY_IDS[family]}", f"data.template={template}", "train.max_steps=2", "train.save_steps=2", "train.eval_steps=2"]
+    sets += [f"lora.target_modules={targets}"] if targets else []
+    prof = load_train_profile("cpu-tiny", sets)
+    tokenized = run_tokenize(sample_formatted, _base(models_root, family), tmp_path / "tok", prof.data).path
+    cfg = prepare_run(prof, tokenized, runs_root=tmp_path / "runs", models_root=models_root, samples_dir=SAMPLES)
+    assert run_training(cfg, prof).status == "completed"
+    card = read_run_card(cfg.parent / "adapter")
+    expected = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"] if targets else ["q_proj", "v_proj"]
+    assert card.lora_targets == expected and card.model_type == family
+    m = run_merge_adapter(cfg.parent, MergeAdapterSpec(), tmp_path / "models", ["도서관은 몇 시에 여나요?", "장학금 종류는?"])
+    assert m.counts["max_logit_diff"] < 1e-4 and m.counts["saved_max_logit_diff"] < 1e-4
+    gen = GenerationConfig.from_pretrained(m.path)
+    stops = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    assert card.special_tokens.end_id in stops   # generation stops on the token the answers learned (Llama: <|eot_id|> too)
+    assert (len(stops), card.special_tokens.end_token) == ((2, "<|eot_id|>") if family == "llama" else (1, "<|im_end|>"))
+    tok = AutoTokenizer.from_pretrained(m.path)
+    assert tok.pad_token_id is not None
+    question = "기숙사 신청은 언제 해요?"
+    assert tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True) == \
+        card.prompt_example == render_prompt(card.template_for("cbnu"), question, "", tok)
