@@ -8,7 +8,6 @@ serving all read the same templates.
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -22,11 +21,11 @@ from culbot.pipeline_config.schema import FormatConfig, RagConfig
 from . import _store
 from ._prefect import stage_cache
 from .contracts import TEMPLATES_FILE, ContextFormat, StageOutput, StageRef, TemplateSet, short_hash
-from .templates import RENDERER_VERSION, conversation, load_template, render_context, render_prompt
+from .templates import RENDERER_VERSION, load_template, render_context, render_prompt
 
 log = logging.getLogger("culbot.format")
 
-COLUMNS = ("id", "source", "template", "messages", "prompt", "response")
+COLUMNS = ("id", "source", "template", "instruction", "input", "messages", "prompt", "response")
 
 
 def template_set(fmt: FormatConfig) -> TemplateSet:
@@ -35,15 +34,17 @@ def template_set(fmt: FormatConfig) -> TemplateSet:
 
 
 def format_rows(rows: list[dict], templates: TemplateSet, tokenizer: Any = None) -> list[dict]:
-    """Each row as its conversation (``messages``, JSON: what tokenize renders, with any template) and, for reading,
-    its rendered prompt and response (a chat template's prompt only when format.chat_tokenizer is set)."""
+    """Each row with its rendered prompt and response, and what renders it again with another template: instruction and
+    input, or the conversation (``messages``, JSON) of a multi-turn row, which tokenize renders (as it does a chat
+    template's prompt, here only when format.chat_tokenizer is set)."""
     out = []
     for r in rows:
         t = templates.for_source(r["source"])
-        rendered = (t.kind != "chat" or tokenizer is not None) and not r.get("messages")   # conversations: tokenize renders them
-        out.append({"id": r["id"], "source": r["source"], "template": t.name,
-                    "messages": r.get("messages") or json.dumps(conversation(r["instruction"], r["input"], r["output"]), ensure_ascii=False),
-                    "prompt": render_prompt(t, r["instruction"], r["input"], tokenizer) if rendered else "", "response": r["output"]})
+        messages = r.get("messages") or ""
+        rendered = (t.kind != "chat" or tokenizer is not None) and not messages
+        out.append({"id": r["id"], "source": r["source"], "template": t.name, "instruction": r["instruction"], "input": r["input"],
+                    "messages": messages, "prompt": render_prompt(t, r["instruction"], r["input"], tokenizer) if rendered else "",
+                    "response": r["output"]})
     return out
 
 

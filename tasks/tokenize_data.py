@@ -24,11 +24,11 @@ from culbot.pipeline_config.train_schema import DataSpec, TrainProfile
 
 from . import _store
 from ._prefect import stage_cache
-from .contracts import TEMPLATES_FILE, BaseModelRef, SpecialTokens, StageOutput, StageRef, TemplateSet, TokenCounts, short_hash
+from .contracts import TEMPLATES_FILE, BaseModelRef, SpecialTokens, StageOutput, StageRef, Template, TemplateSet, TokenCounts, short_hash
 from .model_io import check_eos
 from .conversations import COMPLETION
 from .special_tokens import prefix_ids, special_tokens
-from .templates import load_template, render_segments
+from .templates import conversation, load_template, render_segments
 
 log = logging.getLogger("culbot.tokenize")
 
@@ -79,15 +79,27 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
+def row_segments(r: dict, t: Template, tokenizer, reuse_prompt: bool) -> tuple[bool, list[tuple[str, bool]]]:
+    """(plain text?, the row's (text, learned) pieces): the prompt format rendered when it is this template's, else the
+    conversation rendered now (templates.render_segments)."""
+    if not r["messages"]:
+        if reuse_prompt and r["prompt"] and r["template"] == t.name and t.kind != "chat":
+            return False, [(r["prompt"], False), (r["response"], True)]
+        return False, render_segments(t, conversation(r["instruction"], r["input"], r["response"]), tokenizer)
+    messages = json.loads(r["messages"])
+    return messages[0]["role"] == COMPLETION, render_segments(t, messages, tokenizer)
+
+
 def tokenize_rows(rows: list[dict], tokenizer, templates: TemplateSet, tokens: dict[str, SpecialTokens], *, cutoff_len: int,
-                  train_on_inputs: bool, overlength: str) -> tuple[list[dict], dict[str, int]]:
-    """Each row's conversation rendered with its template into (text, learned) pieces (templates.render_segments),
-    every piece of every row encoded in one batched call, then assembled: the BOS, the pieces, and after each
-    answer of an alpaca-style template the EOS (a chat template's pieces already end with its end-of-turn token)."""
+                  train_on_inputs: bool, overlength: str, reuse_prompt: bool = True) -> tuple[list[dict], dict[str, int]]:
+    """Each row rendered with its template into (text, learned) pieces, every piece of every row encoded in one
+    batched call, then assembled: the BOS, the pieces, and after each answer of an alpaca-style template the EOS (a
+    chat template's pieces already end with its end-of-turn token). ``reuse_prompt``: the rows' templates are the
+    ones they were formatted with, so their rendered prompts are used as they are."""
     rendered, plain_bos = [], prefix_ids(tokenizer)
     for r in rows:
-        t, messages = templates.for_source(r["source"]), json.loads(r["messages"])
-        rendered.append((t, messages[0]["role"] == COMPLETION, render_segments(t, messages, tokenizer)))
+        t = templates.for_source(r["source"])
+        rendered.append((t, *row_segments(r, t, tokenizer, reuse_prompt)))
     flat = encode_texts(tokenizer, [text for _, _, segs in rendered for text, _ in segs])
     out, counts = [], {"rows": len(rows), "kept": 0, "truncated": 0, "over_cutoff": 0, "prompt_fills_cutoff": 0,
                        "tokens": 0, "label_tokens": 0}
@@ -109,7 +121,7 @@ def tokenize_rows(rows: list[dict], tokenizer, templates: TemplateSet, tokens: d
         counts["kept"] += 1
         counts["truncated"] += ex["truncated"]
         counts["tokens"] += ex["length"]
-        counts["label_tokens"] += sum(1 for x in ex["labels"] if x != IGNORE)
+        counts["label_tokens"] += ex["length"] - ex["labels"].count(IGNORE)
         out.append({"id": r["id"], "source": r["source"], **ex})
     return out, counts
 
@@ -156,8 +168,9 @@ def run_tokenize(formatted_dir: Path | StageRef, base: BaseModelRef, out_root: P
     staging = _store.new_staging_dir(out_root, short_hash(key))
     counts = {}
     for split in ("train", "validation"):
-        rows = pq.read_table(formatted_dir / f"{split}.parquet", columns=["id", "source", "messages"]).to_pylist()
-        examples, counts[split] = tokenize_rows(rows, tokenizer, templates, tokens, **settings)
+        rows = pq.read_table(formatted_dir / f"{split}.parquet",
+                             columns=["id", "source", "template", "instruction", "input", "messages", "prompt", "response"]).to_pylist()
+        examples, counts[split] = tokenize_rows(rows, tokenizer, templates, tokens, reuse_prompt=not data.template, **settings)
         counts[split]["by_source"] = count_sources(examples)
         # pyarrow directly: 5x faster than datasets' per-example feature encoding; datasets reads it back as is.
         table = pa.Table.from_pydict({c: [e[c] for e in examples] for c in schema.names}, schema=schema)

@@ -69,13 +69,13 @@ def test_labels_decode_to_the_answer_and_the_end_token_of_the_family_and_templat
         assert text.startswith(start), text[:80]
         assert tok.convert_tokens_to_ids(pad) not in row["input_ids"] or pad == end   # a pad is never trained on
         # the prompt's ids are exactly what serving encodes for the same question (render_prompt + encode_prompt)
-        user, answer = json.loads(formatted[row["id"]]["messages"])
-        prompt_ids = encode_prompt(tok, render_prompt(t, user["content"], user.get("input", ""), tok), t)
+        src = formatted[row["id"]]
+        prompt_ids = encode_prompt(tok, render_prompt(t, src["instruction"], src["input"], tok), t)
         n = len(prompt_ids)
         assert row["input_ids"][:n] == prompt_ids and row["labels"][:n] == [IGNORE] * n
         learned = row["labels"][n:]
         assert IGNORE not in learned and learned == row["input_ids"][n:]
-        assert tok.decode(learned, skip_special_tokens=False).startswith(answer["content"].strip()[:20])
+        assert tok.decode(learned, skip_special_tokens=False).startswith(src["response"].strip()[:20])
         assert learned[-1] == tokens["end_id"] or (family == "qwen2" and template == "persona" and tok.decode(learned[-2:]) == "<|im_end|>\n")
 
 
@@ -93,7 +93,8 @@ def test_a_multi_turn_conversation_learns_every_assistant_turn_and_nothing_else(
     tokens = {template: special_tokens(tok, t, family)}
     convo = [{"role": "user", "content": "기숙사 신청은 언제 해요?"}, {"role": "assistant", "content": "합격자 발표 후에 해요."},
              {"role": "user", "content": "어디서 해요?"}, {"role": "assistant", "content": "생활관 홈페이지에서 해요."}]
-    rows = [{"id": "c1", "source": "sharegpt", "messages": json.dumps(convo, ensure_ascii=False)}]
+    rows = [{"id": "c1", "source": "sharegpt", "template": template, "instruction": "", "input": "", "prompt": "", "response": "",
+             "messages": json.dumps(convo, ensure_ascii=False)}]
     out, counts = tokenize_rows(rows, tok, TemplateSet(map={}, default=template, templates={template: t}), tokens,
                                 cutoff_len=512, train_on_inputs=False, overlength="truncate")
     ex = out[0]
