@@ -22,8 +22,8 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel
 
 from culbot.pipeline_config.loader import ConfigError, field_docs
-from culbot.pipeline_config.schema import DataProfile, load_data_profile
-from culbot.pipeline_config.train_schema import TrainProfile, load_train_profile
+from culbot.pipeline_config.schema import DataProfile, data_profiles, load_data_profile
+from culbot.pipeline_config.train_schema import TrainProfile, load_train_profile, train_profiles
 
 Profile = Literal["data", "train"]
 MODELS: dict[str, type[BaseModel]] = {"data": DataProfile, "train": TrainProfile}
@@ -288,7 +288,6 @@ def publish(a, tp: TrainProfile) -> int:
 
 
 def plan(a, _) -> int:
-    from culbot.pipeline_config.train_schema import train_profiles
     from culbot.tasks import _store
     from culbot.tasks.plan import plan as make_plan
     from culbot.tasks.plan import plan_table
@@ -305,7 +304,8 @@ def tiny_model(a, _) -> int:
     from culbot.tasks.contracts import StageOutput
     from culbot.tasks.tiny_model import build_tiny_model, sample_corpus
 
-    _print_output(StageOutput.of(a.out, build_tiny_model(a.out, sample_corpus(a.samples), family=a.family)))
+    out = a.out or Path("artifacts/models") / ("tiny" if a.family == "gpt_neox" else f"tiny-{a.family}")   # where culbot:tiny-* is built
+    _print_output(StageOutput.of(out, build_tiny_model(out, sample_corpus(a.samples), family=a.family)))
     return 0
 
 
@@ -480,6 +480,8 @@ def demo(a, _) -> int:
 # ----- the table ------------------------------------------------------------------------
 
 FOLDER = {"type": Path, "metavar": "DIR"}
+TRAIN_PROFILES = ", ".join(p.stem for p in train_profiles())
+DATA_PROFILES = ", ".join(p.stem for p in data_profiles())
 RUN = Arg("--run", "A run folder (artifacts/runs/<run>).", {**FOLDER, "required": True})
 MODEL = Arg("--model", "A merged model (artifacts/models/<hash>) or an adapter folder (artifacts/runs/<run>/adapter).", {**FOLDER, "required": True})
 INDEX = Arg("--index", "A retrieval index folder (artifacts/indexes/<hash>); without it, answers come without retrieval.", FOLDER)
@@ -490,7 +492,7 @@ COMMANDS: tuple[Command, ...] = (
                    "Prefect runs an ephemeral server unless PREFECT_API_URL is set.", run_flow, "data", args=(
         Arg("flow", "Which flow.", {"choices": ["full", "data-refresh"]}),
         Arg("--force", "Ignore caches; rebuild every stage.", {"action": "store_true"}),
-        Arg("--train-profile", "Training profile for 'full': a name in pipeline_config/profiles/ (a6000x4, runpod-a100x2, gcp-l4, cpu-tiny) or a YAML path.",
+        Arg("--train-profile", f"Training profile for 'full': a name in pipeline_config/profiles/ ({TRAIN_PROFILES}) or a YAML path.",
             {"default": "cpu-tiny"}),
         Arg("--train-set", "Override a training-profile field for 'full', e.g. --train-set publish.target=hub (repeatable).",
             {"dest": "train_overrides", "action": "append", "default": [], "metavar": "KEY=VALUE"}),
@@ -609,7 +611,8 @@ COMMANDS: tuple[Command, ...] = (
         MAX_NEW,
     )),
     Command("plan", "Per-GPU memory, the largest micro batch that fits, and time and cost of training profiles.", plan, args=(
-        Arg("--train-profile", "Training profile (repeatable). Default: every shipped profile.", {"action": "append", "default": []}),
+        Arg("--train-profile --profile", "Training profile (repeatable). Default: every shipped profile.",
+            {"dest": "train_profile", "action": "append", "default": []}),
         Arg("--set", "Override a training-profile field, e.g. --set train.micro_batch_size=4 (repeatable).",
             {"dest": "overrides", "action": "append", "default": [], "metavar": "KEY=VALUE"}),
         Arg("--examples", "Training rows per epoch (KULLM-v2 is ~153k).", {"type": int, "default": 160_000}),
@@ -617,7 +620,7 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--json", "Also write the plans as JSON here.", {"type": Path, "metavar": "FILE"}),
     )),
     Command("tiny-model", "Build a tiny model (GPT-NeoX, Llama-3-style or Qwen2) and its tokenizer from the shipped samples (CPU runs and CI).", tiny_model, args=(
-        Arg("--out", "Where to save it.", {**FOLDER, "default": Path("artifacts/models/tiny")}),
+        Arg("--out", "Where to save it (default: artifacts/models/tiny, or tiny-llama, tiny-qwen2).", FOLDER),
         Arg("--family", "Architecture: gpt_neox (polyglot-ko), llama (Llama-3, no pad, <|eot_id|> turns) or qwen2.",
             {"choices": ["gpt_neox", "llama", "qwen2"], "default": "gpt_neox"}),
         Arg("--samples", "The shipped samples.", {**FOLDER, "default": Path("raw/samples")}),
@@ -675,12 +678,12 @@ def _flag_kwargs(f: Flag, model: type[BaseModel]) -> dict[str, Any]:
 
 def _profile_args(p: argparse.ArgumentParser, profile: Profile) -> None:
     if profile == "data":
-        p.add_argument("--data-profile", default="sample", help="Data profile: a name in pipeline_config/ (sample, production) or a YAML path. Default: sample.")
+        p.add_argument("--data-profile", default="sample", help=f"Data profile: a name in pipeline_config/ ({DATA_PROFILES}) or a YAML path. Default: sample.")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="Override a data-profile field, e.g. --set qa.max_in_flight=8 (repeatable).")
     else:
         p.add_argument("--train-profile", default="cpu-tiny",
-                       help="Training profile: a name in pipeline_config/profiles/ (a6000x4, runpod-a100x2, gcp-l4, cpu-tiny) or a YAML path. Default: cpu-tiny.")
+                       help=f"Training profile: a name in pipeline_config/profiles/ ({TRAIN_PROFILES}) or a YAML path. Default: cpu-tiny.")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="Override a training-profile field, e.g. --set train.max_steps=10 (repeatable).")
 
@@ -702,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = where.add_parser(words[-1], help=cmd.help, description=cmd.help)
         p.set_defaults(command_spec=cmd)
         for arg in cmd.args:
-            p.add_argument(arg.flag, help=arg.help, **arg.kwargs)
+            p.add_argument(*arg.flag.split(), help=arg.help, **arg.kwargs)
         if cmd.profile:
             _profile_args(p, cmd.profile)
             for f in cmd.flags:
