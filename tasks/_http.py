@@ -16,7 +16,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit
-from urllib.robotparser import RobotFileParser
 
 import httpx
 
@@ -138,10 +137,35 @@ class Pacer:
             yield
 
 
+class Robots:
+    """A host's robots.txt rules, read by protego as RFC 9309 says: `*` and `$` wildcards, the longest matching rule
+    wins and Allow wins a tie (stdlib's robotparser takes the first match and reads `*` literally)."""
+
+    def __init__(self, rules=None, default: bool = True):
+        self.rules, self.default = rules, default
+
+    @classmethod
+    def parse(cls, text: str) -> "Robots":
+        from protego import Protego
+
+        return cls(Protego.parse(text))
+
+    @classmethod
+    def allow_all(cls) -> "Robots":
+        return cls(None, True)
+
+    @classmethod
+    def disallow_all(cls) -> "Robots":
+        return cls(None, False)
+
+    def can_fetch(self, url: str, user_agent: str) -> bool:
+        return self.default if self.rules is None else self.rules.can_fetch(url, user_agent)
+
+
 @dataclass
 class _Host:
     pacer: Pacer
-    robots: RobotFileParser | None = None
+    robots: Robots | None = None
     robots_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -173,25 +197,23 @@ class PoliteClient:
             self._hosts[key] = _Host(Pacer(self.policy.rate_per_host, self.policy.max_concurrency_per_host))
         return self._hosts[key]
 
-    async def _robots(self, url: str, host: _Host) -> RobotFileParser:
+    async def _robots(self, url: str, host: _Host) -> Robots:
         async with host.robots_lock:
             if host.robots is None:
                 parts = urlsplit(url)
                 robots_url = f"{parts.scheme}://{parts.netloc}/robots.txt"
-                rp = RobotFileParser(robots_url)
                 try:
                     r = await self._request(robots_url, host)
                     if r.status_code in (401, 403):
-                        rp.disallow_all = True
+                        host.robots = Robots.disallow_all()
                     elif r.status_code >= 400:
-                        rp.allow_all = True   # no robots.txt: everything allowed
+                        host.robots = Robots.allow_all()   # no robots.txt: everything allowed
                     else:
-                        rp.parse(r.text.splitlines())
+                        host.robots = Robots.parse(r.text)
                 except FetchError as e:
                     # RFC 9309: an unreachable robots.txt means "assume complete disallow".
                     log.warning("robots.txt for %s unreachable (%s); treating the host as disallowed", parts.netloc, e.reason)
-                    rp.disallow_all = True
-                host.robots = rp
+                    host.robots = Robots.disallow_all()
             return host.robots
 
     async def get(self, url: str, *, headers: dict[str, str] | None = None, params: dict | None = None) -> httpx.Response:
@@ -199,7 +221,7 @@ class PoliteClient:
         if self.policy.respect_robots:
             rp = await self._robots(url, host)
             full = str(httpx.URL(url, params=params)) if params else url
-            if not rp.can_fetch(self.policy.user_agent, full):
+            if not rp.can_fetch(full, self.policy.user_agent):
                 self.stats["robots_disallowed"] += 1
                 raise RobotsDisallowed(full, "disallowed by robots.txt")
         return await self._request(url, host, headers=headers, params=params)

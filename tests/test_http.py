@@ -75,6 +75,32 @@ def test_robots_disallow_is_obeyed(app):
     assert app.hits["list:0"] == 0 and app.hits["robots"] == 1
 
 
+def test_robots_wildcards_and_the_longest_rule_follow_rfc_9309():
+    """Measured with stdlib's robotparser: `Disallow: /*.do?mode=edit` let the edit page through, and `Allow: /search/about`
+    after `Disallow: /search` was blocked (first match wins there, and `*` is literal)."""
+    from tests.servers.cbnu_site import SiteApp, SiteHandler, page
+
+    robots = "User-agent: *\nDisallow: /search\nAllow: /search/about\nDisallow: /*.do?mode=edit\n"
+    pages = {p: (page("안내", "<p>본문</p>"), "text/html", "utf-8") for p in ("/search/about", "/search/list", "/board/list.do?mode=view")}
+    app = SiteApp(pages=pages, robots=robots)
+
+    async def main(base):
+        out = {}
+        async with PoliteClient(_settings()) as c:
+            for path in ("/search/about", "/search/list", "/board/list.do?mode=edit", "/board/list.do?mode=view"):
+                try:
+                    out[path] = (await c.get(base + path)).status_code
+                except RobotsDisallowed:
+                    out[path] = "disallowed"
+        return out
+
+    with serve(SiteHandler, app) as base:
+        got = asyncio.run(main(base))
+    assert got == {"/search/about": 200, "/search/list": "disallowed", "/board/list.do?mode=edit": "disallowed",
+                   "/board/list.do?mode=view": 200}
+    assert app.hits["/search/list"] == 0 and app.hits["/robots.txt"] == 1
+
+
 def test_rate_limit_spaces_requests_per_host(app):
     async def main(base):
         async with PoliteClient(_settings(rate_per_host=5.0, max_concurrency_per_host=4, respect_robots=False)) as c:
