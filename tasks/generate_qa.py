@@ -88,26 +88,40 @@ def cache_key(chunk_hash: str, prompt_version: str, model: str, temperature: flo
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
 
 
-def parse_answer(content: str) -> list[Any]:
-    """The JSON list in an answer, tolerating code fences and prose around it."""
+def _as_list(data: Any) -> list | None:
+    if isinstance(data, dict):  # {"data": [...]} and similar wrappers
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else ([data] if "instruction" in data else None)
+    return data if isinstance(data, list) else None
+
+
+def parse_answer_repairing(content: str) -> tuple[list[Any], bool]:
+    """(the JSON list in an answer, whether it had to be repaired). Code fences and prose around it are tolerated;
+    JSON that is almost right (a trailing comma, single quotes, a raw newline in a string) is repaired by json-repair
+    instead of paying for a new answer. An answer cut at the token limit never gets here (finish_reason=length)."""
     if not content or not content.strip():
         raise AnswerParseError("empty answer")
-    candidates = [m.group(1) for m in _FENCE.finditer(content)] + [content]
-    for cand in candidates:
-        cand = cand.strip()
-        for text in (cand, cand[cand.find("["): cand.rfind("]") + 1] if "[" in cand else ""):
-            if not text:
-                continue
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(data, dict):  # {"data": [...]} and similar wrappers
-                lists = [v for v in data.values() if isinstance(v, list)]
-                data = lists[0] if len(lists) == 1 else ([data] if "instruction" in data else None)
-            if isinstance(data, list):
-                return data
+    candidates = [m.group(1).strip() for m in _FENCE.finditer(content)] + [content.strip()]
+    texts = [t for c in candidates for t in (c, c[c.find("["): c.rfind("]") + 1] if "[" in c else "") if t]
+    for text in texts:
+        try:
+            data = _as_list(json.loads(text))
+        except json.JSONDecodeError:
+            continue
+        if data is not None:
+            return data, False
+    import json_repair
+
+    for text in texts:
+        data = _as_list(json_repair.loads(text))
+        if data and all(isinstance(x, dict) for x in data) and any("instruction" in x for x in data):
+            return data, True
     raise AnswerParseError("no JSON list found in the answer")
+
+
+def parse_answer(content: str) -> list[Any]:
+    """The JSON list in an answer (see :func:`parse_answer_repairing`)."""
+    return parse_answer_repairing(content)[0]
 
 
 def validate_item(item: Any, source_text: str, rules: QAGenConfig) -> tuple[dict | None, str | None]:
@@ -226,7 +240,8 @@ async def generate(
             quarantine.append({**base, "reason": "finish_reason_length", "raw": entry["content"]})
             continue
         try:
-            items = parse_answer(entry["content"])
+            items, repaired = parse_answer_repairing(entry["content"])
+            ledger.answers_repaired += repaired
         except AnswerParseError as e:
             ledger.answers_unparsable += 1
             quarantine.append({**base, "reason": f"unparsable: {e}", "raw": entry["content"]})

@@ -163,6 +163,7 @@ class Ledger:
     completion_tokens: int = 0
     chunks: int = 0
     answers_unparsable: int = 0
+    answers_repaired: int = 0       # almost-JSON answers repaired by json-repair instead of asked again
     answers_truncated: int = 0
     answers_short: int = 0
     items_ok: int = 0
@@ -186,7 +187,8 @@ class Ledger:
                 ("completion tokens", self.completion_tokens), ("estimated cost (USD)", f"{self.cost_usd:.4f}"),
                 ("items kept", self.items_ok), ("items quarantined", self.items_quarantined),
                 ("items judged", self.judged), ("judged unsupported", self.judge_unsupported),
-                ("unparsable answers", self.answers_unparsable), ("truncated answers", self.answers_truncated),
+                ("unparsable answers", self.answers_unparsable), ("repaired answers", self.answers_repaired),
+                ("truncated answers", self.answers_truncated),
                 ("short lists", self.answers_short)]
         if self.errors:
             rows.append(("errors", ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items()))))

@@ -92,6 +92,20 @@ def test_replay_backend_answers_samples_offline_and_quarantines_misses(tmp_path)
     assert len(miss) == 1 and miss[0]["url"] == "file:new.txt" and "record_replay" in miss[0]["detail"]
 
 
+def test_an_almost_json_answer_is_kept_without_asking_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    pages = write_pages(tmp_path / "pages", [page_for("가가", 3)])
+    almost = items_json(facts("가가")).replace("}]", "},]").replace('"output": ', "'output': ", 1)   # trailing comma, a single quote
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(almost)
+    app = OpenAIApp(script={"가가 안내": [Reply(content=almost)]})
+    with serve(OpenAIHandler, app) as base:
+        m = run_generate(qa_config(tmp_path, base), pages)
+    assert app.requests == 1 and m.counts["rows"] == 3   # parse_retries would have paid for two more answers
+    ledger = json.loads((tmp_path / "qa" / "ledger.json").read_text())
+    assert ledger["answers_repaired"] == 1 and ledger["answers_unparsable"] == 0
+
+
 def test_parse_answer_tolerates_fences_prose_and_wrappers():
     items = [{"instruction": "질문", "input": "", "output": "답"}]
     j = json.dumps(items, ensure_ascii=False)
@@ -102,6 +116,23 @@ def test_parse_answer_tolerates_fences_prose_and_wrappers():
     for bad in ("", "그냥 문장입니다", "[{broken"):
         with pytest.raises(AnswerParseError):
             parse_answer(bad)
+
+
+def test_almost_json_is_repaired_instead_of_paying_for_a_new_answer():
+    from culbot.tasks.generate_qa import parse_answer_repairing
+
+    want = [{"instruction": "도서관은 몇 시에 열어요?", "input": "", "output": "오전 9시에 엽니다."}]
+    trailing_comma = '[{"instruction": "도서관은 몇 시에 열어요?", "input": "", "output": "오전 9시에 엽니다.",},]'
+    single_quotes = "[{'instruction': '도서관은 몇 시에 열어요?', 'input': '', 'output': '오전 9시에 엽니다.'}]"
+    for text in (trailing_comma, single_quotes, f"```json\n{trailing_comma}\n```"):
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(text.strip("`json\n"))
+        assert parse_answer_repairing(text) == (want, True)
+    raw_newline = '[{"instruction": "도서관은\n몇 시에 열어요?", "input": "", "output": "오전 9시에 엽니다."}]'   # a real line break
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(raw_newline)
+    assert parse_answer_repairing(raw_newline)[0][0]["instruction"] == "도서관은\n몇 시에 열어요?"
+    assert parse_answer_repairing(json.dumps(want, ensure_ascii=False)) == (want, False)
 
 
 def test_validate_item_rules():
