@@ -12,9 +12,11 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -659,7 +661,8 @@ def _field(model: type[BaseModel], dotted: str):
 def _flag_kwargs(f: Flag, model: type[BaseModel]) -> dict[str, Any]:
     """argparse settings from the field: type, choices, repeatable lists, and its one description as help."""
     info = _field(model, f.field)
-    help_ = f"{info.description or ''} [{f.field}]"
+    # A description's "None" is Python's; on the command line and in YAML the field is simply left unset.
+    help_ = re.sub(r"\bNone\b", "unset", f"{info.description or ''} [{f.field}]")
     metavar = f.field.rsplit(".", 1)[-1].upper()
     if f.mapping:
         return {"action": "append", "metavar": "KEY=VALUE", "help": help_ + " As KEY=VALUE (repeatable)."}
@@ -752,17 +755,40 @@ def load_profile_for(cmd: Command, a: argparse.Namespace):
     return load(name, a.overrides, flag_values(cmd, a, load(name, a.overrides) if mapping else None))
 
 
+QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",   # transformers' and datasets' bars
+         "PYTHONWARNINGS": "ignore::FutureWarning"}   # libraries' notices about their next versions, not the user's business
+
+
+class _RunName(logging.Filter):
+    """Name the stage in Prefect's lines ("Finished in state Completed()" alone does not say which)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        record.where = f"{record.name} [{run}]" if run and record.name.startswith("prefect") else record.name
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for k, v in QUIET.items():   # before the libraries are imported, and inherited by the training subprocess
+        os.environ.setdefault(k, v)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(where)s: %(message)s", datefmt="%H:%M:%S")
+    for h in logging.getLogger().handlers:
+        h.addFilter(_RunName())
     for noisy in ("httpx", "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("bitsandbytes", "DeepSpeed"):   # on CPU: which GPU kernels they could not load, at every import
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     cmd: Command = a.command_spec
     try:
         return cmd.run(a, load_profile_for(cmd, a))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `culbot config docs | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

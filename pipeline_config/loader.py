@@ -84,9 +84,10 @@ def _format_errors(err: ValidationError, source: str, labels: dict[str, str]) ->
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         where = labels.get(loc, source)
-        msg = "unknown field (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown field (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         got = f" (got {e['input']!r})" if e["type"] not in ("missing", "extra_forbidden") and not isinstance(e.get("input"), dict) else ""
-        lines.append(f"  {where}: field '{loc}': {msg}{got}")
+        # a check across fields (a model validator of the whole profile) has no one field to name: its message names them
+        lines.append(f"  {where}: field '{loc}': {msg}{got}" if loc else f"  {where}: {msg}")
     return "\n".join(lines)
 
 

@@ -235,7 +235,9 @@ def read_input(source: Path | StageRef, what: str) -> tuple[Path, Manifest]:
     path = Path(source.path if isinstance(source, StageRef) else source)
     problems = verify(path)
     if problems:
-        raise RuntimeError(f"{what}: {problems[0]}")
+        inside = sorted((p.parent for p in path.glob(f"*/{MANIFEST}")), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
+        hint = f"; it holds finished outputs, e.g. {inside[-1]} (the newest)" if inside and not (path / MANIFEST).exists() else ""
+        raise RuntimeError(f"{what}: {problems[0]}{hint}")
     m = read_manifest(path)
     if isinstance(source, StageRef) and m.content_hash != source.content_hash:
         raise RuntimeError(f"{what}: {path} holds {short_hash(m.content_hash)}, not the {short_hash(source.content_hash)} it was "

@@ -145,6 +145,7 @@ class Plan:
     cost_usd: float | None
     flops_per_token: float
     notes: list[str] = field(default_factory=list)
+    epochs: float = 1.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -164,7 +165,7 @@ def plan(profile: TrainProfile, planner: PlannerConfig | None = None, *, example
     notes = []
     if hw.use_cpu:
         return Plan(profile.name, "cpu", hw.gpus, mem, None, None, None, None, "CPU: GPU memory not checked", tokens_epoch, None,
-                    "none", None, None, fpt, ["CPU profile: memory and time are not planned"])
+                    "none", None, None, fpt, ["CPU profile: memory and time are not planned"], profile.train.epochs)
     kind = gpu_kind(profile, planner)
     limit = usable_gb(profile, planner)
     fits = mem["total"] <= limit
@@ -188,7 +189,7 @@ def plan(profile: TrainProfile, planner: PlannerConfig | None = None, *, example
         notes += checkpointing_notes(profile, planner, hours)
     price = hw.hourly_usd if hw.hourly_usd is not None else kind.hourly_usd * hw.gpus
     return Plan(profile.name, hw.gpu_name, hw.gpus, mem, limit, fits, best, best_gc, verdict, tokens_epoch, tps, source, hours,
-                hours * price, fpt, notes)
+                hours * price, fpt, notes, profile.train.epochs)
 
 
 def checkpointing_notes(profile: TrainProfile, planner: PlannerConfig, hours: float) -> list[str]:
@@ -223,8 +224,8 @@ def plan_table(p: Plan) -> str:
         lines += [f"| usable | {p.usable_gb:.2f} |"]
     lines += ["", f"verdict: {p.verdict}"]
     if p.hours is not None:
-        lines += [f"time: {p.tokens_per_epoch / 1e6:.1f} M tokens per epoch at {p.tokens_per_s_per_gpu:,.0f} tokens/s per GPU ({p.tokens_per_s_source}): "
-                  f"{p.hours:.1f} h, ${p.cost_usd:,.0f}"]
+        lines += [f"time: {p.epochs:g} epoch(s) × {p.tokens_per_epoch / 1e6:.1f} M tokens at {p.tokens_per_s_per_gpu:,.0f} tokens/s per GPU × "
+                  f"{p.gpus} GPU(s) ({p.tokens_per_s_source}): {p.hours:.1f} h in all, ${p.cost_usd:,.0f}"]
     lines += [f"FLOPs per token: {p.flops_per_token / 1e9:.1f} G (4·N + 6·N_lora + 6·L·s·h; recompute not counted)"]
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)

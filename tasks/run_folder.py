@@ -50,6 +50,11 @@ def finished_result(run_dir: Path) -> TrainResult | None:
 
 def require_completed(run_dir: Path) -> TrainResult:
     result = finished_result(run_dir)
+    if result is None and not (Path(run_dir) / RUN_CONFIG_FILE).is_file():
+        near = sorted(Path(run_dir).glob(f"*/{RUN_CONFIG_FILE}"))
+        hint = f"; run folders in it: {', '.join(p.parent.name for p in near[-3:])}" if near else \
+            " (a run folder is artifacts/runs/<profile>-<id>/, with config.json)"
+        raise RunNotFinished(f"{run_dir}: not a run folder{hint}")
     if result is None:
         done = Path(run_dir) / TRAIN_RESULT_FILE
         status = _store.read_model(done, TrainResult).status if done.is_file() else "missing"
