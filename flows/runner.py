@@ -6,9 +6,11 @@ Every flow calls :func:`run_stage` for each stage, so the rules live here once:
 - with an artifact root, every finished output is pushed there (a no-op when it is there already).
 
 Single-stage flows start from folders the user names: :func:`existing` and :func:`existing_run`.
+Importing it also sends culbot's INFO lines to the flow runs' logs (bottom of the module).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TypeVar
 
@@ -85,3 +87,30 @@ def existing_run(run_dir: str | Path, root: str | None = None) -> RunRef:
     if root and finished_result(Path(run_dir)) is None:
         _artifact_root.pull_run(Path(run_dir), root)
     return run_output(run_dir).ref()
+
+
+# ----- culbot's log lines in the flow runs' logs -------------------------------------------------
+# Every flow module imports this one, so a worker that runs a deployment sends culbot's INFO lines to the flow run's
+# logs. Prefect attaches its API handler to the `culbot` logger only when PREFECT_LOGGING_EXTRA_LOGGERS names it, and
+# leaves the logger at the root's WARNING: the training loss lines, the launch command and the QA ledger never reached
+# the UI.
+
+def _in_a_run(record: logging.LogRecord) -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def _culbot_logs_to_the_flow_run() -> None:
+    from prefect.logging.handlers import APILogHandler
+
+    log = logging.getLogger("culbot")
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    if not any(isinstance(h, APILogHandler) for h in log.handlers):
+        handler = APILogHandler()
+        handler.addFilter(_in_a_run)   # a CLI command outside any run logs to the console only, without Prefect's warning
+        log.addHandler(handler)
+
+
+_culbot_logs_to_the_flow_run()

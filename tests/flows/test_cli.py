@@ -209,3 +209,25 @@ def test_sigterm_to_culbot_train_checkpoints_and_exits_75(tmp_path, sample_token
     assert _store.read_model(run / "train_result.json", TrainResult).status == "preempted"
     assert newest_complete_checkpoint(run / "checkpoints") is not None
     assert "preempted" in rest.strip().splitlines()[-1] and "resum" in rest.strip().splitlines()[-1]
+
+
+def test_rough_edges_found_operating_from_the_ui(tmp_path):
+    from culbot.tasks import _store
+
+    # a reader that stops early (`culbot config docs | head`): exit 0, no BrokenPipeError
+    p = subprocess.Popen([sys.executable, "-m", "culbot.flows.cli", "config", "docs"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(100)
+    p.stdout.close()
+    assert p.wait(timeout=120) == 0 and b"BrokenPipe" not in p.stderr.read()
+    r = culbot("crawl", "univ100", "--help")
+    assert "None" not in r.stdout and "(unset: until an empty" in r.stdout
+    r = culbot("plan", "--train-profile", "a6000x4", "--set", "train.global_batch_size=30")
+    assert r.returncode == 2 and "field ''" not in r.stderr and "Value error" not in r.stderr
+    assert "global_batch_size 30 is not a multiple of micro_batch_size 8 × gpus 4" in r.stderr
+    r = culbot("plan", "--profile", "a6000x4")
+    assert r.returncode == 0 and "time: 8 epoch(s) × " in r.stdout and "× 4 GPU(s)" in r.stdout and "h in all" in r.stdout
+    r = culbot("eval", "--run", str(tmp_path / "no-such-run"))
+    assert r.returncode == 1 and "not a run folder (a run folder is artifacts/runs/<profile>-<id>/" in r.stderr
+    _store.write_manifest(tmp_path / "formatted" / "abc123", stage="format", inputs={}, config={}, counts={})
+    r = culbot("tokenize", "--data", str(tmp_path / "formatted"))
+    assert r.returncode == 1 and f"it holds finished outputs, e.g. {tmp_path / 'formatted' / 'abc123'}" in r.stderr
