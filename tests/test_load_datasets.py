@@ -162,7 +162,11 @@ def test_a_mixed_profile_dedups_across_sources_and_exports_for_axolotl_and_llama
         info = json.loads((tmp_path / fmt / "dataset_info.json").read_text())
         assert info["culbot_train"]["formatting"] == fmt and info["culbot_train"]["file_name"] == "train.jsonl"
         card = (tmp_path / fmt / "README.md").read_text()
-        assert card.startswith("---\nlanguage:") and "axolotl" in card and "| chat |" in card
+        from huggingface_hub import DatasetCard
+
+        meta = DatasetCard(card).data
+        assert meta.language == ["ko"] and meta.configs[0]["data_files"][0] == {"split": "train", "path": "train.jsonl"}
+        assert "axolotl" in card and "| chat |" in card
         if fmt == "sharegpt":
             c3 = next(x for x in out if x["conversations"][0]["value"].startswith("복수전공"))
             assert [t["from"] for t in c3["conversations"]] == ["human", "gpt"] * 3

@@ -22,7 +22,16 @@ def test_publish_local_writes_cards_and_refuses_failed_runs(trained_run, tmp_pat
     rec = run_publish(trained_run, m.path, PublishSpec(target="local", local_dir=tmp_path / "pub"))
     merged = tmp_path / "pub" / rec.published["merged"].where.rsplit("/", 2)[-2] / "merged"
     card = (merged / "README.md").read_text()
-    assert card.startswith("---\nlanguage:\n- ko\n") and "| kullm |" in card and "## Prompt template `cbnu2`" in card
+    assert "| kullm |" in card and "## Prompt template `cbnu2`" in card
+    # Hub metadata through huggingface_hub's card classes: validated fields, and eval results as model-index entries
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard(card).data
+    assert meta.language == ["ko"] and meta.library_name == "transformers" and "gpt_neox" in meta.tags and meta.pipeline_tag == "text-generation"
+    evals = {r.metric_type: r for r in meta.eval_results}
+    ev_report = _store.read_model(trained_run / "eval" / "eval.json", EvalReport)
+    assert evals["loss"].metric_value == pytest.approx(ev_report.eval_loss, abs=1e-4) and evals["loss"].task_type == "text-generation"
+    assert f"# {meta.model_name}\n" in card   # the model-index is named after the repo the card heads
     assert "Intended use and limits" in card and "Validation loss" in card
     # how to chat with it: the exact prompt of a question with a retrieved passage, and the commands
     assert "## Chat with it" in card and "culbot chat --model" in card and "### 명령어:\n기숙사 신청은 언제 해요?\n\n### 응답:\n" in card

@@ -34,7 +34,7 @@ def test_full_chain_then_a_cached_rerun_on_a_host_without_the_artifacts(tmp_path
         folder = next(p for p in pub.iterdir() if p.is_dir())
         assert sorted(p.name for p in folder.iterdir()) == ["adapter", "manifest.json", "merged"]
         card = (folder / "merged" / "README.md").read_text()
-        assert card.startswith("---\nlanguage:") and "With retrieval, put the retrieved passages in `input`, each as `[참고 {n}] {title}\\n{text}`" in card
+        assert card.startswith("---\n") and "language:\n- ko\n" in card and "model-index:" in card and "With retrieval, put the retrieved passages in `input`, each as `[참고 {n}] {title}\\n{text}`" in card
         assert "25% had none" in card and "Retrieval over the CBNU documents (" in card and "recall@5" in card
         report = (out.run.run_dir / "eval" / "eval.md").read_text()
         assert "## Retrieval" in report and "| paraphrase |" in report and "| validation QA |" in report   # hand-written and held-out questions

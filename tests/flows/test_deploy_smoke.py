@@ -144,7 +144,7 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
         assert list((work / "artifacts" / "runs").glob("cpu-tiny-*/adapter/adapter_model.safetensors"))
         assert list((work / "artifacts" / "models").glob("*/manifest.json"))
         cards = list((work / "artifacts" / "publish").glob("*/merged/README.md"))
-        assert cards and cards[0].read_text().startswith("---\nlanguage:")
+        assert cards and "language:\n- ko\n" in cards[0].read_text().split("---")[1]
 
         run_dir = next((work / "artifacts" / "runs").glob("cpu-tiny-*"))
         for rel in (f"artifacts/datasets/{dataset.name}", f"artifacts/runs/{run_dir.name}/adapter", f"artifacts/runs/{run_dir.name}"):
