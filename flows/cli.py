@@ -246,12 +246,17 @@ def tokenize(a, tp: TrainProfile) -> int:
 
 
 def train(a, tp: TrainProfile) -> int:
+    from culbot.tasks.plan import check_fits
     from culbot.tasks.train import launch_command, prepare_run, run_training
 
+    if a.dry_run:   # offline: no model resolved on the Hub, nothing tokenized
+        print(check_fits(tp).verdict)
+        run_dir = Path(tp.artifacts_root) / "runs" / f"{tp.name}-<run id>"
+        print("launch: " + " ".join(launch_command(tp, run_dir / "config.json")))
+        print("(the run id is the hash of the tokenized data and the profile, known once `culbot tokenize` has run)")
+        return 0
     config = prepare_run(tp, _tokenized(a, tp))
     print("launch: " + " ".join(launch_command(tp, config)))
-    if a.dry_run:
-        return 0
     res = run_training(config, tp)
     print(f"run: {config.parent}\nstatus: {res.status}, steps {res.global_step}, train loss {res.metrics.get('train_loss', float('nan')):.4f}")
     return 0
@@ -569,7 +574,7 @@ COMMANDS: tuple[Command, ...] = (
     )),
     Command("train", "Train a LoRA adapter with a training profile (tokenizing a formatted dataset first); resumes if interrupted.", train, "train", args=(
         Arg("--data", "A tokenized or formatted dataset folder (artifacts/tokenized/<hash> or artifacts/formatted/<hash>).", {**FOLDER, "required": True}),
-        Arg("--dry-run", "Resolve, tokenize and print the launch command without training.", {"action": "store_true"}),
+        Arg("--dry-run", "Print the plan's verdict and the launch command, offline: nothing resolved, tokenized or trained.", {"action": "store_true"}),
     )),
     Command("eval", "Evaluate a trained run: validation loss, perplexity, probe answers, retrieval (given an index), and the gate.", evaluate,
             "train", args=(RUN, Arg("--index", "An index folder: score retrieval too (eval.retrieval_questions and the validation questions).", FOLDER),

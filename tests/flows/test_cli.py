@@ -231,3 +231,7 @@ def test_rough_edges_found_operating_from_the_ui(tmp_path):
     _store.write_manifest(tmp_path / "formatted" / "abc123", stage="format", inputs={}, config={}, counts={})
     r = culbot("tokenize", "--data", str(tmp_path / "formatted"))
     assert r.returncode == 1 and f"it holds finished outputs, e.g. {tmp_path / 'formatted' / 'abc123'}" in r.stderr
+    # train --dry-run of a GPU profile works offline: nothing resolved on the Hub, nothing tokenized
+    r = culbot("train", "--train-profile", "runpod-a100x2-llama3", "--data", str(tmp_path / "not-tokenized-yet"), "--dry-run",
+               env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0 and "fits: " in r.stdout and "deepspeed --num_gpus 2" in r.stdout, r.stderr
