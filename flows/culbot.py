@@ -11,6 +11,7 @@ goes on with its outputs. Cancelling this flow run cancels that child run.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 
 from culbot.flows.data_refresh import data_refresh
-from culbot.flows.runner import pulled, run_stage, verified
+from culbot.flows.runner import exclusive, full_lock, pulled, run_stage, verified
 from culbot.pipeline_config.train_schema import TrainProfile, load_train_profile
 from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import ChainResult, RunOutput, StageRef, short_hash
@@ -145,8 +146,15 @@ def culbot(data_profile: str = "sample", train_profile: str = "cpu-tiny", data_o
             'auto': the pool when this run came from a deployment and the training deployment exists.
         artifact_root: fsspec URL shared by all hosts (default $CULBOT_ARTIFACT_ROOT; unset: local disk only).
     """
-    root = _artifact_root.configured(artifact_root)
     tp = load_train_profile(train_profile, train_overrides or [])
+    # one chain per training profile at a time; a data refresh alone (to_stage format) holds only the raw/ lock
+    with exclusive(full_lock(tp.name)) if to_stage != "format" else contextlib.nullcontext():
+        return _chain(tp, data_profile, train_profile, data_overrides, train_overrides, to_stage, force, train_on, artifact_root)
+
+
+def _chain(tp: TrainProfile, data_profile: str, train_profile: str, data_overrides: list[str] | None, train_overrides: list[str] | None,
+           to_stage: Stage, force: bool, train_on: TrainOn, artifact_root: str | None) -> ChainResult:
+    root = _artifact_root.configured(artifact_root)
     stage = partial(run_stage, force=force, root=root)
     data = data_refresh(data_profile=data_profile, data_overrides=data_overrides, force=force, artifact_root=root)
     _rename_run(Path(data_profile).stem, tp.name, data.dataset.content_hash, to_stage)

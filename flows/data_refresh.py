@@ -15,8 +15,8 @@ from functools import partial
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from culbot.flows.runner import run_stage
-from culbot.pipeline_config.schema import CbnuConfig, Univ100Config, load_data_profile
+from culbot.flows.runner import RAW_LOCK, exclusive, run_stage
+from culbot.pipeline_config.schema import CbnuConfig, DataProfile, Univ100Config, load_data_profile
 from culbot.tasks import _store
 from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import DataRefreshResult, StageOutput, short_hash
@@ -63,6 +63,11 @@ def data_refresh(data_profile: str = "sample", data_overrides: list[str] | None 
         artifact_root: fsspec URL shared by all hosts (default $CULBOT_ARTIFACT_ROOT; unset: local disk only).
     """
     dp = load_data_profile(data_profile, data_overrides or [])
+    with exclusive(RAW_LOCK):   # two refreshes (a schedule and a full run) never write raw/ at once
+        return _refresh(dp, force, artifact_root)
+
+
+def _refresh(dp: DataProfile, force: bool, artifact_root: str | None) -> DataRefreshResult:
     stage = partial(run_stage, force=force, root=_artifact_root.configured(artifact_root))
     stages: dict[str, StageOutput] = {}
     sources: dict[str, StageOutput] = {}

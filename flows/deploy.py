@@ -67,6 +67,35 @@ def _template(env: dict[str, str]) -> dict:
     return t
 
 
+def locks() -> list[str]:
+    """The global concurrency limits (limit 1 each) the flows hold: raw/ for data refreshes, one per training profile
+    for culbot/full (flows/runner.py)."""
+    from culbot.flows.runner import RAW_LOCK, full_lock
+
+    return [RAW_LOCK] + [full_lock(p.stem) for p in train_profiles()]
+
+
+def ensure_locks(log=print) -> list[str]:
+    """Create the missing locks (a limit of 1 each) and hold existing ones at 1; returns the names created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    created = []
+    with get_client(sync_client=True) as client:
+        for name in locks():
+            try:
+                have = client.read_global_concurrency_limit_by_name(name)
+                if have.limit != 1 or not have.active:
+                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1, active=True))
+            except ObjectNotFound:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+                created.append(name)
+    if created:
+        log(f"created concurrency limits {', '.join(created)} (1 each)")
+    return created
+
+
 def ensure_pools(log=print, env: dict[str, str] | None = None) -> list[str]:
     """Create missing process pools, set their concurrency limits and default env; returns the names created."""
     from prefect.client.orchestration import get_client
@@ -103,6 +132,7 @@ def deploy(prefect_file: Path, home: Path, log=print, artifact_root: str | None 
     env = {**os.environ, "CULBOT_HOME": str(Path(home).resolve())}
     env_defaults = pool_env(artifact_root)
     ensure_pools(log, env_defaults)
+    ensure_locks(log)
     if env_defaults:
         log(f"artifact root {artifact_root}; Prefect results in {env_defaults['PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK']}")
     r = _prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file), env=env)

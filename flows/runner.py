@@ -10,7 +10,9 @@ Importing it also sends culbot's INFO lines to the flow runs' logs (bottom of th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import TypeVar
 
@@ -87,6 +89,38 @@ def existing_run(run_dir: str | Path, root: str | None = None) -> RunRef:
     if root and finished_result(Path(run_dir)) is None:
         _artifact_root.pull_run(Path(run_dir), root)
     return run_output(run_dir).ref()
+
+
+# ----- locks across flow runs -------------------------------------------------------------------
+
+RAW_LOCK = "culbot-raw"   # held by a data refresh: one at a time writes raw/ and the dataset folders
+
+
+def full_lock(train_profile: str) -> str:
+    """Held by a culbot/full run: one chain per training profile at a time."""
+    return f"culbot-full-{train_profile}"
+
+
+@contextlib.contextmanager
+def exclusive(name: str):
+    """Hold one slot of the global concurrency limit ``name`` (created with limit 1 by `culbot deploy`); runs queue
+    behind it. Where the limit does not exist (an ephemeral server: `culbot run`, CI) this waits for nothing."""
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        yield   # not deployed with `culbot deploy`: nothing to wait for, and no warning about it
+        return
+    t0 = time.monotonic()
+    with concurrency(name, occupy=1, strict=True):
+        waited = time.monotonic() - t0
+        if waited > 1:
+            get_run_logger().info("waited %.0f s for %s (another run held it)", waited, name)
+        yield
 
 
 # ----- culbot's log lines in the flow runs' logs -------------------------------------------------

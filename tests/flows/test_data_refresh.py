@@ -53,3 +53,38 @@ def test_force_rebuilds_every_stage(tmp_path, prefect_harness):
     data_refresh(data_profile=profile)
     state = data_refresh(data_profile=profile, force=True, return_state=True)
     assert [s for _, s in task_states(state.state_details.flow_run_id)] == ["Completed"] * 7
+
+
+@pytest.mark.slow
+def test_two_refreshes_at_once_take_turns_on_the_raw_lock(tmp_path, prefect_harness):
+    """Two data refreshes started together (a weekly one and a full run's) never write raw/ at the same time: with the
+    culbot-raw limit that `culbot deploy` creates, the second one's stages all start after the first one's end."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+
+    from culbot.flows.data_refresh import data_refresh
+    from culbot.flows.deploy import ensure_locks
+
+    assert "culbot-raw" in ensure_locks(log=lambda *_: None)
+    profile = sample_profile_file(tmp_path)
+    states = {}
+
+    def refresh(name):
+        states[name] = data_refresh(data_profile=profile, force=True, return_state=True)
+
+    threads = [threading.Thread(target=refresh, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert {n: s.is_completed() for n, s in states.items()} == {"a": True, "b": True}
+    spans = []
+    with get_client(sync_client=True) as client:
+        for s in states.values():
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[s.state_details.flow_run_id])))
+            spans.append((min(r.start_time for r in runs), max(r.end_time for r in runs)))
+    first, second = sorted(spans)
+    assert second[0] >= first[1], spans   # no stage of the second began before the first's last one ended

@@ -111,6 +111,9 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
         assert pool_env == {"CULBOT_ARTIFACT_ROOT": str(remote), "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": "local-file-system/culbot-results"}
         refresh = httpx.get(f"{api}/deployments/name/culbot/data-refresh", timeout=30).json()
         assert refresh["schedules"][0]["schedule"]["cron"] == "0 3 * * 1" and refresh["schedules"][0]["schedule"]["timezone"] == "Asia/Seoul"
+        assert refresh["global_concurrency_limit"]["limit"] == 1   # a refresh that comes due while one runs waits
+        limits = {x["name"]: x for x in httpx.post(f"{api}/v2/concurrency_limits/filter", json={}, timeout=30).json()}
+        assert limits["culbot-raw"]["limit"] == 1 and limits["culbot-full-a6000x4"]["limit"] == 1 and limits["culbot-full-cpu-tiny"]["active"]
         # deploying again changes nothing and does not fail
         again = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "deploy", "--prefect-file", str(REPO / "deploy" / "prefect.yaml"),
                                 "--home", str(work), "--artifact-root", str(remote)], capture_output=True, text=True, env=env, timeout=300)
