@@ -53,5 +53,8 @@ def test_the_gate_fails_a_loss_that_is_not_finite():
 
 def test_a_run_that_did_not_complete_is_not_evaluated(tmp_path):
     (tmp_path / "run").mkdir()
+    with pytest.raises(RunNotFinished, match=r"run: not a run folder \(a run folder is artifacts/runs/<profile>-<id>/"):
+        run_eval(tmp_path / "run", EvalSpec())
+    (tmp_path / "run" / "config.json").write_text("{}")   # a run that was launched but never finished
     with pytest.raises(RunNotFinished, match="training status is 'missing'"):
         run_eval(tmp_path / "run", EvalSpec())
