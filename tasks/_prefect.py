@@ -109,9 +109,13 @@ def stage_cache(module: str) -> CachePolicy:
 
 
 def report(key: str, title: str, counts: dict, extra: str = "") -> None:
-    """A markdown artifact with a stage's counts (nested dicts flattened as a.b)."""
+    """A markdown artifact with a stage's counts (nested dicts flattened as a.b). ``key`` is made a valid artifact key
+    (lowercase letters, digits and dashes), so a name from config (a dataset's) can be part of it."""
+    import re
+
     from prefect.artifacts import create_markdown_artifact
 
+    key = re.sub(r"[^a-z0-9-]+", "-", key.lower())
     flat: list[tuple[str, object]] = []
     for k, v in counts.items():
         if isinstance(v, dict):

@@ -208,5 +208,5 @@ def source_hash(entry: DatasetEntry, window: str) -> str:
 def load_dataset_task(entry: DatasetEntry, source_hash: str) -> StageOutput:
     """Network stage when loading from the Hub (network failures are retried). ``source_hash``: see :func:`source_hash`."""
     out = run_load_dataset(entry)
-    report("load-dataset-" + re.sub(r"[^a-z0-9-]+", "-", entry.name.lower()), f"dataset {entry.name} ({entry.type}, {entry.hub_id or entry.file})", out.counts)
+    report(f"load-dataset-{entry.name}", f"dataset {entry.name} ({entry.type}, {entry.hub_id or entry.file})", out.counts)
     return out
