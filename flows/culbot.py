@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 
 from culbot.flows.data_refresh import data_refresh
 from culbot.flows.runner import exclusive, full_lock, pulled, run_stage, verified
+from culbot.flows.summary import CHILD_TAG, write_summary
 from culbot.pipeline_config.train_schema import TrainProfile, load_train_profile
 from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import ChainResult, RunOutput, StageRef, short_hash
@@ -37,7 +38,6 @@ class EvalGateFailed(RuntimeError):
 
 Stage = Literal["format", "train", "eval", "merge-adapter", "publish"]
 TrainOn = Literal["auto", "pool", "here"]
-CHILD_TAG = "culbot-parent:"  # + parent flow run id; how the cancellation hook finds the children
 
 
 def train_deployment_name(tp: TrainProfile) -> str:
@@ -148,8 +148,16 @@ def culbot(data_profile: str = "sample", train_profile: str = "cpu-tiny", data_o
     """
     tp = load_train_profile(train_profile, train_overrides or [])
     # one chain per training profile at a time; a data refresh alone (to_stage format) holds only the raw/ lock
-    with exclusive(full_lock(tp.name)) if to_stage != "format" else contextlib.nullcontext():
-        return _chain(tp, data_profile, train_profile, data_overrides, train_overrides, to_stage, force, train_on, artifact_root)
+    result = error = None
+    try:
+        with exclusive(full_lock(tp.name)) if to_stage != "format" else contextlib.nullcontext():
+            result = _chain(tp, data_profile, train_profile, data_overrides, train_overrides, to_stage, force, train_on, artifact_root)
+        return result
+    except Exception as e:
+        error = e
+        raise
+    finally:   # what ran and where each stage's artifacts are, on this run's page, also when it failed
+        write_summary("culbot-summary", f"culbot {Path(data_profile).stem} → {tp.name}, to {to_stage}", result, error)
 
 
 def _chain(tp: TrainProfile, data_profile: str, train_profile: str, data_overrides: list[str] | None, train_overrides: list[str] | None,

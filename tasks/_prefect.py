@@ -108,22 +108,34 @@ def stage_cache(module: str) -> CachePolicy:
     return INPUTS + StageSources(module=module) + OutputHome()
 
 
-def report(key: str, title: str, counts: dict, extra: str = "") -> None:
-    """A markdown artifact with a stage's counts (nested dicts flattened as a.b). ``key`` is made a valid artifact key
-    (lowercase letters, digits and dashes), so a name from config (a dataset's) can be part of it."""
+def artifact_key(key: str) -> str:
+    """A valid artifact key (lowercase letters, digits and dashes), so a name from config (a dataset's) can be part of it."""
     import re
 
-    from prefect.artifacts import create_markdown_artifact
+    return re.sub(r"[^a-z0-9-]+", "-", key.lower())
 
-    key = re.sub(r"[^a-z0-9-]+", "-", key.lower())
-    flat: list[tuple[str, object]] = []
+
+def table(key: str, title: str, rows: list[dict]) -> None:
+    """A table artifact: the UI shows it as a table, the API returns its rows."""
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(rows, key=artifact_key(key), description=title)
+
+
+def flat_counts(counts: dict, prefix: str = "") -> list[dict]:
+    """{"count": "a.b", "value": v} rows of nested counts; empty values left out."""
+    rows: list[dict] = []
     for k, v in counts.items():
         if isinstance(v, dict):
-            flat += [(f"{k}.{kk}", vv) for kk, vv in v.items()]
-        else:
-            flat.append((k, v))
-    rows = "\n".join(f"| {k} | {v} |" for k, v in flat)
-    create_markdown_artifact(f"# {title}\n\n| count | value |\n|---|---:|\n{rows}\n{extra}", key=key, description=title)
+            rows += flat_counts(v, f"{prefix}{k}.")
+        elif v is not None:
+            rows.append({"count": f"{prefix}{k}", "value": v if isinstance(v, (int, float, str, bool)) else str(v)})
+    return rows
+
+
+def report(key: str, title: str, counts: dict) -> None:
+    """A stage's counts as a table artifact."""
+    table(key, title, flat_counts(counts))
 
 
 _NETWORK = {"FetchError", "TransportError", "ConnectionError", "Timeout", "TimeoutError", "RequestFailed", "APIConnectionError"}

@@ -27,7 +27,7 @@ from prefect import task
 from culbot.pipeline_config.train_schema import AnswerSpec, EvalSpec, PublishSpec
 
 from . import _store
-from ._prefect import stage_cache
+from ._prefect import stage_cache, table
 from .contracts import (EVAL_REPORT_FILE, AnswerQuality, EvalOutput, EvalReport, ProbeAnswer, Release, RetrievalMetrics, RunCard, RunRef, SpecialTokens,
                         StageRef, Template, short_hash)
 from .model_io import load_adapted
@@ -102,6 +102,27 @@ def report_markdown(res: EvalReport) -> str:
     return "\n".join(lines)
 
 
+def metrics_table(res: EvalReport, spec: EvalSpec) -> list[dict]:
+    """The eval's figures as table-artifact rows: metric, value, the baseline's value and the gate that applies to it."""
+    rows = [{"metric": "validation loss", "value": round(res.eval_loss, 4), "baseline": None,
+             "gate": f"≤ {spec.max_eval_loss}" if spec.max_eval_loss is not None else "finite (no ceiling set)"},
+            {"metric": "perplexity", "value": round(res.perplexity, 2), "baseline": None, "gate": None},
+            {"metric": "label tokens", "value": res.label_tokens, "baseline": None, "gate": None}]
+    if res.retrieval is not None:
+        r = res.retrieval
+        rows += [{"metric": "retrieval recall@1", "value": r.recall_at_1, "baseline": None, "gate": None},
+                 {"metric": "retrieval recall@5", "value": r.recall_at_5, "baseline": None,
+                  "gate": f"≥ {spec.min_recall_at_5}" if spec.min_recall_at_5 is not None else None},
+                 {"metric": "retrieval MRR", "value": r.mrr, "baseline": None, "gate": None}]
+    if res.answers is not None:
+        base = res.answers.baseline_metrics
+        for k, v in res.answers.metrics.gated().items():
+            floor = spec.floors.get(k)
+            rows.append({"metric": f"answers {k}", "value": round(v, 4), "baseline": getattr(base, k, None) if base else None,
+                         "gate": f"{spec.gate}" + (f", floor {floor}" if floor is not None else "")})
+    return rows
+
+
 def gate(loss: float, spec: EvalSpec, retrieval: RetrievalMetrics | None = None, answers: AnswerQuality | None = None) -> tuple[bool, str]:
     """The eval gate: a finite validation loss, at most ``max_eval_loss`` when set; retrieval recall@5 at least ``min_recall_at_5``;
     answer quality no worse than the baseline beyond eval.margins and above eval.floors (eval.gate 'enforce')."""
@@ -109,7 +130,10 @@ def gate(loss: float, spec: EvalSpec, retrieval: RetrievalMetrics | None = None,
         return False, f"validation loss {loss} is not finite"
     if spec.max_eval_loss is not None and loss > spec.max_eval_loss:
         return False, f"validation loss {loss:.4f} > gate {spec.max_eval_loss}"
-    reason = f"validation loss {loss:.4f}" + (f" ≤ gate {spec.max_eval_loss}" if spec.max_eval_loss else " is finite")
+    # Without a ceiling the loss gates nothing but NaN/inf: say so, so "passed" at perplexity 986 reads as what it is.
+    reason = (f"validation loss {loss:.4f} ≤ gate {spec.max_eval_loss}" if spec.max_eval_loss is not None else
+              f"validation loss {loss:.4f} (perplexity {math.exp(min(loss, 50)):.0f}) is finite; no ceiling is set "
+              f"(eval.max_eval_loss), so the loss only guards against NaN")
     if retrieval is not None and spec.min_recall_at_5 is not None:
         if retrieval.recall_at_5 < spec.min_recall_at_5:
             return False, f"retrieval recall@5 {retrieval.recall_at_5:.3f} < gate {spec.min_recall_at_5}"
@@ -244,6 +268,7 @@ def eval_task(spec: EvalSpec, run: RunRef, index: StageRef | None = None, questi
     ``baseline``: release_key, so a new release reruns it."""
     from prefect.artifacts import create_markdown_artifact
 
-    run_eval(run.run_dir, spec, index, answer=answer, dataset=dataset, publish=publish)
+    res = run_eval(run.run_dir, spec, index, answer=answer, dataset=dataset, publish=publish)
     create_markdown_artifact((run.run_dir / EVAL / REPORT_MD).read_text(encoding="utf-8"), key="eval-report", description="Eval report")
+    table("eval-metrics", f"Eval of {run.run_dir.name}: {res.status}", metrics_table(res, spec))
     return eval_output(run.run_dir)

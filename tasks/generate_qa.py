@@ -26,7 +26,7 @@ from culbot.pipeline_config.schema import PACKAGE_DIR, ConfigError, QAGenConfig
 
 from . import _store, _text, grounding
 from ._http import Progress
-from ._prefect import report, retry_on_network, stage_cache
+from ._prefect import report, retry_on_network, stage_cache, table
 from .chunking import Chunk, chunk_budget, chunk_page, estimate_tokens, make_counter
 from .contracts import StageOutput, StageRef, short_hash
 from .llm_client import BudgetExceeded, Completion, Ledger, LLMClient, ReplayMiss, RequestFailed, RequestRejected, ResponseCache, make_backend
@@ -378,6 +378,7 @@ def generate_qa_task(qa: QAGenConfig, pages: StageRef) -> StageOutput:
             update_progress_artifact(art, pct, _sync=True)  # called from inside the asyncio loop
 
     out = run_generate(qa, pages.path, on_progress=on_progress)
-    ledger = (Path(qa.out_dir) / "ledger.json").read_text(encoding="utf-8")
-    report("qa-ledger", f"QA generation ledger ({qa.model}, {qa.backend})", out.counts, f"\n```json\n{ledger}```\n")
+    report("generate-qa", f"QA generation counts ({qa.model}, {qa.backend})", out.counts)
+    ledger = Ledger.from_dict(json.loads((Path(qa.out_dir) / "ledger.json").read_text(encoding="utf-8")))
+    table("qa-ledger", f"QA generation ledger ({qa.model}, {qa.backend})", [{"what": k, "value": v} for k, v in ledger.rows()])
     return out

@@ -176,22 +176,38 @@ class Ledger:
     def cost_usd(self) -> float:
         return (self.prompt_tokens * self.price_in + self.completion_tokens * self.price_out) / 1e6
 
+    @property
+    def quarantined(self) -> int:
+        """Records in quarantine.jsonl: whole answers (unparsable, truncated) plus single items (invalid, duplicate, unsupported)."""
+        return self.answers_unparsable + self.answers_truncated + self.items_quarantined
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Ledger":
+        """A ledger read back from ledger.json (its derived figures are recomputed)."""
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
     def as_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items()}
         d["cost_usd"] = round(self.cost_usd, 6)
+        d["quarantined"] = self.quarantined
         return d
 
-    def table(self) -> str:
+    def rows(self) -> list[tuple[str, object]]:
+        """(what, value) in reading order: the console table and the ledger's table artifact."""
         rows = [("model", self.model), ("chunks", self.chunks), ("API requests", self.requests), ("retries", self.retries),
                 ("cache hits", self.cache_hits), ("replayed", self.replayed), ("prompt tokens", self.prompt_tokens),
                 ("completion tokens", self.completion_tokens), ("estimated cost (USD)", f"{self.cost_usd:.4f}"),
-                ("items kept", self.items_ok), ("items quarantined", self.items_quarantined),
-                ("items judged", self.judged), ("judged unsupported", self.judge_unsupported),
-                ("unparsable answers", self.answers_unparsable), ("repaired answers", self.answers_repaired),
-                ("truncated answers", self.answers_truncated),
-                ("short lists", self.answers_short)]
+                ("items kept", self.items_ok), ("quarantined (quarantine.jsonl)", self.quarantined),
+                ("- unparsable answers", self.answers_unparsable), ("- truncated answers", self.answers_truncated),
+                ("- items", self.items_quarantined), ("items judged", self.judged), ("judged unsupported", self.judge_unsupported),
+                ("repaired answers", self.answers_repaired), ("short lists", self.answers_short)]
         if self.errors:
             rows.append(("errors", ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items()))))
+        return rows
+
+    def table(self) -> str:
+        rows = self.rows()
         w = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 

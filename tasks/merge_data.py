@@ -19,7 +19,7 @@ from prefect import task
 from culbot.pipeline_config.schema import MergeDataConfig
 
 from . import _store, _text
-from ._prefect import stage_cache
+from ._prefect import report, stage_cache
 from .contracts import StageOutput, StageRef, short_hash
 from .conversations import as_row, check_messages, dedup_text
 
@@ -183,4 +183,5 @@ def merge_data_task(merge_data: MergeDataConfig, inputs: dict[str, StageRef]) ->
 
     out = run_merge(inputs, merge_data)
     create_markdown_artifact(stats_markdown(out.content_hash, out.counts), key="dataset-stats", description="Dataset version stats")
+    report("merge-data", f"dataset version {short_hash(out.content_hash)}: counts", out.counts)
     return out

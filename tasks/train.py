@@ -35,6 +35,8 @@ from .contracts import (
     RUN_CONFIG_FILE, TEMPLATES_FILE, TRAIN_RESULT_FILE, Hyperparameters, RunCard, RunConfig, RunOutput, StageRef, TemplateSet,
     TokenCounts, TrainResult, short_hash,
 )
+from . import artifact_root as _artifact_root
+from .loss_curve import LOSS_CURVE_PNG, curve_points, plot
 from .model_io import resolve_base
 from .plan import check_fits
 from .run_folder import ADAPTER, finished_result, read_config, run_output
@@ -192,23 +194,27 @@ def run_training(config_path: Path, tp: TrainProfile, *, on_line: Callable[[str]
                                   "packing": result.packing.model_dump() if result.packing else None},
                           timings={"train": time.monotonic() - t0})
     log.info("training finished in %.1fs", time.monotonic() - t0)
+    try:
+        plot(result, run_dir / LOSS_CURVE_PNG, f"{run_dir.name}: {tp.model.base}")
+    except Exception as e:   # the run is complete and verified; a missing picture is not worth failing it
+        log.warning("could not draw %s: %s", LOSS_CURVE_PNG, e)
     return result
 
 
-def curve_markdown(result: TrainResult, run_dir: Path) -> str:
-    losses = [(h["step"], h["loss"]) for h in result.log_history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in result.log_history if "eval_loss" in h]
-    lines = [f"# Training `{Path(run_dir).name}`", "", f"{result.global_step} optimizer steps, train loss {result.metrics.get('train_loss', float('nan')):.4f}", "",
-             "| step | loss |", "|---:|---:|"]
+def curve_markdown(result: TrainResult, run_dir: Path, png_link: str | None = None) -> str:
+    """The training artifact: steps, final losses, packing, and a link to the loss-curve PNG (the points are a table artifact)."""
+    evals = [h["eval_loss"] for h in result.log_history if "eval_loss" in h]
+    lines = [f"# Training `{Path(run_dir).name}`", "",
+             f"{result.global_step} optimizer steps, train loss {result.metrics.get('train_loss', float('nan')):.4f}"
+             + (f", last eval loss {evals[-1]:.4f}" if evals else ""), ""]
     if result.packing:
         pk = result.packing
-        lines[4:4] = [f"Packed {pk.examples:,} examples into {pk.rows:,} rows of up to {pk.max_len} tokens: "
-                      f"{pk.real_token_share:.1%} real tokens, {pk.examples_per_row} examples per row.", ""]
-    pick = losses if len(losses) <= 12 else [losses[i * (len(losses) - 1) // 11] for i in range(12)]
-    lines += [f"| {s} | {v:.4f} |" for s, v in pick]
-    if evals:
-        lines += ["", "| step | eval loss |", "|---:|---:|"] + [f"| {s} | {v:.4f} |" for s, v in evals]
-    return "\n".join(lines) + "\n"
+        lines += [f"Packed {pk.examples:,} examples into {pk.rows:,} rows of up to {pk.max_len} tokens: "
+                  f"{pk.real_token_share:.1%} real tokens, {pk.examples_per_row} examples per row.", ""]
+    if png_link:
+        lines += [f"Loss curve (train and eval loss, learning rate): [{LOSS_CURVE_PNG}]({png_link})", ""]
+    lines += ["Every logged step: the table artifact `training-curve-points`.", ""]
+    return "\n".join(lines)
 
 
 # ----- Prefect task -----------------------------------------------------------
@@ -224,13 +230,26 @@ def _retry_if_preempted(task, task_run, state) -> bool:
     return False
 
 
+def _link(path: Path) -> str:
+    """Where a reader can open a file of the run: its place in the artifact root once pushed (every host sees it), else here."""
+    root = _artifact_root.configured()
+    try:
+        url = _artifact_root.url_for(path, root) if root else str(path.resolve())
+    except _artifact_root.TransferError:   # a run outside the working directory is not shared
+        url = str(path.resolve())
+    return url if "://" in url else Path(url).as_uri()
+
+
 @task(name="train", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=5,
       retry_condition_fn=_retry_if_preempted)
 def train_task(tp: TrainProfile, tokenized: StageRef) -> RunOutput:
     """Launch the training subprocess and stream it; a retry after preemption resumes."""
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     config = prepare_run(tp, tokenized)
     result = run_training(config, tp, env=tp.run_env())
-    create_markdown_artifact(curve_markdown(result, config.parent), key="training-curve", description="Training curve summary")
+    png = config.parent / LOSS_CURVE_PNG
+    create_markdown_artifact(curve_markdown(result, config.parent, _link(png) if png.is_file() else None), key="training-curve",
+                             description="Training curve summary")
+    create_table_artifact(curve_points(result)[-500:], key="training-curve-points", description="Train loss, eval loss and learning rate per step")
     return run_output(config.parent)

@@ -49,6 +49,21 @@ def test_eval_scores_retrieval_on_the_hand_written_questions_and_gates_on_recall
 def test_the_gate_fails_a_loss_that_is_not_finite():
     assert gate(float("nan"), EvalSpec()) == (False, "validation loss nan is not finite")
     assert gate(2.5, EvalSpec(max_eval_loss=3.0)) == (True, "validation loss 2.5000 ≤ gate 3.0")
+    # no ceiling: "passed" says that the loss gated nothing but NaN (issue 15: PASSED at perplexity 986)
+    assert gate(6.894, EvalSpec()) == (True, "validation loss 6.8940 (perplexity 986) is finite; no ceiling is set "
+                                             "(eval.max_eval_loss), so the loss only guards against NaN")
+
+
+def test_eval_metrics_table_names_each_gate():
+    from culbot.tasks.contracts import EvalReport, RetrievalMetrics
+    from culbot.tasks.evaluate import metrics_table
+
+    res = EvalReport(run="r", status="passed", reason="", eval_loss=6.893, perplexity=986.0, label_tokens=120, template="cbnu",
+                     probes=[], seconds=1.0, retrieval=RetrievalMetrics(questions=10, unanswerable=2, recall_at_1=0.5, recall_at_5=0.8, mrr=0.6))
+    rows = metrics_table(res, EvalSpec(min_recall_at_5=0.7))
+    assert rows[0] == {"metric": "validation loss", "value": 6.893, "baseline": None, "gate": "finite (no ceiling set)"}
+    assert {"metric": "retrieval recall@5", "value": 0.8, "baseline": None, "gate": "≥ 0.7"} in rows
+    assert metrics_table(res, EvalSpec(max_eval_loss=3.0))[0]["gate"] == "≤ 3.0"
 
 
 def test_a_run_that_did_not_complete_is_not_evaluated(tmp_path):

@@ -14,6 +14,7 @@ from culbot.pipeline_config.train_schema import Guards
 from culbot.tasks import _store
 from culbot.tasks.contracts import PackingStats, RunCard, RunConfig, TrainResult
 from culbot.tasks.run_folder import read_config
+from culbot.tasks.loss_curve import curve_points, plot
 from culbot.tasks.train import GuardFailure, curve_markdown, launch_command, run_training
 from culbot.tasks.train_entry import EXIT_PREEMPTED, MARKER, GuardTripped, make_callbacks, newest_complete_checkpoint
 from tests.conftest import prepare_tiny_run
@@ -40,7 +41,7 @@ def test_tiny_training_writes_exactly_these_files(tmp_path, sample_tokenized, ti
     # the training prompt as chat templates: the serving one (default) and one per template trained with
     chat = ["adapter/chat_template.jinja"] + [f"adapter/additional_chat_templates/{n}.jinja" for n in card.templates.templates]
     assert files == sorted(
-        ["config.json", "train_result.json",
+        ["config.json", "train_result.json", "loss_curve.png",
          "adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/culbot.json", "adapter/tokenizer.json",
          "adapter/manifest.json", "adapter/tokenizer_config.json", "adapter/generation_config.json"] + chat
         + [f"checkpoints/checkpoint-{n}/{f}" for n in (3, 6) for f in ckpt])
@@ -195,14 +196,25 @@ def test_wandb_runs_offline_without_a_key(tmp_path, sample_tokenized, tiny_model
     assert list((tmp_path / "wandb").glob("offline-run-*")), "expected an offline W&B run"
 
 
-def test_training_curve_artifact_states_the_packing(tmp_path):
+def test_training_curve_artifact_states_the_packing_and_links_the_png(tmp_path):
     result = TrainResult(status="completed", global_step=4, metrics={"train_loss": 6.5},
                          packing=PackingStats(examples=56, rows=17, max_len=256, tokens=4000, real_token_share=0.919, examples_per_row=3.29),
-                         log_history=[{"step": 2, "loss": 6.9}, {"step": 4, "loss": 6.5}, {"step": 4, "eval_loss": 6.7}])
-    md = curve_markdown(result, tmp_path / "cpu-tiny-abc")
-    assert md.splitlines()[:7] == ["# Training `cpu-tiny-abc`", "", "4 optimizer steps, train loss 6.5000", "",
-                                   "Packed 56 examples into 17 rows of up to 256 tokens: 91.9% real tokens, 3.29 examples per row.", "", "| step | loss |"]
-    assert "| 4 | 6.5000 |" in md and "| 4 | 6.7000 |" in md
+                         log_history=[{"step": 2, "loss": 6.9, "learning_rate": 1e-4}, {"step": 4, "loss": 6.5, "learning_rate": 5e-5},
+                                      {"step": 4, "eval_loss": 6.7}, {"step": 4, "train_loss": 6.6, "train_runtime": 3.0}])
+    md = curve_markdown(result, tmp_path / "cpu-tiny-abc", "file:///x/loss_curve.png")
+    assert md.splitlines()[:7] == ["# Training `cpu-tiny-abc`", "", "4 optimizer steps, train loss 6.5000, last eval loss 6.7000", "",
+                                   "Packed 56 examples into 17 rows of up to 256 tokens: 91.9% real tokens, 3.29 examples per row.", "",
+                                   "Loss curve (train and eval loss, learning rate): [loss_curve.png](file:///x/loss_curve.png)"]
+    # the table artifact's rows: one per step, eval loss and learning rate on the step that logged them
+    assert curve_points(result) == [{"step": 2, "loss": 6.9, "eval_loss": None, "learning_rate": 1e-4},
+                                    {"step": 4, "loss": 6.5, "eval_loss": 6.7, "learning_rate": 5e-5}]
+    png = plot(result, tmp_path / "loss_curve.png", "cpu-tiny-abc")
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (770, 396)
+        colours = {c for _, c in im.convert("RGB").getcolors(maxcolors=100_000)}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours   # the train (blue) and eval (orange) lines are drawn
 
 
 def test_a_deleted_adapter_rebuilt_from_the_last_checkpoint_keeps_the_metrics_of_its_run(tmp_path, sample_tokenized, tiny_model):

@@ -1,5 +1,6 @@
 """The culbot flow under prefect_test_harness: data refresh -> train -> eval -> merge -> publish(local), then a rerun
 on a "second host" (no local artifacts) served from the cache and the shared artifact root."""
+import json
 import shutil
 
 import pytest
@@ -41,7 +42,16 @@ def test_full_chain_then_a_cached_rerun_on_a_host_without_the_artifacts(tmp_path
         # answer quality against the base model (the first release), reported (cpu-tiny: eval.gate=report), in the card too
         assert "compared with **base model culbot:tiny**" in report and "answers side by side" in report
         assert "## Chat with it" in card and f"Evaluated with the retrieval index `artifacts/indexes/{out.data.index.path.name}`" in card
-        assert "## Answer quality" in flow_artifacts(state.state_details.flow_run_id)["eval-report"]
+        arts = flow_artifacts(state.state_details.flow_run_id)
+        assert "## Answer quality" in arts["eval-report"]
+        assert {r["metric"] for r in json.loads(arts["eval-metrics"])} >= {"validation loss", "perplexity", "retrieval recall@5", "answers chrf"}
+        # the parent's summary links the artifacts of its subflow (data-refresh) and its stages, and says what ran
+        summary = arts["culbot-summary"]
+        for key in ("crawl-univ100", "qa-ledger", "dataset-stats", "data-refresh-summary", "training-curve", "training-curve-points",
+                    "eval-report", "eval-metrics"):
+            assert f"[{key}](" in summary and "/artifacts/artifact/" in summary, key
+        assert f"| run | {out.run.run_dir.name} |" in summary and "| eval | passed, loss " in summary
+        assert "loss_curve.png](file://" in arts["training-curve"] and (out.run.run_dir / "loss_curve.png").is_file()
         assert (pub / "registry.json").is_file()   # the next eval's baseline; it does not change this run's cache keys (below)
         cold = [x for x in task_states(state.state_details.flow_run_id) if x[0] != "data-refresh"]   # the subflow's own run
         assert [n for n, _ in cold] == ["eval", "merge-adapter", "publish", "tokenize", "train"] and {s for _, s in cold} == {"Completed"}
