@@ -76,10 +76,14 @@ def _prefect_env() -> None:
 
 def run_flow(a, dp: DataProfile) -> int:
     _prefect_env()
+    from culbot.flows.params import profile_kwargs
+    from culbot.pipeline_config.loader import overrides_dict
+
     if a.flow == "data-refresh":
         from culbot.flows.data_refresh import data_refresh
 
-        out = data_refresh(data_profile=a.data_profile, data_overrides=a.overrides, force=a.force, artifact_root=a.artifact_root)
+        out = data_refresh(**profile_kwargs(data_profile=a.data_profile), data_overrides=overrides_dict(a.overrides), force=a.force,
+                           artifact_root=a.artifact_root or "")
         d = out.dataset
         print(f"dataset version {d.path.name}: {d.path}  (train {d.counts['train']}, validation {d.counts['validation']})")
         if out.index:
@@ -89,8 +93,8 @@ def run_flow(a, dp: DataProfile) -> int:
     load_train_profile(a.train_profile, a.train_overrides)  # fail fast, before Prefect starts
     from culbot.flows.culbot import culbot
 
-    out = culbot(data_profile=a.data_profile, train_profile=a.train_profile, data_overrides=a.overrides,
-                 train_overrides=a.train_overrides, force=a.force, artifact_root=a.artifact_root)
+    out = culbot(**profile_kwargs(data_profile=a.data_profile, train_profile=a.train_profile), data_overrides=overrides_dict(a.overrides),
+                 train_overrides=overrides_dict(a.train_overrides), force=a.force, artifact_root=a.artifact_root or "")
     print(f"dataset version {out.data.dataset.path.name}: {out.data.dataset.path}")
     if out.data.index:
         c = out.eval.counts
@@ -319,7 +323,8 @@ def tiny_model(a, _) -> int:
 def deploy(a, _) -> int:
     from culbot.flows.deploy import deploy as deploy_all
 
-    deploy_all(a.prefect_file, a.home, artifact_root=a.artifact_root)
+    deploy_all(a.prefect_file, a.home, artifact_root=a.artifact_root, notify=a.notify, run_on_new_data=a.run_on_new_data,
+               git_clone=a.git_clone)
     return 0
 
 
@@ -639,6 +644,12 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--artifact-root", "fsspec URL every host shares (s3://, gs://, hf://, or a mounted path): set on every pool, and Prefect "
                                "result storage goes to URL/prefect-results. Default: $CULBOT_ARTIFACT_ROOT, else none (one host).",
             {"default": os.environ.get("CULBOT_ARTIFACT_ROOT"), "metavar": "URL"}),
+        Arg("--notify", "A notification block (TYPE/NAME, e.g. slack-webhook/lab-alerts): an automation sends it every Failed or "
+                        "Crashed run of a culbot deployment.", {"metavar": "BLOCK"}),
+        Arg("--run-on-new-data", "A deployment (e.g. culbot/full) that an automation starts, with the refreshed data profile, when "
+                                 "data-refresh makes a new dataset version. Default: off.", {"metavar": "DEPLOYMENT"}),
+        Arg("--git-clone", "A git repository URL: each run clones it at this checkout's HEAD (which must be clean and pushed) and "
+                           "installs it, for workers without culbot installed.", {"metavar": "URL"}),
     )),
     Command("config", "Show a resolved data or training profile, or every config field with its documentation.", config, args=(
         Arg("what", "'show' a resolved profile, or 'docs' for every field.", {"choices": ["show", "docs"]}),

@@ -19,9 +19,13 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 
+from culbot.flows.deployed import check_version
+from culbot.flows.params import DataOverrides, DataProfileName, Stage, TrainOn, TrainOverrides, TrainProfileName, profile_kwargs, profile_source
+
 from culbot.flows.data_refresh import data_refresh
 from culbot.flows.runner import exclusive, full_lock, pulled, run_stage, verified
 from culbot.flows.summary import CHILD_TAG, write_summary
+from culbot.pipeline_config.schema import load_data_profile
 from culbot.pipeline_config.train_schema import TrainProfile, load_train_profile
 from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import ChainResult, RunOutput, StageRef, short_hash
@@ -36,8 +40,6 @@ class EvalGateFailed(RuntimeError):
     """The trained model did not pass eval; nothing is merged or published."""
 
 
-Stage = Literal["format", "train", "eval", "merge-adapter", "publish"]
-TrainOn = Literal["auto", "pool", "here"]
 
 
 def train_deployment_name(tp: TrainProfile) -> str:
@@ -67,7 +69,7 @@ def choose_train_on(train_on: TrainOn, tp: TrainProfile) -> Literal["pool", "her
     return "pool" if deployment.id and _deployment_exists(train_deployment_name(tp)) else "here"
 
 
-def train_on_pool(tp: TrainProfile, train_profile: str, train_overrides: list[str], formatted: StageRef, force: bool,
+def train_on_pool(tp: TrainProfile, train_profile: str, train_overrides: dict, formatted: StageRef, force: bool,
                   root: str | None) -> RunOutput:
     """Start the training deployment on the profile's pool, wait, and return its output (pulled here if needed).
 
@@ -84,8 +86,8 @@ def train_on_pool(tp: TrainProfile, train_profile: str, train_overrides: list[st
     log.info("training on pool %s through %s (job env %s)", tp.hardware.work_pool, name, sorted(env))
     child = run_deployment(
         name,
-        parameters={"formatted": str(formatted.path), "train_profile": train_profile, "train_overrides": train_overrides,
-                    "force": force, "artifact_root": root},
+        parameters={"formatted": str(formatted.path), **profile_kwargs(train_profile=train_profile), "train_overrides": train_overrides,
+                    "force": force, "artifact_root": root or ""},
         idempotency_key=f"{flow_run.id}:train",  # a retried parent finds its child instead of starting another
         tags=[f"{CHILD_TAG}{flow_run.id}"],
         job_variables={"env": env},
@@ -129,48 +131,55 @@ def _rename_run(data_profile: str, train_profile: str, dataset_hash: str, to_sta
 
 
 @flow(name="culbot", flow_run_name="culbot-{data_profile}-{train_profile}-to-{to_stage}", on_cancellation=[cancel_child_runs])
-def culbot(data_profile: str = "sample", train_profile: str = "cpu-tiny", data_overrides: list[str] | None = None,
-           train_overrides: list[str] | None = None, to_stage: Stage = "publish", force: bool = False,
-           train_on: TrainOn = "auto", artifact_root: str | None = None) -> ChainResult:
+def culbot(data_profile: DataProfileName = "sample", train_profile: TrainProfileName = "cpu-tiny", data_overrides: DataOverrides = {},
+           train_overrides: TrainOverrides = {}, to_stage: Stage = "publish", force: bool = False, train_on: TrainOn = "auto",
+           artifact_root: str = "", data_profile_file: str = "", train_profile_file: str = "") -> ChainResult:
     """The whole chain, or its beginning up to `to_stage`.
 
     Args:
-        data_profile: data profile (pipeline_config/<name>.yaml or a path): sample, sample-mixed, production.
-        train_profile: training profile (pipeline_config/profiles/<name>.yaml or a path): a6000x4, runpod-a100x2, runpod-a100x2-llama3,
-            gcp-l4, laptop-6gb, cpu-tiny, cpu-tiny-llama.
-        data_overrides: `section.field=value` settings for the data profile.
-        train_overrides: `section.field=value` settings for the training profile (e.g. publish.target=hub).
-        to_stage: last stage to run: format (the data refresh only), train, eval, merge-adapter or publish.
-        force: ignore every cache and rebuild each stage (training still resumes from its checkpoints).
-        train_on: 'pool': the training deployment on the profile's work pool; 'here': in this process;
-            'auto': the pool when this run came from a deployment and the training deployment exists.
-        artifact_root: fsspec URL shared by all hosts (default $CULBOT_ARTIFACT_ROOT; unset: local disk only).
+        data_profile: Data profile shipped in pipeline_config: sample (the shipped samples, no network), sample-mixed
+            (plus ShareGPT conversations) or production (univ100, the CBNU site, gpt-3.5-turbo, KULLM-v2 from the Hub).
+        train_profile: Training profile shipped in pipeline_config/profiles; its hardware names the GPU work pool that trains.
+        data_overrides: Data profile fields to change for this run, field name to value, e.g. {"qa.max_in_flight": 4}
+            (`culbot config docs` lists every field).
+        train_overrides: Training profile fields to change for this run, e.g. {"train.max_steps": 200, "publish.target": "hub"}.
+        to_stage: Last stage to run: format (the data refresh only), train, eval, merge-adapter or publish.
+        force: Ignore every cache and rebuild each stage (training still resumes from its checkpoints).
+        train_on: Where training runs. pool: the training deployment on the profile's work pool; here: in this flow
+            run's process; auto: the pool when this run came from a deployment and the training deployment exists.
+        artifact_root: fsspec URL every host shares, e.g. s3://bucket/culbot (empty: $CULBOT_ARTIFACT_ROOT, else local disk only).
+        data_profile_file: A custom data profile, as a YAML path on the worker; replaces data_profile when given.
+        train_profile_file: A custom training profile, as a YAML path on the worker; replaces train_profile when given.
     """
-    tp = load_train_profile(train_profile, train_overrides or [])
-    # one chain per training profile at a time; a data refresh alone (to_stage format) holds only the raw/ lock
+    check_version()
+    train_source = profile_source(train_profile, train_profile_file, "train_profile")
+    tp = load_train_profile(train_source, train_overrides)
+    load_data_profile(profile_source(data_profile, data_profile_file, "data_profile"), data_overrides)   # bad values fail here, before any stage
     result = error = None
     try:
         with exclusive(full_lock(tp.name)) if to_stage != "format" else contextlib.nullcontext():
-            result = _chain(tp, data_profile, train_profile, data_overrides, train_overrides, to_stage, force, train_on, artifact_root)
+            result = _chain(tp, data_profile, data_profile_file, train_source, data_overrides, train_overrides, to_stage, force,
+                            train_on, artifact_root)
         return result
     except Exception as e:
         error = e
         raise
     finally:   # what ran and where each stage's artifacts are, on this run's page, also when it failed
-        write_summary("culbot-summary", f"culbot {Path(data_profile).stem} → {tp.name}, to {to_stage}", result, error)
+        write_summary("culbot-summary", f"culbot {Path(data_profile_file or data_profile).stem} → {tp.name}, to {to_stage}", result, error)
 
 
-def _chain(tp: TrainProfile, data_profile: str, train_profile: str, data_overrides: list[str] | None, train_overrides: list[str] | None,
-           to_stage: Stage, force: bool, train_on: TrainOn, artifact_root: str | None) -> ChainResult:
+def _chain(tp: TrainProfile, data_profile: str, data_profile_file: str, train_profile: str, data_overrides: dict, train_overrides: dict,
+           to_stage: Stage, force: bool, train_on: TrainOn, artifact_root: str) -> ChainResult:
     root = _artifact_root.configured(artifact_root)
     stage = partial(run_stage, force=force, root=root)
-    data = data_refresh(data_profile=data_profile, data_overrides=data_overrides, force=force, artifact_root=root)
-    _rename_run(Path(data_profile).stem, tp.name, data.dataset.content_hash, to_stage)
+    data = data_refresh(data_profile=data_profile, data_profile_file=data_profile_file, data_overrides=data_overrides, force=force,
+                        artifact_root=root or "")
+    _rename_run(Path(data_profile_file or data_profile).stem, tp.name, data.dataset.content_hash, to_stage)
     if to_stage == "format":
         return ChainResult(data=data)
     tokenized = None
     if choose_train_on(train_on, tp) == "pool":
-        run = train_on_pool(tp, train_profile, train_overrides or [], data.formatted.ref(), force, root)
+        run = train_on_pool(tp, train_profile, train_overrides, data.formatted.ref(), force, root)
     else:
         tokenized = stage(tokenize_task, tp=tp, formatted=data.formatted.ref())
         run = stage(train_task, tp=tp, tokenized=tokenized.ref())

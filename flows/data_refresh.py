@@ -11,10 +11,13 @@ from __future__ import annotations
 import math
 import time
 from functools import partial
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from culbot.flows.deployed import check_version
+from culbot.flows.params import DataOverrides, DataProfileName, profile_source
 from culbot.flows.runner import RAW_LOCK, exclusive, run_stage
 from culbot.pipeline_config.schema import CbnuConfig, DataProfile, Univ100Config, load_data_profile
 from culbot.tasks import _store
@@ -50,24 +53,42 @@ def summary_markdown(profile: str, results: dict[str, StageOutput]) -> str:
     return "\n".join(lines) + "\n"
 
 
+NEW_VERSION_EVENT = "culbot.dataset.new-version"   # what `culbot deploy --run-on-new-data` reacts to
+
+
+def announce_new_version(profile: str, dataset: StageOutput) -> None:
+    """A Prefect event for a dataset version this refresh made (a cached or rebuilt one it already had is not new)."""
+    from prefect.events import emit_event
+
+    emit_event(event=NEW_VERSION_EVENT, resource={"prefect.resource.id": f"culbot.dataset.{dataset.content_hash}",
+                                                  "prefect.resource.name": short_hash(dataset.content_hash),
+                                                  "culbot.data-profile": profile},
+               payload={"path": str(dataset.path), "counts": {k: v for k, v in dataset.counts.items() if isinstance(v, int)}})
+    get_run_logger().info("new dataset version %s: event %s", short_hash(dataset.content_hash), NEW_VERSION_EVENT)
+
+
 # No log_prints: dill (used by datasets) prints bytecode through print(), which would flood the logs.
 @flow(name="data-refresh", flow_run_name="data-refresh-{data_profile}")
-def data_refresh(data_profile: str = "sample", data_overrides: list[str] | None = None, force: bool = False,
-                 artifact_root: str | None = None) -> DataRefreshResult:
-    """Refresh the training data.
+def data_refresh(data_profile: DataProfileName = "sample", data_overrides: DataOverrides = {}, force: bool = False,
+                 artifact_root: str = "", data_profile_file: str = "") -> DataRefreshResult:
+    """Refresh the training data: a new dataset version appears only when the data changed.
 
     Args:
-        data_profile: data profile, a name in pipeline_config/ (sample, production) or a YAML path.
-        data_overrides: `section.field=value` settings applied on top of the data profile.
-        force: ignore every cache and rebuild each stage.
-        artifact_root: fsspec URL shared by all hosts (default $CULBOT_ARTIFACT_ROOT; unset: local disk only).
+        data_profile: Data profile shipped in pipeline_config: sample (the shipped samples, no network), sample-mixed
+            (plus ShareGPT conversations) or production (univ100, the CBNU site, gpt-3.5-turbo, KULLM-v2 from the Hub).
+        data_overrides: Data profile fields to change for this run, field name to value, e.g. {"qa.max_in_flight": 4}
+            (`culbot config docs` lists every field).
+        force: Ignore every cache and rebuild each stage.
+        artifact_root: fsspec URL every host shares, e.g. s3://bucket/culbot (empty: $CULBOT_ARTIFACT_ROOT, else local disk only).
+        data_profile_file: A custom data profile, as a YAML path on the worker; replaces data_profile when given.
     """
-    dp = load_data_profile(data_profile, data_overrides or [])
+    check_version()
+    dp = load_data_profile(profile_source(data_profile, data_profile_file, "data_profile"), data_overrides)
     with exclusive(RAW_LOCK):   # two refreshes (a schedule and a full run) never write raw/ at once
         return _refresh(dp, force, artifact_root)
 
 
-def _refresh(dp: DataProfile, force: bool, artifact_root: str | None) -> DataRefreshResult:
+def _refresh(dp: DataProfile, force: bool, artifact_root: str) -> DataRefreshResult:
     stage = partial(run_stage, force=force, root=_artifact_root.configured(artifact_root))
     stages: dict[str, StageOutput] = {}
     sources: dict[str, StageOutput] = {}
@@ -83,7 +104,10 @@ def _refresh(dp: DataProfile, force: bool, artifact_root: str | None) -> DataRef
                                                                               source_hash=source_hash(entry, _time_window(24)))
     if not sources:
         raise ValueError(f"data profile {dp.name!r}: every source stage is disabled; nothing to merge")
+    known = {v["content_hash"] for v in _store.read_jsonl(Path(dp.merge_data.out_root) / "versions.jsonl")}
     stages["merge-data"] = dataset = stage(merge_data_task, merge_data=dp.merge_data, inputs={k: v.ref() for k, v in sources.items()})
+    if dataset.content_hash not in known:
+        announce_new_version(dp.name, dataset)
     index = None
     if dp.rag.enabled and "crawl-cbnu" in stages:
         stages["index"] = index = stage(index_task, rag=dp.rag, pages=stages["crawl-cbnu"].ref(), dataset=dataset.ref(),

@@ -7,6 +7,7 @@ per GPU host kind, named by the training profiles' hardware.work_pool, with conc
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -120,16 +121,148 @@ def ensure_pools(log=print, env: dict[str, str] | None = None) -> list[str]:
     return created
 
 
-def deploy(prefect_file: Path, home: Path, log=print, artifact_root: str | None = None) -> list[str]:
-    """Create missing pools, set GPU pools to concurrency 1, deploy all; returns the deployment names.
+# ----- after `prefect deploy`: version, pinned parameters, code pull ------------------------------------
 
-    With an artifact root, every pool's flow runs get it and the shared result storage in their env.
+PINNED = {"train-stage": ("train_profile",)}   # flow -> parameters each of its deployments pins to its own value
+
+
+def pin_parameters(schema: dict, values: dict, names: tuple[str, ...]) -> dict:
+    """The deployment's parameter schema with ``names`` fixed to the deployment's values: a one-choice enum in the form,
+    refused by the server otherwise (enforce_parameter_schema); the matching custom-file parameter is removed."""
+    schema = json.loads(json.dumps(schema))
+    props = schema.get("properties", {})
+    for name in names:
+        if name not in values or name not in props:
+            continue
+        value = values[name]
+        props[name] = {**props[name], "enum": [value], "default": value,
+                       "description": f"Pinned to {value} by this deployment (its work pool); another profile has its own deployment."}
+        props.pop(f"{name}_file", None)
+    return schema
+
+
+def pull_steps(repository: str, commit: str, home: str, install: str = "python -m pip install --quiet .") -> list[dict]:
+    """Pull steps that check out the deployed commit and install it, for workers without culbot installed (or with another
+    version), then work in CULBOT_HOME."""
+    return [
+        {"prefect.deployments.steps.git_clone": {"id": "clone", "repository": repository, "commit_sha": commit}},
+        {"prefect.deployments.steps.run_shell_script": {"script": install, "directory": "{{ clone.directory }}"}},
+        {"prefect.deployments.steps.set_working_directory": {"directory": home}},
+    ]
+
+
+def git_head(repo: Path) -> str:
+    """The commit to deploy: HEAD of the checkout, which must be clean (the workers would install something else)."""
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ConfigError(f"--git-clone: {repo} is not a git checkout ({r.stderr.strip()})")
+        return r.stdout.strip()
+
+    if git("status", "--porcelain", "--untracked-files=no"):
+        raise ConfigError(f"--git-clone: {repo} has uncommitted changes; commit and push them, so the workers install what you deploy")
+    return git("rev-parse", "HEAD")
+
+
+def finish_deployments(names: list[str], log=print, git: tuple[str, str, str] | None = None) -> None:
+    """Record this culbot's version on every deployment, pin the training deployments' profiles, enforce the parameter
+    schemas, and (with ``git``: repository, commit, home) set the git pull steps."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    from culbot.flows.deployed import culbot_version
+
+    version = culbot_version()
+    with get_client(sync_client=True) as client:
+        for name in names:
+            d = client.read_deployment_by_name(name)
+            flow = name.split("/")[0]
+            update = {"version": version, "enforce_parameter_schema": True}
+            if flow in PINNED:
+                update["parameter_openapi_schema"] = pin_parameters(d.parameter_openapi_schema or {}, d.parameters, PINNED[flow])
+            if git:
+                update["pull_steps"] = pull_steps(*git)
+            client.update_deployment(d.id, DeploymentUpdate(**update))
+    log(f"version {version} on {len(names)} deployments" + (f"; workers install {git[0]} at {git[1][:12]}" if git else ""))
+
+
+# ----- automations: alerts, and a training run on new data ---------------------------------------------
+
+FAILED_AUTOMATION = "culbot: a run failed"
+NEW_DATA_AUTOMATION = "culbot: train on a new dataset version"
+
+
+def _block_id(client, block: str):
+    from prefect.exceptions import ObjectNotFound
+
+    if "/" not in block:
+        raise ConfigError(f"--notify {block!r}: name a notification block as TYPE/NAME, e.g. slack-webhook/lab-alerts "
+                          f"(`prefect block ls` lists them)")
+    kind, name = block.split("/", 1)
+    try:
+        return client.read_block_document_by_name(name, kind).id
+    except ObjectNotFound:
+        raise ConfigError(f"--notify {block!r}: no such block; create it in the UI (Blocks) or with its class's .save()") from None
+
+
+def ensure_automations(names: list[str], notify: str | None, run_on_new_data: str | None, log=print) -> list[str]:
+    """Replace culbot's automations: notify ``notify`` (a block TYPE/NAME) when a run of any culbot deployment fails or
+    crashes; start ``run_on_new_data`` (a deployment) when data-refresh emits a new dataset version, with that profile."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.actions import RunDeployment, SendNotification
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    from culbot.flows.data_refresh import NEW_VERSION_EVENT
+
+    made = []
+    with get_client(sync_client=True) as client:
+        for old in client.read_automations():
+            if old.name in (FAILED_AUTOMATION, NEW_DATA_AUTOMATION):
+                client.delete_automation(old.id)
+        if notify:
+            ids = [f"prefect.deployment.{client.read_deployment_by_name(n).id}" for n in names]
+            client.create_automation(AutomationCore(
+                name=FAILED_AUTOMATION, description="A run of a culbot deployment ended Failed or Crashed.",
+                trigger=EventTrigger(expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+                                     match_related={"prefect.resource.role": "deployment", "prefect.resource.id": ids},
+                                     posture=Posture.Reactive, threshold=1, within=0),
+                actions=[SendNotification(
+                    block_document_id=_block_id(client, notify),
+                    subject="culbot: {{ flow_run.name }} {{ flow_run.state.name }}",
+                    body="Flow run {{ flow_run.name }} of deployment {{ deployment.name }} ended {{ flow_run.state.name }}: "
+                         "{{ flow_run.state.message }}\n{{ flow_run|ui_url }}")]))
+            made.append(FAILED_AUTOMATION)
+        if run_on_new_data:
+            target = client.read_deployment_by_name(run_on_new_data)
+            refresh = [f"prefect.deployment.{client.read_deployment_by_name(n).id}" for n in names if n.startswith("data-refresh/")]
+            client.create_automation(AutomationCore(
+                name=NEW_DATA_AUTOMATION, description=f"data-refresh made a new dataset version: start {run_on_new_data} on it.",
+                # only a run of the data-refresh deployment (the schedule), not the refresh inside a culbot chain
+                trigger=EventTrigger(expect={NEW_VERSION_EVENT}, match={"prefect.resource.id": "culbot.dataset.*"},
+                                     match_related={"prefect.resource.role": "deployment", "prefect.resource.id": refresh},
+                                     posture=Posture.Reactive, threshold=1, within=0),
+                actions=[RunDeployment(source="selected", deployment_id=target.id,
+                                       parameters={"data_profile": "{{ event.resource['culbot.data-profile'] }}"})]))
+            made.append(NEW_DATA_AUTOMATION)
+    if made:
+        log(f"automations: {'; '.join(made)}")
+    return made
+
+
+def deploy(prefect_file: Path, home: Path, log=print, artifact_root: str | None = None, notify: str | None = None,
+           run_on_new_data: str | None = None, git_clone: str | None = None) -> list[str]:
+    """Create missing pools, set GPU pools to concurrency 1, deploy all, record the version and pin the training
+    profiles; returns the deployment names.
+
+    With an artifact root, every pool's flow runs get it and the shared result storage in their env. ``notify``,
+    ``run_on_new_data``: ensure_automations. ``git_clone``: a repository URL the workers clone at this checkout's HEAD.
     """
     if not os.environ.get("PREFECT_API_URL"):
         raise ConfigError("culbot deploy needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
     if not Path(prefect_file).is_file():
         raise ConfigError(f"{prefect_file}: deployment file not found (run from the repository root or pass --prefect-file)")
     env = {**os.environ, "CULBOT_HOME": str(Path(home).resolve())}
+    git = (git_clone, git_head(Path(prefect_file).resolve().parent.parent), env["CULBOT_HOME"]) if git_clone else None
     env_defaults = pool_env(artifact_root)
     ensure_pools(log, env_defaults)
     ensure_locks(log)
@@ -138,4 +271,6 @@ def deploy(prefect_file: Path, home: Path, log=print, artifact_root: str | None 
     r = _prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file), env=env)
     names = [line.split("'")[1] for line in r.stdout.splitlines() if "prefect deployment run '" in line]
     log(f"deployed {len(names)}: {', '.join(names)} (working directory {env['CULBOT_HOME']})")
+    finish_deployments(names, log, git)
+    ensure_automations(names, notify, run_on_new_data, log)
     return names

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from prefect import flow
 
+from culbot.flows.deployed import check_pool, check_version
+from culbot.flows.params import TrainOverrides, TrainProfileName, profile_source
 from culbot.flows.runner import existing, existing_run, run_stage
 from culbot.pipeline_config.train_schema import load_train_profile
 from culbot.tasks import _store
@@ -25,10 +27,27 @@ from culbot.tasks.tokenize_data import tokenize_task
 from culbot.tasks.train import train_task
 
 
-def _setup(artifact_root: str | None, train_profile: str, train_overrides: list[str] | None, force: bool):
-    """Every stage flow starts the same way: the resolved training profile and the stage runner with its root."""
+TRAIN_ARGS = """
+        train_overrides: Training profile fields to change for this run, field name to value, e.g. {"eval.max_new_tokens": 32}.
+        force: Ignore the stage's cache and run it again.
+        artifact_root: fsspec URL every host shares (empty: $CULBOT_ARTIFACT_ROOT, else local disk only); a folder
+            this host lacks is pulled from it.
+        train_profile_file: A custom training profile, as a YAML path on the worker; replaces train_profile when given.
+"""
+
+
+def _with_train_args(fn):
+    """Append the arguments every stage flow shares to its docstring's Args, which Prefect shows in the run form."""
+    fn.__doc__ = fn.__doc__.rstrip() + TRAIN_ARGS
+    return fn
+
+
+def _setup(artifact_root: str, train_profile: str, train_profile_file: str, train_overrides: dict, force: bool):
+    """Every stage flow starts the same way: the version check, the resolved training profile and the stage runner with its root."""
+    check_version()
     root = _artifact_root.configured(artifact_root)
-    return root, load_train_profile(train_profile, train_overrides or []), partial(run_stage, force=force, root=root)
+    tp = load_train_profile(profile_source(train_profile, train_profile_file, "train_profile"), train_overrides)
+    return root, tp, partial(run_stage, force=force, root=root)
 
 
 def _train_run_name() -> str:
@@ -38,25 +57,39 @@ def _train_run_name() -> str:
     p = flow_run.parameters
     m = _store.read_manifest(Path(p["formatted"]))
     data = m.lineage.dataset if m and m.lineage.dataset else Path(p["formatted"]).name
-    return f"train-{Path(p.get('train_profile', 'cpu-tiny')).stem}-{short_hash(data)}"
+    return f"train-{Path(p.get('train_profile_file') or p.get('train_profile', 'cpu-tiny')).stem}-{short_hash(data)}"
 
 
 # persist_result: the parent `culbot` run reads this result, possibly from another host's result storage.
 @flow(name="train-stage", flow_run_name=_train_run_name, persist_result=True)
-def train_stage(formatted: str, train_profile: str = "cpu-tiny", train_overrides: list[str] | None = None, force: bool = False,
-                artifact_root: str | None = None) -> RunOutput:
-    """Tokenize a formatted dataset folder (artifacts/formatted/<hash>) and train an adapter on it."""
-    root, tp, stage = _setup(artifact_root, train_profile, train_overrides, force)
+@_with_train_args
+def train_stage(formatted: str, train_profile: TrainProfileName = "cpu-tiny", train_overrides: TrainOverrides = {}, force: bool = False,
+                artifact_root: str = "", train_profile_file: str = "") -> RunOutput:
+    """Tokenize a formatted dataset and train an adapter on it, on the profile's work pool.
+
+    Args:
+        formatted: A formatted dataset folder, artifacts/formatted/HASH (the data-refresh run's summary names it).
+        train_profile: Training profile shipped in pipeline_config/profiles. A GPU deployment pins it: each pool has its own.
+    """
+    root, tp, stage = _setup(artifact_root, train_profile, train_profile_file, train_overrides, force)
+    check_pool(tp.name, tp.hardware.work_pool)
     tokenized = stage(tokenize_task, tp=tp, formatted=existing(formatted, root))
     return stage(train_task, tp=tp, tokenized=tokenized.ref())
 
 
 @flow(name="eval-stage", flow_run_name="eval-{train_profile}")
-def eval_stage(run_dir: str, index_dir: str | None = None, train_profile: str = "cpu-tiny", train_overrides: list[str] | None = None,
-               force: bool = False, artifact_root: str | None = None, dataset_dir: str | None = None) -> EvalOutput:
-    """Evaluate a finished run folder (artifacts/runs/<run>): loss, retrieval over an index folder (artifacts/indexes/<hash>) when
-    given, and answer quality on the validation questions of a dataset version (artifacts/datasets/<hash>; default: the run's)."""
-    root, tp, stage = _setup(artifact_root, train_profile, train_overrides, force)
+@_with_train_args
+def eval_stage(run_dir: str, index_dir: str = "", train_profile: TrainProfileName = "cpu-tiny", train_overrides: TrainOverrides = {},
+               force: bool = False, artifact_root: str = "", dataset_dir: str = "", train_profile_file: str = "") -> EvalOutput:
+    """Evaluate a finished training run: loss, retrieval, answer quality against the last release, and the gate.
+
+    Args:
+        run_dir: The run folder to evaluate, artifacts/runs/PROFILE-ID (the training run's summary and logs name it).
+        index_dir: A retrieval index folder, artifacts/indexes/HASH, for retrieval metrics and answers with retrieval (empty: none).
+        train_profile: Training profile shipped in pipeline_config/profiles: its eval, merge and publish settings apply.
+        dataset_dir: The dataset version whose validation questions are answered, artifacts/datasets/HASH (empty: the run's own).
+    """
+    root, tp, stage = _setup(artifact_root, train_profile, train_profile_file, train_overrides, force)
     run = existing_run(run_dir, root)
     return stage(eval_task, spec=tp.eval, run=run, index=existing(index_dir, root) if index_dir else None,
                  questions=questions_hash(tp.eval), answer=tp.answer, dataset=existing(dataset_dir, root) if dataset_dir else None,
@@ -64,18 +97,31 @@ def eval_stage(run_dir: str, index_dir: str | None = None, train_profile: str = 
 
 
 @flow(name="merge-adapter-stage", flow_run_name="merge-adapter-{train_profile}")
-def merge_adapter_stage(run_dir: str, train_profile: str = "cpu-tiny", train_overrides: list[str] | None = None, force: bool = False,
-                        artifact_root: str | None = None) -> StageOutput:
-    """Merge an evaluated run's adapter into its base model."""
-    root, tp, stage = _setup(artifact_root, train_profile, train_overrides, force)
+@_with_train_args
+def merge_adapter_stage(run_dir: str, train_profile: TrainProfileName = "cpu-tiny", train_overrides: TrainOverrides = {}, force: bool = False,
+                        artifact_root: str = "", train_profile_file: str = "") -> StageOutput:
+    """Merge an evaluated run's adapter into its base model, checked against the unmerged model's logits.
+
+    Args:
+        run_dir: An evaluated run folder, artifacts/runs/PROFILE-ID.
+        train_profile: Training profile shipped in pipeline_config/profiles: its eval, merge and publish settings apply.
+    """
+    root, tp, stage = _setup(artifact_root, train_profile, train_profile_file, train_overrides, force)
     return stage(merge_adapter_task, spec=tp.merge_adapter, run=existing_run(run_dir, root), evaluation=existing(Path(run_dir) / EVAL, root),
                  models_root=Path(tp.artifacts_root).resolve() / "models", probes=tp.eval.probes)
 
 
 @flow(name="publish-stage", flow_run_name="publish-{train_profile}")
-def publish_stage(run_dir: str, model_dir: str | None = None, train_profile: str = "cpu-tiny", train_overrides: list[str] | None = None,
-                  force: bool = False, artifact_root: str | None = None) -> PublishOutput:
-    """Publish a run (and its merged model) to the configured target; refused unless guards and eval passed."""
-    root, tp, stage = _setup(artifact_root, train_profile, train_overrides, force)
+@_with_train_args
+def publish_stage(run_dir: str, model_dir: str = "", train_profile: TrainProfileName = "cpu-tiny", train_overrides: TrainOverrides = {},
+                  force: bool = False, artifact_root: str = "", train_profile_file: str = "") -> PublishOutput:
+    """Publish a run (and its merged model) to the profile's target; refused unless its guards and eval passed.
+
+    Args:
+        run_dir: An evaluated run folder, artifacts/runs/PROFILE-ID.
+        model_dir: Its merged model, artifacts/models/NAME (empty: the adapter only).
+        train_profile: Training profile shipped in pipeline_config/profiles: its eval, merge and publish settings apply.
+    """
+    root, tp, stage = _setup(artifact_root, train_profile, train_profile_file, train_overrides, force)
     return stage(publish_task, spec=tp.publish, run=existing_run(run_dir, root), model=existing(model_dir, root) if model_dir else None,
                  evaluation=existing(Path(run_dir) / EVAL, root))

@@ -67,6 +67,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return keys, value
 
 
+def overrides_dict(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``--set`` items as the flows' typed overrides: {'qa.max_in_flight': 8}."""
+    return {".".join(keys): value for keys, value in map(parse_override, items)}
+
+
+def override_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every field an override can set, as a dotted path (a section's fields, never the section itself)."""
+    out: list[str] = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += override_keys(ann, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
 def _put(data: dict, keys: list[str], value: Any, label: str) -> None:
     node = data
     for k in keys[:-1]:
@@ -91,7 +108,7 @@ def _format_errors(err: ValidationError, source: str, labels: dict[str, str]) ->
     return "\n".join(lines)
 
 
-def load_config(model: type[M], path: Path, overrides: list[str] | tuple[str, ...] = (),
+def load_config(model: type[M], path: Path, overrides: list[str] | tuple[str, ...] | dict[str, Any] = (),
                 flags: dict[str, tuple[str, Any]] | None = None, defaults: dict[str, Any] | None = None) -> M:
     """Validate ``path`` as ``model`` after ``--set`` overrides and flag values.
 
@@ -102,10 +119,14 @@ def load_config(model: type[M], path: Path, overrides: list[str] | tuple[str, ..
     for k, v in (defaults or {}).items():
         data.setdefault(k, v)
     labels: dict[str, str] = {}
-    for item in overrides:
-        keys, value = parse_override(item)
-        _put(data, keys, value, f"--set {item!r}")
-        labels[".".join(keys)] = f"--set {'.'.join(keys)}"
+    # --set strings (the CLI) or a mapping of dotted field -> value (the flows' parameters, from the UI)
+    pairs = overrides.items() if isinstance(overrides, dict) else ((".".join(k), v) for k, v in map(parse_override, overrides))
+    for dotted, value in pairs:
+        keys = [k for k in str(dotted).split(".") if k]
+        if not keys:
+            raise ConfigError(f"{path}: an override has an empty field name")
+        _put(data, keys, value, f"override {dotted!r}")
+        labels[".".join(keys)] = f"override {'.'.join(keys)}" if isinstance(overrides, dict) else f"--set {'.'.join(keys)}"
     for dotted, (flag, value) in (flags or {}).items():
         _put(data, dotted.split("."), value, flag)
         labels[dotted] = flag

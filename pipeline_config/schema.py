@@ -244,7 +244,7 @@ class DataProfile(Section):
 
 # ----- loading ---------------------------------------------------------------
 
-def load_data_profile(name_or_path: str | Path = "sample", overrides: list[str] | tuple[str, ...] = (),
+def load_data_profile(name_or_path: str | Path = "sample", overrides: list[str] | tuple[str, ...] | dict = (),
                       flags: dict | None = None) -> DataProfile:
     """A data profile by shipped name (pipeline_config/<name>.yaml) or path, with --set overrides and flag values."""
     path = find_config(name_or_path, PACKAGE_DIR, "data profile")

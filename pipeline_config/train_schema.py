@@ -227,7 +227,7 @@ def train_profiles() -> list[Path]:
     return sorted(PROFILE_DIR.glob("*.yaml"))
 
 
-def load_train_profile(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = (), flags: dict | None = None) -> TrainProfile:
+def load_train_profile(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] | dict = (), flags: dict | None = None) -> TrainProfile:
     """A training profile by shipped name (pipeline_config/profiles/<name>.yaml) or path, with --set overrides and flag values."""
     path = find_config(name_or_path, PROFILE_DIR, "training profile")
     prof = load_config(TrainProfile, path, overrides, flags, defaults={"name": path.stem})

@@ -8,6 +8,7 @@ import yaml
 
 from culbot.tasks import _store
 from culbot.tasks.run_folder import read_run_card
+from culbot.pipeline_config.loader import overrides_dict
 from tests.conftest import SAMPLES, sample_profile_file
 
 
@@ -29,7 +30,7 @@ def test_a_persona_chat_model_on_alpaca_and_sharegpt_data_is_trained_merged_and_
     overrides = [f"artifacts_root={tmp_path / 'artifacts'}", f"samples_dir={SAMPLES}", "train.max_steps=4", "train.save_steps=4",
                  "eval.max_new_tokens=4", "eval.answer_questions=4", f"eval.retrieval_questions={SAMPLES / 'rag_questions.jsonl'}",
                  f"publish.local_dir={tmp_path / 'publish'}"]
-    state = culbot(data_profile=profile, train_profile="cpu-tiny-llama", train_overrides=overrides, return_state=True)
+    state = culbot(data_profile_file=profile, train_profile="cpu-tiny-llama", train_overrides=overrides_dict(overrides), return_state=True)
     assert state.is_completed(), state
     out = state.result()
     counts = out.data.dataset.counts

@@ -7,6 +7,7 @@ import pytest
 
 from culbot.tasks import _store
 from culbot.tasks.contracts import short_hash
+from culbot.pipeline_config.loader import overrides_dict
 from tests.conftest import SAMPLES, flow_artifacts, sample_profile_file, task_states
 
 
@@ -25,7 +26,7 @@ def test_full_chain_then_a_cached_rerun_on_a_host_without_the_artifacts(tmp_path
     train_overrides = [f"artifacts_root={tmp_path / 'artifacts'}", f"samples_dir={SAMPLES}", "train.max_steps=4", "train.save_steps=4",
                        "eval.max_new_tokens=4", f"eval.retrieval_questions={SAMPLES / 'rag_questions.jsonl'}", f"publish.local_dir={tmp_path / 'publish'}"]
     with temporary_settings({PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: "local-file-system/culbot-results-test"}):
-        state = culbot(data_profile=profile, train_overrides=train_overrides, artifact_root=str(remote), return_state=True)
+        state = culbot(data_profile_file=profile, train_overrides=overrides_dict(train_overrides), artifact_root=str(remote), return_state=True)
         assert state.is_completed(), state
         out = state.result()
         assert out.run.global_step == 4 and out.eval.passed
@@ -70,7 +71,7 @@ def test_full_chain_then_a_cached_rerun_on_a_host_without_the_artifacts(tmp_path
 
         # A second host: same CULBOT_HOME, same server, no local artifacts. Nothing is rebuilt or retrained.
         shutil.rmtree(tmp_path / "artifacts")
-        state2 = culbot(data_profile=profile, train_overrides=train_overrides, artifact_root=str(remote), return_state=True)
+        state2 = culbot(data_profile_file=profile, train_overrides=overrides_dict(train_overrides), artifact_root=str(remote), return_state=True)
         warm = [x for x in task_states(state2.state_details.flow_run_id) if x[0] != "data-refresh"]
         assert warm == [(n, "Cached") for n, _ in cold]
         out2 = state2.result()

@@ -14,7 +14,7 @@ def test_data_refresh_cold_then_fully_cached_then_rebuilds_corruption(tmp_path, 
     from culbot.flows.data_refresh import data_refresh
 
     profile = sample_profile_file(tmp_path)
-    state = data_refresh(data_profile=profile, return_state=True)
+    state = data_refresh(data_profile_file=profile, return_state=True)
     assert state.is_completed()
     out = state.result()
     d = out.dataset
@@ -36,7 +36,7 @@ def test_data_refresh_cold_then_fully_cached_then_rebuilds_corruption(tmp_path, 
     assert ledger["quarantined (quarantine.jsonl)"] == qa_counts["quarantined"] == len(_store.read_jsonl(tmp_path / "raw" / "cbnu_qa" / "quarantine.jsonl"))
     assert {r["count"]: r["value"] for r in json.loads(arts["merge-data"])}["rows_in.kullm"] == 22
 
-    state2 = data_refresh(data_profile=profile, return_state=True)
+    state2 = data_refresh(data_profile_file=profile, return_state=True)
     warm = task_states(state2.state_details.flow_run_id)
     assert [s for _, s in warm] == ["Cached"] * 7
     assert state2.result().dataset.content_hash == d.content_hash
@@ -44,7 +44,7 @@ def test_data_refresh_cold_then_fully_cached_then_rebuilds_corruption(tmp_path, 
     # A corrupted dataset version is detected by its manifest and rebuilt, never trusted.
     (tmp_path / "artifacts" / "datasets" / short_hash(d.content_hash) / "train.parquet").write_bytes(b"garbage")
     shutil.rmtree(out.formatted.path)
-    state3 = data_refresh(data_profile=profile, return_state=True)
+    state3 = data_refresh(data_profile_file=profile, return_state=True)
     states3 = dict(task_states(state3.state_details.flow_run_id))
     assert states3["merge-data"] == "Completed" and states3["format"] == "Completed" and states3["crawl-univ100"] == "Cached"
     assert _store.is_complete(d.path) and _store.is_complete(out.formatted.path)
@@ -56,8 +56,8 @@ def test_force_rebuilds_every_stage(tmp_path, prefect_harness):
     from culbot.flows.data_refresh import data_refresh
 
     profile = sample_profile_file(tmp_path)
-    data_refresh(data_profile=profile)
-    state = data_refresh(data_profile=profile, force=True, return_state=True)
+    data_refresh(data_profile_file=profile)
+    state = data_refresh(data_profile_file=profile, force=True, return_state=True)
     assert [s for _, s in task_states(state.state_details.flow_run_id)] == ["Completed"] * 7
 
 
@@ -77,7 +77,7 @@ def test_two_refreshes_at_once_take_turns_on_the_raw_lock(tmp_path, prefect_harn
     states = {}
 
     def refresh(name):
-        states[name] = data_refresh(data_profile=profile, force=True, return_state=True)
+        states[name] = data_refresh(data_profile_file=profile, force=True, return_state=True)
 
     threads = [threading.Thread(target=refresh, args=(n,)) for n in ("a", "b")]
     for t in threads:

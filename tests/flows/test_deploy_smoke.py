@@ -1,5 +1,10 @@
-"""CI smoke on a real Prefect server: pools, deployments from deploy/prefect.yaml, a process worker, culbot/smoke twice."""
+"""CI smoke on a real Prefect server: pools, deployments from deploy/prefect.yaml, a process worker, culbot/smoke twice;
+the run forms (also in a headless browser), the version check, and the automations reacting to real events."""
+import json
 import os
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import re
 import signal
 import socket
@@ -65,6 +70,52 @@ def _logs(api: str, flow_run_id: str) -> list[tuple[str, int, str]]:
     return [(x["name"], x["level"], x["message"]) for x in r.json()]
 
 
+class _Webhook(BaseHTTPRequestHandler):
+    """Stands in for Slack or Teams: the alert automation's notification block posts here."""
+    received: list[dict] = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).received.append(json.loads(body or b"{}"))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+def _wait(what, check, seconds=120, every=1.0):
+    deadline = time.monotonic() + seconds
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+def _deployment(api: str, name: str) -> dict:
+    r = httpx.get(f"{api}/deployments/name/{name}", timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def _check_forms_in_a_browser(ui: str, deployment_id: str, shot) -> str:
+    """The custom-run form of culbot/full as Debian's chromium renders it; returns the page's text."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 2400})
+        page.goto(f"{ui}/deployments/deployment/{deployment_id}/run", wait_until="networkidle")
+        page.get_by_text("Data profile shipped in pipeline_config").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(shot), full_page=True)
+        text = page.inner_text("body")
+        browser.close()
+    return text
+
+
 def _run_smoke(env: dict) -> str:
     r = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "culbot/smoke", "--watch", "--watch-timeout", "600"],
                        capture_output=True, text=True, env=env, timeout=700)
@@ -83,7 +134,9 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
     work = tmp_path / "work"
     (work / "raw").mkdir(parents=True)
     os.symlink(REPO / "raw" / "samples", work / "raw" / "samples")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+    hook = ThreadingHTTPServer(("127.0.0.1", 0), _Webhook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     worker = None
     try:
@@ -98,10 +151,16 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
             time.sleep(1)
 
         remote = tmp_path / "remote"  # the shared artifact root; a local folder stands in for s3:// or gs://
+        block = subprocess.run([sys.executable, "-c", "from prefect.blocks.notifications import CustomWebhookNotificationBlock as B; "
+                                f"B(name='lab', url='http://127.0.0.1:{hook.server_address[1]}/hook', json_data={{'text': '{{{{subject}}}}: {{{{body}}}}'}})"
+                                ".save('culbot-alerts')"], capture_output=True, text=True, env=env, timeout=120)
+        assert block.returncode == 0, block.stderr
         d = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "deploy", "--prefect-file", str(REPO / "deploy" / "prefect.yaml"),
-                            "--home", str(work), "--artifact-root", str(remote)], capture_output=True, text=True, env=env, timeout=300)
+                            "--home", str(work), "--artifact-root", str(remote), "--notify", "custom-webhook/culbot-alerts",
+                            "--run-on-new-data", "culbot/full"], capture_output=True, text=True, env=env, timeout=300)
         assert d.returncode == 0, d.stdout + d.stderr
-        for name in ("culbot/full", "culbot/data-refresh", "culbot/smoke", "train-stage/train-a6000x4", "train-stage/train-gcp-l4",
+        assert "automations: culbot: a run failed; culbot: train on a new dataset version" in d.stdout
+        for name in ("culbot/full", "data-refresh/data-refresh", "culbot/smoke", "train-stage/train-a6000x4", "train-stage/train-gcp-l4",
                      "train-stage/train-runpod-a100x2", "train-stage/train-cpu-tiny", "train-stage/train-runpod-a100x2-llama3",
                      "train-stage/train-laptop-6gb", "train-stage/train-cpu-tiny-llama", "eval-stage/eval", "merge-adapter-stage/merge-adapter", "publish-stage/publish"):
             assert name in d.stdout, d.stdout
@@ -109,15 +168,40 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
         assert set(pools) >= {"cpu", "a6000x4", "runpod-a100x2", "gcp-l4", "laptop"} and pools["a6000x4"]["concurrency_limit"] == 1
         pool_env = pools["gcp-l4"]["base_job_template"]["variables"]["properties"]["env"]["default"]
         assert pool_env == {"CULBOT_ARTIFACT_ROOT": str(remote), "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": "local-file-system/culbot-results"}
-        refresh = httpx.get(f"{api}/deployments/name/culbot/data-refresh", timeout=30).json()
+        refresh = _deployment(api, "data-refresh/data-refresh")
         assert refresh["schedules"][0]["schedule"]["cron"] == "0 3 * * 1" and refresh["schedules"][0]["schedule"]["timezone"] == "Asia/Seoul"
         assert refresh["global_concurrency_limit"]["limit"] == 1   # a refresh that comes due while one runs waits
         limits = {x["name"]: x for x in httpx.post(f"{api}/v2/concurrency_limits/filter", json={}, timeout=30).json()}
         assert limits["culbot-raw"]["limit"] == 1 and limits["culbot-full-a6000x4"]["limit"] == 1 and limits["culbot-full-cpu-tiny"]["active"]
+        # The forms: the data refresh shows no training field; a training deployment pins its profile, and the server refuses
+        # another; every deployment carries the deployer's version.
+        from culbot.flows.deployed import culbot_version
+
+        assert set(refresh["parameter_openapi_schema"]["properties"]) == {"data_profile", "data_overrides", "force", "artifact_root",
+                                                                          "data_profile_file"}
+        a6000 = _deployment(api, "train-stage/train-a6000x4")
+        props = a6000["parameter_openapi_schema"]["properties"]
+        assert props["train_profile"]["enum"] == ["a6000x4"] and "train_profile_file" not in props and a6000["enforce_parameter_schema"]
+        assert a6000["version"] == refresh["version"] == culbot_version()
+        refused = httpx.post(f"{api}/deployments/{a6000['id']}/create_flow_run",
+                             json={"parameters": {"formatted": "x", "train_profile": "gcp-l4"}}, timeout=30)
+        assert refused.status_code in (409, 422) and "gcp-l4" in refused.text, refused.text
+        full = _deployment(api, "culbot/full")
+        typo = httpx.post(f"{api}/deployments/{full['id']}/create_flow_run", json={"parameters": {"train_overrides": {"train.max_step": 1}}},
+                          timeout=30)
+        assert typo.status_code in (409, 422) and "train.max_step" in typo.text, typo.text
+        if shutil.which("chromium") or shutil.which("chromium-browser"):
+            text = _check_forms_in_a_browser(api.removesuffix("/api"), full["id"], tmp_path / "full-run-form.png")
+            print("culbot/full run form:", text[:3000])
+            assert "Training profile shipped in pipeline_config/profiles" in text and "production" in text and "a6000x4" in text
+            assert "pipeline_config/.yaml" not in text
         # deploying again changes nothing and does not fail
         again = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "deploy", "--prefect-file", str(REPO / "deploy" / "prefect.yaml"),
-                                "--home", str(work), "--artifact-root", str(remote)], capture_output=True, text=True, env=env, timeout=300)
+                                "--home", str(work), "--artifact-root", str(remote), "--notify", "custom-webhook/culbot-alerts",
+                                "--run-on-new-data", "culbot/full"], capture_output=True, text=True, env=env, timeout=300)
         assert again.returncode == 0 and "created work pool" not in again.stdout
+        automations = [a["name"] for a in httpx.post(f"{api}/automations/filter", json={}, timeout=30).json()]
+        assert sorted(automations) == ["culbot: a run failed", "culbot: train on a new dataset version"]   # replaced, not doubled
 
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu"],
                                   stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -159,7 +243,7 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
         assert _task_states(api, _children(api, second)["id"]) == [("tokenize", "Cached"), ("train", "Cached")]
 
         # Cancelling the parent mid-training cancels the child training run, and its trainer stops.
-        long = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "culbot/smoke", "-p", 'train_overrides=["train.max_steps=4000"]'],
+        long = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "culbot/smoke", "-p", 'train_overrides={"train.max_steps": 4000}'],
                               capture_output=True, text=True, env=env, timeout=120)
         third = re.search(r"UUID:\s*([0-9a-f-]{36})", long.stdout + long.stderr).group(1)
         deadline = time.monotonic() + 300
@@ -178,7 +262,35 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
                 break
             assert time.monotonic() < deadline, (child["state"], _trainers(work), (tmp_path / "worker.log").read_text()[-3000:])
             time.sleep(1)
+
+        # A worker with other code than the deployment's: the run fails at once and says both versions; the alert
+        # automation posts the failure to the notification block (the webhook above).
+        ev = _deployment(api, "eval-stage/eval")
+        assert httpx.patch(f"{api}/deployments/{ev['id']}", json={"version": "0.0.0+src.000000000000"}, timeout=30).status_code == 204
+        r = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "eval-stage/eval", "-p", f"run_dir={run_dir}", "--watch",
+                            "--watch-timeout", "300"], capture_output=True, text=True, env=env, timeout=400)
+        failed = re.search(r"UUID:\s*([0-9a-f-]{36})", r.stdout + r.stderr).group(1)
+        state = httpx.get(f"{api}/flow_runs/{failed}", timeout=30).json()["state"]
+        assert state["type"] == "FAILED" and "was deployed from culbot 0.0.0+src.000000000000" in state["message"], state
+        alert = _wait("the failure alert", lambda: [x for x in _Webhook.received if failed in json.dumps(x) or "Failed" in x.get("text", "")])
+        print("alert:", alert[0])
+        assert "eval" in alert[0]["text"] and "Failed" in alert[0]["text"]
+
+        # New data starts culbot/full: a data refresh with another profile makes a new dataset version, its event reaches
+        # the server, and the automation starts culbot/full on that profile.
+        r = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "data-refresh/data-refresh", "-p", "data_profile=sample-mixed",
+                            "--watch", "--watch-timeout", "300"], capture_output=True, text=True, env=env, timeout=400)
+        assert r.returncode == 0 and "Completed" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+        events = httpx.post(f"{api}/events/filter", json={"filter": {"event": {"name": ["culbot.dataset.new-version"]}}}, timeout=30).json()["events"]
+        assert any(e["resource"].get("culbot.data-profile") == "sample-mixed" for e in events), events
+
+        def started():
+            runs = httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [full["id"]]}}}, timeout=30).json()
+            return [x for x in runs if x["parameters"].get("data_profile") == "sample-mixed"]
+        triggered = _wait("culbot/full started by the new-data automation", started)
+        httpx.post(f"{api}/flow_runs/{triggered[0]['id']}/set_state", json={"state": {"type": "CANCELLING"}, "force": True}, timeout=30)
     finally:
+        hook.shutdown()
         if worker is not None:
             _stop(worker)
         _stop(server)
