@@ -67,7 +67,7 @@ def bench_generation(chunks: int, latency: float, in_flight: int, rpm: float, tm
     with serve(OpenAIHandler, app) as base:
         cfg = QAGenConfig(backend="openai", base_url=base + "/v1", max_in_flight=in_flight, requests_per_minute=rpm,
                           cache_dir=tmp / "cache", out_dir=tmp / "qa", max_cost_usd=None)
-        t0 = time.perf_counter()
+        t_start = t0 = time.perf_counter()
         m = run_generate(cfg, folder)
         cold = time.perf_counter() - t0
         reqs = app.requests
@@ -75,9 +75,14 @@ def bench_generation(chunks: int, latency: float, in_flight: int, rpm: float, tm
         run_generate(cfg, folder)
         warm = time.perf_counter() - t0
     bound = min(in_flight / latency, rpm / 60.0)
+    # where the time goes: before the first request reaches the server, between the first and the last request (the
+    # requests themselves, paced), and after the last one was sent (its answer, then validating and writing)
+    first, last = app.arrivals[0] - t_start, app.arrivals[reqs - 1] - t_start
     return {"chunks": chunks, "latency_s": latency, "max_in_flight": in_flight, "requests_per_minute": rpm,
             "requests": reqs, "seconds": round(cold, 2), "achieved_rps": round(reqs / cold, 2), "bound_rps": round(bound, 2),
-            "efficiency": round(reqs / cold / bound, 3), "rows": m.counts["rows"],
+            "efficiency": round(reqs / cold / bound, 3), "ideal_s": round(reqs / bound, 2),
+            "startup_s": round(first, 3), "sending_s": round(last - first, 3), "after_last_request_s": round(cold - last, 3),
+            "rows": m.counts["rows"],
             "cached_rerun_s": round(warm, 2), "cached_rerun_requests": app.requests - reqs, "max_in_flight_seen": app.max_in_flight}
 
 

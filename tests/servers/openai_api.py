@@ -36,6 +36,7 @@ class OpenAIApp:
     embedding_inputs: list = field(default_factory=list)   # the batch sizes it was sent
     in_flight: int = 0
     max_in_flight: int = 0
+    arrivals: list = field(default_factory=list)   # time.perf_counter() when each chat request arrived (benchmarks' timeline)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def next_reply(self, text: str) -> tuple[str, Reply]:
@@ -107,6 +108,7 @@ class OpenAIHandler(Handler):
             app.auth.add(self.headers.get("Authorization", ""))
             app.in_flight += 1
             app.max_in_flight = max(app.max_in_flight, app.in_flight)
+            app.arrivals.append(time.perf_counter())
         try:
             if app.latency_s:
                 time.sleep(app.latency_s)
