@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import time
 import types
 import typing
 import warnings
@@ -90,11 +91,31 @@ def run_flow(a, dp: DataProfile) -> int:
             print(f"index: {out.index.path}  ({out.index.counts['documents']} documents, {out.index.counts['passages']} passages)")
         print(f"formatted: {out.formatted.path}")
         return 0
-    load_train_profile(a.train_profile, a.train_overrides)  # fail fast, before Prefect starts
-    from culbot.flows.culbot import culbot
+    tp = load_train_profile(a.train_profile, a.train_overrides)  # fail fast, before Prefect starts
+    from culbot.flows import chain_record
+    from culbot.tasks.artifact_root import configured
 
-    out = culbot(**profile_kwargs(data_profile=a.data_profile, train_profile=a.train_profile), data_overrides=overrides_dict(a.overrides),
-                 train_overrides=overrides_dict(a.train_overrides), force=a.force, artifact_root=a.artifact_root or "")
+    t0 = time.monotonic()
+    # an artifact root or the Hub is state other hosts change: only a run on this host's disk alone can be answered from its record
+    local = not configured(a.artifact_root) and tp.publish.target == "local"
+    fp = chain_record.fingerprint(dp, tp, "publish") if local else None
+    out = chain_record.recorded(tp, fp) if fp and not a.force else None
+    if out is not None:
+        print(f"nothing to do: the last run with this code, these profiles and these inputs is recorded and each of its "
+              f"{len(chain_record._outputs(out))} outputs verifies ({time.monotonic() - t0:.1f} s; --force reruns every stage)")
+    else:
+        from culbot.flows.culbot import culbot
+
+        out = culbot(**profile_kwargs(data_profile=a.data_profile, train_profile=a.train_profile), data_overrides=overrides_dict(a.overrides),
+                     train_overrides=overrides_dict(a.train_overrides), force=a.force, artifact_root=a.artifact_root or "")
+        if fp:   # the state after the run (its own release in the registry) is what an unchanged rerun sees
+            chain_record.record(tp, chain_record.fingerprint(dp, tp, "publish"), out)
+    print_chain(out)
+    return 0
+
+
+def print_chain(out) -> None:
+    """What a full chain made, and how to ask the model."""
     print(f"dataset version {out.data.dataset.path.name}: {out.data.dataset.path}")
     if out.data.index:
         c = out.eval.counts
@@ -114,7 +135,6 @@ def run_flow(a, dp: DataProfile) -> int:
     rel = lambda p: os.path.relpath(p, here) if Path(p).is_relative_to(here) else str(p)   # noqa: E731
     index = f" --index {rel(out.data.index.path)}" if out.data.index else ""
     print(f"ask it: culbot chat --model {rel(model)}{index} --once \"기숙사 신청은 언제 해요?\"")
-    return 0
 
 
 def crawl_univ100(a, dp: DataProfile) -> int:

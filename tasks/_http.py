@@ -112,20 +112,25 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], rule: RetryRule, *, 
 
 
 class Pacer:
-    """At most ``in_flight`` requests at once, and starts at least 1/``rate_per_s`` apart."""
+    """At most ``in_flight`` requests at once, started at ``rate_per_s`` on average: a request may start at once while
+    no more than ``burst`` have started in the last ``burst`` intervals (the generic cell rate algorithm). ``burst=1``
+    spaces every start 1/``rate_per_s`` apart (a polite crawler); an API client may start up to a second's worth at
+    once, as per-second rate limits allow, instead of spending the first wave's stagger (0.7 s of 6 s in bench_data)."""
 
-    def __init__(self, rate_per_s: float, in_flight: int):
+    def __init__(self, rate_per_s: float, in_flight: int, burst: int = 1):
         self.sem = asyncio.Semaphore(in_flight)
         self.interval = 1.0 / rate_per_s if rate_per_s > 0 else 0.0
+        self.slack = (max(1, burst) - 1) * self.interval   # how far ahead of the schedule a start may be
         self.lock = asyncio.Lock()
-        self.next_at = 0.0
+        self.next_at = 0.0   # the theoretical time of the next start, were starts evenly spaced
 
     async def turn(self) -> None:
         # Reserve the next start under the lock, sleep outside it.
         async with self.lock:
             now = time.monotonic()
-            start = max(now, self.next_at)
-            self.next_at = start + self.interval
+            self.next_at = max(self.next_at, now)
+            start = max(now, self.next_at - self.slack)
+            self.next_at += self.interval
         if start > now:
             await asyncio.sleep(start - now)
 

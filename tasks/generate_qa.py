@@ -201,7 +201,7 @@ async def generate(
                          "temperature": qa.temperature, "content": comp.content, "finish_reason": comp.finish_reason,
                          "prompt_tokens": comp.prompt_tokens, "completion_tokens": comp.completion_tokens,
                          "outcome": outcome, "url": ch.url, "chunk_index": ch.index, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-                cache.put(key, entry)
+                await asyncio.to_thread(cache.put, key, entry)   # its fsync off the event loop: the other requests go on
                 if live and record_to is not None:
                     recorded.append(entry)
             answers[i] = (ch, entry)
@@ -291,7 +291,7 @@ async def judge_rows(candidates: list[tuple[dict, dict, Chunk]], client: LLMClie
             comp = await client.complete(messages, key, sum(count(m["content"]) for m in messages), model=model, max_tokens=qa.judge_max_tokens)
             entry = {"key": key, "kind": "judge", "model": model, "content": comp.content, "finish_reason": comp.finish_reason,
                      "prompt_tokens": comp.prompt_tokens, "completion_tokens": comp.completion_tokens, "url": ch.url}
-            cache.put(key, entry)
+            await asyncio.to_thread(cache.put, key, entry)   # its fsync off the event loop: the other requests go on
         client.ledger.judged += 1
         return grounding.parse_verdict(entry["content"])
 

@@ -255,7 +255,8 @@ class LLMClient:
         import asyncio
 
         self.qa, self.backend, self.ledger = qa, backend, ledger
-        self.pacer = Pacer(qa.requests_per_minute / 60.0, qa.max_in_flight)
+        rate = qa.requests_per_minute / 60.0   # a burst of up to one second's worth: per-second limits allow it
+        self.pacer = Pacer(rate, qa.max_in_flight, burst=min(qa.max_in_flight, max(1, int(rate))))
         self.rule = RetryRule(qa.max_retries, qa.backoff_base_s, 60.0, qa.retry_after_max_s, setting="qa.retry_after_max_s")
         self.stopped: BaseException | None = None
         self.held_usd = 0.0

@@ -13,6 +13,8 @@ folder also holds the templates the run trains with and their special tokens.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import time
@@ -76,7 +78,9 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     backend = getattr(tokenizer, "backend_tokenizer", None)   # the Rust tokenizer: one parallel call, ids only
     if backend is None:  # a slow (Python) tokenizer
         return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    # encode_batch_fast computes no character offsets: the same ids, about 1.7x faster (bench/bench_prep.py)
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
 def row_segments(r: dict, t: Template, tokenizer, reuse_prompt: bool) -> tuple[bool, list[tuple[str, bool]]]:
@@ -90,46 +94,106 @@ def row_segments(r: dict, t: Template, tokenizer, reuse_prompt: bool) -> tuple[b
     return messages[0]["role"] == COMPLETION, render_segments(t, messages, tokenizer)
 
 
+def examples_schema():
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("source", pa.string()), ("input_ids", pa.list_(pa.int32())),
+                      ("labels", pa.list_(pa.int32())), ("length", pa.int32()), ("truncated", pa.bool_())])
+
+
 def tokenize_rows(rows: list[dict], tokenizer, templates: TemplateSet, tokens: dict[str, SpecialTokens], *, cutoff_len: int,
-                  train_on_inputs: bool, overlength: str, reuse_prompt: bool = True) -> tuple[list[dict], dict[str, int]]:
+                  train_on_inputs: bool, overlength: str, reuse_prompt: bool = True):
     """Each row rendered with its template into (text, learned) pieces, every piece of every row encoded in one
     batched call, then assembled: the BOS, the pieces, and after each answer of an alpaca-style template the EOS (a
     chat template's pieces already end with its end-of-turn token). ``reuse_prompt``: the rows' templates are the
-    ones they were formatted with, so their rendered prompts are used as they are."""
+    ones they were formatted with, so their rendered prompts are used as they are.
+
+    Returns (an Arrow table of the kept examples, counts). Each example is what :func:`build_from_pieces` makes of its
+    pieces (tests/test_tokenize_data.py checks it), but the Python loop only decides what is kept: ids, labels and
+    cuts are made on flat numpy arrays, and the table from flat buffers and offsets (bench/bench_prep.py)."""
+    import itertools
+
+    import numpy as np
+    import pyarrow as pa
+
     rendered, plain_bos = [], prefix_ids(tokenizer)
     for r in rows:
         t = templates.for_source(r["source"])
         rendered.append((t, *row_segments(r, t, tokenizer, reuse_prompt)))
     flat = encode_texts(tokenizer, [text for _, _, segs in rendered for text, _ in segs])
-    out, counts = [], {"rows": len(rows), "kept": 0, "truncated": 0, "over_cutoff": 0, "prompt_fills_cutoff": 0,
-                       "tokens": 0, "label_tokens": 0}
+    counts = {"rows": len(rows), "kept": 0, "truncated": 0, "over_cutoff": 0, "prompt_fills_cutoff": 0, "tokens": 0, "label_tokens": 0}
+    kept_ids, kept_sources, truncated = [], [], []
+    pieces, piece_len, piece_learned, row_len = [], [], [], []   # the kept rows' pieces in order, not yet cut
     at = 0
     for r, (t, completion, segs) in zip(rows, rendered):
         tok = tokens[t.name]
         bos = plain_bos if completion else tok.bos
         # plain text ends with the EOS; an alpaca-style answer with the end token; a chat template's pieces carry theirs
         end = [tokenizer.eos_token_id] if completion else [tok.end_id] if t.kind != "chat" else []
-        pieces = [(list(bos), False)] if bos else []
+        mine = [(bos, False)] if bos else []
         for _, learned in segs:
             ids = flat[at]
             at += 1
-            pieces.append((ids + end if learned else ids, learned))
-        ex, reason = build_from_pieces(pieces, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, overlength=overlength)
-        if ex is None:
-            counts[reason] += 1
-            continue
-        counts["kept"] += 1
-        counts["truncated"] += ex["truncated"]
-        counts["tokens"] += ex["length"]
-        counts["label_tokens"] += ex["length"] - ex["labels"].count(IGNORE)
-        out.append({"id": r["id"], "source": r["source"], **ex})
-    return out, counts
+            mine.append((ids + end if learned else ids, learned or train_on_inputs))
+        total = sum(len(x) for x, _ in mine)
+        if total > cutoff_len:
+            if overlength == "drop":
+                counts["over_cutoff"] += 1
+                continue
+            n = 0   # where the first learned token is: at or past the cutoff, the example would teach nothing
+            for x, learned in mine:
+                if learned and x:
+                    break
+                n += len(x)
+            if n >= cutoff_len:
+                counts["prompt_fills_cutoff"] += 1
+                continue
+        kept_ids.append(r["id"])
+        kept_sources.append(r["source"])
+        truncated.append(total > cutoff_len)
+        row_len.append(total)
+        for x, learned in mine:
+            pieces.append(x)
+            piece_len.append(len(x))
+            piece_learned.append(learned)
+    full_len = np.asarray(row_len, dtype=np.int64)
+    size = int(full_len.sum())
+    ids_full = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=size)
+    learned_full = np.repeat(np.asarray(piece_learned, dtype=bool), np.asarray(piece_len, dtype=np.int64))
+    starts = np.concatenate([[0], np.cumsum(full_len)[:-1]]).astype(np.int64) if len(row_len) else np.zeros(0, np.int64)
+    keep = (np.arange(size, dtype=np.int64) - np.repeat(starts, full_len)) < cutoff_len   # each row cut at the cutoff
+    ids = ids_full[keep]
+    labels = np.where(learned_full, ids_full, IGNORE).astype(np.int32)[keep]
+    lengths = np.minimum(full_len, cutoff_len).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    if offsets[-1] >= 2**31:
+        raise ValueError(f"{offsets[-1]:,} tokens in one split: more than a parquet list column (int32 offsets) holds; split the dataset")
+    off = pa.array(offsets.astype(np.int32))
+    table = pa.Table.from_arrays(
+        [pa.array(kept_ids, pa.string()), pa.array(kept_sources, pa.string()), pa.ListArray.from_arrays(off, pa.array(ids)),
+         pa.ListArray.from_arrays(off, pa.array(labels)), pa.array(lengths), pa.array(truncated, pa.bool_())], schema=examples_schema())
+    counts.update(kept=len(kept_ids), truncated=int(sum(truncated)), tokens=int(lengths.sum()), label_tokens=int((labels != IGNORE).sum()))
+    return table, counts
 
 
-def count_sources(rows: list[dict]) -> dict[str, int]:
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cycle collector off while a split is tokenized: it makes about a million short-lived lists of ints, none
+    in a cycle, and each collection walked the whole heap (14% of tokenize time at 80k rows, bench/bench_prep.py)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def count_sources(table) -> dict[str, int]:
+    """Examples per source."""
     out: dict[str, int] = {}
-    for r in rows:
-        out[r["source"]] = out.get(r["source"], 0) + 1
+    for src in table.column("source").to_pylist():
+        out[src] = out.get(src, 0) + 1
     return dict(sorted(out.items()))
 
 
@@ -142,12 +206,9 @@ def training_templates(formatted: TemplateSet, data: DataSpec) -> TemplateSet:
 
 def run_tokenize(formatted_dir: Path | StageRef, base: BaseModelRef, out_root: Path, data: DataSpec) -> StageOutput:
     """Tokenize both splits with the base model's tokenizer into <out_root>/<short hash>/."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
     from transformers import AutoConfig, AutoTokenizer
 
-    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("input_ids", pa.list_(pa.int32())),
-                        ("labels", pa.list_(pa.int32())), ("length", pa.int32()), ("truncated", pa.bool_())])
     t0 = time.monotonic()
     out_root = Path(out_root)
     formatted_dir, formatted = _store.read_input(formatted_dir, "tokenize input is not a finished formatted dataset")
@@ -170,11 +231,10 @@ def run_tokenize(formatted_dir: Path | StageRef, base: BaseModelRef, out_root: P
     for split in ("train", "validation"):
         rows = pq.read_table(formatted_dir / f"{split}.parquet",
                              columns=["id", "source", "template", "instruction", "input", "messages", "prompt", "response"]).to_pylist()
-        examples, counts[split] = tokenize_rows(rows, tokenizer, templates, tokens, reuse_prompt=not data.template, **settings)
+        with gc_paused():
+            examples, counts[split] = tokenize_rows(rows, tokenizer, templates, tokens, reuse_prompt=not data.template, **settings)
         counts[split]["by_source"] = count_sources(examples)
-        # pyarrow directly: 5x faster than datasets' per-example feature encoding; datasets reads it back as is.
-        table = pa.Table.from_pydict({c: [e[c] for e in examples] for c in schema.names}, schema=schema)
-        pq.write_table(table, staging / f"{split}.parquet")
+        pq.write_table(examples, staging / f"{split}.parquet")   # pyarrow directly; datasets reads it back as is
     _store.write_model(staging / TEMPLATES_FILE, templates)
     _store.atomic_write_json(staging / SPECIAL_TOKENS_FILE, {k: v.model_dump() for k, v in tokens.items()})
     m = _store.write_manifest(staging, stage="tokenize", inputs={"formatted": formatted.content_hash, "tokenizer": tok_hash},

@@ -97,7 +97,7 @@ def test_a_multi_turn_conversation_learns_every_assistant_turn_and_nothing_else(
              "messages": json.dumps(convo, ensure_ascii=False)}]
     out, counts = tokenize_rows(rows, tok, TemplateSet(map={}, default=template, templates={template: t}), tokens,
                                 cutoff_len=512, train_on_inputs=False, overlength="truncate")
-    ex = out[0]
+    ex = out.to_pylist()[0]
     spans, cur = [], []
     for i, lab in zip(ex["input_ids"], ex["labels"]):
         if lab == IGNORE:

@@ -133,3 +133,24 @@ def test_backoff_grows_and_is_capped():
     rng = random.Random(0)
     ds = [backoff_delay(a, 1.0, 8.0, rng) for a in range(6)]
     assert 0.5 <= ds[0] <= 1.0 and 4.0 <= ds[5] <= 8.0
+
+
+def test_the_pacer_starts_a_burst_at_once_then_keeps_its_rate_and_a_crawler_gets_no_burst():
+    from culbot.tasks._http import Pacer
+
+    def starts(pacer: Pacer, n: int) -> list[float]:
+        async def main():
+            t0, out = time.monotonic(), []
+
+            async def one():
+                await pacer.turn()
+                out.append(time.monotonic() - t0)
+            await asyncio.gather(*(one() for _ in range(n)))
+            return sorted(out)
+        return asyncio.run(main())
+
+    api = starts(Pacer(10.0, in_flight=100, burst=8), 18)
+    assert api[7] < 0.05                      # a second's worth at once (an LLM API's first wave)
+    assert 0.95 <= api[17] <= 1.15            # then 10 per second: the 18th starts at 1.0 s
+    polite = starts(Pacer(10.0, in_flight=100), 5)
+    assert 0.38 <= polite[4] <= 0.55          # burst 1: every start 0.1 s after the last

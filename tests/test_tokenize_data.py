@@ -70,3 +70,48 @@ def _instruction_input(formatted_row, template):
         head, rest = p.split("### 명령어:\n", 1)[1].split("\n\n### 입력:\n", 1)
         return head, rest.split("\n\n### 응답:\n", 1)[0]
     return p.split("### 명령어:\n", 1)[1].split("\n\n### 응답:\n", 1)[0], ""
+
+
+def test_the_columnar_tokenizer_makes_exactly_what_build_from_pieces_makes(tiny_model):
+    """tokenize_rows builds ids and labels on flat arrays (for speed); every kept example, every drop and every count
+    must be what the per-example rule gives, with and without truncation, dropping and train_on_inputs."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from culbot.tasks.contracts import TemplateSet
+    from culbot.tasks.special_tokens import special_tokens
+    from culbot.tasks.templates import load_template, render_prompt
+    from culbot.tasks.tokenize_data import build_from_pieces, encode_texts, tokenize_rows
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    t = load_template("kullm")
+    tokens = {"kullm": special_tokens(tok, t, "gpt_neox")}
+    rng = random.Random(3)
+    words = ["기숙사", "신청", "충북대학교", "도서관", "학생", "언제", "어디서", "합니다", "오전", "9시"]
+    rows = []
+    for i in range(300):
+        ins, inp, out = (" ".join(rng.choices(words, k=rng.randrange(1, n))) for n in (12, 30, 60))
+        inp = inp if rng.random() < 0.4 else ""
+        rows.append({"id": f"r{i}", "source": "kullm", "template": "kullm", "instruction": ins, "input": inp, "messages": "",
+                     "prompt": render_prompt(t, ins, inp), "response": out})
+    templates = TemplateSet(map={}, default="kullm", templates={"kullm": t})
+    for cutoff, train_on_inputs, overlength in ((1024, False, "truncate"), (40, False, "truncate"), (40, True, "truncate"), (40, False, "drop")):
+        table, counts = tokenize_rows(rows, tok, templates, tokens, cutoff_len=cutoff, train_on_inputs=train_on_inputs, overlength=overlength)
+        got = table.to_pylist()
+        want, reasons = [], {"over_cutoff": 0, "prompt_fills_cutoff": 0}
+        enc = encode_texts(tok, [x for r in rows for x in (r["prompt"], r["response"])])
+        for i, r in enumerate(rows):
+            pieces = ([(tokens["kullm"].bos, False)] if tokens["kullm"].bos else []) + [(enc[2 * i], False), (enc[2 * i + 1] + [tokens["kullm"].end_id], True)]
+            ex, reason = build_from_pieces(pieces, cutoff_len=cutoff, train_on_inputs=train_on_inputs, overlength=overlength)
+            if ex is None:
+                reasons[reason] += 1
+            else:
+                want.append({"id": r["id"], "source": "kullm", **ex})
+        assert got == want, (cutoff, train_on_inputs, overlength)
+        assert counts["over_cutoff"] == reasons["over_cutoff"] and counts["prompt_fills_cutoff"] == reasons["prompt_fills_cutoff"]
+        assert counts["kept"] == len(want) and counts["truncated"] == sum(e["truncated"] for e in want)
+        assert counts["label_tokens"] == sum(sum(1 for x in e["labels"] if x != IGNORE) for e in want)
+        if cutoff == 40:
+            assert counts["truncated"] or counts["over_cutoff"]   # the short cutoff does cut
+    assert reasons["over_cutoff"] > 0

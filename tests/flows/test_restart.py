@@ -38,3 +38,18 @@ def test_sigkill_during_training_then_rerun_resumes(tmp_path):
     assert out.count("Finished in state Cached") >= 7          # crawl x2, generate-qa, load-dataset, merge-data, format, tokenize
     assert "resuming from checkpoint-" in out and "starting from step 0" not in out
     assert "published merged:" in out
+
+    # Nothing changed: answered from the chain's record without starting Prefect, with the same summary.
+    t0 = time.monotonic()
+    third = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    took = time.monotonic() - t0
+    assert third.returncode == 0 and "nothing to do: the last run with this code" in third.stdout, third.stdout + third.stderr[-3000:]
+    assert "Finished in state" not in third.stdout + third.stderr and "published merged:" in third.stdout
+    print(f"warm rerun answered from its record in {took:.1f} s")
+    # A missing output is not trusted: the flow runs again and rebuilds it.
+    import shutil
+
+    merged = work / next(line.split(": ", 1)[1] for line in second.stdout.splitlines() if line.startswith("merged model: "))
+    shutil.rmtree(merged)
+    fourth = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert fourth.returncode == 0 and "nothing to do" not in fourth.stdout and (merged / "manifest.json").is_file(), fourth.stderr[-3000:]

@@ -12,6 +12,9 @@ class Handler(BaseHTTPRequestHandler):
     """Subclasses implement do_GET/do_POST; ``self.server.app`` holds the test's state."""
 
     protocol_version = "HTTP/1.1"
+    # headers and body go out in two writes: with Nagle's algorithm the body waited for the client's delayed ACK
+    # (40 ms on Linux) on every response; real servers (uvicorn, nginx) set TCP_NODELAY
+    disable_nagle_algorithm = True
 
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass
@@ -44,10 +47,16 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(n) if n else b""
 
 
+class Server(ThreadingHTTPServer):
+    # socketserver's listen backlog is 5: a sixth simultaneous connection waited for a SYN retry (1 s on Linux), so 8
+    # requests in flight against a stand-in API ran 6 + 2 a second late. Real servers (nginx: 511) queue them.
+    request_queue_size = 128
+
+
 @contextmanager
 def serve(handler: type[Handler], app) -> Iterator[str]:
     """Run ``handler`` with ``app`` as state; yields the base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = Server(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     server.app = app
     t = threading.Thread(target=server.serve_forever, daemon=True)
