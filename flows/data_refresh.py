@@ -57,8 +57,14 @@ NEW_VERSION_EVENT = "culbot.dataset.new-version"   # what `culbot deploy --run-o
 
 
 def announce_new_version(profile: str, dataset: StageOutput) -> None:
-    """A Prefect event for a dataset version this refresh made (a cached or rebuilt one it already had is not new)."""
+    """A Prefect event for a dataset version this refresh made (a cached or rebuilt one it already had is not new).
+    Only toward a configured server: a temporary one (`culbot run`) has no automation to react, and its events
+    client would only lengthen the run."""
     from prefect.events import emit_event
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        return
 
     emit_event(event=NEW_VERSION_EVENT, resource={"prefect.resource.id": f"culbot.dataset.{dataset.content_hash}",
                                                   "prefect.resource.name": short_hash(dataset.content_hash),
