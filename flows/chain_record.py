@@ -46,7 +46,7 @@ def fingerprint(dp: DataProfile, tp: TrainProfile, to_stage: str) -> str:
     })
 
 
-def _outputs(result: ChainResult) -> list[StageOutput]:
+def outputs(result: ChainResult) -> list[StageOutput]:
     data = result.data
     out = [*data.stages.values(), data.dataset, data.formatted, data.index, result.tokenized, result.run, result.eval, result.model,
            result.publish]
@@ -68,11 +68,9 @@ def recorded(tp: TrainProfile, fp: str) -> ChainResult | None:
         result = _store.read_model(p, ChainResult)
     except (ValidationError, ValueError, OSError):
         return None
-    for out in _outputs(result):
-        m = _store.read_manifest(out.path)
-        if m is None or m.content_hash != out.content_hash or not _store.is_complete(out.path):
-            return None
-    return result
+    from culbot.flows.runner import verified
+
+    return result if all(verified(out) for out in outputs(result)) else None
 
 
 def record(tp: TrainProfile, fp: str, result: ChainResult) -> Path:

@@ -102,7 +102,7 @@ def run_flow(a, dp: DataProfile) -> int:
     out = chain_record.recorded(tp, fp) if fp and not a.force else None
     if out is not None:
         print(f"nothing to do: the last run with this code, these profiles and these inputs is recorded and each of its "
-              f"{len(chain_record._outputs(out))} outputs verifies ({time.monotonic() - t0:.1f} s; --force reruns every stage)")
+              f"{len(chain_record.outputs(out))} outputs verifies ({time.monotonic() - t0:.1f} s; --force reruns every stage)")
     else:
         from culbot.flows.culbot import culbot
 

@@ -164,18 +164,19 @@ def git_head(repo: Path) -> str:
     return git("rev-parse", "HEAD")
 
 
-def finish_deployments(names: list[str], log=print, git: tuple[str, str, str] | None = None) -> None:
+def finish_deployments(names: list[str], log=print, git: tuple[str, str, str] | None = None) -> dict[str, str]:
     """Record this culbot's version on every deployment, pin the training deployments' profiles, enforce the parameter
-    schemas, and (with ``git``: repository, commit, home) set the git pull steps."""
+    schemas, and (with ``git``: repository, commit, home) set the git pull steps. Returns name -> deployment id."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentUpdate
 
     from culbot.flows.deployed import culbot_version
 
-    version = culbot_version()
+    version, ids = culbot_version(), {}
     with get_client(sync_client=True) as client:
         for name in names:
             d = client.read_deployment_by_name(name)
+            ids[name] = str(d.id)
             flow = name.split("/")[0]
             update = {"version": version, "enforce_parameter_schema": True}
             if flow in PINNED:
@@ -184,6 +185,7 @@ def finish_deployments(names: list[str], log=print, git: tuple[str, str, str] | 
                 update["pull_steps"] = pull_steps(*git)
             client.update_deployment(d.id, DeploymentUpdate(**update))
     log(f"version {version} on {len(names)} deployments" + (f"; workers install {git[0]} at {git[1][:12]}" if git else ""))
+    return ids
 
 
 # ----- automations: alerts, and a training run on new data ---------------------------------------------
@@ -205,7 +207,7 @@ def _block_id(client, block: str):
         raise ConfigError(f"--notify {block!r}: no such block; create it in the UI (Blocks) or with its class's .save()") from None
 
 
-def ensure_automations(names: list[str], notify: str | None, run_on_new_data: str | None, log=print) -> list[str]:
+def ensure_automations(deployments: dict[str, str], notify: str | None, run_on_new_data: str | None, log=print) -> list[str]:
     """Replace culbot's automations: notify ``notify`` (a block TYPE/NAME) when a run of any culbot deployment fails or
     crashes; start ``run_on_new_data`` (a deployment) when data-refresh emits a new dataset version, with that profile."""
     from prefect.client.orchestration import get_client
@@ -220,7 +222,7 @@ def ensure_automations(names: list[str], notify: str | None, run_on_new_data: st
             if old.name in (FAILED_AUTOMATION, NEW_DATA_AUTOMATION):
                 client.delete_automation(old.id)
         if notify:
-            ids = [f"prefect.deployment.{client.read_deployment_by_name(n).id}" for n in names]
+            ids = [f"prefect.deployment.{d}" for d in deployments.values()]
             client.create_automation(AutomationCore(
                 name=FAILED_AUTOMATION, description="A run of a culbot deployment ended Failed or Crashed.",
                 trigger=EventTrigger(expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
@@ -234,7 +236,7 @@ def ensure_automations(names: list[str], notify: str | None, run_on_new_data: st
             made.append(FAILED_AUTOMATION)
         if run_on_new_data:
             target = client.read_deployment_by_name(run_on_new_data)
-            refresh = [f"prefect.deployment.{client.read_deployment_by_name(n).id}" for n in names if n.startswith("data-refresh/")]
+            refresh = [f"prefect.deployment.{d}" for n, d in deployments.items() if n.startswith("data-refresh/")]
             client.create_automation(AutomationCore(
                 name=NEW_DATA_AUTOMATION, description=f"data-refresh made a new dataset version: start {run_on_new_data} on it.",
                 # only a run of the data-refresh deployment (the schedule), not the refresh inside a culbot chain
@@ -271,6 +273,5 @@ def deploy(prefect_file: Path, home: Path, log=print, artifact_root: str | None 
     r = _prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file), env=env)
     names = [line.split("'")[1] for line in r.stdout.splitlines() if "prefect deployment run '" in line]
     log(f"deployed {len(names)}: {', '.join(names)} (working directory {env['CULBOT_HOME']})")
-    finish_deployments(names, log, git)
-    ensure_automations(names, notify, run_on_new_data, log)
+    ensure_automations(finish_deployments(names, log, git), notify, run_on_new_data, log)
     return names

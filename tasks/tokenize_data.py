@@ -44,7 +44,10 @@ def build_from_pieces(pieces: list[tuple[list[int], bool]], *, cutoff_len: int, 
     """One training example from (ids, learned) pieces in order, or (None, reason) when it is dropped.
 
     Over the cutoff it is cut (the end token, last, goes first: alpaca-lora's "EOS only when not truncated")
-    or dropped; an example with no learned token left is dropped."""
+    or dropped; an example with no learned token left is dropped.
+
+    The rule, one example at a time: :func:`tokenize_rows` applies it to a whole split on flat arrays, and the tests
+    check that both give the same examples, drops and counts."""
     ids, labels = [], []
     for piece, learned in pieces:
         ids += piece
