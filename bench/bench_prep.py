@@ -4,8 +4,9 @@ and how many computed tokens are real under each batching strategy.
 Run as: python bench/bench_prep.py [--rows 160000] [--cutoff 1024] [--batch 8] [--out bench/results/prep.json]
 
 1. Data prep: the same rows go through
-   - ours: format_rows (registered templates) then run_tokenize (batched fast-tokenizer calls over a
-     parquet folder, written atomically, content-addressed, so a rerun is a cache hit), and
+   - ours: format_rows (registered templates) then run_tokenize (each split streamed in batches of rows: one
+     fast-tokenizer call per batch in a background thread while the batch before is assembled on flat arrays and
+     written to parquet; content-addressed, so a rerun is a cache hit), and
    - a baseline shaped like alpaca-lora's generate_and_tokenize_prompt over datasets.map: one row at a time,
      tokenizing the full prompt and then the user prompt again to find the label mask.
    The tokenizer is the tiny BPE tokenizer trained on raw/samples (fast, Rust).

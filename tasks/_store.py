@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -309,3 +309,22 @@ def read_table(path: Path, columns: list[str] | None = None) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; is {path.parent} a finished stage output?")
     return pq.read_table(path, columns=columns).to_pylist()
+
+
+def count_rows(path: Path) -> int:
+    """Rows in a parquet file, from its footer."""
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(path).num_rows
+
+
+def iter_rows(path: Path, columns: list[str] | None = None, batch_size: int = 2048) -> Iterator[list[dict]]:
+    """The rows of a stage's parquet file in batches, read as they are consumed."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {path.parent} a finished stage output?")
+    with pq.ParquetFile(path) as f:
+        for batch in f.iter_batches(batch_size=batch_size, columns=columns):
+            yield batch.to_pylist()

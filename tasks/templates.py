@@ -8,6 +8,7 @@ the template saved in the run card, so prompts never drift between them.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -126,13 +127,14 @@ def render_context(passages: list[tuple[str, str]], fmt: ContextFormat) -> str:
     return fmt.joiner.join(fill(fmt.passage, n=str(n), title=title, text=text) for n, (title, text) in enumerate(passages, 1))
 
 
-def _pieces(template: str, fields: tuple[str, ...]) -> list[tuple[str, str]]:
+@functools.lru_cache(maxsize=256)   # a dataset renders the same few templates a million times
+def _pieces(template: str, fields: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """A template as ("text", literal) and ("field", name) pieces, in order."""
     out, at = [], 0
     for m in re.finditer("|".join(re.escape("{" + f + "}") for f in fields), template):
         out += [("text", template[at:m.start()]), ("field", m.group(0)[1:-1])]
         at = m.end()
-    return [p for p in out + [("text", template[at:])] if p != ("text", "")]
+    return tuple(p for p in out + [("text", template[at:])] if p != ("text", ""))
 
 
 def fill(template: str, **values: str) -> str:

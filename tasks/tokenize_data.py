@@ -10,6 +10,10 @@ when not truncated, as alpaca-lora), a chat template's own end-of-turn token. Wi
 train_on_inputs=False only answers are learned (every assistant turn of a multi-turn row).
 Over-length rows are truncated or dropped as configured, and counted either way. The output
 folder also holds the templates the run trains with and their special tokens.
+
+A split is streamed in batches of rows (write_examples): each batch is encoded in one call into
+the Rust tokenizer in a background thread while the batch before is assembled on flat arrays
+and written, so memory stays flat and both the tokenizer's threads and Python stay busy.
 """
 from __future__ import annotations
 
@@ -18,6 +22,11 @@ import gc
 import json
 import logging
 import time
+from array import array
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
 from prefect import task
@@ -26,7 +35,7 @@ from culbot.pipeline_config.train_schema import DataSpec, TrainProfile
 
 from . import _store
 from ._prefect import stage_cache
-from .contracts import TEMPLATES_FILE, BaseModelRef, SpecialTokens, StageOutput, StageRef, Template, TemplateSet, TokenCounts, short_hash
+from .contracts import TEMPLATES_FILE, BaseModelRef, SpecialTokens, StageOutput, StageRef, Template, SplitCounts, TemplateSet, TokenCounts, short_hash
 from .model_io import check_eos
 from .conversations import COMPLETION
 from .special_tokens import prefix_ids, special_tokens
@@ -76,14 +85,39 @@ def tokenizer_hash(tokenizer) -> str:
                              tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None])
 
 
-def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Ids of many texts in one batched call, no special tokens added (those in the text are parsed as such)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)   # the Rust tokenizer: one parallel call, ids only
+# Token ids need no dictionary pages (they were a third of the write time); zstd at level 1 writes as fast as snappy
+# and about a third of the size (bench/bench_prep.py)
+PARQUET_OPTIONS = {"use_dictionary": False, "compression": "zstd", "compression_level": 1}
+PROGRESS_EVERY_S = 10.0
+BATCH_ROWS = 2048   # rows per encode call: one call over a whole split holds every Encoding at once (bench/bench_prep.py)
+
+
+def encoder(tokenizer) -> Callable[[list[str]], list]:
+    """Texts -> their encodings (anything with ``.ids``) or id lists, no special tokens added (those in a text are
+    parsed as such). A fast tokenizer's is one call into Rust that runs on every core and releases the GIL."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # a slow (Python) tokenizer
-        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    # encode_batch_fast computes no character offsets: the same ids, about 1.7x faster (bench/bench_prep.py)
+        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    if backend.truncation or backend.padding:   # set in some tokenizer.json files: every text is encoded whole, unpadded
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(backend.to_str())   # a copy, so the caller's tokenizer is left as it is
+        backend.no_truncation()
+        backend.no_padding()
+    # encode_batch_fast computes no character offsets: the same ids, about 1.7x faster
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    return [e.ids for e in encode(texts, add_special_tokens=False)]
+    return lambda texts: encode(texts, add_special_tokens=False)
+
+
+def ids_of(encoded: list) -> Iterable[list[int]]:
+    """The id lists of an :func:`encoder`'s result."""
+    return encoded if not encoded or isinstance(encoded[0], list) else map(attrgetter("ids"), encoded)
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Ids of many texts, no special tokens added."""
+    encode = encoder(tokenizer)
+    return [ids for start in range(0, len(texts), 8192) for ids in ids_of(encode(texts[start:start + 8192]))]
 
 
 def row_segments(r: dict, t: Template, tokenizer, reuse_prompt: bool) -> tuple[bool, list[tuple[str, bool]]]:
@@ -104,79 +138,158 @@ def examples_schema():
                       ("labels", pa.list_(pa.int32())), ("length", pa.int32()), ("truncated", pa.bool_())])
 
 
-def tokenize_rows(rows: list[dict], tokenizer, templates: TemplateSet, tokens: dict[str, SpecialTokens], *, cutoff_len: int,
-                  train_on_inputs: bool, overlength: str, reuse_prompt: bool = True):
-    """Each row rendered with its template into (text, learned) pieces, every piece of every row encoded in one
-    batched call, then assembled: the BOS, the pieces, and after each answer of an alpaca-style template the EOS (a
-    chat template's pieces already end with its end-of-turn token). ``reuse_prompt``: the rows' templates are the
-    ones they were formatted with, so their rendered prompts are used as they are.
+@dataclass
+class Rendered:
+    """A batch of rows as the texts to encode, in order, and what goes around each text's ids."""
 
-    Returns (an Arrow table of the kept examples, counts). Each example is what :func:`build_from_pieces` makes of its
-    pieces (tests/test_tokenize_data.py checks it), but the Python loop only decides what is kept: ids, labels and
-    cuts are made on flat numpy arrays, and the table from flat buffers and offsets (bench/bench_prep.py)."""
-    import itertools
+    rows: list[dict]
+    texts: list[str] = field(default_factory=list)
+    learned: list[bool] = field(default_factory=list)     # the text's tokens (and its end token) get labels
+    before: list[list[int]] = field(default_factory=list)   # ids put before the text: the BOS, before a row's first text
+    end: list[int] = field(default_factory=list)          # the id put after the text (an answer's end token), or -1
+    texts_per_row: list[int] = field(default_factory=list)
 
+
+def render_rows(rows: list[dict], tokenizer, templates: TemplateSet, tokens: dict[str, SpecialTokens], *,
+                train_on_inputs: bool, reuse_prompt: bool = True, plain_bos: list[int] | None = None) -> Rendered:
+    """Each row rendered with its template into (text, learned) pieces, with the special tokens around them: the BOS,
+    and after each answer of an alpaca-style template the EOS (a chat template's pieces already end with its
+    end-of-turn token). ``reuse_prompt``: the rows' templates are the ones they were formatted with, so their rendered
+    prompts are used as they are. ``plain_bos``: :func:`prefix_ids` of the tokenizer, when the caller has it."""
+    out, plain_bos = Rendered(rows), prefix_ids(tokenizer) if plain_bos is None else plain_bos
+    for r in rows:
+        t = templates.for_source(r["source"])
+        completion, segs = row_segments(r, t, tokenizer, reuse_prompt)
+        if not segs:
+            raise ValueError(f"row {r['id']!r}: nothing to tokenize")
+        tok = tokens[t.name]
+        # plain text ends with the EOS; an alpaca-style answer with the end token; a chat template's pieces carry theirs
+        end = tokenizer.eos_token_id if completion else tok.end_id if t.kind != "chat" else -1
+        before = list(plain_bos if completion else tok.bos)
+        for text, learned in segs:
+            out.texts.append(text)
+            out.learned.append(learned or train_on_inputs)
+            out.before.append(before)
+            out.end.append(end if learned else -1)
+            before = []
+        out.texts_per_row.append(len(segs))
+    return out
+
+
+def assemble(batch: Rendered, encoded: list, *, cutoff_len: int, overlength: str):
+    """The examples of a rendered batch from its texts' encodings: (an Arrow table of the kept examples, counts).
+
+    Each example is what :func:`build_from_pieces` makes of its pieces (tests/test_tokenize_data.py checks it), but
+    the Python loop only copies each text's ids into one flat buffer: the cuts, drops and labels are made on flat
+    numpy arrays, and the table from the buffer and offsets (bench/bench_prep.py)."""
     import numpy as np
     import pyarrow as pa
 
-    rendered, plain_bos = [], prefix_ids(tokenizer)
-    for r in rows:
-        t = templates.for_source(r["source"])
-        rendered.append((t, *row_segments(r, t, tokenizer, reuse_prompt)))
-    flat = encode_texts(tokenizer, [text for _, _, segs in rendered for text, _ in segs])
-    counts = {"rows": len(rows), "kept": 0, "truncated": 0, "over_cutoff": 0, "prompt_fills_cutoff": 0, "tokens": 0, "label_tokens": 0}
-    kept_ids, kept_sources, truncated = [], [], []
-    pieces, piece_len, piece_learned, row_len = [], [], [], []   # the kept rows' pieces in order, not yet cut
-    at = 0
-    for r, (t, completion, segs) in zip(rows, rendered):
-        tok = tokens[t.name]
-        bos = plain_bos if completion else tok.bos
-        # plain text ends with the EOS; an alpaca-style answer with the end token; a chat template's pieces carry theirs
-        end = [tokenizer.eos_token_id] if completion else [tok.end_id] if t.kind != "chat" else []
-        mine = [(bos, False)] if bos else []
-        for _, learned in segs:
-            ids = flat[at]
-            at += 1
-            mine.append((ids + end if learned else ids, learned or train_on_inputs))
-        total = sum(len(x) for x, _ in mine)
-        if total > cutoff_len:
-            if overlength == "drop":
-                counts["over_cutoff"] += 1
-                continue
-            n = 0   # where the first learned token is: at or past the cutoff, the example would teach nothing
-            for x, learned in mine:
-                if learned and x:
-                    break
-                n += len(x)
-            if n >= cutoff_len:
-                counts["prompt_fills_cutoff"] += 1
-                continue
-        kept_ids.append(r["id"])
-        kept_sources.append(r["source"])
-        truncated.append(total > cutoff_len)
-        row_len.append(total)
-        for x, learned in mine:
-            pieces.append(x)
-            piece_len.append(len(x))
-            piece_learned.append(learned)
-    full_len = np.asarray(row_len, dtype=np.int64)
-    size = int(full_len.sum())
-    ids_full = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=size)
-    learned_full = np.repeat(np.asarray(piece_learned, dtype=bool), np.asarray(piece_len, dtype=np.int64))
-    starts = np.concatenate([[0], np.cumsum(full_len)[:-1]]).astype(np.int64) if len(row_len) else np.zeros(0, np.int64)
-    keep = (np.arange(size, dtype=np.int64) - np.repeat(starts, full_len)) < cutoff_len   # each row cut at the cutoff
+    flat, body_len = array("i"), array("q")   # every row's tokens in order: [BOS] text [end] text [end] ...
+    extend, append, add_len = flat.fromlist, flat.append, body_len.append   # fromlist: ~30% faster than extend
+    for ids, before, end in zip(ids_of(encoded), batch.before, batch.end):
+        if before:
+            extend(before)
+        extend(ids)
+        if end >= 0:
+            append(end)
+        add_len(len(ids) + (end >= 0))
+    n, n_texts = len(batch.rows), len(batch.texts)
+    if n == 0:
+        return examples_schema().empty_table(), {k: v for k, v in zero_counts().items() if k != "by_source"}
+    ids_full = np.frombuffer(flat, dtype=np.int32)
+    body = np.frombuffer(body_len, dtype=np.int64)
+    before_len = np.fromiter(map(len, batch.before), dtype=np.int64, count=n_texts)
+    # each text's tokens: its BOS (never learned), then its ids and end token (learned with the text)
+    flags = np.repeat(np.stack([np.zeros(n_texts, bool), np.asarray(batch.learned, bool)], axis=1).ravel(),
+                      np.stack([before_len, body], axis=1).ravel())
+    first_text = np.concatenate([[0], np.cumsum(batch.texts_per_row)[:-1]]).astype(np.int64)
+    row_total = np.add.reduceat(before_len + body, first_text)
+    row_start = np.concatenate([[0], np.cumsum(row_total)[:-1]]).astype(np.int64)
+    learned_at = np.append(np.flatnonzero(flags), len(flags))
+    # where, within its row, the first learned token is (past the row's end when it has none)
+    first_learned = learned_at[np.searchsorted(learned_at, row_start)] - row_start
+    over = row_total > cutoff_len
+    over_cutoff = over if overlength == "drop" else np.zeros(n, bool)
+    # cut at the cutoff, an example whose first learned token is at or past it would teach nothing
+    fills = over & ~over_cutoff & (first_learned >= cutoff_len)
+    kept = ~(over_cutoff | fills)
+    keep_len = np.where(kept, np.minimum(row_total, cutoff_len), 0)
+    keep = np.repeat(np.tile([True, False], n), np.stack([keep_len, row_total - keep_len], axis=1).ravel())
     ids = ids_full[keep]
-    labels = np.where(learned_full, ids_full, IGNORE).astype(np.int32)[keep]
-    lengths = np.minimum(full_len, cutoff_len).astype(np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    if offsets[-1] >= 2**31:
-        raise ValueError(f"{offsets[-1]:,} tokens in one split: more than a parquet list column (int32 offsets) holds; split the dataset")
-    off = pa.array(offsets.astype(np.int32))
+    labels = np.where(flags[keep], ids, IGNORE).astype(np.int32)
+    lengths = keep_len[kept].astype(np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))   # a batch is far below 2**31 tokens
+    kept_rows = [batch.rows[i] for i in np.flatnonzero(kept)]
+    truncated = over[kept]
     table = pa.Table.from_arrays(
-        [pa.array(kept_ids, pa.string()), pa.array(kept_sources, pa.string()), pa.ListArray.from_arrays(off, pa.array(ids)),
-         pa.ListArray.from_arrays(off, pa.array(labels)), pa.array(lengths), pa.array(truncated, pa.bool_())], schema=examples_schema())
-    counts.update(kept=len(kept_ids), truncated=int(sum(truncated)), tokens=int(lengths.sum()), label_tokens=int((labels != IGNORE).sum()))
+        [pa.array([r["id"] for r in kept_rows], pa.string()), pa.array([r["source"] for r in kept_rows], pa.string()),
+         pa.ListArray.from_arrays(offsets, pa.array(ids)), pa.ListArray.from_arrays(offsets, pa.array(labels)),
+         pa.array(lengths), pa.array(truncated, pa.bool_())], schema=examples_schema())
+    counts = {"rows": n, "kept": len(kept_rows), "truncated": int(truncated.sum()), "over_cutoff": int(over_cutoff.sum()),
+              "prompt_fills_cutoff": int(fills.sum()), "tokens": int(lengths.sum()), "label_tokens": int((labels != IGNORE).sum())}
     return table, counts
+
+
+def tokenize_rows(rows: list[dict], tokenizer, templates: TemplateSet, tokens: dict[str, SpecialTokens], *, cutoff_len: int,
+                  train_on_inputs: bool, overlength: str, reuse_prompt: bool = True):
+    """One batch of rows: (an Arrow table of the kept examples, counts). See :func:`render_rows` and :func:`assemble`."""
+    batch = render_rows(rows, tokenizer, templates, tokens, train_on_inputs=train_on_inputs, reuse_prompt=reuse_prompt)
+    return assemble(batch, encode_texts(tokenizer, batch.texts), cutoff_len=cutoff_len, overlength=overlength)
+
+
+def zero_counts() -> dict:
+    """A split's counts before any row (SplitCounts' fields)."""
+    return {k: {} if k == "by_source" else 0 for k in SplitCounts.model_fields}
+
+
+def add_counts(total: dict, counts: dict) -> dict:
+    for k, v in counts.items():
+        total[k] = add_counts(total.get(k, {}), v) if isinstance(v, dict) else total.get(k, 0) + v
+    return total
+
+
+def write_examples(batches: Iterable[list[dict]], path: Path, tokenizer, templates: TemplateSet, tokens: dict[str, SpecialTokens], *,
+                   cutoff_len: int, train_on_inputs: bool, overlength: str, reuse_prompt: bool = True,
+                   expected_rows: int | None = None) -> SplitCounts:
+    """Tokenize batches of rows into one parquet file; returns the split's counts (with examples per source). Progress
+    is logged every ``PROGRESS_EVERY_S`` seconds (out of ``expected_rows`` when given).
+
+    A pipeline over the batches: while a background thread encodes batch k (Rust, on every core, without the GIL),
+    this thread assembles and writes batch k-1 and renders batch k+1, so no core waits for the Python steps. One
+    encode call over a whole split held every Encoding at once and took about twice the CPU time (52 s against 28 s
+    for 320k texts, bench/bench_prep.py)."""
+    import pyarrow.parquet as pq
+
+    encode, plain_bos, total = encoder(tokenizer), prefix_ids(tokenizer), zero_counts()
+    started = logged = time.monotonic()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="culbot-encode") as pool, \
+            pq.ParquetWriter(path, examples_schema(), **PARQUET_OPTIONS) as writer:
+        pending = None   # (rendered batch, its encodings to come)
+
+        def finish(job):
+            table, counts = assemble(job[0], job[1].result(), cutoff_len=cutoff_len, overlength=overlength)
+            writer.write_table(table)
+            add_counts(total, {**counts, "by_source": count_sources(table)})
+            nonlocal logged
+            if time.monotonic() - logged >= PROGRESS_EVERY_S:
+                logged = time.monotonic()
+                of = f"/{expected_rows:,} ({total['rows'] / max(expected_rows, 1):.0%})" if expected_rows else ""
+                log.info("tokenize %s: %s%s rows, %s tokens, %.0f rows/s", path.stem, f"{total['rows']:,}", of,
+                         f"{total['tokens']:,}", total["rows"] / (logged - started))
+
+        for rows in batches:
+            batch = render_rows(rows, tokenizer, templates, tokens, train_on_inputs=train_on_inputs, reuse_prompt=reuse_prompt,
+                                plain_bos=plain_bos)
+            job = (batch, pool.submit(encode, batch.texts))
+            if pending:
+                finish(pending)
+            pending = job
+        if pending:
+            finish(pending)
+        if total["rows"] == 0:
+            writer.write_table(examples_schema().empty_table())
+    return SplitCounts(**{**total, "by_source": dict(sorted(total["by_source"].items()))})
 
 
 @contextlib.contextmanager
@@ -209,7 +322,6 @@ def training_templates(formatted: TemplateSet, data: DataSpec) -> TemplateSet:
 
 def run_tokenize(formatted_dir: Path | StageRef, base: BaseModelRef, out_root: Path, data: DataSpec) -> StageOutput:
     """Tokenize both splits with the base model's tokenizer into <out_root>/<short hash>/."""
-    import pyarrow.parquet as pq
     from transformers import AutoConfig, AutoTokenizer
 
     t0 = time.monotonic()
@@ -232,12 +344,12 @@ def run_tokenize(formatted_dir: Path | StageRef, base: BaseModelRef, out_root: P
     staging = _store.new_staging_dir(out_root, short_hash(key))
     counts = {}
     for split in ("train", "validation"):
-        rows = pq.read_table(formatted_dir / f"{split}.parquet",
-                             columns=["id", "source", "template", "instruction", "input", "messages", "prompt", "response"]).to_pylist()
-        with gc_paused():
-            examples, counts[split] = tokenize_rows(rows, tokenizer, templates, tokens, reuse_prompt=not data.template, **settings)
-        counts[split]["by_source"] = count_sources(examples)
-        pq.write_table(examples, staging / f"{split}.parquet")   # pyarrow directly; datasets reads it back as is
+        source = formatted_dir / f"{split}.parquet"
+        rows = _store.iter_rows(source, batch_size=BATCH_ROWS,
+                                columns=["id", "source", "template", "instruction", "input", "messages", "prompt", "response"])
+        with gc_paused():   # pyarrow directly; datasets reads it back as is
+            counts[split] = write_examples(rows, staging / f"{split}.parquet", tokenizer, templates, tokens,
+                                           reuse_prompt=not data.template, expected_rows=_store.count_rows(source), **settings)
     _store.write_model(staging / TEMPLATES_FILE, templates)
     _store.atomic_write_json(staging / SPECIAL_TOKENS_FILE, {k: v.model_dump() for k, v in tokens.items()})
     m = _store.write_manifest(staging, stage="tokenize", inputs={"formatted": formatted.content_hash, "tokenizer": tok_hash},
@@ -246,7 +358,7 @@ def run_tokenize(formatted_dir: Path | StageRef, base: BaseModelRef, out_root: P
                                       "special_tokens": {k: v.model_dump() for k, v in tokens.items()}},
                               counts=TokenCounts(**counts).model_dump(), timings={"tokenize": time.monotonic() - t0}, content_hash=key)
     _store.promote(staging, final)
-    log.info("tokenized %s: %s", formatted_dir.name, {s: c["kept"] for s, c in counts.items()})
+    log.info("tokenized %s: %s", formatted_dir.name, {s: c.kept for s, c in counts.items()})
     return StageOutput.of(final, m)
 
 

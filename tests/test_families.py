@@ -176,3 +176,62 @@ def test_a_trained_adapter_of_each_family_merges_into_the_same_logits(family, te
     question = "기숙사 신청은 언제 해요?"
     assert tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True) == \
         card.prompt_example == render_prompt(card.template_for("cbnu"), question, "", tok)
+
+
+@pytest.mark.parametrize("family,template", [("llama", "kullm"), ("llama", "persona"), ("gpt_neox", "kullm")])
+def test_tokenizing_a_split_in_batches_gives_what_one_batch_and_each_example_alone_give(family, template, models_root, tmp_path):
+    """run_tokenize streams a split through write_examples in batches (rows rendered, encoded in a background thread,
+    assembled on flat arrays): the file must hold what tokenize_rows makes of all rows at once, and each example what
+    build_from_pieces makes of its own pieces, with the BOS the tokenizer adds (llama), plain-text rows, multi-turn
+    conversations, truncation and drops; an empty split is a valid empty file."""
+    import random
+
+    import pyarrow.parquet as pq
+
+    from culbot.tasks import tokenize_data as td
+    from culbot.tasks.special_tokens import prefix_ids, special_tokens
+
+    tok, t = _tokenizer(models_root, family), load_template(template)
+    tokens = {template: special_tokens(tok, t, family)}
+    templates = TemplateSet(map={}, default=template, templates={template: t})
+    rng = random.Random(5)
+    words = ["기숙사", "신청", "충북대학교", "도서관", "학생", "언제", "어디서", "합니다", "오전", "9시", "{input}", " ", "\n"]
+    say = lambda k: "".join(rng.choices(words, k=rng.randrange(1, k)))  # noqa: E731
+    rows = []
+    for i in range(120):
+        kind = rng.choice(["single", "single", "completion", "turns"])
+        messages = ([{"role": "completion", "content": say(40)}] if kind == "completion" else
+                    [{"role": r, "content": say(15)} for _ in range(rng.randrange(1, 3)) for r in ("user", "assistant")] if kind == "turns" else [])
+        ins, inp = say(12), say(20) if rng.random() < 0.4 else ""
+        rows.append({"id": f"r{i}", "source": rng.choice(["kullm", "cbnu"]), "template": template, "instruction": ins, "input": inp,
+                     "messages": json.dumps(messages, ensure_ascii=False) if messages else "",
+                     "prompt": render_prompt(t, ins, inp, tok) if not messages and t.kind != "chat" else "", "response": say(30)})
+    for cutoff, overlength in ((512, "truncate"), *((c, "truncate") for c in (12, 17, 24, 31)), (24, "drop")):
+        settings = {"cutoff_len": cutoff, "train_on_inputs": False, "overlength": overlength}
+        whole, counts = tokenize_rows(rows, tok, templates, tokens, **settings)
+        path = tmp_path / f"{cutoff}-{overlength}.parquet"
+        streamed = td.write_examples((rows[i:i + 7] for i in range(0, len(rows), 7)), path, tok, templates, tokens, **settings)
+        assert pq.read_table(path).to_pylist() == whole.to_pylist()
+        assert streamed.model_dump() == {**counts, "by_source": td.count_sources(whole)}
+        want, dropped = [], 0
+        for r in rows:   # each example alone, from its own pieces
+            completion, segs = td.row_segments(r, t, tok, True)
+            end = [tok.eos_token_id] if completion or t.kind != "chat" else []
+            bos = prefix_ids(tok) if completion else tokens[template].bos
+            pieces = ([(bos, False)] if bos else []) + [(ids + (end if learned else []), learned)
+                                                         for ids, (_, learned) in zip(td.encode_texts(tok, [s for s, _ in segs]), segs)]
+            if not completion and t.kind != "chat":
+                assert pieces[len(bos) > 0][0] == td.encode_texts(tok, [render_prompt(t, r["instruction"], r["input"], tok)])[0] or r["messages"]
+            ex, reason = td.build_from_pieces(pieces, **settings)
+            if ex is None:
+                dropped += 1
+            else:
+                want.append({"id": r["id"], "source": r["source"], **ex})
+        assert whole.to_pylist() == want and counts["kept"] == len(want) and dropped == counts["over_cutoff"] + counts["prompt_fills_cutoff"]
+        if cutoff < 512:
+            assert counts["truncated"] or counts["over_cutoff"]
+    if family == "llama" and template == "kullm":
+        assert tokens[template].bos and all(r["input_ids"][0] == tokens[template].bos[0] for r in whole.to_pylist())
+    empty = tmp_path / "empty.parquet"
+    assert td.write_examples(iter([]), empty, tok, templates, tokens, **settings).kept == 0
+    assert pq.read_table(empty).num_rows == 0 and pq.read_table(empty).schema == td.examples_schema()

@@ -115,3 +115,36 @@ def test_the_columnar_tokenizer_makes_exactly_what_build_from_pieces_makes(tiny_
         if cutoff == 40:
             assert counts["truncated"] or counts["over_cutoff"]   # the short cutoff does cut
     assert reasons["over_cutoff"] > 0
+
+
+def test_a_tokenizer_json_that_sets_truncation_or_padding_still_encodes_every_text_whole(tiny_model):
+    """Some Hub tokenizer.json files enable truncation or padding; transformers turns them off on every call, and the
+    batched encoder (which calls the Rust tokenizer directly) must too, without changing the caller's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from culbot.tasks.tokenize_data import encode_texts
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    texts = ["충북대학교 도서관은 평일 오전 9시에 엽니다. 학생증을 꼭 가져오세요.", "기숙사"]
+    want = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert len(want[0]) > 8
+    tok.backend_tokenizer.enable_truncation(8)
+    tok.backend_tokenizer.enable_padding(length=16, pad_id=0)
+    assert encode_texts(tok, texts) == want
+    assert tok.backend_tokenizer.truncation["max_length"] == 8 and tok.backend_tokenizer.padding["length"] == 16
+
+
+def test_tokenize_logs_its_progress(tmp_path, sample_formatted, tiny_model, monkeypatch, caplog):
+    import logging
+
+    from culbot.pipeline_config.train_schema import DataSpec
+    from culbot.tasks import _store, tokenize_data
+
+    monkeypatch.setattr(tokenize_data, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(tokenize_data, "BATCH_ROWS", 16)
+    with caplog.at_level(logging.INFO, logger="culbot.tokenize"):
+        tokenize_data.run_tokenize(sample_formatted, tiny_base(tiny_model), tmp_path / "tok", DataSpec(cutoff_len=128))
+    n = _store.count_rows(sample_formatted / "train.parquet")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenize train:")]
+    assert n > 16 and len(lines) == -(-n // 16)
+    assert lines[0].startswith(f"tokenize train: 16/{n:,} (") and lines[-1].startswith(f"tokenize train: {n:,}/{n:,} (100%) rows")
