@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from culbot.flows.deployed import check_version
-from culbot.flows.params import DataOverrides, DataProfileName, profile_source
+from culbot.flows.params import DataOverrides, DataProfileChoice, DataProfileName, profile_source
 from culbot.flows.runner import RAW_LOCK, exclusive, run_stage
 from culbot.pipeline_config.schema import CbnuConfig, DataProfile, Univ100Config, load_data_profile
 from culbot.tasks import _store
@@ -56,10 +56,11 @@ def summary_markdown(profile: str, results: dict[str, StageOutput]) -> str:
 NEW_VERSION_EVENT = "culbot.dataset.new-version"   # what `culbot deploy --run-on-new-data` reacts to
 
 
-def announce_new_version(profile: str, dataset: StageOutput) -> None:
+def announce_new_version(profile: DataProfileChoice, dataset: StageOutput) -> None:
     """A Prefect event for a dataset version this refresh made (a cached or rebuilt one it already had is not new).
-    Only toward a configured server: a temporary one (`culbot run`) has no automation to react, and its events
-    client would only lengthen the run."""
+    It carries the refresh's data parameters, so a run it starts (``culbot deploy --run-on-new-data``) rebuilds the
+    same version. Only toward a configured server: a temporary one (`culbot run`) has no automation to react, and its
+    events client would only lengthen the run."""
     from prefect.events import emit_event
     from prefect.settings import get_current_settings
 
@@ -68,8 +69,10 @@ def announce_new_version(profile: str, dataset: StageOutput) -> None:
 
     emit_event(event=NEW_VERSION_EVENT, resource={"prefect.resource.id": f"culbot.dataset.{dataset.content_hash}",
                                                   "prefect.resource.name": short_hash(dataset.content_hash),
-                                                  "culbot.data-profile": profile},
-               payload={"path": str(dataset.path), "counts": {k: v for k, v in dataset.counts.items() if isinstance(v, int)}})
+                                                  "culbot.data-profile": profile.data_profile,
+                                                  "culbot.data-profile-file": profile.data_profile_file},
+               payload={"path": str(dataset.path), "counts": {k: v for k, v in dataset.counts.items() if isinstance(v, int)},
+                        "data_overrides": profile.data_overrides})
     get_run_logger().info("new dataset version %s: event %s", short_hash(dataset.content_hash), NEW_VERSION_EVENT)
 
 
@@ -91,10 +94,11 @@ def data_refresh(data_profile: DataProfileName = "sample", data_overrides: DataO
     check_version()
     dp = load_data_profile(profile_source(data_profile, data_profile_file, "data_profile"), data_overrides)
     with exclusive(RAW_LOCK):   # two refreshes (a schedule and a full run) never write raw/ at once
-        return _refresh(dp, force, artifact_root)
+        return _refresh(dp, force, artifact_root, DataProfileChoice(data_profile=data_profile, data_profile_file=data_profile_file,
+                                                                    data_overrides=data_overrides))
 
 
-def _refresh(dp: DataProfile, force: bool, artifact_root: str) -> DataRefreshResult:
+def _refresh(dp: DataProfile, force: bool, artifact_root: str, choice: DataProfileChoice) -> DataRefreshResult:
     stage = partial(run_stage, force=force, root=_artifact_root.configured(artifact_root))
     stages: dict[str, StageOutput] = {}
     sources: dict[str, StageOutput] = {}
@@ -113,7 +117,7 @@ def _refresh(dp: DataProfile, force: bool, artifact_root: str) -> DataRefreshRes
     known = {v["content_hash"] for v in _store.read_jsonl(Path(dp.merge_data.out_root) / "versions.jsonl")}
     stages["merge-data"] = dataset = stage(merge_data_task, merge_data=dp.merge_data, inputs={k: v.ref() for k, v in sources.items()})
     if dataset.content_hash not in known:
-        announce_new_version(dp.name, dataset)
+        announce_new_version(choice, dataset)
     index = None
     if dp.rag.enabled and "crawl-cbnu" in stages:
         stages["index"] = index = stage(index_task, rag=dp.rag, pages=stages["crawl-cbnu"].ref(), dataset=dataset.ref(),

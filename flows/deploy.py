@@ -243,8 +243,13 @@ def ensure_automations(deployments: dict[str, str], notify: str | None, run_on_n
                 trigger=EventTrigger(expect={NEW_VERSION_EVENT}, match={"prefect.resource.id": "culbot.dataset.*"},
                                      match_related={"prefect.resource.role": "deployment", "prefect.resource.id": refresh},
                                      posture=Posture.Reactive, threshold=1, within=0),
-                actions=[RunDeployment(source="selected", deployment_id=target.id,
-                                       parameters={"data_profile": "{{ event.resource['culbot.data-profile'] }}"})]))
+                # the refresh's own data parameters (flows/data_refresh.py: announce_new_version), so the run rebuilds
+                # the same version; the overrides travel as JSON in the payload
+                actions=[RunDeployment(source="selected", deployment_id=target.id, parameters={
+                    "data_profile": "{{ event.resource['culbot.data-profile'] }}",
+                    "data_profile_file": "{{ event.resource['culbot.data-profile-file'] }}",
+                    "data_overrides": {"__prefect_kind": "json", "value": {
+                        "__prefect_kind": "jinja", "template": "{{ event.payload.data_overrides | tojson }}"}}})]))
             made.append(NEW_DATA_AUTOMATION)
     if made:
         log(f"automations: {'; '.join(made)}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import BaseModel
+
 from culbot.pipeline_config.loader import ConfigError, override_keys
 from culbot.pipeline_config.schema import DataProfile, data_profiles
 from culbot.pipeline_config.train_schema import TrainProfile, train_profiles
@@ -22,6 +24,14 @@ TrainOverrides = dict[Literal[tuple(override_keys(TrainProfile))], Any]    # typ
 
 Stage = Literal["format", "train", "eval", "merge-adapter", "publish"]
 TrainOn = Literal["auto", "pool", "here"]
+
+
+class DataProfileChoice(BaseModel):
+    """The data parameters a run was given (what a new-dataset event carries to the run it starts)."""
+
+    data_profile: str
+    data_profile_file: str = ""
+    data_overrides: dict[str, Any] = {}
 
 
 def profile_source(name: str, file: str | None, what: str) -> str:

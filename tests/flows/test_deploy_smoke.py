@@ -63,11 +63,16 @@ def _trainers(work) -> list[str]:
 
 
 def _logs(api: str, flow_run_id: str) -> list[tuple[str, int, str]]:
-    """(logger, level, message) of a flow run's logs, read back through the API as the UI reads them."""
-    r = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200},
-                   timeout=30)
-    r.raise_for_status()
-    return [(x["name"], x["level"], x["message"]) for x in r.json()]
+    """(logger, level, message) of a flow run's logs, read back through the API as the UI reads them (200 a page)."""
+    out: list[tuple[str, int, str]] = []
+    while True:
+        r = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC",
+                                                   "limit": 200, "offset": len(out)}, timeout=30)
+        r.raise_for_status()
+        page = [(x["name"], x["level"], x["message"]) for x in r.json()]
+        out += page
+        if len(page) < 200:
+            return out
 
 
 class _Webhook(BaseHTTPRequestHandler):
@@ -220,11 +225,12 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
         assert _task_states(api, child["id"]) == [("tokenize", "Completed"), ("train", "Completed")]
         # culbot's own INFO lines are in the flow runs' logs: the launch command and the loss lines of training, the
         # parent's stage counts (issue 15: none reached the UI, the logger stayed at the root's WARNING)
-        child_logs = _logs(api, child["id"])
-        train_lines = [m for name, level, m in child_logs if name == "culbot.train" and level == 20]
-        assert any(m.startswith("launching: ") for m in train_lines), child_logs[:20]
-        assert any("loss" in m for m in train_lines), train_lines[:20]
-        assert any(name.startswith("culbot.") and level == 20 for name, level, _ in _logs(api, first))
+        # (the worker's processes send their logs in batches: wait for them rather than read once)
+        train_lines = lambda: [m for name, level, m in _logs(api, child["id"]) if name == "culbot.train" and level == 20]  # noqa: E731
+        _wait("the launch line in the training run's logs", lambda: any(m.startswith("launching: ") for m in train_lines()), seconds=30)
+        _wait("loss lines in the training run's logs", lambda: any("loss" in m for m in train_lines()), seconds=30)
+        _wait("culbot's INFO lines in the parent's logs",
+              lambda: any(name.startswith("culbot.") and level == 20 for name, level, _ in _logs(api, first)), seconds=30)
         parent = httpx.get(f"{api}/flow_runs/{first}", timeout=30).json()
         assert parent["name"].startswith(f"culbot-sample-cpu-tiny-{short_hash(dataset_hash)}-to-publish")
         assert list((work / "artifacts" / "datasets").glob("*/manifest.json"))
@@ -276,18 +282,22 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
         print("alert:", alert[0])
         assert "eval" in alert[0]["text"] and "Failed" in alert[0]["text"]
 
-        # New data starts culbot/full: a data refresh with another profile makes a new dataset version, its event reaches
-        # the server, and the automation starts culbot/full on that profile.
-        r = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "data-refresh/data-refresh", "-p", "data_profile=sample-mixed",
+        # New data starts culbot/full: a data refresh with a custom profile file and an override makes a new dataset
+        # version, its event reaches the server, and the automation starts culbot/full with the same data parameters.
+        custom = tmp_path / "lab-mixed.yaml"
+        custom.write_text((REPO / "pipeline_config" / "sample-mixed.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+        params = {"data_profile_file": str(custom), "data_overrides": {"merge_data.validation_fraction": 0.2}}
+        r = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "data-refresh/data-refresh", "--params", json.dumps(params),
                             "--watch", "--watch-timeout", "300"], capture_output=True, text=True, env=env, timeout=400)
         assert r.returncode == 0 and "Completed" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
         events = httpx.post(f"{api}/events/filter", json={"filter": {"event": {"name": ["culbot.dataset.new-version"]}}}, timeout=30).json()["events"]
-        assert any(e["resource"].get("culbot.data-profile") == "sample-mixed" for e in events), events
+        assert any(e["resource"].get("culbot.data-profile-file") == str(custom) for e in events), events
 
         def started():
             runs = httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [full["id"]]}}}, timeout=30).json()
-            return [x for x in runs if x["parameters"].get("data_profile") == "sample-mixed"]
+            return [x for x in runs if x["parameters"].get("data_profile_file") == str(custom)]
         triggered = _wait("culbot/full started by the new-data automation", started)
+        assert triggered[0]["parameters"]["data_overrides"] == params["data_overrides"], triggered[0]["parameters"]
         httpx.post(f"{api}/flow_runs/{triggered[0]['id']}/set_state", json={"state": {"type": "CANCELLING"}, "force": True}, timeout=30)
     finally:
         hook.shutdown()
