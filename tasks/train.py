@@ -11,6 +11,7 @@ complete checkpoint.
 """
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import json
@@ -201,8 +202,12 @@ def run_training(config_path: Path, tp: TrainProfile, *, on_line: Callable[[str]
     return result
 
 
-def curve_markdown(result: TrainResult, run_dir: Path, png_link: str | None = None) -> str:
-    """The training artifact: steps, final losses, packing, and a link to the loss-curve PNG (the points are a table artifact)."""
+INLINE_PNG_MAX_BYTES = 512 * 1024   # a loss curve is ~40 KB; anything much larger stays a link only
+
+
+def curve_markdown(result: TrainResult, run_dir: Path, png_link: str | None = None, png: bytes | None = None) -> str:
+    """The training artifact: steps, final losses, packing, the loss-curve PNG itself (``png``, inline as a data URI, so
+    the Prefect UI shows it on any host) and a link to its file (the points are a table artifact)."""
     evals = [h["eval_loss"] for h in result.log_history if "eval_loss" in h]
     lines = [f"# Training `{Path(run_dir).name}`", "",
              f"{result.global_step} optimizer steps, train loss {result.metrics.get('train_loss', float('nan')):.4f}"
@@ -213,6 +218,8 @@ def curve_markdown(result: TrainResult, run_dir: Path, png_link: str | None = No
                   f"{pk.real_token_share:.1%} real tokens, {pk.examples_per_row} examples per row.", ""]
     if png_link:
         lines += [f"Loss curve (train and eval loss, learning rate): [{LOSS_CURVE_PNG}]({png_link})", ""]
+    if png and len(png) <= INLINE_PNG_MAX_BYTES:
+        lines += [f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode('ascii')})", ""]
     lines += ["Every logged step: the table artifact `training-curve-points`.", ""]
     return "\n".join(lines)
 
@@ -249,7 +256,8 @@ def train_task(tp: TrainProfile, tokenized: StageRef) -> RunOutput:
     config = prepare_run(tp, tokenized)
     result = run_training(config, tp, env=tp.run_env())
     png = config.parent / LOSS_CURVE_PNG
-    create_markdown_artifact(curve_markdown(result, config.parent, _link(png) if png.is_file() else None), key="training-curve",
+    create_markdown_artifact(curve_markdown(result, config.parent, _link(png) if png.is_file() else None,
+                                            png.read_bytes() if png.is_file() else None), key="training-curve",
                              description="Training curve summary")
     create_table_artifact(curve_points(result)[-500:], key="training-curve-points", description="Train loss, eval loss and learning rate per step")
     return run_output(config.parent)

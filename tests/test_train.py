@@ -215,6 +215,12 @@ def test_training_curve_artifact_states_the_packing_and_links_the_png(tmp_path):
         assert im.format == "PNG" and im.size == (770, 396)
         colours = {c for _, c in im.convert("RGB").getcolors(maxcolors=100_000)}
     assert (31, 119, 180) in colours and (255, 127, 14) in colours   # the train (blue) and eval (orange) lines are drawn
+    # the picture itself rides in the artifact (the Prefect UI cannot reach the run folder's file)
+    import base64
+
+    md = curve_markdown(result, tmp_path / "cpu-tiny-abc", "file:///x/loss_curve.png", png.read_bytes())
+    inline = [line for line in md.splitlines() if line.startswith("![loss curve](data:image/png;base64,")]
+    assert len(inline) == 1 and base64.b64decode(inline[0].split(",", 1)[1].rstrip(")")) == png.read_bytes()
 
 
 def test_a_deleted_adapter_rebuilt_from_the_last_checkpoint_keeps_the_metrics_of_its_run(tmp_path, sample_tokenized, tiny_model):

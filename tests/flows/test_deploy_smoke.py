@@ -121,6 +121,25 @@ def _check_forms_in_a_browser(ui: str, deployment_id: str, shot) -> str:
     return text
 
 
+def _artifact_image_in_a_browser(ui: str, artifact_id: str, shot) -> list:
+    """[naturalWidth, naturalHeight] of the inline PNG on an artifact's page, as chromium renders it."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1600})
+        page.goto(f"{ui}/artifacts/artifact/{artifact_id}", wait_until="networkidle")
+        img = page.locator('img[src^="data:image/png"]').first
+        img.wait_for(timeout=60_000)
+        page.wait_for_function("() => [...document.images].some(i => i.src.startsWith('data:image/png') && i.complete && i.naturalWidth > 0)",
+                               timeout=30_000)
+        size = img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    return size
+
+
 def _run_smoke(env: dict) -> str:
     r = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "culbot/smoke", "--watch", "--watch-timeout", "600"],
                        capture_output=True, text=True, env=env, timeout=700)
@@ -238,6 +257,12 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
         assert list((work / "artifacts" / "models").glob("*/manifest.json"))
         cards = list((work / "artifacts" / "publish").glob("*/merged/README.md"))
         assert cards and "language:\n- ko\n" in cards[0].read_text().split("---")[1]
+        # the loss curve is on the training run's artifact page, inline (the UI cannot open the run folder's file)
+        curve = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["training-curve"]}}}, timeout=30).json()
+        assert curve, "no training-curve artifact"
+        size = _artifact_image_in_a_browser(api.removesuffix("/api"), curve[0]["id"], tmp_path / "training-curve.png")
+        print("loss curve in the UI:", size)
+        assert size == [770, 396]
 
         run_dir = next((work / "artifacts" / "runs").glob("cpu-tiny-*"))
         for rel in (f"artifacts/datasets/{dataset.name}", f"artifacts/runs/{run_dir.name}/adapter", f"artifacts/runs/{run_dir.name}"):
