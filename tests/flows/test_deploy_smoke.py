@@ -1,5 +1,6 @@
 """CI smoke on a real Prefect server: pools, deployments from deploy/prefect.yaml, a process worker, culbot/smoke twice;
 the run forms (also in a headless browser), the version check, and the automations reacting to real events."""
+import contextlib
 import json
 import os
 import shutil
@@ -105,39 +106,39 @@ def _deployment(api: str, name: str) -> dict:
     return r.json()
 
 
-def _check_forms_in_a_browser(ui: str, deployment_id: str, shot) -> str:
-    """The custom-run form of culbot/full as Debian's chromium renders it; returns the page's text."""
+@contextlib.contextmanager
+def _browser_page(url: str, height: int):
+    """A page of Debian's chromium (headless, through Playwright) opened at ``url``."""
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 2400})
-        page.goto(f"{ui}/deployments/deployment/{deployment_id}/run", wait_until="networkidle")
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": height})
+            page.goto(url, wait_until="networkidle")
+            yield page
+        finally:
+            browser.close()
+
+
+def _check_forms_in_a_browser(ui: str, deployment_id: str, shot) -> str:
+    """The custom-run form of culbot/full as chromium renders it; returns the page's text."""
+    with _browser_page(f"{ui}/deployments/deployment/{deployment_id}/run", 2400) as page:
         page.get_by_text("Data profile shipped in pipeline_config").first.wait_for(timeout=60_000)
         page.screenshot(path=str(shot), full_page=True)
-        text = page.inner_text("body")
-        browser.close()
-    return text
+        return page.inner_text("body")
 
 
 def _artifact_image_in_a_browser(ui: str, artifact_id: str, shot) -> list:
     """[naturalWidth, naturalHeight] of the inline PNG on an artifact's page, as chromium renders it."""
-    from playwright.sync_api import sync_playwright
-
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1600})
-        page.goto(f"{ui}/artifacts/artifact/{artifact_id}", wait_until="networkidle")
+    with _browser_page(f"{ui}/artifacts/artifact/{artifact_id}", 1600) as page:
         img = page.locator('img[src^="data:image/png"]').first
         img.wait_for(timeout=60_000)
         page.wait_for_function("() => [...document.images].some(i => i.src.startsWith('data:image/png') && i.complete && i.naturalWidth > 0)",
                                timeout=30_000)
-        size = img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
         page.screenshot(path=str(shot), full_page=True)
-        browser.close()
-    return size
+        return img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
 
 
 def _run_smoke(env: dict) -> str:
