@@ -164,9 +164,48 @@ def git_head(repo: Path) -> str:
     return git("rev-parse", "HEAD")
 
 
+_DAYS = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def describe_schedule(cron: str, timezone: str | None) -> str:
+    """A cron schedule in words with its timezone, e.g. 'every Monday at 03:00 Asia/Seoul (cron 0 3 * * 1)'."""
+    tz = timezone or "UTC"
+    minute, hour, dom, month, dow = (cron.split() + ["?"] * 5)[:5]
+    when = f"cron {cron}"
+    if minute.isdigit() and hour.isdigit() and dom == "*" and month == "*":
+        at = f"{int(hour):02d}:{int(minute):02d}"
+        if dow == "*":
+            return f"every day at {at} {tz} (cron {cron})"
+        if all(d.isdigit() and int(d) < 8 for d in dow.split(",")):
+            days = " and ".join(_DAYS[int(d)] for d in dow.split(","))
+            return f"every {days} at {at} {tz} (cron {cron})"
+    return f"on {when} in {tz}"
+
+
+def next_runs(cron: str, timezone: str | None, n: int = 2) -> list[str]:
+    """The next ``n`` times the schedule comes due, in its own timezone (Prefect's own cron arithmetic)."""
+    import asyncio
+
+    from prefect.server.schemas.schedules import CronSchedule
+
+    dates = asyncio.run(CronSchedule(cron=cron, timezone=timezone or "UTC").get_dates(n=n))
+    return [d.strftime("%a %Y-%m-%d %H:%M %Z") for d in dates]
+
+
+def schedule_lines(deployment) -> list[str]:
+    """What each active cron schedule of a deployment means, for its description and for `culbot deploy`'s output."""
+    out = []
+    for s in deployment.schedules or []:
+        cron = getattr(s.schedule, "cron", None)
+        if cron and s.active:
+            out.append(f"{describe_schedule(cron, s.schedule.timezone)}; next {', '.join(next_runs(cron, s.schedule.timezone))}")
+    return out
+
+
 def finish_deployments(names: list[str], log=print, git: tuple[str, str, str] | None = None) -> dict[str, str]:
     """Record this culbot's version on every deployment, pin the training deployments' profiles, enforce the parameter
-    schemas, and (with ``git``: repository, commit, home) set the git pull steps. Returns name -> deployment id."""
+    schemas, write each schedule (with its timezone) into the description, and (with ``git``: repository, commit, home)
+    set the git pull steps. Returns name -> deployment id."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentUpdate
 
@@ -183,6 +222,12 @@ def finish_deployments(names: list[str], log=print, git: tuple[str, str, str] | 
                 update["parameter_openapi_schema"] = pin_parameters(d.parameter_openapi_schema or {}, d.parameters, PINNED[flow])
             if git:
                 update["pull_steps"] = pull_steps(*git)
+            schedules = schedule_lines(d)
+            if schedules:
+                # `prefect deploy` has just reset the description from prefect.yaml, so this never doubles
+                update["description"] = f"{(d.description or '').rstrip()} Scheduled: {'; '.join(schedules)}."
+                for line in schedules:
+                    log(f"schedule of {name}: {line}")
             client.update_deployment(d.id, DeploymentUpdate(**update))
     log(f"version {version} on {len(names)} deployments" + (f"; workers install {git[0]} at {git[1][:12]}" if git else ""))
     return ids

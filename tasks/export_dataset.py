@@ -4,9 +4,11 @@ Run as: culbot export-dataset --dataset artifacts/datasets/<version> --format sh
 
 Writes train.jsonl and validation.jsonl, LLaMA-Factory's dataset_info.json, and a README.md dataset
 card (Hub metadata, sources, counts, the axolotl and LLaMA-Factory settings that read it).
-alpaca: instruction, input, output, plus system and history ([[question, answer], ...]) for
-conversations; sharegpt: conversations of {from: human|gpt, value} and system. Completion rows
-(plain text) have no place in either format and are counted as skipped.
+alpaca: instruction, input, output, system and history ([[question, answer], ...]); sharegpt:
+conversations of {from: system|human|gpt, value}, a system prompt as the first turn. Every row has
+every column that dataset_info.json maps (an empty system is "", no history is []), because
+LLaMA-Factory's converter reads each mapped column of every row. Completion rows (plain text) have no place in either format
+and are counted as skipped. bench/check_exports.py runs LLaMA-Factory's own loader on an export.
 """
 from __future__ import annotations
 
@@ -30,25 +32,31 @@ def _messages(row: dict) -> list[dict]:
 
 
 def to_alpaca(row: dict) -> dict | None:
+    """instruction, input, output, system and history on every row: LLaMA-Factory reads each column that
+    dataset_info.json maps on every row (a column no row has was a KeyError while it loaded the data)."""
     if not row.get("messages"):
-        return {"instruction": row["instruction"], "input": row["input"], "output": row["output"], "source": row["source"]}
+        return {"instruction": row["instruction"], "input": row["input"], "output": row["output"], "system": "", "history": [],
+                "source": row["source"]}
     msgs = json.loads(row["messages"])
     if msgs[0]["role"] == "completion":
         return None
     system = msgs[0]["content"] if msgs[0]["role"] == "system" else ""
     turns = [m["content"] for m in msgs if m["role"] != "system"]
     pairs = list(zip(turns[0::2], turns[1::2]))
-    out = {"instruction": pairs[-1][0], "input": "", "output": pairs[-1][1], "history": [list(p) for p in pairs[:-1]], "source": row["source"]}
-    return {**out, "system": system} if system else out
+    return {"instruction": pairs[-1][0], "input": "", "output": pairs[-1][1], "system": system, "history": [list(p) for p in pairs[:-1]],
+            "source": row["source"]}
+
+
+SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
 def to_sharegpt(row: dict) -> dict | None:
+    """conversations of {from, value}, a system prompt as its first turn (from: system), where both LLaMA-Factory's
+    sharegpt converter and axolotl's chat_template loader read it; no optional column."""
     msgs = _messages(row)
     if msgs[0]["role"] == "completion":
         return None
-    out = {"conversations": [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in msgs if m["role"] != "system"],
-           "source": row["source"]}
-    return {**out, "system": msgs[0]["content"]} if msgs[0]["role"] == "system" else out
+    return {"conversations": [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in msgs], "source": row["source"]}
 
 
 def dataset_info(name: str, fmt: str) -> dict:
@@ -56,8 +64,8 @@ def dataset_info(name: str, fmt: str) -> dict:
     if fmt == "alpaca":
         spec = {"formatting": "alpaca", "columns": {"prompt": "instruction", "query": "input", "response": "output", "history": "history", "system": "system"}}
     else:
-        spec = {"formatting": "sharegpt", "columns": {"messages": "conversations", "system": "system"},
-                "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"}}
+        spec = {"formatting": "sharegpt", "columns": {"messages": "conversations"},
+                "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt", "system_tag": "system"}}
     return {f"{name}_{split}": {"file_name": f"{split}.jsonl", **spec} for split in ("train", "validation")}
 
 
@@ -69,7 +77,8 @@ def card(name: str, fmt: str, version: str, counts: dict, stats: dict) -> str:
                                 {"split": "train", "path": "train.jsonl"}, {"split": "validation", "path": "validation.jsonl"}]}])
     axolotl = ({"path": ".", "type": "alpaca", "ds_type": "json", "data_files": ["train.jsonl"]} if fmt == "alpaca" else
                {"path": ".", "type": "chat_template", "ds_type": "json", "data_files": ["train.jsonl"], "field_messages": "conversations",
-                "message_property_mappings": {"role": "from", "content": "value"}, "roles": {"user": ["human"], "assistant": ["gpt"]}})
+                "message_property_mappings": {"role": "from", "content": "value"},
+                "roles": {"system": ["system"], "user": ["human"], "assistant": ["gpt"]}})
     rows = "\n".join(f"| {s} | {n} | {stats.get('validation_by_source', {}).get(s, 0)} |" for s, n in sorted(stats.get("train_by_source", {}).items()))
     body = f"""# {name}
 
