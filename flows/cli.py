@@ -64,9 +64,12 @@ class Command:
 # ----- what each command runs (imports inside: only the chosen command pays for them) -----
 
 def _print_output(out) -> None:
+    """The folder, its hash (for a folder named by it, said so: the name and the hash are one thing), its counts."""
     from culbot.tasks.contracts import short_hash
 
-    print(f"done: {out.path}\ncontent hash: {short_hash(out.content_hash)}\ncounts: {json.dumps(out.counts, ensure_ascii=False)}")
+    h = short_hash(out.content_hash)
+    named = Path(out.path).name == h
+    print(f"done: {out.path}\nhash: {h}" + (" (the folder's name)" if named else "") + f"\ncounts: {json.dumps(out.counts, ensure_ascii=False)}")
 
 
 def _prefect_env() -> None:

@@ -79,12 +79,43 @@ def tree_hash(folder: Path, exclude: Iterable[str] = (MANIFEST,)) -> str:
 
 # ----- atomic writes -------------------------------------------------------
 
+def umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only set it, which races threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_mode(path: Path, mask: int | None = None) -> None:
+    """Give a file or folder made by tempfile (0600 / 0700, whatever the umask) the mode a plain open() or mkdir() would
+    have had, so the lab's other users and a serving account can read what culbot promotes."""
+    mask = umask() if mask is None else mask
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
+
+
+def normal_modes(folder: Path) -> None:
+    """normal_mode for a folder and everything in it: libraries write through temporary files too (transformers'
+    safetensors are 0600), and a copy keeps its source's mode."""
+    mask = umask()
+    for p in [Path(folder), *Path(folder).rglob("*")]:
+        if not p.is_symlink():
+            normal_mode(p, mask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write to a temporary file beside ``path``, fsync, then rename over it."""
+    """Write to a temporary file beside ``path``, fsync, then rename over it (with the umask's mode, not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -184,8 +215,10 @@ def write_manifest(
     timings: dict[str, float] | None = None,
     content_hash: str | None = None,
 ) -> Manifest:
-    """Write ``manifest.json`` last. ``content_hash`` defaults to the folder's tree hash."""
+    """Write ``manifest.json`` last, every file and folder in it given the umask's modes first. ``content_hash`` defaults
+    to the folder's tree hash."""
     folder = Path(folder)
+    normal_modes(folder)
     files = file_hashes(folder)
     manifest = Manifest(
         stage=stage, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), code_version=code_version(),
@@ -269,10 +302,12 @@ def read_model(path: Path, cls: type[M]) -> M:
 
 
 def new_staging_dir(parent: Path, name: str) -> Path:
-    """A private folder beside the final one; renamed into place when complete."""
+    """A new folder beside the final one (a unique name, the umask's mode); renamed into place when complete."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-"))
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-"))
+    normal_mode(staging)
+    return staging
 
 
 def promote(staging: Path, final: Path) -> Path:

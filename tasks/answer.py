@@ -287,6 +287,10 @@ class Answerer:
         """``upstream``: an OpenAI-compatible base URL that generates (vLLM); only the tokenizer is loaded here.
         ``max_new_tokens``: overrides the answer settings' (the model's, or ``spec``)."""
         folder = Path(folder).resolve()
+        if not folder.is_dir():   # before transformers reads the name as a Hub repo id and says that instead
+            near = sorted(p.parent.name for p in folder.parent.glob("*/culbot.json"))[-3:] if folder.parent.is_dir() else []
+            raise FileNotFoundError(f"{folder}: no such model folder (a merged model is artifacts/models/<hash>, an adapter "
+                                    f"artifacts/runs/<run>/adapter)" + (f"; in {folder.parent}: {', '.join(near)}" if near else ""))
         if upstream:
             from transformers import AutoTokenizer
 

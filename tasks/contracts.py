@@ -303,6 +303,18 @@ class EvalReport(Versioned):
     def passed(self) -> bool:
         return self.status == "passed"
 
+    # How long eval took and how fast it generated: they change on every rerun and say nothing about the model.
+    TIMINGS: ClassVar[frozenset[str]] = frozenset({"seconds", "first_token_s", "tokens_per_s"})
+
+    def verdict(self) -> dict:
+        """The report without its timings: what it says about the model. A merged model is keyed by this, so an eval
+        rerun that only took another time merges to the same folder."""
+        def drop(value):
+            if isinstance(value, dict):
+                return {k: drop(v) for k, v in value.items() if k not in self.TIMINGS}
+            return [drop(v) for v in value] if isinstance(value, list) else value
+        return drop(self.model_dump(mode="json"))
+
 
 # Answer metrics: higher is better, except false_refusal_rate.
 LOWER_IS_BETTER = {"false_refusal_rate"}

@@ -369,12 +369,17 @@ def _write_outputs(out_dir, records, quarantine, rules: Univ100Config, *, counts
 
 
 def reparse(univ100: Univ100Config, out_dir: Path | None = None) -> StageOutput:
-    """Rebuild records and rows from the raw detail responses, with no network."""
+    """Rebuild records and rows from the raw detail responses, with no network. With no raw response to read it refuses
+    (and leaves the folder as it was) instead of writing an empty crawl."""
     out_dir = Path(out_dir or univ100.out_dir)
+    raw = sorted((out_dir / "raw" / "detail").glob("*.json"))
+    if not raw:
+        raise FileNotFoundError(f"nothing to reparse: {out_dir / 'raw' / 'detail'} holds no raw question responses (a crawl keeps "
+                                f"them there); crawl first (`culbot crawl univ100 --out {out_dir}`) or name the crawl's folder with --out")
     (out_dir / _store.MANIFEST).unlink(missing_ok=True)
     old = {r["id"]: r for r in _store.read_jsonl(out_dir / "records.jsonl")}
     records, quarantine = {}, []
-    for p in sorted((out_dir / "raw" / "detail").glob("*.json")):
+    for p in raw:
         fetched = old.get(p.stem, {}).get("fetched_at", "")
         try:
             rec = parse_question(p.read_bytes(), campus_id=univ100.campus_id, question_url=univ100.question_url, fetched_at=fetched)

@@ -125,7 +125,10 @@ def build_index(pages: Path | StageRef, rag: RagConfig, out_root: Path | None = 
     counts = {"documents": len(by_doc), "passages": len(passages), "title_keys": sum(k["kind"] == "title" for k in keys),
               "qa_keys": sum(k["kind"] == "qa" for k in keys), "gold_validation": sum(g["split"] == "validation" for g in gold),
               "dense": info.dense or "none"}
-    m = _store.write_manifest(staging, stage="index", inputs=inputs, config=settings, counts=counts, timings={"index": time.monotonic() - t0})
+    # named and hashed by its inputs and settings, like format and tokenize: the name is the hash culbot prints and later
+    # stages record (the build is byte-identical too, so the manifest's file hashes hold on a rebuild)
+    m = _store.write_manifest(staging, stage="index", inputs=inputs, config=settings, counts=counts, timings={"index": time.monotonic() - t0},
+                              content_hash=key)
     _store.promote(staging, final)
     log.info("index %s: %d documents, %d passages, %d question keys, dense %s (%.1fs)", final.name, len(by_doc), len(passages), len(keys),
              info.dense or "none", time.monotonic() - t0)

@@ -7,7 +7,8 @@ merged model's logits are compared with base + adapter on a probe batch; after s
 reloaded folder is compared again. The folder holds the model, its tokenizer (right
 padding, as trained), its generation config, templates.json and culbot.json: the run card
 with the eval it passed and how it was merged. It is addressed by the adapter, the dtype
-and the eval report, all three in its key, so a second merge is a no-op.
+and the eval report's verdict (without its timings), all three in its key, so a second merge,
+or one after an eval rerun that changed only timings, is a no-op.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def run_merge_adapter(run_dir: Path, spec: MergeAdapterSpec, out_root: Path, pro
     eval_hash = _store.read_manifest(eval_dir).content_hash if eval_dir else None
     dtype = merge_dtype(card, spec)
     adapter_hash = _store.read_manifest(adapter).content_hash
-    key = _store.hash_json({"adapter": adapter_hash, "dtype": dtype, "eval": eval_hash})
+    # the eval's verdict, not its folder's hash: a rerun of eval that only took another time is the same model
+    key = _store.hash_json({"adapter": adapter_hash, "dtype": dtype, "eval": evaluation.verdict() if evaluation else None})
     final = out_root / short_hash(key)
     if _store.is_complete(final):
         log.info("merged model %s already exists; nothing to do", final)

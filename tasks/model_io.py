@@ -36,6 +36,24 @@ def check_eos(tokenizer, model_config) -> int:
     return tok_eos
 
 
+class BaseModelChanged(RuntimeError):
+    """A local base model's files no longer match the manifest it was written with."""
+
+
+def check_local_base(folder: Path) -> None:
+    """A local base-model folder with a culbot manifest (a tiny model, a merged model) must still match it: an edited
+    base would train or answer as another model than the run card names."""
+    from . import _store
+
+    folder = Path(folder)
+    if (folder / _store.MANIFEST).is_file():
+        problems = _store.verify(folder)
+        if problems:
+            raise BaseModelChanged(f"base model {folder} changed since it was written: {problems[0]}"
+                                   f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; restore it, or delete its "
+                                   f"manifest.json to use it as it is now")
+
+
 def resolve_base(model: ModelSpec, *, models_root: Path, samples_dir: Path) -> BaseModelRef:
     """The base model to load on this host. The tiny model is built on first use; a Hub id is pinned to its commit.
 
@@ -50,6 +68,7 @@ def resolve_base(model: ModelSpec, *, models_root: Path, samples_dir: Path) -> B
         build_tiny_model(out, sample_corpus(samples_dir), family=family)
         return BaseModelRef(name=model.base, path=str(out.resolve()))
     if Path(model.base).exists():
+        check_local_base(Path(model.base))
         return BaseModelRef(name=model.base, path=str(Path(model.base).resolve()))
     from huggingface_hub import HfApi
 
@@ -72,6 +91,8 @@ def load_adapted(adapter_dir: Path, dtype: str | None = None):
     from transformers import AutoTokenizer
 
     card = read_run_card(adapter_dir)
+    if card.base.path is not None:
+        check_local_base(Path(card.base.location(adapter_dir)))
     base = _load_causal_lm(card.base.location(adapter_dir), dtype, card.base.revision)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     return model, AutoTokenizer.from_pretrained(str(adapter_dir)), card

@@ -1,6 +1,6 @@
 """The planner: per-GPU memory, the largest micro batch that fits, and time and cost for a training profile.
 
-Run as: culbot plan --profile a6000x4 [--set train.micro_batch_size=4] [--examples 160000]
+Run as: culbot plan --train-profile a6000x4 [--set train.micro_batch_size=4] [--examples 160000]
 
 The model's shape (linear layers, embeddings, heads, KV heads) comes from its config.json, for any architecture
 (tasks/architecture.py). The memory model (constants in pipeline_config/planner/planner.yaml, per-architecture

@@ -72,8 +72,12 @@ class Lexical:
 
     @classmethod
     def build(cls, texts: list[str], folder: Path) -> "Lexical":
+        """Index ``texts`` and save the index; the same texts give the same bytes in every process (the vocabulary is
+        sorted: bm25s numbers the words of a token list in set order, which changes with PYTHONHASHSEED)."""
+        docs = morphemes(texts) if texts else [[]]
+        vocab = {word: i for i, word in enumerate(sorted({w for doc in docs for w in doc} | {""}))}   # "": bm25s's empty token
         model = _bm25s().BM25()
-        model.index(morphemes(texts) if texts else [[]], show_progress=False)
+        model.index(([[vocab[w] for w in doc] for doc in docs], vocab), show_progress=False)
         model.save(str(folder))
         return cls(model)
 

@@ -143,3 +143,24 @@ def test_culbot_index_and_retrieve_on_a_folder_of_html_with_chrome_tables_and_eu
     assert r.returncode == 0 and json.loads(r.stdout)["hits"][0]["doc"] == "도서관"
     r = culbot("retrieve", "--index", str(tmp_path / "nowhere"), "--query", "도서관")
     assert r.returncode != 0 and "nowhere" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_builds_of_the_same_pages_are_byte_identical(tmp_path):
+    """Two processes (other hash seeds) build the same bytes; the folder name is the hash culbot prints and later stages
+    record (issue 22: the BM25 arrays and vocabulary followed set order, and a rebuilt index retrained the model)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from culbot.pipeline_config.schema import RagConfig; "
+            "from culbot.tasks.index import build_index; "
+            "o = build_index(Path(sys.argv[1]), RagConfig(), Path(sys.argv[2])); print(o.path.name, o.content_hash)")
+    built = []
+    for seed in ("1", "2"):
+        r = subprocess.run([sys.executable, "-c", code, str(SAMPLES / "cbnu_pages"), str(tmp_path / seed)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        name, content_hash = r.stdout.split()[-2:]
+        assert name == content_hash[:12]
+        built.append((name, _store.file_hashes(tmp_path / seed / name)))
+    assert built[0] == built[1]

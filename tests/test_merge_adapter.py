@@ -37,3 +37,26 @@ def test_the_eval_it_passed_is_part_of_the_merged_models_key(trained_run, tmp_pa
     with_eval = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], trained_run / "eval")
     assert without.content_hash != with_eval.content_hash
     assert _store.read_model(without.path / "culbot.json", RunCard).eval is None
+
+
+def test_an_eval_rerun_that_changed_only_timings_merges_to_the_same_folder(trained_run, tmp_path):
+    """Issue 22: the merged model was keyed by the eval folder's hash, so a rerun whose eval.json differed only in its
+    timings wrote a new model folder."""
+    import shutil
+
+    from culbot.tasks.contracts import EvalReport
+
+    first = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], trained_run / "eval")
+    rerun = tmp_path / "eval-rerun"
+    shutil.copytree(trained_run / "eval", rerun)
+    report = _store.read_model(rerun / "eval.json", EvalReport)
+    _store.write_model(rerun / "eval.json", report.model_copy(update={"seconds": report.seconds + 7.5}))
+    old = _store.read_manifest(trained_run / "eval")
+    _store.write_manifest(rerun, stage=old.stage, inputs=old.inputs, config=old.config, counts=old.counts, lineage=old.lineage)
+    assert _store.read_manifest(rerun).content_hash != old.content_hash
+    again = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], rerun)
+    assert again.path == first.path and len(list((tmp_path / "models").iterdir())) == 1
+    # a different verdict is a different model
+    _store.write_model(rerun / "eval.json", report.model_copy(update={"eval_loss": report.eval_loss + 1}))
+    _store.write_manifest(rerun, stage=old.stage, inputs=old.inputs, config=old.config, counts=old.counts, lineage=old.lineage)
+    assert run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], rerun).path != first.path

@@ -30,3 +30,28 @@ def test_load_adapted_takes_the_base_from_the_run_card(trained_run):
     model, tokenizer, card = load_adapted(trained_run / "adapter")
     assert card.base.name == "culbot:tiny" and tokenizer.eos_token_id == 2
     assert type(model).__name__ == "PeftModelForCausalLM" and not model.training
+
+
+def test_an_edited_local_base_is_refused_by_training_and_by_loading_its_adapter(tiny_model, trained_run, tmp_path):
+    """Issue 22: a local base whose files no longer matched its manifest was used without a word."""
+    import json
+    import shutil
+
+    from culbot.tasks.model_io import BaseModelChanged
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "rope_theta": 1.0}))
+    with pytest.raises(BaseModelChanged, match=r"base model .*base changed since it was written: .*config.json: content hash mismatch"):
+        resolve_base(ModelSpec(base=str(base)), models_root=tmp_path / "models", samples_dir=SAMPLES)
+    # the run's own base, edited after training: eval, merge and chat load it through load_adapted
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "adapter", run / "adapter")
+    from culbot.tasks import _store
+    from culbot.tasks.contracts import RunCard
+
+    card = _store.read_model(run / "adapter" / "culbot.json", RunCard)
+    _store.write_model(run / "adapter" / "culbot.json", card.model_copy(update={"base": card.base.model_copy(update={"path": str(base)})}))
+    with pytest.raises(BaseModelChanged):
+        load_adapted(run / "adapter")

@@ -236,3 +236,15 @@ def test_rough_edges_found_operating_from_the_ui(tmp_path):
     r = culbot("train", "--train-profile", "runpod-a100x2-llama3", "--data", str(tmp_path / "not-tokenized-yet"), "--dry-run",
                env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0 and "fits: " in r.stdout and "deepspeed --num_gpus 2" in r.stdout, r.stderr
+
+
+def test_nothing_to_reparse_and_a_missing_model_folder_are_said_plainly(tmp_path):
+    """Issue 22: a reparse with nothing to read printed "done" with 0 records and exit 0; a model path that does not exist
+    got a Hub repo-id error."""
+    (tmp_path / "univ100").mkdir()
+    (tmp_path / "univ100" / "records.jsonl").write_text('{"id": "1"}\n')
+    r = culbot("crawl", "univ100", "--reparse", "--out", str(tmp_path / "univ100"))
+    assert r.returncode == 1 and "nothing to reparse" in r.stderr and "done" not in r.stdout, (r.stdout, r.stderr)
+    assert (tmp_path / "univ100" / "records.jsonl").read_text() == '{"id": "1"}\n'   # left as it was
+    r = culbot("chat", "--model", "artifacts/models/nope", "--once", "기숙사 신청은 언제 해요?", cwd=tmp_path)
+    assert r.returncode == 1 and "artifacts/models/nope: no such model folder" in r.stderr and "repo" not in r.stderr.lower(), r.stderr
