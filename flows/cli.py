@@ -724,8 +724,9 @@ def _profile_args(p: argparse.ArgumentParser, profile: Profile) -> None:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="Override a data-profile field, e.g. --set qa.max_in_flight=8 (repeatable).")
     else:
-        p.add_argument("--train-profile", default="cpu-tiny",
-                       help=f"Training profile: a name in pipeline_config/profiles/ ({TRAIN_PROFILES}) or a YAML path. Default: cpu-tiny.")
+        p.add_argument("--train-profile", default=None,
+                       help=f"Training profile: a name in pipeline_config/profiles/ ({TRAIN_PROFILES}) or a YAML path. Default: the "
+                            "profile a --run was trained with, else cpu-tiny.")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="Override a training-profile field, e.g. --set train.max_steps=10 (repeatable).")
 
@@ -785,11 +786,28 @@ def flag_values(cmd: Command, a: argparse.Namespace, current: BaseModel | None =
     return out
 
 
+def train_profile_of(a: argparse.Namespace) -> str:
+    """--train-profile; else the profile the --run was trained with (eval, merge-adapter and publish apply its settings to
+    that run), else cpu-tiny. A given one must be the run's (run_folder.require_profile)."""
+    from culbot.tasks.run_folder import RUN_CONFIG_FILE, require_profile, trained_with
+
+    run = getattr(a, "run", None)
+    has_run = run is not None and (Path(run) / RUN_CONFIG_FILE).is_file()
+    if a.train_profile is None:
+        return trained_with(run) if has_run else "cpu-tiny"
+    if has_run:
+        try:
+            require_profile(run, load_train_profile(a.train_profile).name, a.command_spec.name)
+        except ValueError as e:
+            raise ConfigError(f"--train-profile: {e}") from None
+    return a.train_profile
+
+
 def load_profile_for(cmd: Command, a: argparse.Namespace):
     """The command's profile with its --set overrides and flag values, or None for commands without one."""
     if cmd.profile is None:
         return None
-    load, name = (load_data_profile, a.data_profile) if cmd.profile == "data" else (load_train_profile, a.train_profile)
+    load, name = (load_data_profile, a.data_profile) if cmd.profile == "data" else (load_train_profile, train_profile_of(a))
     mapping = any(f.mapping and getattr(a, f"flag:{f.field}") for f in cmd.flags)
     return load(name, a.overrides, flag_values(cmd, a, load(name, a.overrides) if mapping else None))
 

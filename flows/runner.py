@@ -21,7 +21,7 @@ from prefect import get_run_logger
 from culbot.tasks import _store
 from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import RunOutput, RunRef, StageOutput, StageRef
-from culbot.tasks.run_folder import finished_result, run_output
+from culbot.tasks.run_folder import finished_result, require_profile, run_output
 
 O = TypeVar("O", bound=StageOutput)
 
@@ -59,9 +59,54 @@ def pulled(out: StageOutput | None, root: str | None) -> bool:
     return verified(out)
 
 
+def _made_by(task_name: str) -> tuple[str, str] | None:
+    """(key, UI link or id) of the newest artifact that a run of ``task_name`` made when it did the work (not a cache hit)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterTaskRunId, TaskRunFilter, TaskRunFilterName,
+                                                TaskRunFilterState, TaskRunFilterStateName)
+    from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
+    from prefect.settings import get_current_settings
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=task_name),
+                                                                   state=TaskRunFilterState(name=TaskRunFilterStateName(any_=["Completed"]))),
+                                     sort=TaskRunSort.END_TIME_DESC, limit=20)
+        ids = [r.id for r in runs if r.name.rsplit("-", 1)[0] == task_name][:5]
+        arts = [a for a in client.read_artifacts(artifact_filter=ArtifactFilter(task_run_id=ArtifactFilterTaskRunId(any_=ids)),
+                                                 sort=ArtifactSort.CREATED_DESC, limit=20) if a.key] if ids else []
+    if not arts:
+        return None
+    ui = get_current_settings().ui_url
+    return arts[0].key, f"{ui.rstrip('/')}/artifacts/artifact/{arts[0].id}" if ui else f"artifact id {arts[0].id}"
+
+
+def say_cached(task_name: str, out: StageOutput) -> None:
+    """A stage served from the cache says what it served (Prefect's own line is only "Finished in state Cached"), and
+    where the artifact of the run that made it is."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from culbot.tasks._prefect import artifact_key
+    from culbot.tasks.contracts import short_hash
+
+    try:
+        made = _made_by(task_name)
+    except Exception as e:   # the run goes on without the link
+        get_run_logger().debug("no artifact link for %s: %s", task_name, e)
+        made = None
+    where = f"; its artifact: {made[0]} ({made[1]})" if made else ""
+    get_run_logger().info("%s: served from the cache: %s (hash %s)%s", task_name, out.path, short_hash(out.content_hash), where)
+    link = (f"[{made[0]}]({made[1]})" if made[1].startswith("http") else f"{made[0]} ({made[1]})") if made else "none found"
+    create_markdown_artifact(f"# {task_name}: served from the cache\n\n- output: `{out.path}`\n- hash: `{short_hash(out.content_hash)}`\n"
+                             f"- the artifact of the run that made it: {link}\n", key=artifact_key(f"{task_name}-cached"),
+                             description=f"{task_name} was served from the cache: the output folder and the run that made it")
+
+
 def run_stage(task, *, force: bool = False, root: str | None = None, **inputs) -> O:
     """Run one stage task and return its typed output, rebuilt if its cached folder is gone or altered."""
-    out = (task.with_options(refresh_cache=True) if force else task)(**inputs)
+    state = (task.with_options(refresh_cache=True) if force else task)(**inputs, return_state=True)
+    out = state.result()   # raises what the task raised
+    if state.name == "Cached" and verified(out):
+        say_cached(task.name, out)
     if not verified(out) and not pulled(out, root):
         get_run_logger().warning("%s: cached output %s is missing or changed; rebuilding it", task.name, out.path if out else None)
         out = task.with_options(refresh_cache=True)(**inputs)
@@ -84,10 +129,13 @@ def existing(path: str | Path, root: str | None = None) -> StageRef:
     return StageRef(path=path.resolve(), content_hash=_store.read_manifest(path).content_hash)
 
 
-def existing_run(run_dir: str | Path, root: str | None = None) -> RunRef:
-    """A finished training run the user named (pulled with its data if this host lacks it)."""
+def existing_run(run_dir: str | Path, root: str | None = None, profile: str | None = None, stage: str = "") -> RunRef:
+    """A finished training run the user named (pulled with its data if this host lacks it); with ``profile``, refused
+    unless it was trained with that training profile."""
     if root and finished_result(Path(run_dir)) is None:
         _artifact_root.pull_run(Path(run_dir), root)
+    if profile is not None:
+        require_profile(Path(run_dir), profile, stage)
     return run_output(run_dir).ref()
 
 

@@ -90,7 +90,7 @@ def eval_stage(run_dir: str, index_dir: str = "", train_profile: TrainProfileNam
         dataset_dir: The dataset version whose validation questions are answered, artifacts/datasets/HASH (empty: the run's own).
     """
     root, tp, stage = _setup(artifact_root, train_profile, train_profile_file, train_overrides, force)
-    run = existing_run(run_dir, root)
+    run = existing_run(run_dir, root, tp.name, "eval")
     return stage(eval_task, spec=tp.eval, run=run, index=existing(index_dir, root) if index_dir else None,
                  questions=questions_hash(tp.eval), answer=tp.answer, dataset=existing(dataset_dir, root) if dataset_dir else None,
                  publish=tp.publish, baseline=release_key(tp.publish, run.run_dir.name))
@@ -107,8 +107,8 @@ def merge_adapter_stage(run_dir: str, train_profile: TrainProfileName = "cpu-tin
         train_profile: Training profile shipped in pipeline_config/profiles: its eval, merge and publish settings apply.
     """
     root, tp, stage = _setup(artifact_root, train_profile, train_profile_file, train_overrides, force)
-    return stage(merge_adapter_task, spec=tp.merge_adapter, run=existing_run(run_dir, root), evaluation=existing(Path(run_dir) / EVAL, root),
-                 models_root=Path(tp.artifacts_root).resolve() / "models", probes=tp.eval.probes)
+    return stage(merge_adapter_task, spec=tp.merge_adapter, run=existing_run(run_dir, root, tp.name, "merge-adapter"),
+                 evaluation=existing(Path(run_dir) / EVAL, root), models_root=Path(tp.artifacts_root).resolve() / "models", probes=tp.eval.probes)
 
 
 @flow(name="publish-stage", flow_run_name="publish-{train_profile}")
@@ -123,5 +123,5 @@ def publish_stage(run_dir: str, model_dir: str = "", train_profile: TrainProfile
         train_profile: Training profile shipped in pipeline_config/profiles: its eval, merge and publish settings apply.
     """
     root, tp, stage = _setup(artifact_root, train_profile, train_profile_file, train_overrides, force)
-    return stage(publish_task, spec=tp.publish, run=existing_run(run_dir, root), model=existing(model_dir, root) if model_dir else None,
+    return stage(publish_task, spec=tp.publish, run=existing_run(run_dir, root, tp.name, "publish"), model=existing(model_dir, root) if model_dir else None,
                  evaluation=existing(Path(run_dir) / EVAL, root))

@@ -23,6 +23,23 @@ EVAL = "eval"
 PUBLISH = "publish"
 
 
+class ProfileMismatch(ValueError):
+    """A run's later stage was given another training profile than the run was trained with."""
+
+
+def trained_with(run_dir: Path) -> str:
+    """The name of the training profile the run was trained with (its config.json)."""
+    return read_config(run_dir).profile.name
+
+
+def require_profile(run_dir: Path, profile: str, stage: str) -> None:
+    """Eval, merge-adapter and publish read the profile's settings for the run: they must be the run's own profile's."""
+    if (Path(run_dir) / RUN_CONFIG_FILE).is_file() and trained_with(run_dir) != profile:
+        had = trained_with(run_dir)
+        raise ProfileMismatch(f"{stage}: run {Path(run_dir).name} was trained with training profile {had!r}, not {profile!r}; "
+                              f"give train_profile {had} (CLI: --train-profile {had}, or leave it out to take the run's)")
+
+
 class RunNotFinished(RuntimeError):
     """The run has no completed training result (failed, preempted or never run), or its adapter does not verify."""
 

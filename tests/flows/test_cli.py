@@ -248,3 +248,17 @@ def test_nothing_to_reparse_and_a_missing_model_folder_are_said_plainly(tmp_path
     assert (tmp_path / "univ100" / "records.jsonl").read_text() == '{"id": "1"}\n'   # left as it was
     r = culbot("chat", "--model", "artifacts/models/nope", "--once", "기숙사 신청은 언제 해요?", cwd=tmp_path)
     assert r.returncode == 1 and "artifacts/models/nope: no such model folder" in r.stderr and "repo" not in r.stderr.lower(), r.stderr
+
+
+def test_a_runs_later_stages_take_its_training_profile_and_refuse_another(trained_run, prefect_harness):
+    """Issue 22: merge-adapter with cpu-tiny-llama on a cpu-tiny run "completed"."""
+    from culbot.flows.stages import merge_adapter_stage
+    from culbot.tasks.run_folder import ProfileMismatch
+
+    r = culbot("merge-adapter", "--run", str(trained_run), "--train-profile", "cpu-tiny-llama")
+    assert r.returncode == 2 and f"run {trained_run.name} was trained with training profile 'cpu-tiny', not 'cpu-tiny-llama'" in r.stderr, r.stderr
+    with pytest.raises(ProfileMismatch, match="give train_profile cpu-tiny"):
+        merge_adapter_stage(run_dir=str(trained_run), train_profile="cpu-tiny-llama")
+    from culbot.flows.cli import build_parser, train_profile_of
+
+    assert train_profile_of(build_parser().parse_args(["merge-adapter", "--run", str(trained_run)])) == "cpu-tiny"

@@ -9,6 +9,14 @@ from culbot.tasks.contracts import short_hash
 from tests.conftest import flow_artifacts, sample_profile_file, task_states
 
 
+def _log_lines(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return [x.message for x in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)]
+
+
 @pytest.mark.slow
 def test_data_refresh_cold_then_fully_cached_then_rebuilds_corruption(tmp_path, prefect_harness):
     from culbot.flows.data_refresh import data_refresh
@@ -40,6 +48,15 @@ def test_data_refresh_cold_then_fully_cached_then_rebuilds_corruption(tmp_path, 
     warm = task_states(state2.state_details.flow_run_id)
     assert [s for _, s in warm] == ["Cached"] * 7
     assert state2.result().dataset.content_hash == d.content_hash
+    # a stage served from the cache says which folder and hash, and where the artifact of the run that made it is
+    # (issue 22: the UI showed only "Finished in state Cached")
+    lines = _log_lines(state2.state_details.flow_run_id)
+    served = [m for m in lines if m.startswith("merge-data: served from the cache: ")]
+    assert served and f"{d.path} (hash {short_hash(d.content_hash)}); its artifact: " in served[0], lines
+    assert any(m.startswith("index: served from the cache: ") for m in lines)
+    warm_arts = flow_artifacts(state2.state_details.flow_run_id)
+    assert "merge-data-cached" in warm_arts and str(d.path) in warm_arts["merge-data-cached"]
+    assert "the artifact of the run that made it: [merge-data](http" in warm_arts["merge-data-cached"]
 
     # A corrupted dataset version is detected by its manifest and rebuilt, never trusted.
     (tmp_path / "artifacts" / "datasets" / short_hash(d.content_hash) / "train.parquet").write_bytes(b"garbage")
