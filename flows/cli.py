@@ -17,7 +17,6 @@ import sys
 import time
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -812,10 +811,6 @@ def load_profile_for(cmd: Command, a: argparse.Namespace):
     return load(name, a.overrides, flag_values(cmd, a, load(name, a.overrides) if mapping else None))
 
 
-QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",   # transformers' and datasets' bars
-         "PYTHONWARNINGS": "ignore::FutureWarning"}   # libraries' notices about their next versions, not the user's business
-
-
 class _RunName(logging.Filter):
     """Name the stage in Prefect's lines ("Finished in state Completed()" alone does not say which)."""
 
@@ -827,16 +822,14 @@ class _RunName(logging.Filter):
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    for k, v in QUIET.items():   # before the libraries are imported, and inherited by the training subprocess
-        os.environ.setdefault(k, v)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    from culbot.tasks.quiet import quiet
+
+    quiet()   # before the libraries are imported; its environment is inherited by the training subprocess
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(where)s: %(message)s", datefmt="%H:%M:%S")
     for h in logging.getLogger().handlers:
         h.addFilter(_RunName())
-    for noisy in ("httpx", "httpcore", "openai"):
+    for noisy in ("httpx", "httpcore", "openai"):   # a line per request
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    for noisy in ("bitsandbytes", "DeepSpeed"):   # on CPU: which GPU kernels they could not load, at every import
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     cmd: Command = a.command_spec
     try:
         return cmd.run(a, load_profile_for(cmd, a))

@@ -12,6 +12,7 @@ goes on with its outputs. Cancelling this flow run cancels that child run.
 from __future__ import annotations
 
 import contextlib
+import time
 import os
 from functools import partial
 from pathlib import Path
@@ -91,8 +92,9 @@ def train_on_pool(tp: TrainProfile, train_profile: str, train_overrides: dict, f
         idempotency_key=f"{flow_run.id}:train",  # a retried parent finds its child instead of starting another
         tags=[f"{CHILD_TAG}{flow_run.id}"],
         job_variables={"env": env},
-        poll_interval=2,
+        timeout=0,   # start it and return: the wait below says how it goes
     )
+    child = wait_for_training(child, log)
     if not child.state or not child.state.is_completed():
         state = child.state.name if child.state else "unknown"
         raise TrainingFailed(f"training run {child.name} ({child.id}) ended {state}: {child.state.message if child.state else ''}")
@@ -100,6 +102,37 @@ def train_on_pool(tp: TrainProfile, train_profile: str, train_overrides: dict, f
     if not verified(run) and not pulled(run, root):
         raise TrainingFailed(f"training run {child.name} completed, but its run {run.run_dir} is neither on this host nor in the artifact root")
     return run
+
+
+def _newest_step_line(client, flow_run_id) -> str | None:
+    """The training run's newest step line (with its elapsed time and ETA, tasks/train.py), as its logs have it."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), sort=LogSort.TIMESTAMP_DESC, limit=50)
+    return next((x.message for x in logs if x.name == "culbot.train" and x.message.startswith("step ")), None)
+
+
+def wait_for_training(child, log, every_s: float = 60.0, poll_s: float = 2.0):
+    """Wait for the training run to end; say where it is in the UI at once, then every ``every_s`` its state and newest
+    step line, so the parent's log is not silent for the hours of a GPU run. Returns the ended run."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    ui = get_current_settings().ui_url
+    log.info("training run %s started: %s", child.name, f"{ui.rstrip('/')}/runs/flow-run/{child.id}" if ui else f"flow run id {child.id}")
+    t0 = said = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            child = client.read_flow_run(child.id)
+            if child.state is not None and child.state.is_final():
+                return child
+            if time.monotonic() - said >= every_s:
+                said = time.monotonic()
+                state = child.state.name if child.state else "not started"
+                log.info("training run %s: %s after %.0f min; %s", child.name, state, (said - t0) / 60,
+                         _newest_step_line(client, child.id) or "no step logged yet")
+            time.sleep(poll_s)
 
 
 def cancel_child_runs(flow, flow_run, state) -> None:

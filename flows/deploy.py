@@ -68,16 +68,19 @@ def _template(env: dict[str, str]) -> dict:
     return t
 
 
-def locks() -> list[str]:
-    """The global concurrency limits (limit 1 each) the flows hold: raw/ for data refreshes, one per training profile
-    for culbot/full (flows/runner.py)."""
+def locks() -> dict[str, str]:
+    """The global concurrency limits (limit 1 each) the flows hold, with what each is for: raw/ for data refreshes, one
+    per training profile for culbot/full (flows/runner.py). Prefect 3.8's limits have no description field, so
+    `culbot deploy` prints these."""
     from culbot.flows.runner import RAW_LOCK, full_lock
 
-    return [RAW_LOCK] + [full_lock(p.stem) for p in train_profiles()]
+    return {RAW_LOCK: "one data refresh at a time writes raw/ and the dataset folders (the weekly one and a chain's)",
+            **{full_lock(p.stem): f"one culbot/full chain at a time trains profile {p.stem}" for p in train_profiles()}}
 
 
 def ensure_locks(log=print) -> list[str]:
-    """Create the missing locks (a limit of 1 each) and hold existing ones at 1; returns the names created."""
+    """Create the missing locks (a limit of 1 each), hold existing ones at 1, and say what each is for; returns the names
+    created."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
     from prefect.exceptions import ObjectNotFound
@@ -92,8 +95,8 @@ def ensure_locks(log=print) -> list[str]:
             except ObjectNotFound:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
                 created.append(name)
-    if created:
-        log(f"created concurrency limits {', '.join(created)} (1 each)")
+    for name, purpose in locks().items():
+        log(f"concurrency limit {name} (1{', created' if name in created else ''}): {purpose}")
     return created
 
 

@@ -21,6 +21,7 @@ from prefect import get_run_logger
 from culbot.tasks import _store
 from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import RunOutput, RunRef, StageOutput, StageRef
+from culbot.tasks.quiet import quiet
 from culbot.tasks.run_folder import finished_result, require_profile, run_output
 
 O = TypeVar("O", bound=StageOutput)
@@ -183,7 +184,8 @@ def _in_a_run(record: logging.LogRecord) -> bool:
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
-def _culbot_logs_to_the_flow_run() -> None:
+def _culbot_logs_to_the_flow_run()
+quiet()   # a worker's flow process drops the libraries' known noise too (tasks/quiet.py) -> None:
     from prefect.logging.handlers import APILogHandler
 
     log = logging.getLogger("culbot")
@@ -196,3 +198,4 @@ def _culbot_logs_to_the_flow_run() -> None:
 
 
 _culbot_logs_to_the_flow_run()
+quiet()   # a worker's flow process drops the libraries' known noise too (tasks/quiet.py)

@@ -28,7 +28,8 @@ def _family(client, root_id) -> dict:
 
 
 def collect(flow_run_id) -> list[dict]:
-    """Every artifact of the run and the runs below it: {run, task, key, type, description, id}, in the order made."""
+    """Every keyed artifact of the run and the runs below it: {run, task, key, type, description, id}, in the order made.
+    Prefect's own result records (no key) are left out: they say nothing a reader can use."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
     from prefect.client.schemas.sorting import ArtifactSort
@@ -39,10 +40,11 @@ def collect(flow_run_id) -> list[dict]:
                                      sort=ArtifactSort.CREATED_DESC, limit=200)[::-1]
         tasks = {t.id: t.name for t in client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=list(runs))))}
     return [{"run": runs.get(a.flow_run_id, ""), "task": tasks.get(a.task_run_id, "") if a.task_run_id else "",
-             "key": a.key or "", "type": a.type or "", "description": a.description or "", "id": str(a.id)} for a in arts]
+             "key": a.key, "type": a.type or "", "description": a.description or "", "id": str(a.id)} for a in arts if a.key]
 
 
 def markdown(title: str, result: ChainResult | None, error: BaseException | None, arts: list[dict], ui_url: str | None) -> str:
+    """The summary: what ran, then each run's artifacts as a list (a line each, readable at any width)."""
     lines = [f"# {title}", ""]
     if error is not None:
         lines += [f"**Failed**: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", ""]
@@ -53,13 +55,15 @@ def markdown(title: str, result: ChainResult | None, error: BaseException | None
                  ("model", result.model.path.name if result.model else None),
                  ("published", str(result.publish.path) if result.publish else None)]
         lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in parts if v] + [""]
-    lines += [f"## Artifacts of this run and the runs below it ({len(arts)})", "", "| flow run | task | artifact | type | description |",
-              "|---|---|---|---|---|"]
-    for a in arts:
-        name = a["key"] or a["id"][:8]
-        link = f"[{name}]({ui_url.rstrip('/')}/artifacts/artifact/{a['id']})" if ui_url else f"`{name}`"
-        lines.append(f"| {a['run']} | {a['task']} | {link} | {a['type']} | {a['description'].replace('|', '/')} |")
-    return "\n".join(lines) + "\n"
+    lines += [f"## Artifacts of this run and the runs below it ({len(arts)})", ""]
+    for run in dict.fromkeys(a["run"] for a in arts):
+        lines += [f"**{run}**", ""]
+        for a in (x for x in arts if x["run"] == run):
+            link = f"[{a['key']}]({ui_url.rstrip('/')}/artifacts/artifact/{a['id']})" if ui_url else f"`{a['key']}`"
+            made_by = f" (task {a['task']})" if a["task"] else ""
+            lines.append(f"- {link}{made_by}: {a['description']}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def write_summary(key: str, title: str, result: ChainResult | None = None, error: BaseException | None = None) -> None:

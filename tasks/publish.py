@@ -300,9 +300,11 @@ def publish_task(spec: PublishSpec, run: RunRef, model: StageRef | None, evaluat
     rec = run_publish(run.run_dir, model.path if model else None, spec)
     for kind, p in rec.published.items():
         if p.repo:
-            create_link_artifact(p.where, link_text=f"{kind}: {p.repo}", key=f"published-{kind}")
+            create_link_artifact(p.where, link_text=f"{kind}: {p.repo}", key=f"published-{kind}",
+                                 description=f"The published {kind} model on the Hub ({p.repo}, commit {p.commit[:10] if p.commit else '?'})")
         else:
-            create_markdown_artifact(f"# Published {kind}\n\n`{p.where}`\n", key=f"published-{kind}")
+            create_markdown_artifact(f"# Published {kind}\n\n`{p.where}`\n", key=f"published-{kind}",
+                                     description=f"Where the published {kind} model was written")
     # The output that a cache hit must verify: the published folder itself for a local target, else the record.
     out = Path(rec.folder) if rec.folder else run.run_dir / PUBLISH
     m = _store.read_manifest(out)

@@ -79,7 +79,8 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, family: str =
     tok = Tokenizer(models.BPE(unk_token=f["unk"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=f["special"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=f["special"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)   # its bars print blank lines into logs
     tok.train_from_iterator(list(corpus), trainer)
     if f["add_bos"]:   # as Llama-3's tokenizer.json: BOS before every text encoded with special tokens
         bos = f["bos"]

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +39,7 @@ from .contracts import (
 )
 from . import artifact_root as _artifact_root
 from .loss_curve import LOSS_CURVE_PNG, curve_points, plot
+from .quiet import QUIET_ENV
 from .model_io import resolve_base
 from .plan import check_fits
 from .run_folder import ADAPTER, finished_result, read_config, run_output
@@ -137,16 +139,51 @@ def launch_command(tp: TrainProfile, config_path: Path) -> list[str]:
     return [sys.executable, "-m", "culbot.tasks.train_entry", *entry]
 
 
-def log_line(line: str) -> None:
-    """Readable progress from the entrypoint's JSON log lines; everything else as is."""
-    if line.startswith("culbot-log "):
-        d = json.loads(line[len("culbot-log "):])
-        if "loss" in d:
-            log.info("step %s/%s  loss %.4f  grad norm %.3g  lr %.3g", d["step"], d["max_steps"], d["loss"], d.get("grad_norm", float("nan")), d.get("learning_rate", 0))
-        elif "eval_loss" in d:
-            log.info("step %s/%s  eval loss %.4f", d["step"], d["max_steps"], d["eval_loss"])
-        return
-    log.info(line)
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class TrainerLines:
+    """What the entrypoint prints, as log lines: its JSON step logs as readable progress with the time elapsed and an
+    ETA (from the steps this process ran since training started: model loading is not counted), its own lines without
+    their tag, "LEVEL logger: message" lines at their level (tasks/quiet.py routes warnings so), blank lines dropped."""
+
+    LEVELED = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+): (.*)$")
+    STARTED = re.compile(r"^\[culbot\.train\] (?:starting from step (\d+)|resuming from checkpoint-(\d+))")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.launched = clock()
+        self.started: tuple[float, int] | None = None   # (time, step) when training began in this process
+
+    def progress(self, step: int, max_steps: int) -> str:
+        now = self.clock()
+        text = f"elapsed {_hms(now - self.launched)}"
+        if self.started and step > self.started[1] and max_steps > 0:
+            per_step = (now - self.started[0]) / (step - self.started[1])
+            text += f", ETA {_hms(per_step * (max_steps - step))}"
+        return text
+
+    def __call__(self, line: str) -> None:
+        if not line.strip():
+            return
+        if line.startswith("culbot-log "):
+            d = json.loads(line[len("culbot-log "):])
+            if "loss" in d:
+                log.info("step %s/%s  loss %.4f  grad norm %.3g  lr %.3g  (%s)", d["step"], d["max_steps"], d["loss"],
+                         d.get("grad_norm", float("nan")), d.get("learning_rate", 0), self.progress(d["step"], d["max_steps"]))
+            elif "eval_loss" in d:
+                log.info("step %s/%s  eval loss %.4f  (%s)", d["step"], d["max_steps"], d["eval_loss"], self.progress(d["step"], d["max_steps"]))
+            return
+        started = self.STARTED.match(line)
+        if started:
+            self.started = (self.clock(), int(started.group(1) or started.group(2)))
+        leveled = self.LEVELED.match(line)
+        if leveled:
+            log.log(logging.getLevelName(leveled.group(1)), "%s: %s", leveled.group(2), leveled.group(3))
+            return
+        log.info(line.removeprefix("[culbot.train] "))
 
 
 def run_training(config_path: Path, tp: TrainProfile, *, on_line: Callable[[str], None] | None = None,
@@ -162,7 +199,8 @@ def run_training(config_path: Path, tp: TrainProfile, *, on_line: Callable[[str]
     cmd = launch_command(tp, config_path)
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    lines = TrainerLines()
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **QUIET_ENV, **(env or {})}
     t0 = time.monotonic()
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, bufsize=1) as proc, \
             signals_forwarded(proc):
@@ -170,7 +208,7 @@ def run_training(config_path: Path, tp: TrainProfile, *, on_line: Callable[[str]
             for line in proc.stdout:
                 line = line.rstrip("\n")
                 tail.append(line)
-                (on_line or log_line)(line)
+                (on_line or lines)(line)
         except BaseException:
             # Prefect's cancellation (TerminationSignal) or an interrupt: the trainer checkpoints on SIGTERM, then we go on.
             proc.terminate()
@@ -216,8 +254,9 @@ def curve_markdown(result: TrainResult, run_dir: Path, png_link: str | None = No
         pk = result.packing
         lines += [f"Packed {pk.examples:,} examples into {pk.rows:,} rows of up to {pk.max_len} tokens: "
                   f"{pk.real_token_share:.1%} real tokens, {pk.examples_per_row} examples per row.", ""]
-    if png_link:
-        lines += [f"Loss curve (train and eval loss, learning rate): [{LOSS_CURVE_PNG}]({png_link})", ""]
+    if png_link:   # a link only where a browser opens it; a path or a bucket URL is named (the UI cannot open file://)
+        where = f"[{LOSS_CURVE_PNG}]({png_link})" if png_link.startswith(("http://", "https://")) else f"`{png_link}`"
+        lines += [f"Loss curve (train and eval loss, learning rate): {where}", ""]
     if png and len(png) <= INLINE_PNG_MAX_BYTES:
         lines += [f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode('ascii')})", ""]
     lines += ["Every logged step: the table artifact `training-curve-points`.", ""]
@@ -238,13 +277,13 @@ def _retry_if_preempted(task, task_run, state) -> bool:
 
 
 def _link(path: Path) -> str:
-    """Where a reader can open a file of the run: its place in the artifact root once pushed (every host sees it), else here."""
+    """Where a reader finds a file of the run: its place in the artifact root once pushed (every host sees it), else its
+    path here."""
     root = _artifact_root.configured()
     try:
-        url = _artifact_root.url_for(path, root) if root else str(path.resolve())
+        return _artifact_root.url_for(path, root) if root else str(path.resolve())
     except _artifact_root.TransferError:   # a run outside the working directory is not shared
-        url = str(path.resolve())
-    return url if "://" in url else Path(url).as_uri()
+        return str(path.resolve())
 
 
 @task(name="train", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=5,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -27,6 +28,7 @@ from pathlib import Path
 from culbot.tasks import _store
 from culbot.tasks.contracts import RUN_CARD_FILE, TRAIN_RESULT_FILE, RunConfig, TrainResult
 from culbot.tasks.model_io import torch_dtype
+from culbot.tasks.quiet import quiet
 from culbot.tasks.templates import EXAMPLE_QUESTION, install_chat_templates, render_prompt
 
 EXIT_GUARD = 3
@@ -240,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, required=True, help="The run's config.json, written by `culbot train`.")
     ap.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher.")
     args = ap.parse_args(argv)
+    # Warnings and library log records as "LEVEL logger: message" lines, which the train stage logs at their level;
+    # the known harmless ones dropped (tasks/quiet.py).
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet()
     run = _store.read_model(args.config, RunConfig)
     run_dir = args.config.resolve().parent
     ckpt_dir = run_dir / "checkpoints"

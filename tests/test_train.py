@@ -201,10 +201,11 @@ def test_training_curve_artifact_states_the_packing_and_links_the_png(tmp_path):
                          packing=PackingStats(examples=56, rows=17, max_len=256, tokens=4000, real_token_share=0.919, examples_per_row=3.29),
                          log_history=[{"step": 2, "loss": 6.9, "learning_rate": 1e-4}, {"step": 4, "loss": 6.5, "learning_rate": 5e-5},
                                       {"step": 4, "eval_loss": 6.7}, {"step": 4, "train_loss": 6.6, "train_runtime": 3.0}])
-    md = curve_markdown(result, tmp_path / "cpu-tiny-abc", "file:///x/loss_curve.png")
+    md = curve_markdown(result, tmp_path / "cpu-tiny-abc", "/x/loss_curve.png")
     assert md.splitlines()[:7] == ["# Training `cpu-tiny-abc`", "", "4 optimizer steps, train loss 6.5000, last eval loss 6.7000", "",
                                    "Packed 56 examples into 17 rows of up to 256 tokens: 91.9% real tokens, 3.29 examples per row.", "",
-                                   "Loss curve (train and eval loss, learning rate): [loss_curve.png](file:///x/loss_curve.png)"]
+                                   "Loss curve (train and eval loss, learning rate): `/x/loss_curve.png`"]   # no file:// link the UI cannot open
+    assert "[loss_curve.png](https://h/x.png)" in curve_markdown(result, tmp_path / "cpu-tiny-abc", "https://h/x.png")
     # the table artifact's rows: one per step, eval loss and learning rate on the step that logged them
     assert curve_points(result) == [{"step": 2, "loss": 6.9, "eval_loss": None, "learning_rate": 1e-4},
                                     {"step": 4, "loss": 6.5, "eval_loss": 6.7, "learning_rate": 5e-5}]
@@ -218,7 +219,7 @@ def test_training_curve_artifact_states_the_packing_and_links_the_png(tmp_path):
     # the picture itself rides in the artifact (the Prefect UI cannot reach the run folder's file)
     import base64
 
-    md = curve_markdown(result, tmp_path / "cpu-tiny-abc", "file:///x/loss_curve.png", png.read_bytes())
+    md = curve_markdown(result, tmp_path / "cpu-tiny-abc", "/x/loss_curve.png", png.read_bytes())
     inline = [line for line in md.splitlines() if line.startswith("![loss curve](data:image/png;base64,")]
     assert len(inline) == 1 and base64.b64decode(inline[0].split(",", 1)[1].rstrip(")")) == png.read_bytes()
 
@@ -262,3 +263,39 @@ def test_a_checkpoint_with_truncated_files_is_skipped_and_training_resumes_from_
     assert result.status == "completed" and result.global_step == 8 and result.resumed_from == "checkpoint-4"
     skipped = [l for l in lines if "skipping incomplete or corrupt checkpoint checkpoint-8" in l]
     assert skipped and "adapter_model.safetensors" in skipped[0] and "size" in skipped[0]
+
+
+def test_trainer_lines_give_elapsed_time_and_eta_and_keep_levels(caplog):
+    """Issue 22: step lines had no elapsed time or ETA; warnings, blank lines and `warnings.warn(` fragments reached the run
+    logs as INFO."""
+    import json
+    import logging
+
+    from culbot.tasks.train import TrainerLines
+
+    now = [100.0]
+    lines = TrainerLines(clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="culbot.train")
+    now[0] = 130.0   # 30 s of model loading
+    lines("[culbot.train] starting from step 0")
+    lines("")
+    now[0] = 150.0
+    lines("culbot-log " + json.dumps({"step": 10, "max_steps": 40, "loss": 2.5, "grad_norm": 0.3, "learning_rate": 1e-4}))
+    lines("WARNING culbot.warnings: UserWarning: something real (x.py:3)")
+    got = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert got == [("INFO", "starting from step 0"),
+                   ("INFO", "step 10/40  loss 2.5000  grad norm 0.3  lr 0.0001  (elapsed 0:00:50, ETA 0:01:00)"),
+                   ("WARNING", "culbot.warnings: UserWarning: something real (x.py:3)")]
+
+
+def test_the_known_library_noise_is_dropped_and_other_warnings_are_one_line(capfd):
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s'); "
+            "from culbot.tasks.quiet import quiet; quiet(); import warnings, deepspeed, bitsandbytes, peft; "
+            "warnings.warn('Could not find a config file in culbot:tiny - will assume'); warnings.warn('x', FutureWarning); "
+            "warnings.warn('a real one')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = [line for line in (r.stdout + r.stderr).splitlines()]
+    assert r.returncode == 0 and out == ["WARNING culbot.warnings: UserWarning: a real one (<string>:1)"], out

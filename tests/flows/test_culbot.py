@@ -52,7 +52,12 @@ def test_full_chain_then_a_cached_rerun_on_a_host_without_the_artifacts(tmp_path
                     "eval-report", "eval-metrics"):
             assert f"[{key}](" in summary and "/artifacts/artifact/" in summary, key
         assert f"| run | {out.run.run_dir.name} |" in summary and "| eval | passed, loss " in summary
-        assert "loss_curve.png](file://" in arts["training-curve"] and (out.run.run_dir / "loss_curve.png").is_file()
+        # a list, a line per artifact, each with its description; no keyless result records, no file:// links (issue 22)
+        listed = [line for line in summary.splitlines() if line.startswith("- [")]
+        assert len(listed) >= 8 and all(line.split(": ", 1)[1].strip() for line in listed), listed
+        assert "file://" not in summary and "| flow run |" not in summary
+        assert f"learning rate): `{out.run.run_dir / 'loss_curve.png'}`" in arts["training-curve"] and "file://" not in arts["training-curve"]
+        assert (out.run.run_dir / "loss_curve.png").is_file()
         assert "![loss curve](data:image/png;base64," in arts["training-curve"]
         assert (pub / "registry.json").is_file()   # the next eval's baseline; it does not change this run's cache keys (below)
         cold = [x for x in task_states(state.state_details.flow_run_id) if x[0] != "data-refresh"]   # the subflow's own run

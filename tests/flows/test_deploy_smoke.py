@@ -207,6 +207,7 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
                             "--run-on-new-data", "culbot/full"], capture_output=True, text=True, env=env, timeout=300)
         assert d.returncode == 0, d.stdout + d.stderr
         assert "automations: culbot: a run failed; culbot: train on a new dataset version" in d.stdout
+        assert "concurrency limit culbot-raw (1, created): one data refresh at a time writes raw/" in d.stdout   # what each is for
         for name in ("culbot/full", "data-refresh/data-refresh", "culbot/smoke", "train-stage/train-a6000x4", "train-stage/train-gcp-l4",
                      "train-stage/train-runpod-a100x2", "train-stage/train-cpu-tiny", "train-stage/train-runpod-a100x2-llama3",
                      "train-stage/train-laptop-6gb", "train-stage/train-cpu-tiny-llama", "eval-stage/eval", "merge-adapter-stage/merge-adapter", "publish-stage/publish"):
@@ -282,6 +283,14 @@ def test_smoke_deployment_on_a_real_server(tmp_path):
         _wait("loss lines in the training run's logs", lambda: any("loss" in m for m in train_lines()), seconds=30)
         _wait("culbot's INFO lines in the parent's logs",
               lambda: any(name.startswith("culbot.") and level == 20 for name, level, _ in _logs(api, first)), seconds=30)
+        # the parent names its training run and where the UI shows it (issue 22: it was silent for the whole of training);
+        # the step lines carry the time elapsed and an ETA
+        _wait("the training run's link in the parent's logs", lambda: any(
+            m.startswith("training run ") and f"/runs/flow-run/{child['id']}" in m for _, _, m in _logs(api, first)), seconds=30)
+        assert any(re.search(r"^step \d+/\d+ .*\(elapsed \d+:\d\d:\d\d, ETA \d+:\d\d:\d\d\)$", m) for m in train_lines())
+        noise = [m for name, level, m in _logs(api, child["id"]) if not m.strip() or "warnings.warn(" in m or "FutureWarning" in m
+                 or "gemm_4bit_forward" in m or "Setting accelerator to CPU" in m or "Could not find a config file" in m or "it/s]" in m]
+        assert noise == [], noise
         parent = httpx.get(f"{api}/flow_runs/{first}", timeout=30).json()
         assert parent["name"].startswith(f"culbot-sample-cpu-tiny-{short_hash(dataset_hash)}-to-publish")
         assert list((work / "artifacts" / "datasets").glob("*/manifest.json"))
