@@ -184,8 +184,7 @@ def _in_a_run(record: logging.LogRecord) -> bool:
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
-def _culbot_logs_to_the_flow_run()
-quiet()   # a worker's flow process drops the libraries' known noise too (tasks/quiet.py) -> None:
+def _culbot_logs_to_the_flow_run() -> None:
     from prefect.logging.handlers import APILogHandler
 
     log = logging.getLogger("culbot")
