@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 from typing import TypeVar
@@ -150,13 +152,49 @@ def full_lock(train_profile: str) -> str:
     return f"culbot-full-{train_profile}"
 
 
+LOCK_CHECK_S = float(os.environ.get("CULBOT_LOCK_CHECK_S", "30"))   # how often a waiting run checks on the holder and says so
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process on this host (from /proc), so a reused pid is not taken for the holder; None: gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_variable(name: str) -> str:
+    return f"culbot-lock-{name}"
+
+
+def _this_holder() -> dict:
+    from prefect.runtime import flow_run
+
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid), "flow_run": str(flow_run.id or ""),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def _holder_is_gone(holder: dict | None) -> bool:
+    """A recorded holder on this host whose process no longer runs (killed, crashed). One on another host is never
+    judged from here: its lease (Prefect's, renewed while it lives) lapses on a server that runs the lease service."""
+    return bool(holder) and holder.get("host") == socket.gethostname() and _process_start(int(holder["pid"])) != holder.get("start")
+
+
 @contextlib.contextmanager
 def exclusive(name: str):
     """Hold one slot of the global concurrency limit ``name`` (created with limit 1 by `culbot deploy`); runs queue
-    behind it. Where the limit does not exist (an ephemeral server: `culbot run`, CI) this waits for nothing."""
+    behind it. Where the limit does not exist (an ephemeral server: `culbot run`, CI) this waits for nothing.
+
+    The holder is recorded in a Prefect variable (culbot-lock-<name>: host, pid, flow run, since). A waiting run says
+    every CULBOT_LOCK_CHECK_S (30) seconds what it waits for and for how long, and releases a slot whose holder's
+    process is gone from this host: after a `kill -9` the slot stayed taken (an ephemeral server keeps no lease), and
+    the next refresh waited until someone released it by hand."""
     from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectNotFound
+    from prefect.variables import Variable
 
     try:
         with get_client(sync_client=True) as client:
@@ -164,12 +202,33 @@ def exclusive(name: str):
     except ObjectNotFound:
         yield   # not deployed with `culbot deploy`: nothing to wait for, and no warning about it
         return
-    t0 = time.monotonic()
-    with concurrency(name, occupy=1, strict=True):
+    log, t0 = get_run_logger(), time.monotonic()
+    with contextlib.ExitStack() as held:
+        while True:
+            try:
+                held.enter_context(concurrency(name, occupy=1, strict=True, timeout_seconds=LOCK_CHECK_S))
+                break
+            except TimeoutError:
+                holder = Variable.get(_holder_variable(name))
+                if _holder_is_gone(holder):
+                    # (a holder that took the slot a moment ago has written its record within that moment)
+                    with get_client(sync_client=True) as client:
+                        client.release_concurrency_slots(names=[name], slots=1, occupancy_seconds=1)   # the API wants > 0
+                    Variable.unset(_holder_variable(name))
+                    log.warning("released %s: its holder, process %s on %s (flow run %s, since %s), is gone", name, holder["pid"],
+                                holder["host"], holder.get("flow_run") or "?", holder.get("since", "?"))
+                    continue
+                who = (f"process {holder['pid']} on {holder['host']} (flow run {holder.get('flow_run') or '?'}, since "
+                       f"{holder.get('since', '?')})" if holder else "a run that left no record")
+                log.info("waiting for %s, held by %s: %.0f s so far", name, who, time.monotonic() - t0)
         waited = time.monotonic() - t0
         if waited > 1:
-            get_run_logger().info("waited %.0f s for %s (another run held it)", waited, name)
-        yield
+            log.info("waited %.0f s for %s (another run held it)", waited, name)
+        Variable.set(_holder_variable(name), _this_holder(), overwrite=True)
+        try:
+            yield
+        finally:
+            Variable.unset(_holder_variable(name))
 
 
 # ----- culbot's log lines in the flow runs' logs -------------------------------------------------

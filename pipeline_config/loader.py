@@ -6,6 +6,7 @@ or the flag, and the field's dotted path.
 """
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,9 +24,10 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown fields are errors, assignments are validated."""
+    """Base of every config section: unknown fields are errors, assignments are validated, and a float is a finite
+    number (YAML's .inf and .nan are refused: `--set train.learning_rate=.inf` passed and crashed training)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def find_config(name_or_path: str | Path, folder: Path, what: str) -> Path:
@@ -52,14 +54,23 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
+FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def field_path(dotted: str, label: str) -> list[str]:
+    """A dotted field name, exactly: 'train.epochs'. Empty parts, dots at either end and spaces are refused (each was
+    read as some other key, or applied silently)."""
+    if not isinstance(dotted, str) or not FIELD_PATH.fullmatch(dotted):
+        raise ConfigError(f"{label}: {dotted!r} is not a field name; write section.field with no spaces, e.g. train.epochs=3")
+    return dotted.split(".")
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'qa.max_in_flight=8' -> (['qa', 'max_in_flight'], 8). Values are parsed as YAML."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. qa.max_in_flight=8")
     key, raw = item.split("=", 1)
-    keys = [k for k in key.strip().split(".") if k]
-    if not keys:
-        raise ConfigError(f"--set {item!r}: empty key")
+    keys = field_path(key, f"--set {item!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -122,9 +133,7 @@ def load_config(model: type[M], path: Path, overrides: list[str] | tuple[str, ..
     # --set strings (the CLI) or a mapping of dotted field -> value (the flows' parameters, from the UI)
     pairs = overrides.items() if isinstance(overrides, dict) else ((".".join(k), v) for k, v in map(parse_override, overrides))
     for dotted, value in pairs:
-        keys = [k for k in str(dotted).split(".") if k]
-        if not keys:
-            raise ConfigError(f"{path}: an override has an empty field name")
+        keys = field_path(dotted, f"override {dotted!r}")
         _put(data, keys, value, f"override {dotted!r}")
         labels[".".join(keys)] = f"override {'.'.join(keys)}" if isinstance(overrides, dict) else f"--set {'.'.join(keys)}"
     for dotted, (flag, value) in (flags or {}).items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .loader import PACKAGE_DIR, ConfigError, Section, find_config, load_config
 
@@ -72,7 +72,7 @@ class Schedule(Section):
     global_batch_size: int = Field(1, ge=1, description="Examples (packed rows with data.packing) per optimizer step over all GPUs.")
     gradient_accumulation_steps: int | None = Field(None, ge=1, description="None: global / (micro × world). If set, must make the product exact.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1: use epochs).")
     learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear", description="Learning-rate schedule.")
     warmup_steps: float = Field(100, ge=0, description="Warm-up steps (a value below 1 is a ratio of all steps).")
@@ -88,6 +88,13 @@ class Schedule(Section):
     torch_compile: bool = Field(False, description="torch.compile the model (measure before enabling).")
     report_to: Literal["auto", "none", "wandb"] = Field("auto", description="'auto': W&B online when WANDB_API_KEY is set, else offline.")
     wandb_project: str = Field("culbot", description="W&B project (WANDB_PROJECT). The key itself comes only from the worker's environment.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("0 steps trains nothing: give a positive number of steps, or -1 to train for `epochs`")
+        return v
 
 
 class Guards(Section):

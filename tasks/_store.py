@@ -218,6 +218,7 @@ def write_manifest(
     """Write ``manifest.json`` last, every file and folder in it given the umask's modes first. ``content_hash`` defaults
     to the folder's tree hash."""
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     normal_modes(folder)
     files = file_hashes(folder)
     manifest = Manifest(

@@ -349,6 +349,12 @@ def run_generate(qa: QAGenConfig, pages_dir: Path, out_dir: Path | None = None, 
     for q in quarantine:
         r = q["reason"].split(":")[0]
         reasons[r] = reasons.get(r, 0) + 1
+    if chunks and not rows:   # never a finished output of nothing: the stage fails, and nothing downstream trains on it
+        common = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+        raise NoUsableRows(f"generate-qa: none of {len(chunks)} chunks gave a usable row "
+                           f"({', '.join(f'{r} ×{n}' for r, n in common) or 'no answer'}); every answer is in "
+                           f"{out_dir / 'quarantine.jsonl'} with its reason. Answers are cached in {qa.cache_dir}: a rerun pays only "
+                           f"for what a changed setting (qa.max_tokens, the model, the prompt) asks again")
     counts = {"pages": len(pages), "chunks": len(chunks), "hard_splits": hard, "rows": len(rows),
               "quarantined": len(quarantine), "quarantine_reasons": reasons, "requests": ledger.requests,
               "cache_hits": ledger.cache_hits, "cost_usd": round(ledger.cost_usd, 6)}
@@ -360,6 +366,10 @@ def run_generate(qa: QAGenConfig, pages_dir: Path, out_dir: Path | None = None, 
         content_hash=_store.sha256_file(out_dir / "rows.jsonl"),
     )
     return StageOutput.of(out_dir, m)
+
+
+class NoUsableRows(ValueError):
+    """Every chunk's answer was quarantined: the stage has nothing to hand on."""
 
 
 @task(name="generate-qa", cache_policy=stage_cache(__name__), persist_result=True, retries=1, retry_delay_seconds=30,

@@ -2,7 +2,7 @@
 
 1. Facts: every number, date, time, amount, phone number, e-mail, URL and code (S4-1, W) in the
    answer must appear in the source, compared after normalising (9시 = 09:00 = 오전 9시,
-   오후 5시 = 17시, 1,000원 = 1000원, 3.0 = 3).
+   오후 5시 = 17시, 1,000원 = 1000원, 3.0 = 3, 아홉 학점 = 9학점, 오후 두 시 = 14:00).
 2. Negation: an answer clause that says what its closest source clause says, with the polarity
    flipped (휴관합니다 / 휴관하지 않습니다), is flagged.
 3. Overlap: the share of the answer's character pairs found in the source (a coarse floor).
@@ -31,8 +31,33 @@ _WITH_UNIT = re.compile(rf"(\d[\d,]*(?:\.\d+)?)\s*({_UNIT})")
 _NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 _CODE = re.compile(r"(?<![A-Za-z0-9])[A-Z][A-Z0-9]*(?:-[A-Z0-9]+)*(?![A-Za-z0-9])")
 _PM = {"오후", "밤", "저녁"}
-NEGATION = re.compile(r"않|못\s?하|못\s|없|아니|아닌|아닙|불가|금지|무휴|말아|마세요|마십시오|안\s?되|안\s?돼")
+# 안 되다 in every form (되, 돼, 됩니다, 된, 될, 됐): "3일 이내에 안 됩니다" passed as agreeing with its source
+NEGATION = re.compile(r"않|못\s?하|못\s|없|아니|아닌|아닙|불가|금지|무휴|말아|마세요|마십시오|안\s?[되돼됩된될됐]")
 _CLAUSE = re.compile(r"[.!?\n]+|,\s|(?<=며)\s|(?<=고)\s(?=[가-힣])")
+
+
+# Korean numerals before a counter, as digits: "아홉 학점" passed against the source's 6학점. Native numerals (한, 두, 세,
+# ..., 아홉, 열, 스물, ... 아흔, and their combinations) and Sino-Korean tens (이십, 삼십오); a lone Sino-Korean digit (이,
+# 사, 일) is left alone, being also a word (this, company, day).
+_ONES = {"하나": 1, "한": 1, "둘": 2, "두": 2, "셋": 3, "세": 3, "석": 3, "넷": 4, "네": 4, "넉": 4, "다섯": 5, "여섯": 6, "일곱": 7,
+         "여덟": 8, "아홉": 9}
+_TENS = {"열": 10, "스물": 20, "스무": 20, "서른": 30, "마흔": 40, "쉰": 50, "예순": 60, "일흔": 70, "여든": 80, "아흔": 90}
+_SINO = {"일": 1, "이": 2, "삼": 3, "사": 4, "오": 5, "육": 6, "칠": 7, "팔": 8, "구": 9}
+_ALT = lambda words: "|".join(sorted(words, key=len, reverse=True))   # noqa: E731
+_COUNTER = rf"(?=\s?(?:{_UNIT}|시))"
+_NATIVE_NUMERAL = re.compile(rf"(?<![가-힣])(?:({_ALT(_TENS)})({_ALT(_ONES)})?|({_ALT(_ONES)})){_COUNTER}\s?")
+_SINO_TENS = re.compile(rf"(?<![가-힣])([이삼사오육칠팔구])?십([일이삼사오육칠팔구])?{_COUNTER}\s?")
+
+
+def korean_numerals(text: str) -> str:
+    """Numerals written as Korean words before a counter, in digits: 아홉 학점 -> 9학점, 스물두 명 -> 22명, 오후 두 시 -> 오후 2시."""
+    def native(m: re.Match) -> str:
+        return str(_TENS.get(m.group(1), 0) + _ONES.get(m.group(2) or m.group(3) or "", 0))
+
+    def sino(m: re.Match) -> str:
+        return str(10 * _SINO.get(m.group(1) or "", 1) + _SINO.get(m.group(2) or "", 0))
+
+    return _SINO_TENS.sub(sino, _NATIVE_NUMERAL.sub(native, text))
 
 
 def _number(raw: str) -> str:
@@ -44,7 +69,7 @@ def _number(raw: str) -> str:
 
 def facts(text: str) -> set[str]:
     """The checkable facts of a text, normalised: url:…, email:…, phone:…, time:HH:MM (or time:H?: without 오전/오후), code:…, n:value:unit, n:value."""
-    text = _text.nfc(text)
+    text = korean_numerals(_text.nfc(text))
     out: set[str] = set()
 
     def take(regex: re.Pattern, render) -> None:

@@ -54,14 +54,31 @@ def _hub_release(spec: PublishSpec) -> Release | None:
         return None
 
 
+def release_problems(release: Release) -> list[str]:
+    """Why a local release can no longer be a baseline: its published folder is gone or its files no longer match the
+    manifest written when it was published. A Hub release is the repo's own business (its commit is immutable)."""
+    if release.target != "local":
+        return []
+    roots = {Path(w).parent for w in release.where.values()}
+    return [p for root in sorted(roots) for p in _store.verify(root)]
+
+
 def previous_release(spec: PublishSpec, exclude_run: str | None = None) -> Release | None:
-    """The last model published to this target by another run (a run is never its own baseline): the local registry,
-    else (target hub) the repo's release file."""
+    """The last model published to this target by another run (a run is never its own baseline) whose published folder
+    still verifies: the local registry, else (target hub) the repo's release file. A release that no longer verifies is
+    skipped with a warning, and the one before it is the baseline (issue 22: a corrupted release stayed the gate's
+    baseline, never checked again)."""
     reg = registry_path(spec)
     if reg.is_file():
         mine = [r for r in _store.read_model(reg, Registry).releases if r.target == spec.target and r.run != exclude_run]
+        for release in reversed(mine):
+            problems = release_problems(release)
+            if not problems:
+                return release
+            log.warning("release %s (%s) is not a baseline: %s%s", release.run, ", ".join(release.where.values()), problems[0],
+                        f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
         if mine:
-            return mine[-1]
+            return None
     if spec.target == "hub" and spec.repo_id:
         hub = _hub_release(spec)
         return hub if hub is not None and hub.run != exclude_run else None

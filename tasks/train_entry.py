@@ -235,6 +235,45 @@ def run_metrics(trainer_metrics: dict, log_history: list[dict], resumed_step: in
             **{f"this_process_{k}": v for k, v in trainer_metrics.items() if k != "train_loss"}}
 
 
+# ----- W&B -----------------------------------------------------------------------------
+
+def wandb_key_problem(key: str) -> str | None:
+    """Why W&B refuses ``key`` (checked with its own auth call, nothing written to ~/.netrc), or None."""
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    try:
+        from wandb.sdk.lib import wbauth
+
+        wbauth.AuthApiKey(host=host, api_key=key).verify()
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).replace(key, '***')[:300]}"
+    return None
+
+
+def wandb_offline_unless_the_key_works(report: str) -> None:
+    """report_to 'auto' without WANDB_API_KEY logs offline; with a key, or 'wandb', online, unless W&B refuses the key
+    or cannot be reached: then offline with one warning naming the variable, instead of a wandb traceback and exit 1
+    after the model has loaded."""
+    key = os.environ.get("WANDB_API_KEY", "")
+    if os.environ.get("WANDB_MODE", "online") in ("offline", "disabled", "dryrun"):
+        return
+    if not key:
+        if report == "auto":
+            os.environ["WANDB_MODE"] = "offline"
+        return
+    problem = wandb_key_problem(key)
+    if problem:
+        logging.getLogger("culbot.train").warning(
+            "W&B did not accept WANDB_API_KEY (%s); logging offline to %s instead (`wandb sync` uploads it once the key "
+            "works)", problem, Path(os.environ.get("WANDB_DIR", ".")) / "wandb")
+        os.environ["WANDB_MODE"] = "offline"
+        # the check built wandb's settings singleton from the online environment; drop it and the key so that
+        # wandb.init reads WANDB_MODE afresh and its telemetry exporter does not send the refused key
+        del os.environ["WANDB_API_KEY"]
+        import wandb
+
+        wandb.teardown()
+
+
 # ----- main ---------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,9 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         collator = PadCollator(tokenizer.pad_token_id)
 
     report = sched.report_to
-    if report == "auto":
-        if not os.environ.get("WANDB_API_KEY"):
-            os.environ.setdefault("WANDB_MODE", "offline")
+    if report != "none":
+        wandb_offline_unless_the_key_works(report)
         report = "wandb"
     precision = {} if hw.use_cpu or spec.dtype == "fp32" else {spec.dtype: True}
     targs = TrainingArguments(

@@ -83,7 +83,7 @@ def test_the_gate_refuses_a_worse_model_and_passes_a_better_one(trained_run, cbn
     medium = evaluate("medium", None)
     assert medium.baseline == "none" and medium.metrics.refusal_rate == 1.0   # unanswerable ones refused by retrieval
     ev = type("E", (), {"answers": medium, "index": "idx"})()
-    record_release(publish, release_of(trained_run, card, ev, "local", {"merged": "somewhere"}))
+    record_release(publish, release_of(trained_run, card, ev, "local", {}))
     previous = previous_release(publish)
     assert previous.metrics == medium.metrics and previous.answers
 

@@ -169,3 +169,25 @@ def test_one_loader_names_the_flag_that_set_a_bad_value():
     a = build_parser().parse_args(["format", "--dataset", "d", "--template", "univ100=koalpaca"])
     prof = load_profile_for(a.command_spec, a)
     assert prof.format.template_map == {"kullm": "kullm", "cbnu": "cbnu2", "univ100": "koalpaca"}   # merged into the mapping
+
+
+@pytest.mark.parametrize("override, says", [
+    ("train.learning_rate=.inf", "finite number"), ("train.epochs=.inf", "finite number"), ("train.learning_rate=.nan", "finite number"),
+    ("train.max_steps=-5", "greater than or equal to -1"), ("train.max_steps=0", "0 steps trains nothing"),
+    ("train..epochs=3", "is not a field name"), (".train.epochs=3", "is not a field name"), ("train.epochs.=3", "is not a field name"),
+    ("train.epochs = 3", "is not a field name"),
+])
+def test_non_finite_out_of_range_and_malformed_overrides_exit_2(override, says, capsys):
+    """Issue 22: .inf passed validation and crashed training; -5 steps and malformed keys were applied silently."""
+    from culbot.flows.cli import main
+
+    assert main(["plan", "--train-profile", "cpu-tiny", "--set", override]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_a_flow_override_with_a_malformed_field_name_is_refused():
+    from culbot.pipeline_config.loader import ConfigError
+    from culbot.pipeline_config.train_schema import load_train_profile
+
+    with pytest.raises(ConfigError, match="'train..epochs' is not a field name"):
+        load_train_profile("cpu-tiny", {"train..epochs": 3})

@@ -193,3 +193,19 @@ def test_a_judge_answer_that_is_not_json_counts_as_unsupported():
     assert parse_verdict('{"supported": true, "reason": "ok"}') == (True, "ok")
     assert parse_verdict('판단: ```json\n{"supported": false, "reason": "숫자가 다름"}\n```') == (False, "숫자가 다름")
     assert parse_verdict("네, 뒷받침됩니다.")[0] is False and parse_verdict('{"supported": "yes"}')[0] is False
+
+
+def test_a_run_whose_every_answer_is_quarantined_fails_naming_the_commonest_reasons(tmp_path, monkeypatch):
+    """Issue 22: generate-qa exited 0 with 0 rows when every chunk was quarantined (truncated, garbage, timeout answers)."""
+    from culbot.tasks.generate_qa import NoUsableRows
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    pages = write_pages(tmp_path / "pages", [page_for("가가", 3), page_for("나나", 3), page_for("다다", 3)])
+    app = OpenAIApp(script={"가가 안내": [Reply(content=items_json(facts("가가"))[:80], finish_reason="length")],
+                            "나나 안내": [Reply(content=items_json(facts("나나"))[:60], finish_reason="length")],
+                            "다다 안내": [Reply(content="데이터를 만들 수 없습니다.")]})
+    with serve(OpenAIHandler, app) as base:
+        with pytest.raises(NoUsableRows, match=r"none of 3 chunks gave a usable row \(finish_reason_length ×2, unparsable ×1\)"):
+            run_generate(qa_config(tmp_path, base), pages)
+    assert len(_store.read_jsonl(tmp_path / "qa" / "quarantine.jsonl")) == 3   # kept, with their reasons
+    assert _store.read_manifest(tmp_path / "qa") is None                        # never a finished output

@@ -53,3 +53,19 @@ def test_measured_quality_on_the_labelled_sets_does_not_regress(name, precision,
     after = res["after: facts + negation + overlap"]
     assert after["precision"] >= precision and after["recall"] >= recall
     assert after["recall"] > res["before: overlap only"]["recall"] + 0.5
+
+
+@pytest.mark.parametrize("answer, source, reason", [
+    ("계절학기는 최대 아홉 학점까지 신청할 수 있습니다.", "계절학기는 최대 6학점까지 신청할 수 있습니다.", "fact_not_in_source: 9:학점"),
+    ("휴학 신청은 개강 후 3일 이내에 안 됩니다.", "휴학 신청은 개강 후 3일 이내에 가능합니다.", "negation_flip"),
+    ("상담은 오후 두 시에 시작합니다.", "상담은 오후 3시에 시작합니다.", "fact_not_in_source: 14:00"),
+    ("정원은 스물두 명입니다.", "정원은 20명입니다.", "fact_not_in_source: 22:명"),
+])
+def test_korean_numerals_and_an_rather_than_anh_negation_are_caught(answer, source, reason):
+    """Issue 22: a Korean numeral (아홉 학점 against 6학점) and 안 됩니다 were accepted as grounded."""
+    assert check(answer, source, 0.3)[1].startswith(reason)
+
+
+def test_the_same_fact_in_korean_numerals_is_grounded():
+    assert check("계절학기는 최대 여섯 학점, 하루 세 시간까지입니다.", "계절학기는 최대 6학점, 하루 3시간까지입니다.", 0.3)[1] is None
+    assert check("학교 안 식당은 열 시에 엽니다.", "학교 안 식당은 오전 10시에 엽니다.", 0.3)[1] is None   # 안 (inside) is no negation

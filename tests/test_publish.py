@@ -133,3 +133,8 @@ def test_different_runs_never_publish_into_the_same_folder(trained_run, tmp_path
     spec = PublishSpec(target="local", local_dir=tmp_path / "pub")
     assert previous_release(spec).run == other.name and (tmp_path / "pub" / "registry.json").is_file()
     assert (Path(b.published["adapter"].where) / "culbot_release.json").is_file()
+    # A published folder corrupted later is no baseline: the release before it is (issue 22: it stayed the gate's baseline).
+    (Path(b.published["adapter"].where) / "adapter_model.safetensors").write_bytes(b"not the weights")
+    assert previous_release(spec).run == trained_run.name
+    shutil.rmtree(a.folder)
+    assert previous_release(spec) is None   # neither verifies: the base model is the baseline, never a broken release

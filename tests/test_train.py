@@ -299,3 +299,40 @@ def test_the_known_library_noise_is_dropped_and_other_warnings_are_one_line(capf
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     out = [line for line in (r.stdout + r.stderr).splitlines()]
     assert r.returncode == 0 and out == ["WARNING culbot.warnings: UserWarning: a real one (<string>:1)"], out
+
+
+@pytest.mark.slow
+def test_an_invalid_wandb_key_logs_offline_with_one_warning(tmp_path, sample_tokenized, tiny_model, monkeypatch):
+    """Issue 22: report_to=auto with a WANDB_API_KEY that W&B refuses ended training with a wandb traceback and exit 1.
+    A local server stands in for W&B and refuses every key as api.wandb.ai does (401)."""
+    import json as _json
+    from http.server import BaseHTTPRequestHandler
+
+    from tests.servers.base import serve
+
+    class Refuses(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = _json.dumps({"errors": [{"message": "user is not logged in"}]}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST
+
+        def log_message(self, *a):
+            pass
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    key = "local" + "0" * 35
+    prof, cfg = _run(tmp_path, sample_tokenized, tiny_model, "train.report_to=auto", "train.max_steps=2", "train.save_steps=2")
+    lines = []
+    with serve(Refuses, None) as url:
+        result = run_training(cfg, prof, on_line=lines.append, env={"WANDB_API_KEY": key, "WANDB_BASE_URL": url, "WANDB_DIR": str(tmp_path),
+                                                                    "WANDB_SILENT": "true"})
+    assert result.status == "completed"
+    warned = [line for line in lines if "W&B did not accept WANDB_API_KEY" in line]
+    assert len(warned) == 1 and warned[0].startswith("WARNING culbot.train: ") and key not in "\n".join(lines), lines[-20:]
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
