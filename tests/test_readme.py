@@ -1,5 +1,6 @@
 """The README's two set-up commands exist, and CI runs the test command verbatim."""
 import re
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -95,3 +96,16 @@ def test_every_run_as_command_in_the_shipped_files_is_accepted(capsys):
         if argv[0] == "train":
             assert main(argv + ["--dry-run"]) == 0, (where, command)
             assert "launch: " in capsys.readouterr().out
+
+
+def test_the_stage_examples_name_the_folders_the_profiles_write():
+    """Issue 22: the stage examples used raw/univ100 where the flows wrote raw/sample/univ100, unexplained."""
+    from culbot.pipeline_config.schema import load_data_profile
+
+    text = (REPO / "README.md").read_text()
+    prod, sample = load_data_profile("production"), load_data_profile("sample")
+    for prod_dir, sample_dir in [(prod.univ100.out_dir, sample.univ100.out_dir), (prod.cbnu.out_dir, sample.cbnu.out_dir),
+                                 (prod.qa.out_dir, sample.qa.out_dir)]:
+        assert f"--out {prod_dir}/" in text and f"`{prod_dir}`" in text
+        assert sample_dir == Path("raw/sample") / prod_dir.relative_to("raw")
+    assert f"`{sample.univ100.out_dir}`" in text
