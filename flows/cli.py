@@ -224,23 +224,30 @@ def index(a, dp: DataProfile) -> int:
 
 def retrieve(a, _) -> int:
     from culbot.tasks import _store
-    from culbot.tasks.retrieval import Retriever, hits_json, read_questions
+    from culbot.tasks.retrieval import Retriever, answerable, hits_json, read_questions
 
     retriever = Retriever(a.index)
     if a.queries:
         if not a.out:
             raise ConfigError("--queries needs --out FILE.jsonl for the hits")
-        rows = [{"id": q["id"], "hits": hits_json(retriever.search(q["question"], a.k).hits)} for q in read_questions(a.queries)]
+        rows = []
+        for q in read_questions(a.queries):
+            res = retriever.search(q["question"], a.k)
+            rows.append({"id": q["id"], **res.parts(), "answerable": answerable(res.confidence, retriever.threshold), "hits": hits_json(res.hits)})
         _store.atomic_write_jsonl(a.out, rows)
-        print(f"{len(rows)} queries -> {a.out}")
+        refused = sum(r["answerable"] is False for r in rows)
+        print(f"{len(rows)} queries -> {a.out}; {refused} below the index's no-answer threshold {retriever.threshold} (confidence on every line)")
         return 0
     if not a.query:
         raise ConfigError("give --query TEXT, or --queries FILE.jsonl --out FILE.jsonl")
     res = retriever.search(a.query, a.k)
     if a.json:
-        print(json.dumps({"query": a.query, "confidence": res.confidence, "hits": hits_json(res.hits)}, ensure_ascii=False, indent=2))
+        print(json.dumps({"query": a.query, **res.parts(), "answerable": answerable(res.confidence, retriever.threshold),
+                          "no_answer_threshold": retriever.threshold, "hits": hits_json(res.hits)}, ensure_ascii=False, indent=2))
         return 0
-    print(f"confidence {res.confidence} (top lexical score {res.lexical_score} x coverage {res.coverage} of the question's words)")
+    verdict = {True: "answerable", False: "below it: chat, serve and demo refuse", None: "the index has no threshold"}[answerable(res.confidence, retriever.threshold)]
+    print(f"confidence {res.confidence} (share of the question's words, idf-weighted, in the top document; top lexical score "
+          f"{res.lexical_score}); the index's no-answer threshold {retriever.threshold}: {verdict}")
     for n, h in enumerate(res.hits, 1):
         print(f"\n{n}. {h.title}  [{h.doc}]  score {h.score}\n   {h.passage[:300].replace(chr(10), chr(10) + '   ')}")
     return 0
@@ -581,7 +588,8 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--qa", "A generate-qa folder: its questions become keys of their documents.", FOLDER),
         Arg("--dataset", "A dataset version: only its train split's questions become keys, and gold.jsonl says each question's split.", FOLDER),
     )),
-    Command("retrieve", "Search an index: one --query, or a batch (--queries FILE.jsonl of {id, question} -> --out FILE.jsonl of {id, hits}).",
+    Command("retrieve", "Search an index: one --query, or a batch (--queries FILE.jsonl of {id, question} -> --out FILE.jsonl of {id, "
+            "confidence, lexical_score, coverage, answerable, hits}).",
             retrieve, args=(
         Arg("--index", "An index folder (artifacts/indexes/<hash>).", {**FOLDER, "required": True}),
         Arg("--query", "A question.", {}),

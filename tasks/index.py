@@ -23,13 +23,13 @@ from ._prefect import stage_cache
 from .contracts import StageOutput, StageRef, short_hash
 from .documents import read_directory
 from .passages import doc_name, split_passages, subject
-from .retrieval import IndexInfo, Lexical
+from .retrieval import IndexInfo, Lexical, Retriever, calibrate, ngrams
 
 log = logging.getLogger("culbot.index")
 
 # What shapes the index, and how it is meant to be searched (recorded in index.json; Retriever reads it back).
-BUILD_SETTINGS = {"passage_tokens", "overlap_tokens", "question_keys", "title_questions", "include_univ100", "dense", "embedding_model",
-                  "embedding_base_url", "weights", "rrf_k", "k", "synonyms"}
+BUILD_SETTINGS = {"passage_tokens", "overlap_tokens", "pack_sections", "question_keys", "title_questions", "include_univ100", "dense", "embedding_model",
+                  "embedding_base_url", "weights", "rrf_k", "fusion", "k", "synonyms"}
 
 
 def _pages(source: Path | StageRef) -> tuple[list[dict], str]:
@@ -95,7 +95,7 @@ def build_index(pages: Path | StageRef, rag: RagConfig, out_root: Path | None = 
     if _store.is_complete(final):
         return StageOutput.of(final, _store.read_manifest(final))
 
-    passages = [p for page in page_list for p in split_passages(page, rag.passage_tokens, rag.overlap_tokens)]
+    passages = [p for page in page_list for p in split_passages(page, rag.passage_tokens, rag.overlap_tokens, pack_sections=rag.pack_sections)]
     by_doc: dict = {}
     for p in passages:
         by_doc.setdefault(p.doc, []).append(p)
@@ -106,6 +106,7 @@ def build_index(pages: Path | StageRef, rag: RagConfig, out_root: Path | None = 
     staging = _store.new_staging_dir(out_root, short_hash(key))
     _store.atomic_write_jsonl(staging / "passages.jsonl", [p.model_dump() for p in passages])
     Lexical.build([f"{p.title}\n{p.text}" for p in passages], staging / "lexical")
+    Lexical.build([f"{p.title}\n{p.text}" for p in passages], staging / "ngram", tokenize=ngrams)
     _store.atomic_write_jsonl(staging / "keys.jsonl", keys)
     if keys:
         Lexical.build([k["key"] for k in keys], staging / "keys_lexical")
@@ -122,16 +123,21 @@ def build_index(pages: Path | StageRef, rag: RagConfig, out_root: Path | None = 
     info = IndexInfo(passages=len(passages), documents=len(by_doc), keys=len(keys), dense=embedder.name if embedder else None, dim=dim,
                      settings=settings)
     _store.write_model(staging / "index.json", info)
+    # refusal calibrated on this index (what serving and eval use), with the lexical channels: the calibration must
+    # not depend on an embedder being reachable
+    calibration = calibrate(Retriever(staging, rag.model_copy(update={"weights": {**rag.weights, "dense": 0.0}}), verify=False))
+    info = info.model_copy(update={"calibration": calibration})
+    _store.write_model(staging / "index.json", info)
     counts = {"documents": len(by_doc), "passages": len(passages), "title_keys": sum(k["kind"] == "title" for k in keys),
               "qa_keys": sum(k["kind"] == "qa" for k in keys), "gold_validation": sum(g["split"] == "validation" for g in gold),
-              "dense": info.dense or "none"}
+              "dense": info.dense or "none", "no_answer_threshold": info.calibration["threshold"]}
     # named and hashed by its inputs and settings, like format and tokenize: the name is the hash culbot prints and later
     # stages record (the build is byte-identical too, so the manifest's file hashes hold on a rebuild)
     m = _store.write_manifest(staging, stage="index", inputs=inputs, config=settings, counts=counts, timings={"index": time.monotonic() - t0},
                               content_hash=key)
     _store.promote(staging, final)
-    log.info("index %s: %d documents, %d passages, %d question keys, dense %s (%.1fs)", final.name, len(by_doc), len(passages), len(keys),
-             info.dense or "none", time.monotonic() - t0)
+    log.info("index %s: %d documents, %d passages, %d question keys, dense %s, no-answer threshold %s (%.1fs)", final.name, len(by_doc),
+             len(passages), len(keys), info.dense or "none", info.calibration["threshold"], time.monotonic() - t0)
     return StageOutput.of(final, m)
 
 

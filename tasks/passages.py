@@ -14,6 +14,9 @@ from .chunking import estimate_tokens, split_text
 from .contracts import Passage
 
 _SITE_SUFFIX = re.compile(r"\s*[|\-–]\s*(충북대학교|CBNU).*$")
+# "학사일정 | 학사공지 | 한빛대학교", "학생식당 - 한빛대학교 학생생활관": a page title, then the site's sections and name
+_SECTIONS = re.compile(r"\s+[|｜>»:]+\s+|\s*\|\s*")
+_SITE_TAIL = re.compile(r"\s+[-–—:]+\s+(?=[^-–—:]*(대학교|대학|University|College|CBNU|홈페이지))")
 _TRAILING = re.compile(r"\s*(이용\s*)?(안내|소개)$")
 
 
@@ -22,9 +25,17 @@ def doc_name(url: str) -> str:
     return PurePosixPath(url[len("file:"):]).with_suffix("").as_posix() if url.startswith("file:") else url
 
 
+def clean_title(title: str) -> str:
+    """A page's own title, without the site's section and name that HTML titles carry: "휴학 안내 | 학사 | 한빛대학교" ->
+    "휴학 안내", "학생식당 운영 - 충북대학교" -> "학생식당 운영". A title that is nothing but those is kept."""
+    first = _SECTIONS.split(title.strip())[0].strip()
+    first = _SITE_TAIL.split(first)[0].strip()
+    return first or title.strip()
+
+
 def subject(title: str) -> str:
     """What a document is about, for title questions: 김하늘 교수 소개 -> 김하늘 교수, 중앙도서관 이용 안내 -> 중앙도서관."""
-    s = _SITE_SUFFIX.sub("", title).strip()
+    s = _SITE_SUFFIX.sub("", clean_title(title)).strip()
     return _TRAILING.sub("", s).strip() or s
 
 
@@ -45,8 +56,9 @@ def lines(page: dict) -> list[tuple[str, str]]:
     return out
 
 
-def split_passages(page: dict, max_tokens: int, overlap_tokens: int, count: Callable[[str], int] = estimate_tokens) -> list[Passage]:
-    doc, title, url = doc_name(page["url"]), page.get("title") or page["url"], page.get("source_url") or page["url"]
+def split_passages(page: dict, max_tokens: int, overlap_tokens: int, count: Callable[[str], int] = estimate_tokens,
+                   pack_sections: bool = True) -> list[Passage]:
+    doc, title, url = doc_name(page["url"]), clean_title(page.get("title") or "") or page["url"], page.get("source_url") or page["url"]
     passages: list[Passage] = []
     heading, cur, size = "", [], 0
 
@@ -59,9 +71,15 @@ def split_passages(page: dict, max_tokens: int, overlap_tokens: int, count: Call
     previous_kind = ""
     for kind, line in lines(page):
         if kind == "heading":
+            previous_kind = kind
+            if pack_sections and cur and size + count(line) <= max_tokens and size < max_tokens // 2:
+                # a short section runs on into the next one: three passages of two lines each would fill the
+                # model's context slots with one fact apiece
+                cur.append(line)
+                size += count(line)
+                continue
             flush()
             heading, cur, size = line, [], 0
-            previous_kind = kind
             continue
         if kind == "row" and previous_kind != "row":
             header = line

@@ -162,8 +162,8 @@ culbot serve --model ./{repo_name.split('/')[-1]} --index {index_dir} --port 800
 
 Generation: {'greedy' if not spec or not spec.do_sample else f'sampling (temperature {spec.temperature}, top_p {spec.top_p})'}, at most {spec.max_new_tokens if spec else 256} new tokens,
 repetition penalty {spec.repetition_penalty if spec else 1.1}; the answer ends at {f"`{tokens.end_token}`" if tokens else "the tokenizer's EOS"}{" or the template's next section header" if t.kind == "alpaca" else ""}.
-When the retrieval confidence (best lexical score × the share of the question's words in the top document) is under
-{spec.no_answer_threshold if spec and spec.no_answer_threshold is not None else 'the threshold eval measures'}, Culbot does not generate:
+When the retrieval confidence (the idf-weighted share of the question's words in the top document) is under
+{spec.no_answer_threshold if spec and spec.no_answer_threshold is not None else "the index's own threshold (calibrated when it is built)"}, Culbot does not generate:
 it says it does not know and names the office to ask.
 
 ## Training

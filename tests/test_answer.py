@@ -144,3 +144,20 @@ def test_a_cancelled_reply_stops_generating(trained_run):
     r.cancel()
     rest = list(it)
     assert r.meter["tokens"] < 400 and len(rest) < 400
+
+
+def test_serving_refuses_at_the_index_s_own_threshold_and_says_which_it_uses(trained_run, cbnu_index, caplog):
+    """Issue 23: chat, serve and demo applied the threshold eval measured on the sample index to any --index, silently."""
+    import logging
+
+    from culbot.tasks.answer import Answerer
+    from culbot.tasks.retrieval import Retriever
+
+    own = Retriever(cbnu_index).threshold
+    with caplog.at_level(logging.INFO, logger="culbot.answer"):
+        a = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerSpec(max_new_tokens=4))
+    assert a.threshold == own and a.info().no_answer_threshold == own and "calibrated for index" in a.info().threshold_source
+    assert f"no-answer threshold {own}: calibrated for index" in caplog.text
+    assert a.reply("학교 앞 맛집 추천해 주세요").refused and not a.reply("중앙도서관 평일 운영 시간이 어떻게 되나요?").refused
+    fixed = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerSpec(max_new_tokens=4, no_answer_threshold=0.0))
+    assert fixed.threshold == 0.0 and f"not the index's own {own}" in fixed.threshold_source

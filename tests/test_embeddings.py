@@ -55,7 +55,7 @@ def test_a_hybrid_index_stores_vectors_in_lancedb_and_fuses_them_with_bm25(tmp_p
 
         r = Retriever(out.path)   # the query embedder comes back from index.json: same model, same server
         res = r.search("휴학은 몇 년까지 가능해요?")
-        assert set(res.rankings) == {"lexical", "keys", "dense"} and len(res.rankings["dense"]) > 0
+        assert set(res.rankings) == {"lexical", "ngram", "keys", "dense"} and len(res.rankings["dense"]) > 0
         assert res.hits[0].doc == "휴학 및 복학 안내"
         assert sum(app.embedding_inputs) == passages + 1   # one query, one vector
 

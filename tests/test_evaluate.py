@@ -1,4 +1,6 @@
 """Eval of a tiny trained run: loss, perplexity, probe answers with the training template, and the gate."""
+import json
+
 import pytest
 
 from culbot.pipeline_config.train_schema import EvalSpec
@@ -32,15 +34,22 @@ def test_eval_scores_retrieval_on_the_hand_written_questions_and_gates_on_recall
 
     index = build_index(SAMPLES / "cbnu_pages", RagConfig(), tmp_path / "idx")
     spec = EvalSpec(probes=["x"], max_new_tokens=1, retrieval_questions=SAMPLES / "rag_questions.jsonl", answer_questions=0)
-    failed = run_eval(trained_run, spec.model_copy(update={"min_recall_at_5": 1.0}), index.path)
+    harder = tmp_path / "harder.jsonl"   # one question whose gold document the index does not have: recall@5 < 1
+    harder.write_text((SAMPLES / "rag_questions.jsonl").read_text() + '{"id": "x", "question": "화성 탐사선 발사일", "gold": ["없는 문서"]}\n')
+    failed = run_eval(trained_run, spec.model_copy(update={"min_recall_at_5": 1.0, "retrieval_questions": harder}), index.path)
     assert failed.status == "failed" and failed.reason.startswith(f"retrieval recall@5 {failed.retrieval.recall_at_5:.3f} < gate 1.0")
     res = run_eval(trained_run, spec.model_copy(update={"min_recall_at_5": 0.8}), index.path)
     r = res.retrieval
     assert res.status == "passed" and "retrieval recall@5" in res.reason and "≥ gate 0.8" in res.reason
-    assert r.questions == 67 and r.unanswerable == 10 and set(r.by_set) == {"direct", "paraphrase", "near-duplicate"}
-    assert 0.8 <= r.recall_at_5 < 1.0 and r.recall_at_1 <= r.recall_at_5 and r.mrr >= r.recall_at_1
+    assert r.questions == 67 and r.unanswerable == 10 and set(r.by_set) == {"direct", "paraphrase", "near-duplicate", "unanswerable"}
+    assert 0.8 <= r.recall_at_5 and r.recall_at_1 <= r.recall_at_5 and r.mrr >= r.recall_at_1
+    # issue 23: the answer facts in the passages the model is given, and refusal at the threshold serving uses (the index's)
+    assert r.context_k == 3 and 0.8 <= r.context_fact_recall <= 1.0
+    assert r.served_threshold == json.loads((index.path / "index.json").read_text())["calibration"]["threshold"]
+    assert r.served_accuracy is not None and r.by_set["unanswerable"]["refused"] >= 0.5
     md = (trained_run / "eval" / "eval.md").read_text()
     assert "## Retrieval" in md and f"| all answerable | 57 | {r.recall_at_1:.3f} | {r.recall_at_5:.3f} | {r.mrr:.3f} |" in md
+    assert f"Context fact recall: {r.context_fact_recall:.3f}" in md and f"index's own no-answer threshold {r.served_threshold}" in md
     m = _store.read_manifest(trained_run / "eval")
     assert m.inputs["index"] == index.content_hash and m.counts["recall_at_5"] == r.recall_at_5
     run_eval(trained_run, EvalSpec(probes=["도서관은 몇 시에 여나요?"], max_new_tokens=8, answer_questions=0))   # leave a passing eval for the tests below

@@ -60,7 +60,7 @@ def test_keys_come_from_the_train_split_only_and_gold_names_each_question_s_pass
     gold = _store.read_jsonl(out.path / "gold.jsonl")
     assert [(g["row"], g["split"], g["doc"], g["passage"]) for g in gold] == [
         ("q1", "train", "도서관", "도서관#0"), ("q2", "train", "식당", "식당#0"), ("q3", "validation", "주차", "주차#0")]
-    assert out.counts == {"documents": 3, "passages": 3, "title_keys": 3, "qa_keys": 2, "gold_validation": 1, "dense": "none"}
+    assert out.counts == {"documents": 3, "passages": 3, "title_keys": 3, "qa_keys": 2, "gold_validation": 1, "dense": "none", "no_answer_threshold": 0.01}
 
 
 def test_an_unchanged_folder_is_a_cache_hit_and_a_changed_page_or_setting_is_a_new_index(tmp_path):
@@ -134,9 +134,15 @@ def test_culbot_index_and_retrieve_on_a_folder_of_html_with_chrome_tables_and_eu
     r = culbot("retrieve", "--index", str(index), "--queries", str(queries), "--out", str(tmp_path / "hits.jsonl"), "--k", "2")
     assert r.returncode == 0, r.stderr
     hits = _store.read_jsonl(tmp_path / "hits.jsonl")
-    assert [h["id"] for h in hits] == ["a", "b"] and [len(h["hits"]) for h in hits] == [1, 2]   # only passages that match
+    assert [h["id"] for h in hits] == ["a", "b"] and [len(h["hits"]) for h in hits] == [2, 2]
     assert set(hits[0]["hits"][0]) == {"doc", "title", "url", "passage", "score"}
-    assert hits[0]["hits"][0]["doc"] == "기숙사 식당" and hits[0]["hits"][0]["title"] == "기숙사 식당 | 충북대학교"
+    # the title without the site's name (issue 23: "…| 학사공지 | 대학교" in keys and sources)
+    assert hits[0]["hits"][0]["doc"] == "기숙사 식당" and hits[0]["hits"][0]["title"] == "기숙사 식당"
+    # every line carries the confidence, its parts and the verdict at the index's own threshold (issue 23)
+    threshold = json.loads((index / "index.json").read_text())["calibration"]["threshold"]
+    assert all({"confidence", "lexical_score", "coverage", "answerable"} <= set(h) for h in hits)
+    assert all(h["answerable"] == (h["confidence"] >= threshold) for h in hits) and hits[0]["confidence"] > 0.5
+    assert f"below the index's no-answer threshold {threshold}" in r.stdout
     assert [h["doc"] for h in hits[1]["hits"]] == ["셔틀버스 시간표 방학중", "셔틀버스 시간표 학기중"]   # near-duplicates, in order
 
     r = culbot("retrieve", "--index", str(index), "--query", "도서관 몇 시까지 해요?", "--json")

@@ -15,7 +15,7 @@ def test_headings_start_passages_and_table_rows_stay_whole_with_their_header():
     assert [(p.id, p.doc, p.position, p.heading) for p in ps] == [
         ("sub/셔틀버스 시간표#0", "sub/셔틀버스 시간표", 0, "학기 중"), ("sub/셔틀버스 시간표#1", "sub/셔틀버스 시간표", 1, "학기 중"),
         ("sub/셔틀버스 시간표#2", "sub/셔틀버스 시간표", 2, "방학 중")]
-    assert {p.title for p in ps} == {"셔틀버스 시간표 | 충북대학교"} and {p.url for p in ps} == {PAGE["url"]}
+    assert {p.title for p in ps} == {"셔틀버스 시간표"} and {p.url for p in ps} == {PAGE["url"]}   # the site's name dropped
 
 
 def test_the_last_lines_of_a_passage_open_the_next_one():
