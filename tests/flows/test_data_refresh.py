@@ -9,12 +9,20 @@ from culbot.tasks.contracts import short_hash
 from tests.conftest import flow_artifacts, sample_profile_file, task_states
 
 
-def _log_lines(flow_run_id) -> list[str]:
+def _log_lines(flow_run_id, expect: str = "") -> list[str]:
+    """The flow run's log messages. Prefect sends run logs to the API in the background, in batches: wait (up to 30 s)
+    for a line starting with ``expect`` to arrive (under the whole suite they came after the flow had returned)."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        return [x.message for x in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)]
+    deadline = time.monotonic() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            lines = [x.message for x in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)]
+        if any(m.startswith(expect) for m in lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
@@ -50,7 +58,7 @@ def test_data_refresh_cold_then_fully_cached_then_rebuilds_corruption(tmp_path, 
     assert state2.result().dataset.content_hash == d.content_hash
     # a stage served from the cache says which folder and hash, and where the artifact of the run that made it is
     # (issue 22: the UI showed only "Finished in state Cached")
-    lines = _log_lines(state2.state_details.flow_run_id)
+    lines = _log_lines(state2.state_details.flow_run_id, expect="merge-data: served from the cache: ")
     served = [m for m in lines if m.startswith("merge-data: served from the cache: ")]
     assert served and f"{d.path} (hash {short_hash(d.content_hash)}); its artifact: " in served[0], lines
     assert any(m.startswith("index: served from the cache: ") for m in lines)
