@@ -201,6 +201,7 @@ class Retriever:
         self.passages = [Passage.model_validate(r) for r in _store.read_jsonl(self.folder / "passages.jsonl")]
         self.by_id = {p.id: p for p in self.passages}
         self.row_doc = [p.doc for p in self.passages]
+        self.row_by_id = {p.id: i for i, p in enumerate(self.passages)}
         self.doc_rows: dict[str, list[int]] = {}
         for i, p in enumerate(self.passages):
             self.doc_rows.setdefault(p.doc, []).append(i)
@@ -295,9 +296,7 @@ class Retriever:
         return coverage if lexical_score > 0 else 0.0
 
     def row_of(self, pid: str) -> int:
-        if not hasattr(self, "_rows"):
-            self._rows = {p.id: i for i, p in enumerate(self.passages)}
-        return self._rows[pid]
+        return self.row_by_id[pid]
 
     def fuse_scores(self, scores: dict[str, dict[int, float]]) -> list[tuple[int, float]]:
         """Score fusion: each ranked channel's scores over its best (1.0 for the top passage), the keys' coverage as it is
