@@ -399,10 +399,31 @@ def templates(a, _) -> int:
     return 0
 
 
+def _limits(items: list[str], current):
+    """answer.limits with --limit KEY=VALUE items applied (validated, the field named on error)."""
+    from pydantic import ValidationError
+
+    from culbot.pipeline_config.train_schema import InputLimits
+
+    update = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or key not in InputLimits.model_fields:
+            raise ConfigError(f"--limit {item!r}: expected KEY=VALUE with KEY one of {', '.join(InputLimits.model_fields)}")
+        update[key] = value
+    try:
+        return InputLimits.model_validate({**current.model_dump(), **update})
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ConfigError(f"--limit {first['loc'][0]}: {first['msg']}") from None
+
+
 def _answerer(a, **kw):
     from culbot.tasks.answer import Answerer
 
-    return Answerer.load(a.model, a.index, max_new_tokens=a.max_new_tokens, **kw)
+    answerer = Answerer.load(a.model, a.index, max_new_tokens=a.max_new_tokens, **kw)
+    answerer.spec = answerer.spec.model_copy(update={"limits": _limits(a.limit, answerer.spec.limits)})
+    return answerer
 
 
 def _print_reply(r, show_prompt: bool) -> None:
@@ -418,6 +439,8 @@ def _print_reply(r, show_prompt: bool) -> None:
 
 
 def chat(a, _) -> int:
+    from culbot.tasks.answer import InputRejected
+
     answerer = _answerer(a)
     if a.once is not None:
         r = answerer.reply(a.once, retrieval=not a.no_retrieval)
@@ -444,7 +467,11 @@ def chat(a, _) -> int:
             continue
         if not q:
             continue
-        r = answerer.reply(q, history, retrieval=not a.no_retrieval)
+        try:
+            r = answerer.reply(q, history, retrieval=not a.no_retrieval)
+        except InputRejected as e:
+            print(f"({e})")
+            continue
         _print_reply(r, a.show_prompt)
         history.append((q, r.text))
 
@@ -462,7 +489,9 @@ def serve(a, _) -> int:
           f"index {info.index or 'none'}); e.g. curl http://{a.host}:{a.port}/v1/models")
     if os.environ.get(a.api_key_env):
         print(f"requests need Authorization: Bearer ${a.api_key_env}")
-    uvicorn.run(create_app(answerer, max_queue=a.max_queue, api_key_env=a.api_key_env), host=a.host, port=a.port, log_level="info")
+    # SIGTERM: stop accepting, let answers in progress finish for --drain-seconds, then cancel what is left.
+    uvicorn.run(create_app(answerer, max_queue=a.max_queue, api_key_env=a.api_key_env), host=a.host, port=a.port, log_level="info",
+                timeout_graceful_shutdown=a.drain_seconds)
     return 0
 
 
@@ -472,11 +501,17 @@ def _serve_vllm(a) -> int:
     import subprocess
     import time as _time
 
-    from culbot.tasks.run_folder import read_run_card
-    from culbot.tasks.serve_api import vllm_command
-
     from culbot.tasks.answer import default_name
+    from culbot.tasks.run_folder import read_run_card
+    from culbot.tasks.serve_api import vllm_command, vllm_model
 
+    try:
+        model = vllm_model(a.model, read_run_card(a.model))
+    except ValueError as e:
+        raise ConfigError(f"--engine vllm: {e}") from None
+    if model != Path(a.model).resolve():
+        print(f"vLLM has no LoRA for this adapter's architecture ({read_run_card(a.model).model_type}): serving its merged model {model}")
+        a.model = model
     name = a.served_name or default_name(a.model)
     vport = a.port + 1 if a.index else a.port
     cmd = vllm_command(a.model, read_run_card(a.model), host="127.0.0.1" if a.index else a.host, port=vport, served_name=name)
@@ -514,6 +549,7 @@ def demo(a, _) -> int:
     from culbot.tasks.demo import build_demo
 
     answerer = _answerer(a)
+    answerer.warm_up()
     build_demo(answerer).launch(server_name=a.host, server_port=a.port, share=False)
     return 0
 
@@ -527,6 +563,9 @@ RUN = Arg("--run", "A run folder (artifacts/runs/<run>).", {**FOLDER, "required"
 MODEL = Arg("--model", "A merged model (artifacts/models/<hash>) or an adapter folder (artifacts/runs/<run>/adapter).", {**FOLDER, "required": True})
 INDEX = Arg("--index", "A retrieval index folder (artifacts/indexes/<hash>); without it, answers come without retrieval.", FOLDER)
 MAX_NEW = Arg("--max-new-tokens", "Most tokens per answer. Default: the model's answer settings (from its eval).", {"type": int})
+LIMIT = Arg("--limit", "Override a bound on what a request may hold (answer.limits: max_body_bytes 262144, max_messages 64, "
+                       "max_message_chars 4000, max_total_chars 32000), e.g. --limit max_message_chars=2000 (repeatable).",
+            {"action": "append", "default": [], "metavar": "KEY=VALUE"})
 
 COMMANDS: tuple[Command, ...] = (
     Command("run", "Run a flow: 'full' (data refresh, tokenize, train, eval, merge-adapter, publish) or 'data-refresh'. "
@@ -627,7 +666,7 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--json", "With --once: print the answer, sources, prompt and timings as JSON.", {"action": "store_true"}),
         Arg("--show-prompt", "Print the exact rendered prompt before each answer.", {"action": "store_true"}),
         Arg("--no-retrieval", "Answer without the index.", {"action": "store_true"}),
-        MAX_NEW,
+        MAX_NEW, LIMIT,
     )),
     Command("serve", "Serve a model folder as an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health) with retrieval; "
                      "or print and exec the `vllm serve` command for a GPU host (--engine vllm).", serve, args=(
@@ -643,14 +682,16 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--api-key-env", "Environment variable whose value, when set, every request must send as a bearer token. Default: CULBOT_API_KEY.",
             {"default": "CULBOT_API_KEY"}),
         Arg("--dry-run", "--engine vllm: print the commands and exit.", {"action": "store_true"}),
-        MAX_NEW,
+        Arg("--drain-seconds", "On SIGTERM, answers in progress may finish for this long; then they are cancelled. Default: 5.",
+            {"type": float, "default": 5.0}),
+        MAX_NEW, LIMIT,
     )),
     Command("demo", "A web chat (gradio) over a model folder: streamed answers, sources as links, a retrieval switch, example questions "
                     "and the model's version.", demo, args=(
         MODEL, INDEX,
         Arg("--host", "Address to listen on. Default: 127.0.0.1.", {"default": "127.0.0.1"}),
         Arg("--port", "Port. Default: 7860.", {"type": int, "default": 7860}),
-        MAX_NEW,
+        MAX_NEW, LIMIT,
     )),
     Command("plan", "Per-GPU memory, the largest micro batch that fits, and time and cost of training profiles.", plan, args=(
         Arg("--train-profile --profile", "Training profile (repeatable). Default: every shipped profile.",

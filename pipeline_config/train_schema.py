@@ -145,6 +145,15 @@ DEFAULT_OFFICES = [
 ]
 
 
+class InputLimits(Section):
+    """What one request may hold; past a limit the API answers 413 (body) or 400 (the rest), chat and the demo say so."""
+
+    max_body_bytes: int = Field(262_144, ge=1024, description="Largest request body the API reads (413 past it; `culbot serve` only).")
+    max_messages: int = Field(64, ge=1, description="Most messages in one request (system, user and assistant together).")
+    max_message_chars: int = Field(4000, ge=1, description="Most characters in one message, the question included.")
+    max_total_chars: int = Field(32_000, ge=1, description="Most characters in all messages of a request together.")
+
+
 class AnswerSpec(Section):
     source: str = Field("cbnu", description="Questions are rendered with this source's training template (the chat templates saved in the tokenizer default to it).")
     max_new_tokens: int = Field(200, ge=1, description="Most tokens per answer.")
@@ -161,6 +170,7 @@ class AnswerSpec(Section):
     offices: list[Office] = Field(default_factory=lambda: [o.model_copy() for o in DEFAULT_OFFICES],
                                   description="Where the refusal points: the first office one of whose topics is in the question, else the one without topics. Check the contacts before a release.")
     history_turns: int = Field(3, ge=0, description="Earlier turns kept for templates with a conversation form (chat); alpaca-style templates keep the last turn only.")
+    limits: InputLimits = Field(default_factory=InputLimits, description="Bounds on what a student or client may send (chat, serve, demo).")
 
 
 class MergeAdapterSpec(Section):

@@ -74,6 +74,24 @@ def one_line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+_URL_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f<>\"'`{}|\\^]")
+
+
+def http_url(url: str | None) -> str | None:
+    """``url`` when it is a plain http(s) URL with a host and nothing that could leave a link or an attribute (spaces,
+    quotes, angle brackets, backslashes, control characters); else None. Pages are untrusted: their canonical URL is
+    shown to students as a link."""
+    from urllib.parse import urlsplit
+
+    if not url or len(url) > 2048 or _URL_UNSAFE.search(url):
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    return url if parts.scheme in ("http", "https") and parts.hostname else None
+
+
 def domain_allowed(url: str, allowed: list[str]) -> bool:
     from urllib.parse import urlsplit
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from culbot.pipeline_config.train_schema import AnswerSpec
+from culbot.pipeline_config.train_schema import AnswerSpec, InputLimits
 
 from . import _store
 from .contracts import EVAL_REPORT_FILE, ContextFormat, Contract, EvalReport, RunCard, SpecialTokens, Template, short_hash
@@ -82,14 +82,25 @@ class Reply:
         """The model generated no text (the answer is answer.empty_answer)."""
         return bool(self.meter.get("empty"))
 
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's: "length" when generation stopped at max_new_tokens, else "stop" (EOS, a stop string, a refusal)."""
+        return self.meter.get("finish_reason") or "stop"
+
     def __iter__(self) -> Iterator[str]:
+        """The text as generated, without leading or trailing whitespace (whitespace waits for the text after it);
+        .text is exactly what was yielded, so a streamed answer and a whole one are the same."""
+        pending = ""
         for d in self.deltas:
             if self.first_token_s is None:
                 self.first_token_s = time.monotonic() - self._t0
-            self.text += d
-            yield d
+            d = (pending + d) if self.text else d.lstrip()
+            shown = d.rstrip()
+            pending = d[len(shown):]
+            if shown:
+                self.text += shown
+                yield shown
         self.seconds = time.monotonic() - self._t0
-        self.text = self.text.strip()
 
     def cancel(self) -> None:
         """Stop generating (a client went away); what was generated so far stays in .text."""
@@ -120,6 +131,31 @@ class Generator(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
+    def context_window(self) -> int | None:
+        """Most tokens of prompt and answer together (None: unknown, nothing is cut)."""
+
+
+class InputRejected(ValueError):
+    """A request past one of answer.limits. ``param``: what is too large (the API's error param); ``status``: 413 or 400."""
+
+    def __init__(self, message: str, param: str, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+def check_messages(texts: list[str], limits: InputLimits) -> None:
+    """Every message of a request, in order (the question last), against the limits; the first one broken is raised."""
+    if len(texts) > limits.max_messages:
+        raise InputRejected(f"{len(texts)} messages; at most {limits.max_messages} (answer.limits.max_messages)", "messages")
+    for i, t in enumerate(texts):
+        if len(t) > limits.max_message_chars:
+            raise InputRejected(f"message {i} has {len(t)} characters; at most {limits.max_message_chars} "
+                                f"(answer.limits.max_message_chars)", f"messages[{i}].content")
+    total = sum(map(len, texts))
+    if total > limits.max_total_chars:
+        raise InputRejected(f"the messages hold {total} characters together; at most {limits.max_total_chars} "
+                            f"(answer.limits.max_total_chars)", "messages")
+
 
 def stop_strings(t: Template) -> list[str]:
     """Where an answer ends besides EOS: the template's section headers (a model that starts a new section is done)."""
@@ -127,9 +163,9 @@ def stop_strings(t: Template) -> list[str]:
     return sorted(set(heads), key=heads.index)
 
 
-def cut_at_stops(deltas: Iterator[str], stops: list[str]) -> Iterator[str]:
-    """Pass text through, holding back only what could be the start of a stop string; end at the first stop."""
-    hold = max((len(s) for s in stops), default=1) - 1
+def cut_at_stops(deltas: Iterator[str], stops: list[str], meter: dict | None = None) -> Iterator[str]:
+    """Pass text through, holding back only a tail that could be the start of a stop string; end at the first stop
+    (``meter["finish_reason"]`` = "stop")."""
     buf = ""
     for d in deltas:
         buf += d
@@ -137,12 +173,53 @@ def cut_at_stops(deltas: Iterator[str], stops: list[str]) -> Iterator[str]:
         if hit >= 0:
             if buf[:hit]:
                 yield buf[:hit]
+            if meter is not None:
+                meter["finish_reason"] = "stop"
             return
+        hold = max((n for s in stops for n in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:n])), default=0)
         if len(buf) > hold:
             yield buf[:len(buf) - hold]
             buf = buf[len(buf) - hold:]
     if buf:
         yield buf
+
+
+class TokenStreamer:
+    """A transformers streamer (put/end) that releases text at every token whose text is whole. TextIteratorStreamer
+    holds text back until a space, so Korean without spaces arrived in a few large pieces. Incremental decoding as
+    vLLM does it: a piece is the decoded text of the tokens since an offset, minus that of the tokens already shown,
+    so a leading space of a token is kept and a character split over several byte tokens waits for its last byte."""
+
+    def __init__(self, tokenizer, timeout: float = 600):
+        import queue
+
+        self.tokenizer, self.timeout, self.queue = tokenizer, timeout, queue.Queue()
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+        self.prompt_seen = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:   # generate() hands the prompt over first
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(x) for x in value.reshape(-1).tolist())
+        shown, now = self._decode(self.ids[self.prefix:self.read]), self._decode(self.ids[self.prefix:])
+        if len(now) > len(shown) and not now.endswith("\ufffd"):
+            self.queue.put(now[len(shown):])
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def end(self) -> None:
+        shown, now = self._decode(self.ids[self.prefix:self.read]), self._decode(self.ids[self.prefix:])
+        if len(now) > len(shown):
+            self.queue.put(now[len(shown):].replace("\ufffd", ""))
+        self.queue.put(None)
+
+    def __iter__(self) -> Iterator[str]:
+        while (piece := self.queue.get(timeout=self.timeout)) is not None:
+            yield piece
 
 
 class LocalGenerator:
@@ -157,14 +234,12 @@ class LocalGenerator:
                chat: bool = False) -> Iterator[str]:
         """Text as it is generated; ``meter["tokens"]``: how many tokens were generated, once done."""
         import torch
-        from transformers import TextIteratorStreamer
-
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         tok = self.tokenizer
         ids = (list(tokens.bos) if tokens and not chat else []) + tok(prompt, add_special_tokens=False)["input_ids"]   # as in training
         enc = {"input_ids": torch.tensor([ids], device=self.model.device), "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=self.model.device)}
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        streamer = TokenStreamer(tok)
         cancel = meter["cancel"] = threading.Event()
 
         class Cancelled(StoppingCriteria):
@@ -185,6 +260,9 @@ class LocalGenerator:
                 with self.lock, torch.no_grad(), (self.model.disable_adapter() if self.without_adapter else contextlib.nullcontext()):
                     out = self.model.generate(**kwargs)
                 meter["tokens"] = int(out.shape[1] - enc["input_ids"].shape[1])
+                stop_ids = set(tokens.stop_ids if tokens else [tok.eos_token_id])
+                if meter["tokens"] >= spec.max_new_tokens and int(out[0, -1]) not in stop_ids and not cancel.is_set():
+                    meter.setdefault("finish_reason", "length")
             except BaseException as e:   # surfaced to the reader below
                 errors.append(e)
                 streamer.end()
@@ -199,6 +277,12 @@ class LocalGenerator:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def context_window(self) -> int | None:
+        """Most tokens (prompt and answer) the model takes: its configured positions."""
+        cfg = self.model.config
+        return next((int(v) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                     if isinstance(v := getattr(cfg, k, None), int) and v > 0), None)
+
 
 class RemoteGenerator:
     """An OpenAI-compatible /v1/completions server (vLLM, TGI, another `culbot serve`) given the rendered prompt."""
@@ -208,6 +292,7 @@ class RemoteGenerator:
 
         self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "none", max_retries=1)
         self.name, self.tokenizer = model, tokenizer
+        self._window: list[int | None] = []
 
     def stream(self, prompt: str, spec: AnswerSpec, stops: list[str], meter: dict, tokens: SpecialTokens | None = None,
                chat: bool = False) -> Iterator[str]:
@@ -218,12 +303,31 @@ class RemoteGenerator:
                                                 temperature=spec.temperature if spec.do_sample else 0.0,
                                                 top_p=spec.top_p if spec.do_sample else 1.0,
                                                 stop=stops[:4] or None, extra_body=extra or None)
-        for c in chunks:
-            if c.choices and c.choices[0].text:
-                yield c.choices[0].text
+        try:
+            for c in chunks:
+                if c.choices and c.choices[0].finish_reason:
+                    meter.setdefault("finish_reason", "length" if c.choices[0].finish_reason == "length" else "stop")
+                if c.choices and c.choices[0].text:
+                    yield c.choices[0].text
+        finally:
+            chunks.close()   # a client that went away closes the upstream stream too, which stops vLLM's generation
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if self.tokenizer else len(text.split())
+
+    def context_window(self) -> int | None:
+        """vLLM's max_model_len from /v1/models, else the tokenizer's model_max_length; asked once."""
+        if not self._window:
+            window = None
+            try:
+                listed = self.client.models.list().data
+                model = next((m for m in listed if m.id == self.name), listed[0] if len(listed) == 1 else None)
+                window = (model.model_extra or {}).get("max_model_len") if model else None
+            except Exception as e:   # the upstream may not list models; the tokenizer still knows
+                log.debug("upstream /v1/models: %s", e)
+            limit = getattr(self.tokenizer, "model_max_length", None)
+            self._window.append(int(window) if window else (int(limit) if isinstance(limit, int) and 0 < limit < 10**7 else None))
+        return self._window[0]
 
 
 # ----- loading a model folder ----------------------------------------------------------------------
@@ -336,6 +440,12 @@ class Answerer:
                          index=self.index_dir.name if self.index_dir else None, no_answer_threshold=self.threshold,
                          threshold_source=self.threshold_source)
 
+    def warm_up(self) -> None:
+        """Load what the first question would (the morphological analyser, the tokenizer's caches)."""
+        if self.retriever is not None:
+            self.retriever.search("기숙사 신청은 언제 해요?", k=1)
+        self.generator.count_tokens("warm up")
+
     def history_for_prompt(self, history: list[tuple[str, str]], notes: list[str]) -> list[tuple[str, str]]:
         if not history:
             return []
@@ -348,11 +458,11 @@ class Answerer:
         """Retrieve, render and start generating; iterate the Reply for the text (or call .finish()).
         ``spec``: this request's generation settings (the API's max_tokens, temperature), else the model's."""
         spec = spec or self.spec
+        check_messages([m for turn in history for m in turn] + [question], self.spec.limits)
         question = question.strip()
         notes: list[str] = []
-        sources: list[Source] = []
+        passages: list | None = None
         confidence = None
-        context = ""
         if self.retriever is not None and retrieval:
             k = self.spec.context_k or self.context_format.k
             res = self.retriever.search(question, k=k)
@@ -362,22 +472,66 @@ class Answerer:
                 notes.append(f"retrieval confidence {confidence} < no-answer threshold {self.threshold}: refused")
                 return Reply(question, prompt="", template=self.template.name, sources=[], refused=True,
                              confidence=confidence, notes=notes, deltas=iter([text]))
-            # One source per document: the passages of a page are one page to the student.
-            by_doc: dict[str, Source] = {}
-            for h in res.hits:
-                by_doc.setdefault(h.doc, Source(title=h.title, url=h.url, doc=h.doc, score=h.score))
-            sources = list(by_doc.values())
-            context = render_context([(h.title, h.passage) for h in res.hits], self.context_format)
+            passages = list(res.hits)
             if self.card.templates.context is None:
                 notes.append("this model was trained without retrieved context; the passages are given in the training input format anyway")
         elif self.retriever is None:
             notes.append("no index: answering without retrieval")
         turns = self.history_for_prompt(list(history), notes)
+        question, passages, turns, spec = self.fit(question, passages, turns, spec, notes)
+        context = render_context([(h.title, h.passage) for h in passages], self.context_format) if passages else ""
+        # One source per document: the passages of a page are one page to the student.
+        by_doc: dict[str, Source] = {}
+        for h in passages or []:
+            by_doc.setdefault(h.doc, Source(title=h.title, url=h.url, doc=h.doc, score=h.score))
         prompt = render_prompt(self.template, question, context, self.tokenizer, history=turns)
         meter: dict = {}
-        deltas = self.never_blank(cut_at_stops(self.generator.stream(prompt, spec, self.stops, meter, self.card.special_tokens, self.template.kind == "chat"), self.stops), spec, notes, meter)
-        return Reply(question, prompt=prompt, template=self.template.name, sources=sources, refused=False,
+        deltas = self.never_blank(cut_at_stops(self.generator.stream(prompt, spec, self.stops, meter, self.card.special_tokens, self.template.kind == "chat"), self.stops, meter), spec, notes, meter)
+        return Reply(question, prompt=prompt, template=self.template.name, sources=list(by_doc.values()), refused=False,
                      confidence=confidence, notes=notes, deltas=deltas, context=context, meter=meter)
+
+    def prompt_length(self, question: str, passages: list | None, turns: list[tuple[str, str]]) -> int:
+        context = render_context([(h.title, h.passage) for h in passages], self.context_format) if passages else ""
+        bos = len(self.card.special_tokens.bos) if self.card.special_tokens and self.template.kind != "chat" else 0
+        return bos + self.generator.count_tokens(render_prompt(self.template, question, context, self.tokenizer, history=turns))
+
+    def fit(self, question: str, passages: list | None, turns: list[tuple[str, str]], spec: AnswerSpec,
+            notes: list[str]) -> tuple[str, list | None, list[tuple[str, str]], AnswerSpec]:
+        """The prompt cut to the model's context, keeping room for the answer: the earliest turns go first, then the
+        last passages, then the start of the question (its end, where the question is, stays); max_new_tokens is
+        capped to what is left."""
+        window = self.generator.context_window()
+        if not window:
+            return question, passages, turns, spec
+        room = min(spec.max_new_tokens, window // 4)   # the answer's share a long prompt cannot take
+        length = self.prompt_length(question, passages, turns)
+        dropped_turns = dropped_passages = 0
+        while length > window - room and turns:
+            turns, dropped_turns = turns[1:], dropped_turns + 1
+            length = self.prompt_length(question, passages, turns)
+        while length > window - room and passages:
+            passages, dropped_passages = passages[:-1], dropped_passages + 1
+            length = self.prompt_length(question, passages, turns)
+        if dropped_turns or dropped_passages:
+            notes.append(f"the prompt was cut to the model's context of {window} tokens: {dropped_turns} earlier turns and "
+                         f"{dropped_passages} passages left out")
+        if length > window - room:   # the longest end of the question that fits (binary search: a dozen tokenizations)
+            lo, hi = 0, len(question)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self.prompt_length("…" + question[-mid:], passages, turns) <= window - room:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            if lo:   # else the template alone is too long for this model: leave it to generate what it can
+                question = "…" + question[-lo:]
+                length = self.prompt_length(question, passages, turns)
+                notes.append(f"the question was cut to its last {lo} characters to fit the model's context of {window} tokens")
+        left = window - length
+        if left < spec.max_new_tokens:
+            notes.append(f"max_new_tokens {spec.max_new_tokens} capped to {max(left, 1)}: the prompt takes {length} of {window} tokens")
+            spec = spec.model_copy(update={"max_new_tokens": max(left, 1)})
+        return question, passages, turns, spec
 
     @staticmethod
     def never_blank(deltas: Iterator[str], spec: AnswerSpec, notes: list[str], meter: dict) -> Iterator[str]:
@@ -403,14 +557,14 @@ class Answerer:
         return self.counted(self.reply(question, history, retrieval=retrieval, spec=spec).finish())
 
     def counted(self, r: Reply) -> Reply:
-        """A finished reply with its generated tokens counted (for usage and tokens/s)."""
-        if r.refused:
-            r.tokens = 0
-        elif "tokens" in r.meter:   # the local model's own count
+        """A finished reply with the tokens of its answer counted (the API's usage): the local model's own count of what
+        it generated; else the tokens of the text given (a refusal, the empty-answer notice, a remote server's text)."""
+        if "tokens" in r.meter and not r.refused and not r.empty:
             r.tokens = r.meter["tokens"]
-        else:                       # a remote server's text, minus the empty-answer notice
-            r.tokens = 0 if r.empty else self.generator.count_tokens(r.text)
+        else:
+            r.tokens = self.generator.count_tokens(r.text)
         return r
 
     def prompt_tokens(self, r: Reply) -> int:
-        return self.generator.count_tokens(r.prompt) if r.prompt else 0
+        """Tokens of the prompt; of the question for a refusal (no prompt was rendered, the question was still read)."""
+        return self.generator.count_tokens(r.prompt or r.question)

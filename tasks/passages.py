@@ -10,6 +10,7 @@ import re
 from pathlib import PurePosixPath
 from typing import Callable
 
+from . import _text
 from .chunking import estimate_tokens, split_text
 from .contracts import Passage
 
@@ -58,7 +59,9 @@ def lines(page: dict) -> list[tuple[str, str]]:
 
 def split_passages(page: dict, max_tokens: int, overlap_tokens: int, count: Callable[[str], int] = estimate_tokens,
                    pack_sections: bool = True) -> list[Passage]:
-    doc, title, url = doc_name(page["url"]), clean_title(page.get("title") or "") or page["url"], page.get("source_url") or page["url"]
+    doc, title = doc_name(page["url"]), clean_title(page.get("title") or "") or page["url"]
+    # Only a well-formed http(s) URL becomes a link for students; a shipped file keeps its file: name (never a link).
+    url = _text.http_url(page.get("source_url")) or _text.http_url(page["url"]) or (page["url"] if page["url"].startswith("file:") else "")
     passages: list[Passage] = []
     heading, cur, size = "", [], 0
 

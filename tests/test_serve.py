@@ -62,15 +62,16 @@ def test_the_api_answers_the_openai_client_streaming_and_not(local_answerer):
         assert [m.id for m in c.models.list().data] == [local_answerer.info().id]
         r = c.chat.completions.create(model=local_answerer.info().id, messages=[{"role": "user", "content": QUESTION}], max_tokens=8)
         sources = r.model_extra["sources"]
-        assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "stop"
+        # The tiny model does not stop by itself: it hits max_tokens, and says so (issue 24: it said "stop").
+        assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
         assert sources and {"title", "url", "doc", "score"} <= set(sources[0]) and r.model_extra["culbot"]["refused"] is False
-        assert 0 < r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 50
+        assert r.usage.prompt_tokens > 50
         stream = c.chat.completions.create(model=local_answerer.info().id, messages=[{"role": "user", "content": QUESTION}],
                                            max_tokens=8, stream=True)
         chunks = list(stream)
         text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-        assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].model_extra["sources"] == sources
-        assert text.strip() == r.choices[0].message.content   # greedy: the same answer either way
+        assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].model_extra["sources"] == sources
+        assert text == r.choices[0].message.content   # greedy: the same answer either way, to the character
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
 
 
@@ -92,7 +93,7 @@ def test_as_a_proxy_it_sends_the_training_prompt_upstream(trained_run, cbnu_inde
                                c.chat.completions.create(model="culbot-test", messages=[{"role": "user", "content": QUESTION}], stream=True)
                                if ch.choices)
     t = read_run_card(trained_run / "adapter").template_for("cbnu")
-    assert r.choices[0].message.content == "2월 3일부터 신청합니다." == streamed.strip()
+    assert r.choices[0].message.content == "2월 3일부터 신청합니다." == streamed
     prompt = app.prompts[0]
     ctx = prompt.split("### 입력:\n")[1].split("\n\n### 응답:")[0]
     assert prompt == render_prompt(t, QUESTION, ctx) and ctx.startswith("[참고 1] ")
@@ -158,18 +159,6 @@ def test_past_the_queue_bound_a_request_gets_503_with_retry_after(trained_run):
         assert second.status_code == 503 and second.headers["retry-after"] == "5"
         assert second.json()["error"]["type"] == "server_busy"
         assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 200   # the slot is free again
-
-
-def test_vllm_engine_prints_the_vllm_command_and_the_retrieval_proxy(trained_run, cbnu_index, capsys):
-    from culbot.flows.cli import main
-
-    adapter = trained_run / "adapter"
-    assert main(["serve", "--engine", "vllm", "--model", str(adapter), "--index", str(cbnu_index), "--port", "9000", "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    vllm = next(line for line in out.splitlines() if line.startswith("vllm: "))
-    assert vllm.startswith("vllm: vllm serve ") and f"--enable-lora --lora-modules {trained_run.name}=" in vllm
-    assert f"--chat-template {adapter.resolve() / 'chat_template.jinja'}" in vllm and "--port 9001" in vllm
-    assert f"--upstream http://127.0.0.1:9001/v1 --served-name {trained_run.name} --host 127.0.0.1 --port 9000" in out
 
 
 def _cuda() -> bool:

@@ -16,12 +16,16 @@ class CompletionsApp:
     model: str = "scripted"
     prompts: list[str] = field(default_factory=list)
     requests: list[dict] = field(default_factory=list)
+    piece_delay: float = 0.0              # seconds between streamed pieces (a slow GPU)
+    max_model_len: int | None = None      # vLLM lists it in /v1/models
+    disconnects: int = 0                  # streams the client closed before the end
 
 
 class CompletionsHandler(Handler):
     def do_GET(self) -> None:
         if self.path.rstrip("/") == "/v1/models":
-            self.send_json(200, {"object": "list", "data": [{"id": self.app.model, "object": "model", "owned_by": "test"}]})
+            extra = {"max_model_len": self.app.max_model_len} if self.app.max_model_len else {}
+            self.send_json(200, {"object": "list", "data": [{"id": self.app.model, "object": "model", "owned_by": "test", **extra}]})
         else:
             self.send_json(404, {"error": {"message": "not found"}})
 
@@ -48,8 +52,14 @@ class CompletionsHandler(Handler):
         pieces = [text[i:i + 3] for i in range(0, len(text), 3)] or [""]
         for i, p in enumerate(pieces):
             chunk = {**base, "choices": [{"index": 0, "text": p, "finish_reason": "stop" if i == len(pieces) - 1 else None, "logprobs": None}]}
-            self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
-            self.wfile.flush()
+            try:
+                self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):   # the client went away: stop generating, as vLLM does
+                self.app.disconnects += 1
+                self.close_connection = True
+                return
+            time.sleep(self.app.piece_delay)
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
         self.close_connection = True
