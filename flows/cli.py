@@ -108,6 +108,7 @@ def run_flow(a, dp: DataProfile) -> int:
     else:
         from culbot.flows.culbot import culbot
 
+        chain_record.start()
         out = culbot(**profile_kwargs(data_profile=a.data_profile, train_profile=a.train_profile), data_overrides=overrides_dict(a.overrides),
                      train_overrides=overrides_dict(a.train_overrides), force=a.force, artifact_root=a.artifact_root or "")
         if fp:   # the state after the run (its own release in the registry) is what an unchanged rerun sees

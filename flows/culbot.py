@@ -30,7 +30,7 @@ from culbot.pipeline_config.schema import load_data_profile
 from culbot.pipeline_config.train_schema import TrainProfile, load_train_profile
 from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import ChainResult, RunOutput, StageRef, short_hash
-from culbot.tasks.evaluate import eval_task, questions_hash, release_key
+from culbot.tasks.evaluate import eval_task
 from culbot.tasks.merge_adapter import merge_adapter_task
 from culbot.tasks.publish import publish_task
 from culbot.tasks.tokenize_data import tokenize_task
@@ -218,8 +218,8 @@ def _chain(tp: TrainProfile, data_profile: str, data_profile_file: str, train_pr
         run = stage(train_task, tp=tp, tokenized=tokenized.ref())
     if to_stage == "train":
         return ChainResult(data=data, tokenized=tokenized, run=run)
-    ev = stage(eval_task, spec=tp.eval, run=run.ref(), index=data.index.ref() if data.index else None, questions=questions_hash(tp.eval),
-               answer=tp.answer, dataset=data.dataset.ref(), publish=tp.publish, baseline=release_key(tp.publish, run.run_dir.name))
+    ev = stage(eval_task, spec=tp.eval, run=run.ref(), index=data.index.ref() if data.index else None, answer=tp.answer,
+               dataset=data.dataset.ref(), publish=tp.publish)
     if not ev.passed:
         raise EvalGateFailed(f"eval gate failed for {run.run_dir}: {ev.reason}; not merging or publishing")
     if to_stage == "eval":

@@ -8,8 +8,6 @@ served from the cache; a cached result whose folder no longer verifies is rebuil
 """
 from __future__ import annotations
 
-import math
-import time
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from culbot.flows.deployed import check_version
 from culbot.flows.params import DataOverrides, DataProfileChoice, DataProfileName, profile_source
 from culbot.flows.runner import RAW_LOCK, exclusive, run_stage
-from culbot.pipeline_config.schema import CbnuConfig, DataProfile, Univ100Config, load_data_profile
+from culbot.pipeline_config.schema import DataProfile, load_data_profile
 from culbot.tasks import _store
 from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import DataRefreshResult, StageOutput, short_hash
@@ -28,21 +26,8 @@ from culbot.tasks.crawl_univ100 import crawl_univ100_task
 from culbot.tasks.format_prompts import format_task
 from culbot.tasks.generate_qa import generate_qa_task
 from culbot.tasks.index import index_task
-from culbot.tasks.load_datasets import load_dataset_task, source_hash
+from culbot.tasks.load_datasets import load_dataset_task
 from culbot.tasks.merge_data import merge_data_task
-
-
-def _time_window(hours: float) -> str:
-    """Cache reuse window for live crawls: the same bucket reuses the last crawl."""
-    return f"t{math.floor(time.time() / (hours * 3600))}"
-
-
-def univ100_window(univ100: Univ100Config) -> str:
-    return "snapshot-" + _store.tree_hash(univ100.snapshot_dir) if univ100.source == "snapshot" else _time_window(univ100.refresh_every_hours)
-
-
-def cbnu_window(cbnu: CbnuConfig) -> str:
-    return "dir-" + _store.tree_hash(cbnu.pages_dir) if cbnu.source == "directory" else _time_window(cbnu.refresh_every_hours)
 
 
 def summary_markdown(profile: str, results: dict[str, StageOutput]) -> str:
@@ -103,15 +88,14 @@ def _refresh(dp: DataProfile, force: bool, artifact_root: str, choice: DataProfi
     stages: dict[str, StageOutput] = {}
     sources: dict[str, StageOutput] = {}
     if dp.univ100.enabled:
-        stages["crawl-univ100"] = sources["univ100"] = stage(crawl_univ100_task, univ100=dp.univ100, window=univ100_window(dp.univ100))
+        stages["crawl-univ100"] = sources["univ100"] = stage(crawl_univ100_task, univ100=dp.univ100)
     if dp.cbnu.enabled:
-        stages["crawl-cbnu"] = pages = stage(crawl_cbnu_task, cbnu=dp.cbnu, window=cbnu_window(dp.cbnu))
+        stages["crawl-cbnu"] = pages = stage(crawl_cbnu_task, cbnu=dp.cbnu)
         if dp.qa.enabled:
             stages["generate-qa"] = sources["cbnu"] = stage(generate_qa_task, qa=dp.qa, pages=pages.ref())
     for entry in dp.datasets:
-        if entry.enabled:   # a branch (not a pinned sha) is re-read once a day
-            stages[f"load-dataset-{entry.name}"] = sources[entry.name] = stage(load_dataset_task, entry=entry,
-                                                                              source_hash=source_hash(entry, _time_window(24)))
+        if entry.enabled:
+            stages[f"load-dataset-{entry.name}"] = sources[entry.name] = stage(load_dataset_task, entry=entry)
     if not sources:
         raise ValueError(f"data profile {dp.name!r}: every source stage is disabled; nothing to merge")
     known = {v["content_hash"] for v in _store.read_jsonl(Path(dp.merge_data.out_root) / "versions.jsonl")}

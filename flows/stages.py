@@ -19,7 +19,7 @@ from culbot.pipeline_config.train_schema import load_train_profile
 from culbot.tasks import _store
 from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import EvalOutput, PublishOutput, RunOutput, StageOutput, short_hash
-from culbot.tasks.evaluate import eval_task, questions_hash, release_key
+from culbot.tasks.evaluate import eval_task
 from culbot.tasks.merge_adapter import merge_adapter_task
 from culbot.tasks.publish import publish_task
 from culbot.tasks.run_folder import EVAL
@@ -92,8 +92,7 @@ def eval_stage(run_dir: str, index_dir: str = "", train_profile: TrainProfileNam
     root, tp, stage = _setup(artifact_root, train_profile, train_profile_file, train_overrides, force)
     run = existing_run(run_dir, root, tp.name, "eval")
     return stage(eval_task, spec=tp.eval, run=run, index=existing(index_dir, root) if index_dir else None,
-                 questions=questions_hash(tp.eval), answer=tp.answer, dataset=existing(dataset_dir, root) if dataset_dir else None,
-                 publish=tp.publish, baseline=release_key(tp.publish, run.run_dir.name))
+                 answer=tp.answer, dataset=existing(dataset_dir, root) if dataset_dir else None, publish=tp.publish)
 
 
 @flow(name="merge-adapter-stage", flow_run_name="merge-adapter-{train_profile}")

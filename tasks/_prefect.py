@@ -3,18 +3,26 @@
 Cores never import this; only the thin ``@task`` wrappers at the bottom of each stage module do.
 
 A stage's cache key is its inputs, the source of every project module the stage module imports
-(found by reading the imports, not listed by hand), and the folder that relative output paths
-resolve against. The last one keeps two checkouts that share a Prefect home apart: each writes,
-or finds, its outputs under its own folder.
+(found by reading the imports, not listed by hand), the folder that relative output paths
+resolve against, and what its module declares in ``cache_key``. The folder keeps two checkouts
+that share a Prefect home apart: each writes, or finds, its outputs under its own folder.
+``cache_key`` is for what the inputs' values do not show: how a live source looks now (a time
+window, the content of a local folder, the baseline release). Every key part computed is
+remembered (``KEYS``), so `culbot run full` can later tell "nothing to do" by calling the same
+functions again, never by a copy of them.
 """
 from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
+import math
+import threading
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from prefect.cache_policies import INPUTS, CachePolicy
 
@@ -103,9 +111,60 @@ class OutputHome(CachePolicy):
         return str(Path.cwd().resolve())
 
 
-def stage_cache(module: str) -> CachePolicy:
-    """Cache key = inputs (configs, paths, content hashes) + the stage's sources + where outputs go."""
-    return INPUTS + StageSources(module=module) + OutputHome()
+def time_window(hours: float) -> str:
+    """A live source's cache window: within the same bucket of ``hours``, the last fetch is reused."""
+    return f"t{math.floor(time.time() / (hours * 3600))}"
+
+
+KEYS: dict[str, dict] = {}   # the declared key parts computed in this process, by function and arguments
+_KEYS_LOCK = threading.Lock()
+
+
+def declared_parts(fn: Callable, args: dict[str, Any]) -> dict:
+    """A stage's ``cache_key`` called with the arguments it names, as a record that can be checked again later:
+    {"fn": "module:name", "args": (JSON), "hash": hash of what it returned}."""
+    from pydantic_core import to_jsonable_python
+
+    return {"fn": f"{fn.__module__}:{fn.__qualname__}", "args": to_jsonable_python(args), "hash": _store.hash_json(to_jsonable_python(fn(**args)))}
+
+
+def recheck(record: dict) -> bool:
+    """Does the function named in ``record`` still return the same for the same arguments (and still exist)?"""
+    import importlib
+    import typing
+
+    from pydantic import TypeAdapter
+
+    try:
+        module, name = record["fn"].split(":")
+        fn = getattr(importlib.import_module(module), name)
+        hints = typing.get_type_hints(fn)
+        args = {k: TypeAdapter(hints[k]).validate_python(v) for k, v in record["args"].items()}
+        return declared_parts(fn, args)["hash"] == record["hash"]
+    except Exception:   # renamed, re-typed or failing: not the same key
+        return False
+
+
+@dataclass
+class StageKey(CachePolicy):
+    """The parts of a stage's key its module declares (its ``cache_key``), from the inputs that function names."""
+
+    fn: Optional[Callable] = None
+
+    def compute_key(self, task_ctx, inputs: Optional[dict[str, Any]], flow_parameters, **kwargs) -> Optional[str]:
+        inputs = inputs or {}
+        args = {k: inputs[k] for k in inspect.signature(self.fn).parameters if k in inputs}
+        part = declared_parts(self.fn, args)
+        with _KEYS_LOCK:
+            KEYS[_store.hash_json([part["fn"], part["args"]])] = part
+        return part["hash"]
+
+
+def stage_cache(module: str, key: Optional[Callable] = None) -> CachePolicy:
+    """Cache key = inputs (configs, paths, content hashes) + the stage's sources + where outputs go + what the stage
+    declares in ``key`` (its module's ``cache_key``)."""
+    policy = INPUTS + StageSources(module=module) + OutputHome()
+    return policy + StageKey(fn=key) if key else policy
 
 
 def artifact_key(key: str) -> str:

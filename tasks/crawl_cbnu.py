@@ -22,7 +22,7 @@ from culbot.pipeline_config.schema import CbnuConfig
 
 from . import _store, _text
 from ._http import FetchError, PoliteClient, Progress, RobotsDisallowed
-from ._prefect import report, retry_on_network, stage_cache
+from ._prefect import report, retry_on_network, stage_cache, time_window
 from .contracts import StageOutput
 from .documents import checked_page, extract_page, page_record, pages_hash, read_directory
 
@@ -180,10 +180,15 @@ def run_crawl(cbnu: CbnuConfig, out_dir: Path | None = None) -> StageOutput:
     return StageOutput.of(out_dir, m)
 
 
-@task(name="crawl-cbnu", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=[10, 60],
+def cache_key(cbnu: CbnuConfig) -> str:
+    """What the config does not show: the pages folder's content, or the live site's time bucket (cache reuse window)."""
+    return "dir-" + _store.tree_hash(cbnu.pages_dir) if cbnu.source == "directory" else time_window(cbnu.refresh_every_hours)
+
+
+@task(name="crawl-cbnu", cache_policy=stage_cache(__name__, key=cache_key), persist_result=True, retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=retry_on_network)
-def crawl_cbnu_task(cbnu: CbnuConfig, window: str) -> StageOutput:
-    """Network stage: a network failure is retried, a bad page never (it is quarantined). ``window`` (a time bucket, or the folder's hash) bounds cache reuse."""
+def crawl_cbnu_task(cbnu: CbnuConfig) -> StageOutput:
+    """Network stage: a network failure is retried, a bad page never (it is quarantined)."""
     out = run_crawl(cbnu)
     report("crawl-cbnu", f"CBNU pages ({cbnu.source})", out.counts)
     return out

@@ -21,7 +21,7 @@ from culbot.pipeline_config.schema import Univ100Config
 
 from . import _store, _text
 from ._http import FetchError, GaveUp, PoliteClient, Progress, RetryRule, RobotsDisallowed, Transient, with_retries
-from ._prefect import report, retry_on_network, stage_cache
+from ._prefect import report, retry_on_network, stage_cache, time_window
 from .contracts import Manifest, StageOutput
 
 log = logging.getLogger("culbot.crawl.univ100")
@@ -412,10 +412,15 @@ def run_crawl(univ100: Univ100Config, out_dir: Path | None = None) -> StageOutpu
 
 # ----- Prefect task -----------------------------------------------------------
 
-@task(name="crawl-univ100", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=[10, 60],
+def cache_key(univ100: Univ100Config) -> str:
+    """What the config does not show: the snapshot's content, or the live site's time bucket (cache reuse window)."""
+    return "snapshot-" + _store.tree_hash(univ100.snapshot_dir) if univ100.source == "snapshot" else time_window(univ100.refresh_every_hours)
+
+
+@task(name="crawl-univ100", cache_policy=stage_cache(__name__, key=cache_key), persist_result=True, retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=retry_on_network)
-def crawl_univ100_task(univ100: Univ100Config, window: str) -> StageOutput:
-    """Network stage: a network failure is retried, a bad page never (it is quarantined). ``window`` (a time bucket, or the snapshot's hash) bounds cache reuse."""
+def crawl_univ100_task(univ100: Univ100Config) -> StageOutput:
+    """Network stage: a network failure is retried, a bad page never (it is quarantined)."""
     out = run_crawl(univ100)
     report("crawl-univ100", f"univ100 crawl (campus {univ100.campus_id})", out.counts)
     return out

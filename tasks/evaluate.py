@@ -254,25 +254,25 @@ def eval_output(run_dir: Path) -> EvalOutput:
                       reason=res.reason, eval_loss=res.eval_loss)
 
 
-def questions_hash(spec: EvalSpec) -> str | None:
-    """The content of the hand-written question file, for the eval task's cache key."""
-    p = spec.retrieval_questions
-    return _store.sha256_file(Path(p)) if p is not None and Path(p).is_file() else None
-
-
 def release_key(publish: PublishSpec, run: str) -> str | None:
-    """The baseline release of ``run`` (the last one of another run), for the eval task's cache key: a new release
-    is a new baseline, while publishing this run itself changes nothing (a rerun stays cached)."""
+    """The baseline release of ``run`` (the last one of another run): a new release is a new baseline, while
+    publishing this run itself changes nothing (a rerun stays cached)."""
     prev = previous_release(publish, exclude_run=run) if registry_path(publish).is_file() else None
     return f"{prev.run}@{prev.at}" if prev else None
 
 
-@task(name="eval", cache_policy=stage_cache(__name__), persist_result=True)
-def eval_task(spec: EvalSpec, run: RunRef, index: StageRef | None = None, questions: str | None = None, *,
-              answer: AnswerSpec | None = None, dataset: StageRef | None = None, publish: PublishSpec | None = None,
-              baseline: str | None = None) -> EvalOutput:
-    """``questions``: the hash of the hand-written question file (questions_hash), so editing it reruns eval;
-    ``baseline``: release_key, so a new release reruns it."""
+def cache_key(spec: EvalSpec, run: RunRef, publish: PublishSpec | None = None) -> dict:
+    """What the inputs do not show: the content of the hand-written question file (editing it reruns eval) and the
+    baseline release (a new release reruns it)."""
+    p = spec.retrieval_questions
+    return {"questions": _store.sha256_file(Path(p)) if p is not None and Path(p).is_file() else None,
+            "baseline": release_key(publish, run.run_dir.name) if publish else None}
+
+
+@task(name="eval", cache_policy=stage_cache(__name__, key=cache_key), persist_result=True)
+def eval_task(spec: EvalSpec, run: RunRef, index: StageRef | None = None, *, answer: AnswerSpec | None = None,
+              dataset: StageRef | None = None, publish: PublishSpec | None = None) -> EvalOutput:
+    """The answer-quality eval of a run against the last release (``publish``'s registry)."""
     from prefect.artifacts import create_markdown_artifact
 
     res = run_eval(run.run_dir, spec, index, answer=answer, dataset=dataset, publish=publish)

@@ -79,7 +79,7 @@ def load_prompt(name_or_path: str) -> QAPrompt:
     return QAPrompt(folder.name, parts["system.txt"], parts["user.txt"], parts["format.json"], parts["examples.json"], version)
 
 
-def cache_key(chunk_hash: str, prompt_version: str, model: str, temperature: float) -> str:
+def response_key(chunk_hash: str, prompt_version: str, model: str, temperature: float) -> str:
     return _store.hash_json([chunk_hash, prompt_version, model, float(temperature)])
 
 
@@ -169,7 +169,7 @@ async def generate(
     recorded: list[dict] = []
 
     async def answer(i: int, ch: Chunk) -> None:
-        key = cache_key(ch.hash, prompt.version, qa.model, qa.temperature)
+        key = response_key(ch.hash, prompt.version, qa.model, qa.temperature)
         where = {"stage": "generate-qa", "url": ch.url, "chunk_index": ch.index, "chunk_hash": ch.hash}
         try:
             entry = cache.get(key)
@@ -284,7 +284,7 @@ async def judge_rows(candidates: list[tuple[dict, dict, Chunk]], client: LLMClie
     model = qa.judge_model or qa.model
 
     async def one(row: dict, ch: Chunk) -> tuple[bool, str]:
-        key = cache_key(_store.hash_json([ch.hash, row["instruction"], row["input"], row["output"]]), grounding.JUDGE_VERSION, model, 0.0)
+        key = response_key(_store.hash_json([ch.hash, row["instruction"], row["input"], row["output"]]), grounding.JUDGE_VERSION, model, 0.0)
         entry = cache.get(key)
         if entry is None:
             messages = grounding.judge_messages(row["instruction"], f"{row['input']}\n{row['output']}".strip(), ch.information)
@@ -372,7 +372,12 @@ class NoUsableRows(ValueError):
     """Every chunk's answer was quarantined: the stage has nothing to hand on."""
 
 
-@task(name="generate-qa", cache_policy=stage_cache(__name__), persist_result=True, retries=1, retry_delay_seconds=30,
+def cache_key(qa: QAGenConfig) -> str | None:
+    """What the config does not show: the content of the replay folder (recorded answers) when replaying."""
+    return _store.tree_hash(Path(qa.replay_dir)) if qa.backend == "replay" and qa.replay_dir and Path(qa.replay_dir).is_dir() else None
+
+
+@task(name="generate-qa", cache_policy=stage_cache(__name__, key=cache_key), persist_result=True, retries=1, retry_delay_seconds=30,
       retry_condition_fn=retry_on_network)
 def generate_qa_task(qa: QAGenConfig, pages: StageRef) -> StageOutput:
     """Network stage (LLM API): retried once after a network failure, never after a spent budget; the response cache makes a retry cheap."""

@@ -27,7 +27,7 @@ from prefect import task
 from culbot.pipeline_config.schema import DatasetEntry
 
 from . import _store, _text
-from ._prefect import report, retry_on_network, stage_cache
+from ._prefect import report, retry_on_network, stage_cache, time_window
 from .contracts import StageOutput
 from .conversations import as_row, check_messages
 
@@ -195,18 +195,18 @@ def run_load_dataset(entry: DatasetEntry) -> StageOutput:
     return StageOutput.of(out_dir, m)
 
 
-def source_hash(entry: DatasetEntry, window: str) -> str:
-    """The cache key of an entry's input: the file's sha256, a pinned Hub commit, or a branch re-read per ``window``."""
+def cache_key(entry: DatasetEntry) -> str:
+    """What the entry does not show: the file's sha256, a pinned Hub commit, or a branch re-read once a day."""
     if entry.file is not None:
         return _store.sha256_file(Path(entry.file))
     pinned = re.fullmatch(r"[0-9a-f]{40}", entry.revision or "") is not None
-    return f"{entry.hub_id}@{entry.revision}" + ("" if pinned else "-" + window)
+    return f"{entry.hub_id}@{entry.revision}" + ("" if pinned else "-" + time_window(24))
 
 
-@task(name="load-dataset", task_run_name="load-dataset-{entry.name}", cache_policy=stage_cache(__name__), persist_result=True,
+@task(name="load-dataset", task_run_name="load-dataset-{entry.name}", cache_policy=stage_cache(__name__, key=cache_key), persist_result=True,
       retries=2, retry_delay_seconds=30, retry_condition_fn=retry_on_network)
-def load_dataset_task(entry: DatasetEntry, source_hash: str) -> StageOutput:
-    """Network stage when loading from the Hub (network failures are retried). ``source_hash``: see :func:`source_hash`."""
+def load_dataset_task(entry: DatasetEntry) -> StageOutput:
+    """Network stage when loading from the Hub (network failures are retried)."""
     out = run_load_dataset(entry)
     report(f"load-dataset-{entry.name}", f"dataset {entry.name} ({entry.type}, {entry.hub_id or entry.file})", out.counts)
     return out

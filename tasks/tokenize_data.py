@@ -362,7 +362,14 @@ def run_tokenize(formatted_dir: Path | StageRef, base: BaseModelRef, out_root: P
     return StageOutput.of(final, m)
 
 
-@task(name="tokenize", cache_policy=stage_cache(__name__), persist_result=True)
+def cache_key(tp: TrainProfile) -> str | None:
+    """What the profile does not show: the samples a tiny base model and its tokenizer are built from."""
+    from culbot.pipeline_config.train_schema import TINY_FAMILIES
+
+    return _store.tree_hash(Path(tp.samples_dir)) if tp.model.base in TINY_FAMILIES and Path(tp.samples_dir).is_dir() else None
+
+
+@task(name="tokenize", cache_policy=stage_cache(__name__, key=cache_key), persist_result=True)
 def tokenize_task(tp: TrainProfile, formatted: StageRef) -> StageOutput:
     """With the training profile's base model and data settings; refuses a profile that cannot fit before any download."""
     from .model_io import resolve_base
