@@ -29,8 +29,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from culbot.pipeline_config.train_schema import InputLimits
-
 from .answer import Answerer, InputRejected, Reply, check_messages
 
 log = logging.getLogger("culbot.serve")
@@ -158,30 +156,10 @@ async def _next_piece(pieces):
     return await anyio.to_thread.run_sync(next, pieces, None, abandon_on_cancel=True)
 
 
-def create_app(answerer: Answerer, *, max_queue: int = 8, api_key_env: str = "CULBOT_API_KEY"):
-    from fastapi import FastAPI, Request
+def install_errors(app) -> None:
+    """OpenAI-shaped JSON for every error: validation (400, bad JSON with its position), HTTP errors, crashes (500)."""
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
-
-    info = answerer.info()
-    limits: InputLimits = answerer.spec.limits
-    gate = Gate(max_queue)
-    active: dict[int, Reply] = {}   # id -> the replies being generated
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        # Kiwi's model and the tokenizer load on first use (about 2 s): before the first request, not during it, so
-        # /health answers at once from the start.
-        await run_in_threadpool(answerer.warm_up)
-        yield
-        for r in list(active.values()):   # uvicorn's graceful shutdown is over: whatever still generates stops now
-            r.cancel()
-
-    app = FastAPI(title="Culbot", description="Answers about Chungbuk National University, OpenAI-compatible.", version=info.run or "dev",
-                  lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_req, exc: RequestValidationError):
@@ -202,14 +180,137 @@ def create_app(answerer: Answerer, *, max_queue: int = 8, api_key_env: str = "CU
         log.exception("request failed")
         return error(500, f"{type(exc).__name__}: {exc}", "server_error")
 
+
+def install_auth(app, api_key_env: str) -> None:
+    """With the key set, every path but /health needs it (/docs and /openapi.json describe the API: closed with it)."""
+    from fastapi import Request
+
     @app.middleware("http")
     async def auth(request: Request, call_next):
         key = os.environ.get(api_key_env)
-        if key and request.url.path != "/health":   # /docs and /openapi.json describe the API: closed with it
+        if key and request.url.path != "/health":
             scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
                 return error(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_request_error", code="invalid_api_key")
         return await call_next(request)
+
+
+class Completions:
+    """The chat completions of one served answerer: the queue gate, the replies in progress, the OpenAI shapes."""
+
+    def __init__(self, answerer: Answerer, max_queue: int):
+        self.answerer, self.info, self.gate = answerer, answerer.info(), Gate(max_queue)
+        self.active: dict[int, Reply] = {}   # id -> the replies being generated
+
+    def stop_all(self) -> None:
+        for r in list(self.active.values()):
+            r.cancel()
+
+    def settings(self, req: ChatRequest):
+        """The model's answer settings with this request's max_tokens, temperature and top_p."""
+        upd = {}
+        if req.max_tokens or req.max_completion_tokens:
+            upd["max_new_tokens"] = req.max_completion_tokens or req.max_tokens
+        if req.temperature is not None:
+            upd.update(do_sample=req.temperature > 0, **({"temperature": req.temperature} if req.temperature > 0 else {}))
+        if req.top_p is not None:
+            upd["top_p"] = req.top_p
+        return self.answerer.spec.model_copy(update=upd) if upd else self.answerer.spec
+
+    def extra(self, r: Reply) -> dict:
+        return {"sources": [s.model_dump() for s in r.sources],
+                "culbot": {"refused": r.refused, "confidence": r.confidence, "notes": r.notes, "template": r.template}}
+
+    def usage(self, r: Reply) -> dict:
+        prompt_tokens = self.answerer.prompt_tokens(r)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": r.tokens, "total_tokens": prompt_tokens + r.tokens}
+
+    def refusal(self, req: ChatRequest):
+        """An OpenAI-shaped 4xx for a request this server will not answer, or None."""
+        if req.model not in (None, "", self.info.id):
+            return error(404, f"model {req.model!r} is not served here; this server serves {self.info.id!r}", "invalid_request_error",
+                         "model", "model_not_found")
+        try:
+            check_messages([m.text for m in req.messages], self.answerer.spec.limits)
+            split_messages(req.messages)
+        except InputRejected as e:
+            return error(e.status, str(e), "invalid_request_error", e.param, "input_too_long")
+        except ValueError as e:
+            return error(400, str(e), "invalid_request_error", "messages")
+        return None
+
+    async def start(self, req: ChatRequest) -> Reply:
+        """Retrieve and start generating (inside the gate: the caller has entered it)."""
+        from starlette.concurrency import run_in_threadpool
+
+        question, history = split_messages(req.messages)
+        spec = self.settings(req)
+        r = await run_in_threadpool(lambda: self.answerer.reply(question, history, retrieval=req.retrieval, spec=spec))
+        self.active[id(r)] = r
+        return r
+
+    def done(self, r: Reply) -> None:
+        r.cancel()   # a client that went away (or a shutdown) stops the generation, freeing the model for the queue
+        self.active.pop(id(r), None)
+        self.gate.leave()
+
+    async def whole(self, r: Reply, cid: str, created: int) -> dict:
+        pieces = iter(r)
+        try:
+            while await _next_piece(pieces) is not None:
+                pass
+        finally:
+            self.done(r)
+        self.answerer.counted(r)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": self.info.id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}],
+                "usage": self.usage(r), **self.extra(r)}
+
+    async def events(self, r: Reply, req: ChatRequest, cid: str, created: int):
+        """Server-sent events: the role, a chunk per piece, the finish with sources, the usage if asked, [DONE]."""
+        def chunk(delta: dict | None, finish: str | None = None, **more) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.info.id,
+                    "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}], **more}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        pieces = iter(r)
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while (d := await _next_piece(pieces)) is not None:
+                yield chunk({"content": d})
+            self.answerer.counted(r)
+            yield chunk({}, r.finish_reason, **self.extra(r))
+            if req.stream_options and req.stream_options.include_usage:
+                yield chunk(None, usage=self.usage(r))
+            yield "data: [DONE]\n\n"
+        except Exception as e:   # headers are gone: say it in the stream, as OpenAI does
+            log.exception("streaming failed")
+            yield f"data: {json.dumps({'error': {'message': f'{type(e).__name__}: {e}', 'type': 'server_error'}})}\n\n"
+        finally:
+            self.done(r)
+
+
+def create_app(answerer: Answerer, *, max_queue: int = 8, api_key_env: str = "CULBOT_API_KEY"):
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+
+    completions = Completions(answerer, max_queue)
+    info, gate = completions.info, completions.gate
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        # Kiwi's model and the tokenizer load on first use (about 2 s): before the first request, not during it, so
+        # /health answers at once from the start.
+        await run_in_threadpool(answerer.warm_up)
+        yield
+        completions.stop_all()   # uvicorn's graceful shutdown is over: whatever still generates stops now
+
+    app = FastAPI(title="Culbot", description="Answers about Chungbuk National University, OpenAI-compatible.", version=info.run or "dev",
+                  lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=answerer.spec.limits.max_body_bytes)
+    install_errors(app)
+    install_auth(app, api_key_env)
 
     @app.get("/health")
     async def health():   # on the event loop: answers even when every worker thread waits on a generation
@@ -232,89 +333,23 @@ def create_app(answerer: Answerer, *, max_queue: int = 8, api_key_env: str = "CU
                          "model", "model_not_found")
         return model_card()
 
-    def settings(req: ChatRequest):
-        spec = answerer.spec
-        upd = {}
-        if req.max_tokens or req.max_completion_tokens:
-            upd["max_new_tokens"] = req.max_completion_tokens or req.max_tokens
-        if req.temperature is not None:
-            upd.update(do_sample=req.temperature > 0, **({"temperature": req.temperature} if req.temperature > 0 else {}))
-        if req.top_p is not None:
-            upd["top_p"] = req.top_p
-        return spec.model_copy(update=upd) if upd else spec
-
-    def extra(r: Reply) -> dict:
-        return {"sources": [s.model_dump() for s in r.sources],
-                "culbot": {"refused": r.refused, "confidence": r.confidence, "notes": r.notes, "template": r.template}}
-
-    def usage(r: Reply) -> dict:
-        prompt_tokens = answerer.prompt_tokens(r)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": r.tokens, "total_tokens": prompt_tokens + r.tokens}
-
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        if req.model not in (None, "", info.id):
-            return error(404, f"model {req.model!r} is not served here; this server serves {info.id!r}", "invalid_request_error",
-                         "model", "model_not_found")
-        try:
-            check_messages([m.text for m in req.messages], limits)
-            question, history = split_messages(req.messages)
-        except InputRejected as e:
-            return error(e.status, str(e), "invalid_request_error", e.param, "input_too_long")
-        except ValueError as e:
-            return error(400, str(e), "invalid_request_error", "messages")
+        if (refused := completions.refusal(req)) is not None:
+            return refused
         try:
             gate.enter()
         except Busy as e:
             return error(503, str(e), "server_busy", headers={"Retry-After": "5"})
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        spec = settings(req)
         try:
-            r = await run_in_threadpool(lambda: answerer.reply(question, history, retrieval=req.retrieval, spec=spec))
+            r = await completions.start(req)
         except BaseException:
             gate.leave()
             raise
-        active[id(r)] = r
-        pieces = iter(r)
-
-        def done() -> None:
-            r.cancel()   # a client that went away (or a shutdown) stops the generation, freeing the model for the queue
-            active.pop(id(r), None)
-            gate.leave()
-
         if not req.stream:
-            try:
-                while (d := await _next_piece(pieces)) is not None:
-                    pass
-            finally:
-                done()
-            answerer.counted(r)
-            return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": info.id,
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}],
-                                 "usage": usage(r), **extra(r)})
-
-        def chunk(delta: dict | None, finish: str | None = None, **more) -> str:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": info.id,
-                    "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}], **more}
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        async def events():
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while (d := await _next_piece(pieces)) is not None:
-                    yield chunk({"content": d})
-                answerer.counted(r)
-                yield chunk({}, r.finish_reason, **extra(r))
-                if req.stream_options and req.stream_options.include_usage:
-                    yield chunk(None, usage=usage(r))
-                yield "data: [DONE]\n\n"
-            except Exception as e:   # headers are gone: say it in the stream, as OpenAI does
-                log.exception("streaming failed")
-                yield f"data: {json.dumps({'error': {'message': f'{type(e).__name__}: {e}', 'type': 'server_error'}})}\n\n"
-            finally:
-                done()
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return JSONResponse(await completions.whole(r, cid, created))
+        return StreamingResponse(completions.events(r, req, cid, created), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
 
