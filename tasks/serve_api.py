@@ -25,6 +25,7 @@ import os
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -359,10 +360,8 @@ def create_app(answerer: Answerer, *, max_queue: int = 8, api_key_env: str = "CU
 VLLM_WITHOUT_LORA = {"gpt_neox": "GPTNeoXForCausalLM"}
 
 
-def merged_model_of(adapter) -> "Path | None":
+def merged_model_of(adapter) -> Path | None:
     """The newest merged model made from this adapter's run (artifacts/models/<hash>, its card naming the run), if any."""
-    from pathlib import Path
-
     from .run_folder import read_run_card
 
     adapter = Path(adapter).resolve()
@@ -373,8 +372,6 @@ def merged_model_of(adapter) -> "Path | None":
 
 def vllm_model(folder, card):
     """The folder vLLM should serve: the adapter itself, or its merged model where vLLM has no LoRA for the base."""
-    from pathlib import Path
-
     from .answer import is_adapter
 
     folder = Path(folder).resolve()
@@ -394,8 +391,6 @@ def vllm_command(folder, card, *, host: str, port: int, served_name: str, extra:
     prompt as its chat template (the tokenizer's chat_template.jinja) and the run's generation config: training wrote
     generation_config.json with every end token as eos_token_id (Llama-3's <|eot_id|> too), which vLLM adds to each
     request's stop ids, where the base's own config may lack them."""
-    from pathlib import Path
-
     from .answer import is_adapter
 
     folder = Path(folder).resolve()

@@ -8,7 +8,8 @@ def test_cancelling_the_parent_cancels_only_its_live_training_runs(prefect_harne
     from prefect.client.schemas.objects import StateType
     from prefect.states import Completed, Running, Scheduled
 
-    from culbot.flows.culbot import CHILD_TAG, cancel_child_runs, culbot
+    from culbot.flows.culbot import culbot
+    from culbot.flows.pool import CHILD_TAG, cancel_child_runs
 
     @flow(name="culbot-hook-test")
     def stand_in():
@@ -36,7 +37,7 @@ def test_cancelling_the_parent_cancels_only_its_live_training_runs(prefect_harne
 
 
 def test_training_runs_here_without_a_deployment_and_pool_needs_one(prefect_harness):
-    from culbot.flows.culbot import choose_train_on, train_deployment_name
+    from culbot.flows.pool import choose_train_on, train_deployment_name
     from culbot.pipeline_config.train_schema import load_train_profile
 
     tp = load_train_profile("cpu-tiny")
