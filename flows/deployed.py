@@ -8,45 +8,20 @@
 """
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
+
+from culbot.tasks import _store
 
 SKIP_ENV = "CULBOT_SKIP_VERSION_CHECK"   # =1: run whatever is installed (a developer's worker)
-_VERSION: str | None = None
 
 
 class VersionMismatch(RuntimeError):
     """The worker's culbot is not the one the deployment was made from."""
 
 
-def _package_dirs() -> list[Path]:
-    import culbot.flows
-    import culbot.pipeline_config
-    import culbot.tasks
-
-    return [Path(m.__file__).resolve().parent for m in (culbot.flows, culbot.tasks, culbot.pipeline_config)]
-
-
 def culbot_version() -> str:
-    """'<package version>+src.<hash>': the same for an editable checkout and a wheel built from it, different after any
-    change to a source file, a profile, a template or a prompt."""
-    global _VERSION
-    if _VERSION is None:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            pkg = version("culbot")
-        except PackageNotFoundError:
-            pkg = "0"
-        h = hashlib.sha256()
-        for d in _package_dirs():
-            for p in sorted(d.rglob("*")):
-                if p.is_file() and p.suffix in (".py", ".yaml", ".json", ".jinja", ".txt") and "__pycache__" not in p.parts:
-                    h.update(f"{d.name}/{p.relative_to(d).as_posix()}\0".encode())
-                    h.update(p.read_bytes())
-        _VERSION = f"{pkg}+src.{h.hexdigest()[:12]}"
-    return _VERSION
+    """This culbot's identity (tasks/_store.py: code_version), recorded as each deployment's version."""
+    return _store.code_version()
 
 
 def check_version() -> None:

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -185,22 +184,31 @@ def read_json(path: Path) -> Any:
 _CODE_VERSION: str | None = None
 
 
+def package_dirs() -> list[Path]:
+    """The folders of culbot's code and shipped config (flows, tasks, pipeline_config), beside this one."""
+    root = Path(__file__).resolve().parent.parent
+    return [root / name for name in ("flows", "tasks", "pipeline_config")]
+
+
 def code_version() -> str:
-    """Git commit (with -dirty) of the checkout, else a hash of the installed sources."""
+    """The one identity of this culbot: '<package version>+src.<hash of every source, profile, template and prompt>'.
+    The same for an editable checkout and a wheel built from it, different after any change; manifests, deployments
+    (a worker with other code refuses a run) and the chain record use it."""
     global _CODE_VERSION
     if _CODE_VERSION is None:
-        root = Path(__file__).resolve().parent.parent
+        from importlib.metadata import PackageNotFoundError, version
+
         try:
-            out = subprocess.run(
-                ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
-                capture_output=True, text=True, timeout=5,
-            )
-            _CODE_VERSION = out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else ""
-        except (OSError, subprocess.SubprocessError):
-            _CODE_VERSION = ""
-        if not _CODE_VERSION:
-            src = {p.name: sha256_file(p) for p in sorted(Path(__file__).parent.glob("*.py"))}
-            _CODE_VERSION = "src-" + short_hash(hash_json(src))
+            pkg = version("culbot")
+        except PackageNotFoundError:
+            pkg = "0"
+        h = hashlib.sha256()
+        for d in package_dirs():
+            for p in sorted(d.rglob("*")):
+                if p.is_file() and p.suffix in (".py", ".yaml", ".json", ".jinja", ".txt") and "__pycache__" not in p.parts:
+                    h.update(f"{d.name}/{p.relative_to(d).as_posix()}\0".encode())
+                    h.update(p.read_bytes())
+        _CODE_VERSION = f"{pkg}+src.{h.hexdigest()[:12]}"
     return _CODE_VERSION
 
 

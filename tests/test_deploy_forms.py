@@ -59,22 +59,24 @@ def test_a_training_deployment_pins_its_profile():
 
 
 def test_the_version_is_the_same_for_the_same_files_and_changes_with_any_of_them(tmp_path, monkeypatch):
+    """One code identity: deployments, manifests and the chain record all use _store.code_version."""
     import culbot.flows.deployed as deployed
+    from culbot.tasks import _store
 
     v = deployed.culbot_version()
-    assert v.startswith("0.1.0+src.") and len(v.split("+src.")[1]) == 12
+    assert v.startswith("0.1.0+src.") and len(v.split("+src.")[1]) == 12 and v == _store.code_version()
     # a copy of the package's files (what a wheel installs) has the same version; an edited profile changes it
     import shutil
 
     dirs = []
-    for d in deployed._package_dirs():
+    for d in _store.package_dirs():
         shutil.copytree(d, tmp_path / d.name, ignore=shutil.ignore_patterns("__pycache__"))
         dirs.append(tmp_path / d.name)
-    monkeypatch.setattr(deployed, "_package_dirs", lambda: dirs)
-    monkeypatch.setattr(deployed, "_VERSION", None)
+    monkeypatch.setattr(_store, "package_dirs", lambda: dirs)
+    monkeypatch.setattr(_store, "_CODE_VERSION", None)
     assert deployed.culbot_version() == v
     (tmp_path / "pipeline_config" / "profiles" / "a6000x4.yaml").write_text("# edited\n", encoding="utf-8")
-    monkeypatch.setattr(deployed, "_VERSION", None)
+    monkeypatch.setattr(_store, "_CODE_VERSION", None)
     assert deployed.culbot_version() != v
 
 
