@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel
 
-from culbot.pipeline_config.loader import ConfigError, field_docs
+from culbot.pipeline_config.loader import DEFAULT_DATA_PROFILE, DEFAULT_TRAIN_PROFILE, ConfigError, field_docs
 from culbot.pipeline_config.schema import DataProfile, data_profiles, load_data_profile
 from culbot.pipeline_config.train_schema import TrainProfile, load_train_profile, train_profiles
 
@@ -370,7 +370,7 @@ def config(a, _) -> int:
     if a.train_profile:
         print(json.dumps(load_train_profile(a.train_profile, a.overrides).model_dump(mode="json"), ensure_ascii=False, indent=2))
     if a.data_profile or not a.train_profile:
-        print(json.dumps(load_data_profile(a.data_profile or "sample", [] if a.train_profile else a.overrides).model_dump(mode="json"),
+        print(json.dumps(load_data_profile(a.data_profile or DEFAULT_DATA_PROFILE, [] if a.train_profile else a.overrides).model_dump(mode="json"),
                          ensure_ascii=False, indent=2))
     return 0
 
@@ -574,7 +574,7 @@ COMMANDS: tuple[Command, ...] = (
         Arg("flow", "Which flow.", {"choices": ["full", "data-refresh"]}),
         Arg("--force", "Ignore caches; rebuild every stage.", {"action": "store_true"}),
         Arg("--train-profile", f"Training profile for 'full': a name in pipeline_config/profiles/ ({TRAIN_PROFILES}) or a YAML path.",
-            {"default": "cpu-tiny"}),
+            {"default": DEFAULT_TRAIN_PROFILE}),
         Arg("--train-set", "Override a training-profile field for 'full', e.g. --train-set publish.target=hub (repeatable).",
             {"dest": "train_overrides", "action": "append", "default": [], "metavar": "KEY=VALUE"}),
         Arg("--artifact-root", "Share stage outputs through this fsspec URL (a path, s3://, gs://, hf://). Default: $CULBOT_ARTIFACT_ROOT, else local disk only.",
@@ -769,13 +769,13 @@ def _flag_kwargs(f: Flag, model: type[BaseModel]) -> dict[str, Any]:
 
 def _profile_args(p: argparse.ArgumentParser, profile: Profile) -> None:
     if profile == "data":
-        p.add_argument("--data-profile", default="sample", help=f"Data profile: a name in pipeline_config/ ({DATA_PROFILES}) or a YAML path. Default: sample.")
+        p.add_argument("--data-profile", default=DEFAULT_DATA_PROFILE, help=f"Data profile: a name in pipeline_config/ ({DATA_PROFILES}) or a YAML path. Default: {DEFAULT_DATA_PROFILE}.")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="Override a data-profile field, e.g. --set qa.max_in_flight=8 (repeatable).")
     else:
         p.add_argument("--train-profile", default=None,
                        help=f"Training profile: a name in pipeline_config/profiles/ ({TRAIN_PROFILES}) or a YAML path. Default: the "
-                            "profile a --run was trained with, else cpu-tiny.")
+                            f"profile a --run was trained with, else {DEFAULT_TRAIN_PROFILE}.")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="Override a training-profile field, e.g. --set train.max_steps=10 (repeatable).")
 
@@ -843,7 +843,7 @@ def train_profile_of(a: argparse.Namespace) -> str:
     run = getattr(a, "run", None)
     has_run = run is not None and (Path(run) / RUN_CONFIG_FILE).is_file()
     if a.train_profile is None:
-        return trained_with(run) if has_run else "cpu-tiny"
+        return trained_with(run) if has_run else DEFAULT_TRAIN_PROFILE
     if has_run:
         try:
             require_profile(run, load_train_profile(a.train_profile).name, a.command_spec.name)

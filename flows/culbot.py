@@ -24,6 +24,7 @@ from culbot.flows.params import DataOverrides, DataProfileName, Stage, TrainOn, 
 from culbot.flows.pool import cancel_child_runs, choose_train_on, rename_run, train_on_pool
 from culbot.flows.runner import exclusive, full_lock, run_stage
 from culbot.flows.summary import write_summary
+from culbot.pipeline_config.loader import DEFAULT_DATA_PROFILE, DEFAULT_TRAIN_PROFILE
 from culbot.pipeline_config.schema import load_data_profile
 from culbot.pipeline_config.train_schema import TrainProfile, load_train_profile
 from culbot.tasks import artifact_root as _artifact_root
@@ -42,7 +43,7 @@ class EvalGateFailed(RuntimeError):
 
 
 @flow(name="culbot", flow_run_name="culbot-{data_profile}-{train_profile}-to-{to_stage}", on_cancellation=[cancel_child_runs])
-def culbot(data_profile: DataProfileName = "sample", train_profile: TrainProfileName = "cpu-tiny", data_overrides: DataOverrides = {},
+def culbot(data_profile: DataProfileName = DEFAULT_DATA_PROFILE, train_profile: TrainProfileName = DEFAULT_TRAIN_PROFILE, data_overrides: DataOverrides = {},
            train_overrides: TrainOverrides = {}, to_stage: Stage = "publish", force: bool = False, train_on: TrainOn = "auto",
            artifact_root: str = "", data_profile_file: str = "", train_profile_file: str = "") -> ChainResult:
     """The whole chain, or its beginning up to `to_stage`.

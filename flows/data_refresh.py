@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from culbot.flows.deployed import check_version
 from culbot.flows.params import DataOverrides, DataProfileChoice, DataProfileName, profile_source
 from culbot.flows.runner import RAW_LOCK, exclusive, run_stage
+from culbot.pipeline_config.loader import DEFAULT_DATA_PROFILE
 from culbot.pipeline_config.schema import DataProfile, load_data_profile
 from culbot.tasks import _store
 from culbot.tasks import artifact_root as _artifact_root
@@ -63,7 +64,7 @@ def announce_new_version(profile: DataProfileChoice, dataset: StageOutput) -> No
 
 # No log_prints: dill (used by datasets) prints bytecode through print(), which would flood the logs.
 @flow(name="data-refresh", flow_run_name="data-refresh-{data_profile}")
-def data_refresh(data_profile: DataProfileName = "sample", data_overrides: DataOverrides = {}, force: bool = False,
+def data_refresh(data_profile: DataProfileName = DEFAULT_DATA_PROFILE, data_overrides: DataOverrides = {}, force: bool = False,
                  artifact_root: str = "", data_profile_file: str = "") -> DataRefreshResult:
     """Refresh the training data: a new dataset version appears only when the data changed.
 

@@ -15,6 +15,7 @@ from prefect import flow
 from culbot.flows.deployed import check_pool, check_version
 from culbot.flows.params import TrainOverrides, TrainProfileName, profile_source
 from culbot.flows.runner import existing, existing_run, run_stage
+from culbot.pipeline_config.loader import DEFAULT_TRAIN_PROFILE
 from culbot.pipeline_config.train_schema import load_train_profile
 from culbot.tasks import _store
 from culbot.tasks import artifact_root as _artifact_root
@@ -63,7 +64,7 @@ def _train_run_name() -> str:
 # persist_result: the parent `culbot` run reads this result, possibly from another host's result storage.
 @flow(name="train-stage", flow_run_name=_train_run_name, persist_result=True)
 @_with_train_args
-def train_stage(formatted: str, train_profile: TrainProfileName = "cpu-tiny", train_overrides: TrainOverrides = {}, force: bool = False,
+def train_stage(formatted: str, train_profile: TrainProfileName = DEFAULT_TRAIN_PROFILE, train_overrides: TrainOverrides = {}, force: bool = False,
                 artifact_root: str = "", train_profile_file: str = "") -> RunOutput:
     """Tokenize a formatted dataset and train an adapter on it, on the profile's work pool.
 
@@ -79,7 +80,7 @@ def train_stage(formatted: str, train_profile: TrainProfileName = "cpu-tiny", tr
 
 @flow(name="eval-stage", flow_run_name="eval-{train_profile}")
 @_with_train_args
-def eval_stage(run_dir: str, index_dir: str = "", train_profile: TrainProfileName = "cpu-tiny", train_overrides: TrainOverrides = {},
+def eval_stage(run_dir: str, index_dir: str = "", train_profile: TrainProfileName = DEFAULT_TRAIN_PROFILE, train_overrides: TrainOverrides = {},
                force: bool = False, artifact_root: str = "", dataset_dir: str = "", train_profile_file: str = "") -> EvalOutput:
     """Evaluate a finished training run: loss, retrieval, answer quality against the last release, and the gate.
 
@@ -97,7 +98,7 @@ def eval_stage(run_dir: str, index_dir: str = "", train_profile: TrainProfileNam
 
 @flow(name="merge-adapter-stage", flow_run_name="merge-adapter-{train_profile}")
 @_with_train_args
-def merge_adapter_stage(run_dir: str, train_profile: TrainProfileName = "cpu-tiny", train_overrides: TrainOverrides = {}, force: bool = False,
+def merge_adapter_stage(run_dir: str, train_profile: TrainProfileName = DEFAULT_TRAIN_PROFILE, train_overrides: TrainOverrides = {}, force: bool = False,
                         artifact_root: str = "", train_profile_file: str = "") -> StageOutput:
     """Merge an evaluated run's adapter into its base model, checked against the unmerged model's logits.
 
@@ -112,7 +113,7 @@ def merge_adapter_stage(run_dir: str, train_profile: TrainProfileName = "cpu-tin
 
 @flow(name="publish-stage", flow_run_name="publish-{train_profile}")
 @_with_train_args
-def publish_stage(run_dir: str, model_dir: str = "", train_profile: TrainProfileName = "cpu-tiny", train_overrides: TrainOverrides = {},
+def publish_stage(run_dir: str, model_dir: str = "", train_profile: TrainProfileName = DEFAULT_TRAIN_PROFILE, train_overrides: TrainOverrides = {},
                   force: bool = False, artifact_root: str = "", train_profile_file: str = "") -> PublishOutput:
     """Publish a run (and its merged model) to the profile's target; refused unless its guards and eval passed.
 

@@ -15,6 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# The embedded default (shipped samples, the tiny model on CPU): the one place the flows, the CLI and the loaders take it from.
+DEFAULT_DATA_PROFILE = "sample"
+DEFAULT_TRAIN_PROFILE = "cpu-tiny"
 
 M = TypeVar("M", bound=BaseModel)
 

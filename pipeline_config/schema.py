@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .loader import PACKAGE_DIR, ConfigError, Section, find_config, load_config
+from .loader import DEFAULT_DATA_PROFILE, PACKAGE_DIR, ConfigError, Section, find_config, load_config
 
 __all__ = ["PACKAGE_DIR", "ConfigError", "DataProfile", "load_data_profile", "data_profiles"]
 
@@ -255,7 +255,7 @@ class DataProfile(Section):
 
 # ----- loading ---------------------------------------------------------------
 
-def load_data_profile(name_or_path: str | Path = "sample", overrides: list[str] | tuple[str, ...] | dict = (),
+def load_data_profile(name_or_path: str | Path = DEFAULT_DATA_PROFILE, overrides: list[str] | tuple[str, ...] | dict = (),
                       flags: dict | None = None) -> DataProfile:
     """A data profile by shipped name (pipeline_config/<name>.yaml) or path, with --set overrides and flag values."""
     path = find_config(name_or_path, PACKAGE_DIR, "data profile")
