@@ -133,7 +133,9 @@ def print_chain(out) -> None:
         print(f"merged model: {out.model.path}")
     for kind, where in out.publish.published.items():
         print(f"published {kind}: {where}")
-    model = out.model.path if out.model else out.run.run_dir / "adapter"
+    from culbot.tasks.run_folder import ADAPTER
+
+    model = out.model.path if out.model else out.run.run_dir / ADAPTER
     here = Path.cwd()
     rel = lambda p: os.path.relpath(p, here) if Path(p).is_relative_to(here) else str(p)   # noqa: E731
     index = f" --index {rel(out.data.index.path)}" if out.data.index else ""
@@ -265,9 +267,8 @@ def _tokenized(a, tp: TrainProfile):
     if m is not None and m.stage == "tokenize":
         return a.data
     check_fits(tp)
-    root = Path(tp.artifacts_root)
-    base = resolve_base(tp.model, models_root=root / "models", samples_dir=tp.samples_dir)
-    return run_tokenize(a.data, base, getattr(a, "out", None) or root / "tokenized", tp.data).path
+    base = resolve_base(tp.model, models_root=tp.models_root, samples_dir=tp.samples_dir)
+    return run_tokenize(a.data, base, getattr(a, "out", None) or tp.tokenized_root, tp.data).path
 
 
 def tokenize(a, tp: TrainProfile) -> int:
@@ -285,7 +286,7 @@ def train(a, tp: TrainProfile) -> int:
 
     if a.dry_run:   # offline: no model resolved on the Hub, nothing tokenized
         print(check_fits(tp).verdict)
-        run_dir = Path(tp.artifacts_root) / "runs" / f"{tp.name}-<run id>"
+        run_dir = tp.runs_root / f"{tp.name}-<run id>"
         print("launch: " + " ".join(launch_command(tp, run_dir / "config.json")))
         print("(the run id is the hash of the tokenized data and the profile, known once `culbot tokenize` has run)")
         return 0
@@ -315,7 +316,7 @@ def merge_adapter(a, tp: TrainProfile) -> int:
     from culbot.tasks import _store
 
     eval_dir = a.run / EVAL   # the eval it passed goes into the merged model's card, when there is one
-    _print_output(run_merge_adapter(a.run, tp.merge_adapter, a.out or Path(tp.artifacts_root) / "models", tp.eval.probes,
+    _print_output(run_merge_adapter(a.run, tp.merge_adapter, a.out or tp.models_root, tp.eval.probes,
                                     eval_dir if _store.read_manifest(eval_dir) else None))
     return 0
 
@@ -837,7 +838,7 @@ def flag_values(cmd: Command, a: argparse.Namespace, current: BaseModel | None =
 
 def train_profile_of(a: argparse.Namespace) -> str:
     """--train-profile; else the profile the --run was trained with (eval, merge-adapter and publish apply its settings to
-    that run), else cpu-tiny. A given one must be the run's (run_folder.require_profile)."""
+    that run), else DEFAULT_TRAIN_PROFILE. A given one must be the run's (run_folder.require_profile)."""
     from culbot.tasks.run_folder import RUN_CONFIG_FILE, require_profile, trained_with
 
     run = getattr(a, "run", None)

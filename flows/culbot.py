@@ -109,7 +109,7 @@ def _chain(tp: TrainProfile, data_profile: str, data_profile_file: str, train_pr
         if tp.publish.what == "adapter" and to_stage != "merge-adapter":
             return c
         return c.model_copy(update={"model": stage(merge_adapter_task, spec=tp.merge_adapter, run=c.run.ref(), evaluation=c.eval.ref(),
-                                                   models_root=Path(tp.artifacts_root).resolve() / "models", probes=tp.eval.probes)})
+                                                   models_root=tp.models_root.resolve(), probes=tp.eval.probes)})
 
     def publish(c: ChainResult) -> ChainResult:
         pub = stage(publish_task, spec=tp.publish, run=c.run.ref(), model=c.model.ref() if c.model else None, evaluation=c.eval.ref())

@@ -108,7 +108,7 @@ def merge_adapter_stage(run_dir: str, train_profile: TrainProfileName = DEFAULT_
     """
     root, tp, stage = _setup(artifact_root, train_profile, train_profile_file, train_overrides, force)
     return stage(merge_adapter_task, spec=tp.merge_adapter, run=existing_run(run_dir, root, tp.name, "merge-adapter"),
-                 evaluation=existing(Path(run_dir) / EVAL, root), models_root=Path(tp.artifacts_root).resolve() / "models", probes=tp.eval.probes)
+                 evaluation=existing(Path(run_dir) / EVAL, root), models_root=tp.models_root.resolve(), probes=tp.eval.probes)
 
 
 @flow(name="publish-stage", flow_run_name="publish-{train_profile}")

@@ -224,6 +224,19 @@ class TrainProfile(Section):
             raise ValueError("deepspeed needs launcher 'deepspeed' or 'torchrun'")
         return self
 
+    @property
+    def runs_root(self) -> Path:
+        return Path(self.artifacts_root) / "runs"
+
+    @property
+    def models_root(self) -> Path:
+        """Merged models and the tiny base models."""
+        return Path(self.artifacts_root) / "models"
+
+    @property
+    def tokenized_root(self) -> Path:
+        return Path(self.artifacts_root) / "tokenized"
+
     def run_env(self) -> dict[str, str]:
         """Environment for the training run on its host (never a secret: these show in the Prefect UI)."""
         env = {"WANDB_PROJECT": self.train.wandb_project}

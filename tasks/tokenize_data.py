@@ -376,6 +376,5 @@ def tokenize_task(tp: TrainProfile, formatted: StageRef) -> StageOutput:
     from .plan import check_fits
 
     check_fits(tp)
-    root = Path(tp.artifacts_root)
-    base = resolve_base(tp.model, models_root=root / "models", samples_dir=tp.samples_dir)
-    return run_tokenize(formatted, base, root / "tokenized", tp.data)
+    base = resolve_base(tp.model, models_root=tp.models_root, samples_dir=tp.samples_dir)
+    return run_tokenize(formatted, base, tp.tokenized_root, tp.data)

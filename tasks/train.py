@@ -100,8 +100,7 @@ def prepare_run(tp: TrainProfile, tokenized_dir: Path | StageRef, *, runs_root: 
                 samples_dir: Path | None = None) -> Path:
     """Resolve the base model and write runs/<id>/config.json. Returns the config path."""
     check_fits(tp)  # before anything is downloaded
-    root = Path(tp.artifacts_root)
-    runs_root, models_root = runs_root or root / "runs", models_root or root / "models"
+    runs_root, models_root = runs_root or tp.runs_root, models_root or tp.models_root
     tokenized_dir, tokenized = _store.read_input(tokenized_dir, "train input is not a finished tokenized dataset")
     tokenized_dir = tokenized_dir.resolve()
     base = resolve_base(tp.model, models_root=models_root, samples_dir=samples_dir or tp.samples_dir)

@@ -29,6 +29,7 @@ from culbot.tasks import _store
 from culbot.tasks.contracts import RUN_CARD_FILE, TRAIN_RESULT_FILE, RunConfig, TrainResult
 from culbot.tasks.model_io import torch_dtype
 from culbot.tasks.quiet import quiet
+from culbot.tasks.run_folder import ADAPTER, CHECKPOINTS
 from culbot.tasks.templates import EXAMPLE_QUESTION, install_chat_templates, render_prompt
 
 EXIT_GUARD = 3
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     run = _store.read_model(args.config, RunConfig)
     run_dir = args.config.resolve().parent
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / CHECKPOINTS
 
     import datasets
     from transformers import AutoConfig, AutoTokenizer, PrinterCallback, Trainer, TrainingArguments, set_seed
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_PREEMPTED
         step, history, trainer_metrics = trainer.state.global_step, trainer.state.log_history, result.metrics
     if trainer.is_world_process_zero():
-        adapter = run_dir / "adapter"
+        adapter = run_dir / ADAPTER
         trainer.model.save_pretrained(adapter)
         # The training prompt as the tokenizer's chat template: apply_chat_template, vLLM and TGI render it exactly.
         example = render_prompt(serving, EXAMPLE_QUESTION, "", tokenizer)
