@@ -28,6 +28,12 @@ sys.path.insert(0, str(REPO))
 from bench._report import write_results  # noqa: E402
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return round(xs[min(len(xs) - 1, int(q * len(xs)))], 4) if xs else float("nan")
@@ -86,9 +92,7 @@ def bench_api(answerer, qs: list[str], clients: int, max_queue: int) -> dict:
 
     from culbot.tasks.serve_api import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(answerer, max_queue=max_queue), host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
@@ -142,9 +146,7 @@ def bench_load(model: Path, index: Path | None, levels: list[int], per_client: i
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "culbot.flows.cli", "serve", "--model", str(model), "--port", str(port), "--max-queue", str(max_queue),
            "--max-new-tokens", str(max_new_tokens), *(["--index", str(index)] if index else [])]

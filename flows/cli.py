@@ -507,16 +507,17 @@ def _serve_vllm(a) -> int:
     from culbot.tasks.run_folder import read_run_card
     from culbot.tasks.serve_api import vllm_command, vllm_model
 
+    card = read_run_card(a.model)
     try:
-        model = vllm_model(a.model, read_run_card(a.model))
+        model = vllm_model(a.model, card)
     except ValueError as e:
         raise ConfigError(f"--engine vllm: {e}") from None
     if model != Path(a.model).resolve():
-        print(f"vLLM has no LoRA for this adapter's architecture ({read_run_card(a.model).model_type}): serving its merged model {model}")
-        a.model = model
+        print(f"vLLM has no LoRA for this adapter's architecture ({card.model_type}): serving its merged model {model}")
+        a.model, card = model, read_run_card(model)
     name = a.served_name or default_name(a.model)
     vport = a.port + 1 if a.index else a.port
-    cmd = vllm_command(a.model, read_run_card(a.model), host="127.0.0.1" if a.index else a.host, port=vport, served_name=name)
+    cmd = vllm_command(a.model, card, host="127.0.0.1" if a.index else a.host, port=vport, served_name=name)
     print("vllm: " + shlex.join(cmd))
     proxy = ["culbot", "serve", "--model", str(a.model), "--index", str(a.index), "--upstream", f"http://127.0.0.1:{vport}/v1",
              "--served-name", name, "--host", a.host, "--port", str(a.port)] if a.index else None

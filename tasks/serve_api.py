@@ -226,25 +226,23 @@ class Completions:
         prompt_tokens = self.answerer.prompt_tokens(r)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": r.tokens, "total_tokens": prompt_tokens + r.tokens}
 
-    def refusal(self, req: ChatRequest):
-        """An OpenAI-shaped 4xx for a request this server will not answer, or None."""
+    def parse(self, req: ChatRequest):
+        """(the question, earlier turns), or an OpenAI-shaped 4xx for a request this server will not answer."""
         if req.model not in (None, "", self.info.id):
             return error(404, f"model {req.model!r} is not served here; this server serves {self.info.id!r}", "invalid_request_error",
                          "model", "model_not_found")
         try:
             check_messages([m.text for m in req.messages], self.answerer.spec.limits)
-            split_messages(req.messages)
+            return split_messages(req.messages)
         except InputRejected as e:
             return error(e.status, str(e), "invalid_request_error", e.param, "input_too_long")
         except ValueError as e:
             return error(400, str(e), "invalid_request_error", "messages")
-        return None
 
-    async def start(self, req: ChatRequest) -> Reply:
+    async def start(self, req: ChatRequest, question: str, history: list[tuple[str, str]]) -> Reply:
         """Retrieve and start generating (inside the gate: the caller has entered it)."""
         from starlette.concurrency import run_in_threadpool
 
-        question, history = split_messages(req.messages)
         spec = self.settings(req)
         r = await run_in_threadpool(lambda: self.answerer.reply(question, history, retrieval=req.retrieval, spec=spec))
         self.active[id(r)] = r
@@ -336,15 +334,16 @@ def create_app(answerer: Answerer, *, max_queue: int = 8, api_key_env: str = "CU
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        if (refused := completions.refusal(req)) is not None:
-            return refused
+        parsed = completions.parse(req)
+        if not isinstance(parsed, tuple):
+            return parsed
         try:
             gate.enter()
         except Busy as e:
             return error(503, str(e), "server_busy", headers={"Retry-After": "5"})
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         try:
-            r = await completions.start(req)
+            r = await completions.start(req, *parsed)
         except BaseException:
             gate.leave()
             raise

@@ -3,20 +3,15 @@ answer and its sources appear under it; the page shows the model's version. A sc
 from __future__ import annotations
 
 import shutil
-import socket
 
 import pytest
 
 from culbot.pipeline_config.train_schema import AnswerSpec
 
+from .servers.base import free_port
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium fonts-noto-cjk; .ci/run does)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_demo_answers_in_a_browser_with_sources_and_the_model_version(trained_run, cbnu_index, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ import pytest
 from culbot.pipeline_config.train_schema import AnswerSpec
 from culbot.tasks.templates import render_prompt
 
+from .servers.base import free_port, wait_for_health
 from .servers.base import serve as serve_scripted
 from .servers.completions import CompletionsApp, CompletionsHandler
 
@@ -27,9 +27,7 @@ QUESTION = "기숙사 신청은 언제 해요?"
 def running(app):
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
@@ -184,18 +182,10 @@ def test_vllm_renders_the_training_prompt_live(trained_run, tmp_path):   # pragm
     from culbot.tasks.run_folder import read_run_card
 
     merged = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], trained_run / "eval").path
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "culbot.flows.cli", "serve", "--engine", "vllm", "--model", str(merged), "--port", str(port)])
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(3)
+        wait_for_health(f"http://127.0.0.1:{port}", 600, poll=3)
         docs = [{"title": "생활관 입사 안내", "text": "입사 신청은 2월에 합니다."}]
         got = httpx.post(f"http://127.0.0.1:{port}/tokenize", json={"model": f"culbot-{merged.name}", "add_generation_prompt": True,
                          "messages": [{"role": "user", "content": QUESTION}], "chat_template_kwargs": {"documents": docs}},

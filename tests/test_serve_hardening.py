@@ -17,6 +17,7 @@ import pytest
 
 from culbot.pipeline_config.train_schema import AnswerSpec, InputLimits
 
+from .servers.base import free_port, wait_for_health
 from .servers.base import serve as serve_scripted
 from .servers.completions import CompletionsApp, CompletionsHandler
 from .test_serve import QUESTION, client, running
@@ -211,25 +212,15 @@ def test_text_streams_at_token_boundaries_and_holds_back_only_a_possible_stop(tr
 def test_sigterm_stops_the_server_within_seconds_while_a_stream_is_open(trained_run, tmp_path):
     """SIGTERM hung on "Waiting for background tasks" behind a 9-minute request; now answers in progress get
     --drain-seconds, and then they are cancelled."""
-    import socket
-
     slow = CompletionsApp(script=lambda p: "천천히 " * 400, piece_delay=0.2)   # about 80 s of streaming
     with serve_scripted(CompletionsHandler, slow) as upstream:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen([sys.executable, "-m", "culbot.flows.cli", "serve", "--model", str(trained_run / "adapter"), "--upstream",
                                  f"{upstream}/v1", "--served-name", "m", "--port", str(port), "--drain-seconds", "1"],
                                 stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, env=env)
         try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
+            assert wait_for_health(f"http://127.0.0.1:{port}", 60), (tmp_path / "serve.log").read_text()[-2000:]
             with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
                               json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}) as resp:
                 lines = resp.iter_lines()

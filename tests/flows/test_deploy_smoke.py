@@ -8,7 +8,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,12 +20,7 @@ import pytest
 from culbot.tasks import _store
 from culbot.tasks.contracts import short_hash
 from tests.conftest import REPO
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers.base import free_port
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -181,7 +175,7 @@ def _run_smoke(env: dict) -> str:
 
 @pytest.mark.slow
 def test_smoke_deployment_on_a_real_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
