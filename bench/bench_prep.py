@@ -62,7 +62,7 @@ def write_formatted(rows: list[dict], folder: Path, template) -> Path:
     """A formatted dataset folder, as the format stage writes it (parquet + templates + manifest last)."""
     from culbot.tasks import _store
     from culbot.tasks.contracts import TEMPLATES_FILE, TemplateSet
-    from culbot.tasks.format_prompts import COLUMNS, format_rows
+    from culbot.tasks.format import COLUMNS, format_rows
 
     templates = TemplateSet(map={}, default="kullm", templates={"kullm": template})
     formatted = format_rows(rows, templates)
@@ -104,11 +104,11 @@ def bench_data_prep(rows_n: int, cutoff: int, tmp: Path) -> tuple[dict, list[int
     import datasets
     from transformers import AutoTokenizer
 
-    from culbot.pipeline_config.train_schema import DataSpec
+    from culbot.pipeline_config.train_schema import TokenizeConfig
     from culbot.tasks.contracts import BaseModelRef
     from culbot.tasks.templates import load_template
     from culbot.tasks.tiny_model import build_tiny_model, sample_corpus
-    from culbot.tasks.tokenize_data import run_tokenize
+    from culbot.tasks.tokenize import run_tokenize
 
     datasets.disable_progress_bars()
     model = tmp / "tiny"
@@ -121,7 +121,7 @@ def bench_data_prep(rows_n: int, cutoff: int, tmp: Path) -> tuple[dict, list[int
 
     t0 = time.perf_counter()
     formatted = write_formatted(rows, tmp / "formatted", template)
-    base, data = BaseModelRef(name="tiny", path=str(model)), DataSpec(cutoff_len=cutoff)
+    base, data = BaseModelRef(name="tiny", path=str(model)), TokenizeConfig(cutoff_len=cutoff)
     m = run_tokenize(formatted, base, tmp / "tokenized", data)
     ours = time.perf_counter() - t0
     t0 = time.perf_counter()

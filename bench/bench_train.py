@@ -5,7 +5,7 @@ Run as: python bench/bench_train.py [--shapes 1.3b,5.8b,12.8b] [--micro 4] [--se
 
 --shapes: on a GPU it builds polyglot-ko shapes from their config.json (pipeline_config/models/configs/) in bf16 with
 sdpa, LoRA on the family's default targets as in the profiles, packed full rows of `--seq` tokens holding
-`--examples-per-row` examples each (position_ids restart at each, as data.packing feeds them), fused AdamW, and
+`--examples-per-row` examples each (position_ids restart at each, as tokenize.packing feeds them), fused AdamW, and
 prints tokens/s per GPU, peak GPU memory, achieved TFLOP/s and MFU against the GPU's dense bf16 peak from
 pipeline_config/planner/planner.yaml, next to the planner's memory estimate. On CPU it runs scaled-down shapes
 (`--shapes tiny,small`) in fp32 so CI checks that it works; CPU MFU is not meaningful and is not printed.
@@ -126,7 +126,7 @@ def run_shape(name: str, config: dict, *, micro: int, seq: int, steps: int, warm
     tps = micro * seq / step
     folder = Path(tempfile.mkdtemp(prefix="bench-shape-"))
     (folder / "config.json").write_text(json.dumps(config))   # the planner reads the shape from config.json, as for any base
-    prof = load_train_profile("a6000x4", [f"model.base={folder}", "lora.target_modules=null", f"data.cutoff_len={seq}", f"train.micro_batch_size={micro}",
+    prof = load_train_profile("a6000x4", [f"model.base={folder}", "lora.target_modules=null", f"tokenize.cutoff_len={seq}", f"train.micro_batch_size={micro}",
                                           "train.global_batch_size=" + str(micro * 4), f"model.gradient_checkpointing={str(gc).lower()}"])
     fpt = flops_per_token(shape, prof)
     out = {"shape": name, "hidden": shape.hidden, "layers": shape.layers, "vocab": shape.vocab, "micro_batch": micro, "seq": seq,
@@ -190,7 +190,7 @@ def run_profile(name: str, *, steps: int, warmup: int) -> dict:
         opt = (bnb.optim.PagedAdamW8bit if prof.train.optim.startswith("paged") else bnb.optim.AdamW8bit)(params, lr=prof.train.learning_rate)
     else:
         opt = torch.optim.AdamW(params, lr=prof.train.learning_rate)
-    micro, seq = prof.train.micro_batch_size, prof.data.cutoff_len
+    micro, seq = prof.train.micro_batch_size, prof.tokenize.cutoff_len
     ids = torch.randint(3, config["vocab_size"], (micro, seq), device=device)
     batch = {"input_ids": ids, "labels": ids, "position_ids": packed_positions(micro, seq, 3).to(device)}
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if not use_cpu and prof.model.dtype == "bf16" else torch.autocast("cpu", enabled=False)

@@ -168,7 +168,7 @@ def sample_datasets(root: Path) -> dict[str, Path]:
     system prompt or history), and 'mixed', those with ShareGPT conversations (system prompts, several turns) and alpaca
     rows with LLaMA-Factory's system and history columns."""
     from culbot.pipeline_config.schema import DatasetEntry, MergeDataConfig
-    from culbot.tasks.load_datasets import run_load_dataset
+    from culbot.tasks.load_dataset import run_load_dataset
     from culbot.tasks.merge_data import run_merge
 
     samples = ROOT / "raw" / "samples"

@@ -55,7 +55,7 @@ class Command:
     name: str                       # "crawl univ100"
     help: str                       # what it does: the first line of its --help
     run: Callable[..., int]         # run(args, profile) -> exit status
-    profile: Profile | None = None  # the profile its flags and --set apply to
+    profile: Profile | None = None  # the profile its flags and --data-set/--train-set apply to
     flags: tuple[Flag, ...] = ()
     args: tuple[Arg, ...] = ()
 
@@ -85,7 +85,7 @@ def run_flow(a, dp: DataProfile) -> int:
     if a.flow == "data-refresh":
         from culbot.flows.data_refresh import data_refresh
 
-        out = data_refresh(**profile_kwargs(data_profile=a.data_profile), data_overrides=overrides_dict(a.overrides), force=a.force,
+        out = data_refresh(**profile_kwargs(data_profile=a.data_profile), data_overrides=overrides_dict(a.data_overrides), force=a.force,
                            artifact_root=a.artifact_root or "")
         d = out.dataset
         print(f"dataset version {d.path.name}: {d.path}  (train {d.counts['train']}, validation {d.counts['validation']})")
@@ -109,8 +109,8 @@ def run_flow(a, dp: DataProfile) -> int:
         from culbot.flows.culbot import culbot
 
         chain_record.start()
-        out = culbot(**profile_kwargs(data_profile=a.data_profile, train_profile=a.train_profile), data_overrides=overrides_dict(a.overrides),
-                     train_overrides=overrides_dict(a.train_overrides), force=a.force, artifact_root=a.artifact_root or "")
+        out = culbot(**profile_kwargs(data_profile=a.data_profile, train_profile=a.train_profile), data_overrides=overrides_dict(a.data_overrides),
+                     train_overrides=overrides_dict(a.train_overrides, "--train-set"), force=a.force, artifact_root=a.artifact_root or "")
         if fp:   # the state after the run (its own release in the registry) is what an unchanged rerun sees
             chain_record.record(tp, chain_record.fingerprint(dp, tp, "publish"), out)
     print_chain(out)
@@ -165,7 +165,7 @@ def generate_qa(a, dp: DataProfile) -> int:
 
 def load_dataset(a, dp: DataProfile) -> int:
     from culbot.pipeline_config.schema import DatasetEntry
-    from culbot.tasks.load_datasets import run_load_dataset
+    from culbot.tasks.load_dataset import run_load_dataset
 
     if a.file:
         try:
@@ -211,7 +211,7 @@ def export_dataset(a, _) -> int:
 
 
 def format_data(a, dp: DataProfile) -> int:
-    from culbot.tasks.format_prompts import run_format
+    from culbot.tasks.format import run_format
 
     _print_output(run_format(a.dataset, dp.format, rag=dp.rag, index=a.index))
     return 0
@@ -261,14 +261,14 @@ def _tokenized(a, tp: TrainProfile):
     from culbot.tasks import _store
     from culbot.tasks.model_io import resolve_base
     from culbot.tasks.plan import check_fits
-    from culbot.tasks.tokenize_data import run_tokenize
+    from culbot.tasks.tokenize import run_tokenize
 
     m = _store.read_manifest(a.data)
     if m is not None and m.stage == "tokenize":
         return a.data
     check_fits(tp)
     base = resolve_base(tp.model, models_root=tp.models_root, samples_dir=tp.samples_dir)
-    return run_tokenize(a.data, base, getattr(a, "out", None) or tp.tokenized_root, tp.data).path
+    return run_tokenize(a.data, base, getattr(a, "out", None) or tp.tokenized_root, tp.tokenize).path
 
 
 def tokenize(a, tp: TrainProfile) -> int:
@@ -298,7 +298,7 @@ def train(a, tp: TrainProfile) -> int:
 
 
 def evaluate(a, tp: TrainProfile) -> int:
-    from culbot.tasks.evaluate import REPORT_MD, run_eval
+    from culbot.tasks.eval import REPORT_MD, run_eval
     from culbot.tasks.run_folder import EVAL
 
     res = run_eval(a.run, tp.eval, a.index, answer=tp.answer, dataset=a.dataset, publish=tp.publish)
@@ -335,7 +335,7 @@ def plan(a, _) -> int:
     from culbot.tasks.plan import plan_table
 
     names = a.train_profile or [p.stem for p in train_profiles()]
-    plans = [make_plan(load_train_profile(n, a.overrides), examples=a.examples, tokens_per_example=a.tokens_per_example) for n in names]
+    plans = [make_plan(load_train_profile(n, a.train_overrides), examples=a.examples, tokens_per_example=a.tokens_per_example) for n in names]
     print("\n\n".join(plan_table(p) for p in plans))
     if a.json:
         _store.atomic_write_json(a.json, [p.as_dict() for p in plans])
@@ -369,9 +369,9 @@ def config(a, _) -> int:
             print("\n".join(field_docs(docs[name])))
         return 0
     if a.train_profile:
-        print(json.dumps(load_train_profile(a.train_profile, a.overrides).model_dump(mode="json"), ensure_ascii=False, indent=2))
+        print(json.dumps(load_train_profile(a.train_profile, a.train_overrides).model_dump(mode="json"), ensure_ascii=False, indent=2))
     if a.data_profile or not a.train_profile:
-        print(json.dumps(load_data_profile(a.data_profile or DEFAULT_DATA_PROFILE, [] if a.train_profile else a.overrides).model_dump(mode="json"),
+        print(json.dumps(load_data_profile(a.data_profile or DEFAULT_DATA_PROFILE, a.data_overrides).model_dump(mode="json"),
                          ensure_ascii=False, indent=2))
     return 0
 
@@ -570,6 +570,21 @@ LIMIT = Arg("--limit", "Override a bound on what a request may hold (answer.limi
                        "max_message_chars 4000, max_total_chars 32000), e.g. --limit max_message_chars=2000 (repeatable).",
             {"action": "append", "default": [], "metavar": "KEY=VALUE"})
 
+# One override flag per profile kind, the same on every command: --data-set for data-profile fields, --train-set for
+# training-profile fields (`run full` takes both).
+DATA_SET = Arg("--data-set", "Override a data-profile field, e.g. --data-set qa.max_in_flight=8 (repeatable; values are YAML).",
+               {"dest": "data_overrides", "action": "append", "default": [], "metavar": "KEY=VALUE"})
+TRAIN_SET = Arg("--train-set", "Override a training-profile field, e.g. --train-set train.max_steps=10 (repeatable; values are YAML).",
+                {"dest": "train_overrides", "action": "append", "default": [], "metavar": "KEY=VALUE"})
+
+
+class _Renamed(argparse.Action):
+    """--set, which meant data fields on some commands and training fields on others, points to its two successors."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--set is gone: use --data-set for a data-profile field or --train-set for a training-profile field")
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("run", "Run a flow: 'full' (data refresh, tokenize, train, eval, merge-adapter, publish) or 'data-refresh'. "
                    "Prefect runs an ephemeral server unless PREFECT_API_URL is set.", run_flow, "data", args=(
@@ -577,8 +592,7 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--force", "Ignore caches; rebuild every stage.", {"action": "store_true"}),
         Arg("--train-profile", f"Training profile for 'full': a name in pipeline_config/profiles/ ({TRAIN_PROFILES}) or a YAML path.",
             {"default": DEFAULT_TRAIN_PROFILE}),
-        Arg("--train-set", "Override a training-profile field for 'full', e.g. --train-set publish.target=hub (repeatable).",
-            {"dest": "train_overrides", "action": "append", "default": [], "metavar": "KEY=VALUE"}),
+        TRAIN_SET,
         Arg("--artifact-root", "Share stage outputs through this fsspec URL (a path, s3://, gs://, hf://). Default: $CULBOT_ARTIFACT_ROOT, else local disk only.",
             {"metavar": "URL"}),
     )),
@@ -699,8 +713,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("plan", "Per-GPU memory, the largest micro batch that fits, and time and cost of training profiles.", plan, args=(
         Arg("--train-profile --profile", "Training profile (repeatable). Default: every shipped profile.",
             {"dest": "train_profile", "action": "append", "default": []}),
-        Arg("--set", "Override a training-profile field, e.g. --set train.micro_batch_size=4 (repeatable).",
-            {"dest": "overrides", "action": "append", "default": [], "metavar": "KEY=VALUE"}),
+        TRAIN_SET,
         Arg("--examples", "Training rows per epoch (KULLM-v2 is ~153k).", {"type": int, "default": 160_000}),
         Arg("--tokens-per-example", "Mean tokens per row (default: planner.yaml).", {"type": float}),
         Arg("--json", "Also write the plans as JSON here.", {"type": Path, "metavar": "FILE"}),
@@ -729,7 +742,7 @@ COMMANDS: tuple[Command, ...] = (
         Arg("what", "'show' a resolved profile, or 'docs' for every field.", {"choices": ["show", "docs"]}),
         Arg("--data-profile", "Data profile to show (default: sample).", {}),
         Arg("--train-profile", "Training profile to show.", {}),
-        Arg("--set", "Override a field of the profile shown (repeatable).", {"dest": "overrides", "action": "append", "default": [], "metavar": "KEY=VALUE"}),
+        DATA_SET, TRAIN_SET,
         Arg("--only", "docs: only this config.", {"choices": ["data", "train", "planner"]}),
     )),
     Command("templates", "List the prompt templates, or show one rendered on an example question.", templates, args=(
@@ -772,14 +785,12 @@ def _flag_kwargs(f: Flag, model: type[BaseModel]) -> dict[str, Any]:
 def _profile_args(p: argparse.ArgumentParser, profile: Profile) -> None:
     if profile == "data":
         p.add_argument("--data-profile", default=DEFAULT_DATA_PROFILE, help=f"Data profile: a name in pipeline_config/ ({DATA_PROFILES}) or a YAML path. Default: {DEFAULT_DATA_PROFILE}.")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="Override a data-profile field, e.g. --set qa.max_in_flight=8 (repeatable).")
     else:
         p.add_argument("--train-profile", default=None,
                        help=f"Training profile: a name in pipeline_config/profiles/ ({TRAIN_PROFILES}) or a YAML path. Default: the "
                             f"profile a --run was trained with, else {DEFAULT_TRAIN_PROFILE}.")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="Override a training-profile field, e.g. --set train.max_steps=10 (repeatable).")
+    over = DATA_SET if profile == "data" else TRAIN_SET
+    p.add_argument(over.flag, help=over.help, **over.kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -798,6 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
             where = groups[words[0]]
         p = where.add_parser(words[-1], help=cmd.help, description=cmd.help)
         p.set_defaults(command_spec=cmd)
+        p.add_argument("--set", nargs="?", action=_Renamed, help=argparse.SUPPRESS)
         for arg in cmd.args:
             p.add_argument(*arg.flag.split(), help=arg.help, **arg.kwargs)
         if cmd.profile:
@@ -855,12 +867,15 @@ def train_profile_of(a: argparse.Namespace) -> str:
 
 
 def load_profile_for(cmd: Command, a: argparse.Namespace):
-    """The command's profile with its --set overrides and flag values, or None for commands without one."""
+    """The command's profile with its --data-set/--train-set overrides and flag values, or None for commands without one."""
     if cmd.profile is None:
         return None
-    load, name = (load_data_profile, a.data_profile) if cmd.profile == "data" else (load_train_profile, train_profile_of(a))
+    if cmd.profile == "data":
+        load, name, overrides = load_data_profile, a.data_profile, a.data_overrides
+    else:
+        load, name, overrides = load_train_profile, train_profile_of(a), a.train_overrides
     mapping = any(f.mapping and getattr(a, f"flag:{f.field}") for f in cmd.flags)
-    return load(name, a.overrides, flag_values(cmd, a, load(name, a.overrides) if mapping else None))
+    return load(name, overrides, flag_values(cmd, a, load(name, overrides) if mapping else None))
 
 
 class _RunName(logging.Filter):

@@ -12,15 +12,15 @@ goes on with its outputs. Cancelling this flow run cancels that child run.
 from __future__ import annotations
 
 import contextlib
-import typing
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger
 
 from culbot.flows.data_refresh import data_refresh
 from culbot.flows.deployed import check_version
-from culbot.flows.params import DataOverrides, DataProfileName, Stage, TrainOn, TrainOverrides, TrainProfileName, profile_source
+from culbot.flows.params import DataOverrides, DataProfileName, TrainOn, TrainOverrides, TrainProfileName, profile_source
 from culbot.flows.pool import cancel_child_runs, choose_train_on, rename_run, train_on_pool
 from culbot.flows.runner import exclusive, full_lock, run_stage
 from culbot.flows.summary import write_summary
@@ -28,14 +28,17 @@ from culbot.pipeline_config.loader import DEFAULT_DATA_PROFILE, DEFAULT_TRAIN_PR
 from culbot.pipeline_config.schema import load_data_profile
 from culbot.pipeline_config.train_schema import TrainProfile, load_train_profile
 from culbot.tasks import artifact_root as _artifact_root
+from culbot.tasks import eval as eval_stage, format as format_stage, merge_adapter, publish as publish_stage, train as train_stage
 from culbot.tasks.contracts import ChainResult
-from culbot.tasks.evaluate import eval_task
+from culbot.tasks.eval import eval_task
 from culbot.tasks.merge_adapter import merge_adapter_task
 from culbot.tasks.publish import publish_task
-from culbot.tasks.tokenize_data import tokenize_task
+from culbot.tasks.tokenize import tokenize_task
 from culbot.tasks.train import train_task
 
-STAGES = typing.get_args(Stage)   # to_stage's values, in chain order
+# Where the chain can stop, in order: the data refresh ends with format (tokenize goes with train).
+STAGES = tuple(m.STAGE.name for m in (format_stage, train_stage, eval_stage, merge_adapter, publish_stage))
+ToStage = Literal[STAGES]   # type: ignore[valid-type]   # the to_stage dropdown of the deployment form
 
 
 class EvalGateFailed(RuntimeError):
@@ -44,7 +47,7 @@ class EvalGateFailed(RuntimeError):
 
 @flow(name="culbot", flow_run_name="culbot-{data_profile}-{train_profile}-to-{to_stage}", on_cancellation=[cancel_child_runs])
 def culbot(data_profile: DataProfileName = DEFAULT_DATA_PROFILE, train_profile: TrainProfileName = DEFAULT_TRAIN_PROFILE, data_overrides: DataOverrides = {},
-           train_overrides: TrainOverrides = {}, to_stage: Stage = "publish", force: bool = False, train_on: TrainOn = "auto",
+           train_overrides: TrainOverrides = {}, to_stage: ToStage = "publish", force: bool = False, train_on: TrainOn = "auto",
            artifact_root: str = "", data_profile_file: str = "", train_profile_file: str = "") -> ChainResult:
     """The whole chain, or its beginning up to `to_stage`.
 
@@ -81,7 +84,7 @@ def culbot(data_profile: DataProfileName = DEFAULT_DATA_PROFILE, train_profile: 
 
 
 def _chain(tp: TrainProfile, data_profile: str, data_profile_file: str, train_profile: str, data_overrides: dict, train_overrides: dict,
-           to_stage: Stage, force: bool, train_on: TrainOn, artifact_root: str) -> ChainResult:
+           to_stage: ToStage, force: bool, train_on: TrainOn, artifact_root: str) -> ChainResult:
     """One line per stage, each taking the chain so far and returning it with its output; to_stage ends it."""
     root = _artifact_root.configured(artifact_root)
     stage = partial(run_stage, force=force, root=root)

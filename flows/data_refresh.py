@@ -1,6 +1,6 @@
 """The `data-refresh` flow: crawl univ100 -> crawl CBNU -> generate QA -> load datasets (KULLM-v2, ...) -> merge-data -> index -> format.
 
-Run as: culbot run data-refresh [--data-profile sample] [--set qa.max_in_flight=8] [--force]
+Run as: culbot run data-refresh [--data-profile sample] [--data-set qa.max_in_flight=8] [--force]
 
 Each stage is a cached Prefect task keyed by its inputs' content hashes, its config, its
 source code and where its outputs go (flows/runner.py). A rerun with nothing changed is
@@ -8,7 +8,6 @@ served from the cache; a cached result whose folder no longer verifies is rebuil
 """
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -24,10 +23,10 @@ from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import DataRefreshResult, StageOutput, short_hash
 from culbot.tasks.crawl_cbnu import crawl_cbnu_task
 from culbot.tasks.crawl_univ100 import crawl_univ100_task
-from culbot.tasks.format_prompts import format_task
+from culbot.tasks.format import format_task
 from culbot.tasks.generate_qa import generate_qa_task
 from culbot.tasks.index import index_task
-from culbot.tasks.load_datasets import load_dataset_task
+from culbot.tasks.load_dataset import load_dataset_task
 from culbot.tasks.merge_data import merge_data_task
 
 
@@ -85,30 +84,34 @@ def data_refresh(data_profile: DataProfileName = DEFAULT_DATA_PROFILE, data_over
 
 
 def _refresh(dp: DataProfile, force: bool, artifact_root: str, choice: DataProfileChoice) -> DataRefreshResult:
-    stage = partial(run_stage, force=force, root=_artifact_root.configured(artifact_root))
-    stages: dict[str, StageOutput] = {}
+    stages: dict[str, StageOutput] = {}   # by stage name (each load-dataset by its dataset's too)
+
+    def stage(task, suffix: str = "", **inputs) -> StageOutput:
+        stages[task.name + suffix] = out = run_stage(task, force=force, root=_artifact_root.configured(artifact_root), **inputs)
+        return out
+
     sources: dict[str, StageOutput] = {}
+    pages = None
     if dp.univ100.enabled:
-        stages["crawl-univ100"] = sources["univ100"] = stage(crawl_univ100_task, univ100=dp.univ100)
+        sources["univ100"] = stage(crawl_univ100_task, univ100=dp.univ100)
     if dp.cbnu.enabled:
-        stages["crawl-cbnu"] = pages = stage(crawl_cbnu_task, cbnu=dp.cbnu)
+        pages = stage(crawl_cbnu_task, cbnu=dp.cbnu)
         if dp.qa.enabled:
-            stages["generate-qa"] = sources["cbnu"] = stage(generate_qa_task, qa=dp.qa, pages=pages.ref())
+            sources["cbnu"] = stage(generate_qa_task, qa=dp.qa, pages=pages.ref())
     for entry in dp.datasets:
         if entry.enabled:
-            stages[f"load-dataset-{entry.name}"] = sources[entry.name] = stage(load_dataset_task, entry=entry)
+            sources[entry.name] = stage(load_dataset_task, f"-{entry.name}", entry=entry)
     if not sources:
         raise ValueError(f"data profile {dp.name!r}: every source stage is disabled; nothing to merge")
     known = {v["content_hash"] for v in _store.read_jsonl(Path(dp.merge_data.out_root) / "versions.jsonl")}
-    stages["merge-data"] = dataset = stage(merge_data_task, merge_data=dp.merge_data, inputs={k: v.ref() for k, v in sources.items()})
+    dataset = stage(merge_data_task, merge_data=dp.merge_data, inputs={k: v.ref() for k, v in sources.items()})
     if dataset.content_hash not in known:
         announce_new_version(choice, dataset)
     index = None
-    if dp.rag.enabled and "crawl-cbnu" in stages:
-        stages["index"] = index = stage(index_task, rag=dp.rag, pages=stages["crawl-cbnu"].ref(), dataset=dataset.ref(),
-                                        qa=sources["cbnu"].ref() if "cbnu" in sources else None,
-                                        univ100=sources["univ100"].ref() if "univ100" in sources and dp.rag.include_univ100 else None)
-    stages["format"] = formatted = stage(format_task, fmt=dp.format, dataset=dataset.ref(), rag=dp.rag, index=index.ref() if index else None)
+    if dp.rag.enabled and pages is not None:
+        index = stage(index_task, rag=dp.rag, pages=pages.ref(), dataset=dataset.ref(), qa=sources["cbnu"].ref() if "cbnu" in sources else None,
+                      univ100=sources["univ100"].ref() if "univ100" in sources and dp.rag.include_univ100 else None)
+    formatted = stage(format_task, fmt=dp.format, dataset=dataset.ref(), rag=dp.rag, index=index.ref() if index else None)
     create_markdown_artifact(summary_markdown(dp.name, stages), key="data-refresh-summary", description="data-refresh outputs")
     get_run_logger().info("dataset version %s at %s; formatted at %s", short_hash(dataset.content_hash), dataset.path, formatted.path)
     return DataRefreshResult(dataset=dataset, formatted=formatted, index=index, stages=stages)

@@ -22,7 +22,6 @@ TrainProfileName = Literal[tuple(p.stem for p in train_profiles())]        # typ
 DataOverrides = dict[Literal[tuple(override_keys(DataProfile))], Any]      # type: ignore[valid-type]
 TrainOverrides = dict[Literal[tuple(override_keys(TrainProfile))], Any]    # type: ignore[valid-type]
 
-Stage = Literal["format", "train", "eval", "merge-adapter", "publish"]
 TrainOn = Literal["auto", "pool", "here"]
 
 

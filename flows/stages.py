@@ -20,11 +20,11 @@ from culbot.pipeline_config.train_schema import load_train_profile
 from culbot.tasks import _store
 from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import EvalOutput, PublishOutput, RunOutput, StageOutput, short_hash
-from culbot.tasks.evaluate import eval_task
+from culbot.tasks.eval import eval_task
 from culbot.tasks.merge_adapter import merge_adapter_task
 from culbot.tasks.publish import publish_task
 from culbot.tasks.run_folder import EVAL
-from culbot.tasks.tokenize_data import tokenize_task
+from culbot.tasks.tokenize import tokenize_task
 from culbot.tasks.train import train_task
 
 
@@ -62,7 +62,7 @@ def _train_run_name() -> str:
 
 
 # persist_result: the parent `culbot` run reads this result, possibly from another host's result storage.
-@flow(name="train-stage", flow_run_name=_train_run_name, persist_result=True)
+@flow(name=f"{train_task.name}-stage", flow_run_name=_train_run_name, persist_result=True)
 @_with_train_args
 def train_stage(formatted: str, train_profile: TrainProfileName = DEFAULT_TRAIN_PROFILE, train_overrides: TrainOverrides = {}, force: bool = False,
                 artifact_root: str = "", train_profile_file: str = "") -> RunOutput:
@@ -78,7 +78,7 @@ def train_stage(formatted: str, train_profile: TrainProfileName = DEFAULT_TRAIN_
     return stage(train_task, tp=tp, tokenized=tokenized.ref())
 
 
-@flow(name="eval-stage", flow_run_name="eval-{train_profile}")
+@flow(name=f"{eval_task.name}-stage", flow_run_name="eval-{train_profile}")
 @_with_train_args
 def eval_stage(run_dir: str, index_dir: str = "", train_profile: TrainProfileName = DEFAULT_TRAIN_PROFILE, train_overrides: TrainOverrides = {},
                force: bool = False, artifact_root: str = "", dataset_dir: str = "", train_profile_file: str = "") -> EvalOutput:
@@ -96,7 +96,7 @@ def eval_stage(run_dir: str, index_dir: str = "", train_profile: TrainProfileNam
                  answer=tp.answer, dataset=existing(dataset_dir, root) if dataset_dir else None, publish=tp.publish)
 
 
-@flow(name="merge-adapter-stage", flow_run_name="merge-adapter-{train_profile}")
+@flow(name=f"{merge_adapter_task.name}-stage", flow_run_name="merge-adapter-{train_profile}")
 @_with_train_args
 def merge_adapter_stage(run_dir: str, train_profile: TrainProfileName = DEFAULT_TRAIN_PROFILE, train_overrides: TrainOverrides = {}, force: bool = False,
                         artifact_root: str = "", train_profile_file: str = "") -> StageOutput:
@@ -111,7 +111,7 @@ def merge_adapter_stage(run_dir: str, train_profile: TrainProfileName = DEFAULT_
                  evaluation=existing(Path(run_dir) / EVAL, root), models_root=tp.models_root.resolve(), probes=tp.eval.probes)
 
 
-@flow(name="publish-stage", flow_run_name="publish-{train_profile}")
+@flow(name=f"{publish_task.name}-stage", flow_run_name="publish-{train_profile}")
 @_with_train_args
 def publish_stage(run_dir: str, model_dir: str = "", train_profile: TrainProfileName = DEFAULT_TRAIN_PROFILE, train_overrides: TrainOverrides = {},
                   force: bool = False, artifact_root: str = "", train_profile_file: str = "") -> PublishOutput:

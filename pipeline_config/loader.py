@@ -1,7 +1,7 @@
 """The one loader of the three configs (data profile, training profile, planner).
 
-YAML file -> ``--set KEY=VALUE`` overrides -> values from command-line flags -> pydantic
-validation. Every error names where the bad value came from: the file, the ``--set``
+YAML file -> ``--data-set``/``--train-set KEY=VALUE`` overrides -> values from command-line flags -> pydantic
+validation. Every error names where the bad value came from: the file, the ``--data-set``/``--train-set``
 or the flag, and the field's dotted path.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     """Base of every config section: unknown fields are errors, assignments are validated, and a float is a finite
-    number (YAML's .inf and .nan are refused: `--set train.learning_rate=.inf` passed and crashed training)."""
+    number (YAML's .inf and .nan are refused: `--train-set train.learning_rate=.inf` passed and crashed training)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -68,12 +68,13 @@ def field_path(dotted: str, label: str) -> list[str]:
     return dotted.split(".")
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """'qa.max_in_flight=8' -> (['qa', 'max_in_flight'], 8). Values are parsed as YAML."""
+def parse_override(item: str, flag: str = "--data-set") -> tuple[list[str], Any]:
+    """'qa.max_in_flight=8' -> (['qa', 'max_in_flight'], 8). Values are parsed as YAML. ``flag`` is the option that gave
+    it (--data-set or --train-set), named in errors."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. qa.max_in_flight=8")
+        raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE, e.g. section.field=8")
     key, raw = item.split("=", 1)
-    keys = field_path(key, f"--set {item!r}")
+    keys = field_path(key, f"{flag} {item!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -81,9 +82,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return keys, value
 
 
-def overrides_dict(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """``--set`` items as the flows' typed overrides: {'qa.max_in_flight': 8}."""
-    return {".".join(keys): value for keys, value in map(parse_override, items)}
+def overrides_dict(items: list[str] | tuple[str, ...], flag: str = "--data-set") -> dict[str, Any]:
+    """``--data-set``/``--train-set`` items as the flows' typed overrides: {'qa.max_in_flight': 8}."""
+    return {".".join(keys): value for keys, value in (parse_override(i, flag) for i in items)}
 
 
 def override_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -123,8 +124,9 @@ def _format_errors(err: ValidationError, source: str, labels: dict[str, str]) ->
 
 
 def load_config(model: type[M], path: Path, overrides: list[str] | tuple[str, ...] | dict[str, Any] = (),
-                flags: dict[str, tuple[str, Any]] | None = None, defaults: dict[str, Any] | None = None) -> M:
-    """Validate ``path`` as ``model`` after ``--set`` overrides and flag values.
+                flags: dict[str, tuple[str, Any]] | None = None, defaults: dict[str, Any] | None = None,
+                override_flag: str = "--data-set") -> M:
+    """Validate ``path`` as ``model`` after overrides (``override_flag`` KEY=VALUE strings, or a mapping) and flag values.
 
     ``flags`` maps a dotted field to (the flag that set it, its value), so an error says ``--campus``
     rather than the file. ``defaults`` fill top-level fields the file leaves out (e.g. the name).
@@ -133,12 +135,12 @@ def load_config(model: type[M], path: Path, overrides: list[str] | tuple[str, ..
     for k, v in (defaults or {}).items():
         data.setdefault(k, v)
     labels: dict[str, str] = {}
-    # --set strings (the CLI) or a mapping of dotted field -> value (the flows' parameters, from the UI)
-    pairs = overrides.items() if isinstance(overrides, dict) else ((".".join(k), v) for k, v in map(parse_override, overrides))
+    # --data-set/--train-set strings (the CLI) or a mapping of dotted field -> value (the flows' parameters, from the UI)
+    pairs = overrides.items() if isinstance(overrides, dict) else ((".".join(k), v) for k, v in (parse_override(i, override_flag) for i in overrides))
     for dotted, value in pairs:
         keys = field_path(dotted, f"override {dotted!r}")
         _put(data, keys, value, f"override {dotted!r}")
-        labels[".".join(keys)] = f"override {'.'.join(keys)}" if isinstance(overrides, dict) else f"--set {'.'.join(keys)}"
+        labels[".".join(keys)] = f"override {'.'.join(keys)}" if isinstance(overrides, dict) else f"{override_flag} {'.'.join(keys)}"
     for dotted, (flag, value) in (flags or {}).items():
         _put(data, dotted.split("."), value, flag)
         labels[dotted] = flag

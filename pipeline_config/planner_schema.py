@@ -48,4 +48,4 @@ def load_planner(path: str | Path = PLANNER_FILE, overrides: list[str] | tuple[s
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: planner config not found")
-    return load_config(PlannerConfig, p, overrides)
+    return load_config(PlannerConfig, p, overrides, override_flag="planner override")

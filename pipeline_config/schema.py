@@ -19,15 +19,21 @@ __all__ = ["PACKAGE_DIR", "ConfigError", "DataProfile", "load_data_profile", "da
 BROWSER_UA = "Mozilla/5.0 (compatible; CulbotCrawler/0.1; +https://github.com/cbnu-culbot) AppleWebKit/537.36 Chrome/120 Safari/537.36"
 
 
-class HttpPolicy(Section):
-    user_agent: str = Field(BROWSER_UA, description="User-Agent sent with every request. univ100's API answers 403 to non-browser agents.")
-    rate_per_host: float = Field(1.0, gt=0, description="Most requests per second to one host.")
-    max_concurrency_per_host: int = Field(2, ge=1, description="Most requests in flight to one host at once.")
-    timeout_s: float = Field(20.0, gt=0, description="Per-request timeout in seconds.")
+class RetryPolicy(Section):
+    """How a failed request is retried: the crawlers' HTTP (``http``), QA generation's LLM requests (``qa``) and the
+    embeddings endpoint all read these fields."""
+
     max_retries: int = Field(4, ge=0, description="Retries after the first try on 429, 5xx, timeouts and connection errors.")
     backoff_base_s: float = Field(1.0, ge=0, description="First backoff delay; doubles each retry, with jitter.")
     backoff_max_s: float = Field(60.0, ge=0, description="Largest backoff delay between retries.")
     retry_after_max_s: float = Field(300.0, ge=0, description="Longest Retry-After we will honour; a longer one fails the request with a clear error.")
+
+
+class HttpPolicy(RetryPolicy):
+    user_agent: str = Field(BROWSER_UA, description="User-Agent sent with every request. univ100's API answers 403 to non-browser agents.")
+    rate_per_host: float = Field(1.0, gt=0, description="Most requests per second to one host.")
+    max_concurrency_per_host: int = Field(2, ge=1, description="Most requests in flight to one host at once.")
+    timeout_s: float = Field(20.0, gt=0, description="Per-request timeout in seconds.")
     respect_robots: bool = Field(True, description="Fetch and obey robots.txt for every host.")
 
 
@@ -82,7 +88,7 @@ class CbnuConfig(Section):
         return self
 
 
-class QAGenConfig(Section):
+class QAGenConfig(RetryPolicy):   # its LLM requests retry by the policy's fields (qa.max_retries, ...)
     enabled: bool = Field(True, description="Run this stage in data-refresh.")
     backend: Literal["openai", "replay"] = Field("openai", description="'openai': any OpenAI-compatible Chat Completions server. 'replay': answers recorded in `replay_dir`, keyed like the cache (offline).")
     model: str = Field("gpt-3.5-turbo", description="Chat model name.")
@@ -100,10 +106,7 @@ class QAGenConfig(Section):
     cache_dir: Path = Field(Path("raw/qa_cache"), description="Response cache, one file per (chunk hash, prompt version, model, temperature).")
     max_in_flight: int = Field(4, ge=1, description="Most requests in flight at once.")
     requests_per_minute: float = Field(60, gt=0, description="Most requests started per minute.")
-    max_retries: int = Field(4, ge=0, description="Retries on 429, 5xx, timeouts and connection errors, honouring Retry-After.")
     parse_retries: int = Field(2, ge=0, description="Extra requests when an answer is not a parsable JSON list.")
-    backoff_base_s: float = Field(2.0, ge=0, description="First retry delay; doubles each retry, with jitter.")
-    retry_after_max_s: float = Field(120.0, ge=0, description="Longest Retry-After we will honour.")
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds.")
     max_requests: int | None = Field(2000, ge=1, description="Hard budget: most API requests in one run (retries count). None: unlimited.")
     max_cost_usd: float | None = Field(10.0, gt=0, description="Hard budget: most estimated spend in one run, in USD. None: unlimited.")
@@ -257,7 +260,7 @@ class DataProfile(Section):
 
 def load_data_profile(name_or_path: str | Path = DEFAULT_DATA_PROFILE, overrides: list[str] | tuple[str, ...] | dict = (),
                       flags: dict | None = None) -> DataProfile:
-    """A data profile by shipped name (pipeline_config/<name>.yaml) or path, with --set overrides and flag values."""
+    """A data profile by shipped name (pipeline_config/<name>.yaml) or path, with --data-set overrides and flag values."""
     path = find_config(name_or_path, PACKAGE_DIR, "data profile")
     return load_config(DataProfile, path, overrides, flags, defaults={"name": path.stem})
 

@@ -33,7 +33,7 @@ class Hardware(Section):
     plan_check: bool = Field(True, description="Refuse to launch when `culbot plan` estimates the profile does not fit in GPU memory.")
 
 
-class ModelSpec(Section):
+class ModelConfig(Section):
     base: str = Field(description=f"Base model: a Hub id (e.g. EleutherAI/polyglot-ko-12.8b, beomi/Llama-3-Open-Ko-8B-Instruct-preview), a local path, or a built-in tiny model: {', '.join(TINY_FAMILIES)} (GPT-NeoX, Llama-3-style, Qwen2).")
     revision: str = Field("main", description="Hub revision; resolved to its commit sha and recorded with the adapter.")
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the base weights and of mixed-precision training.")
@@ -45,14 +45,14 @@ class ModelSpec(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
 
 
-class LoraSpec(Section):
+class LoraConfig(Section):
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     target_modules: list[str] | Literal["all-linear"] | None = Field(None, description="Linear layers to adapt (names as in the model, e.g. query_key_value for GPT-NeoX, q_proj/v_proj for Llama and Qwen2, checked against the model's modules), 'all-linear' (peft's: every linear layer but the output head), or None: the architecture's default in pipeline_config/models/families.yaml.")
 
 
-class DataSpec(Section):
+class TokenizeConfig(Section):
     cutoff_len: int = Field(1024, ge=8, description="Longest sequence in tokens.")
     train_on_inputs: bool = Field(False, description="Also learn the prompt tokens (else their labels are -100).")
     overlength: Literal["truncate", "drop"] = Field("truncate", description="What to do with rows longer than cutoff_len (counted either way).")
@@ -68,8 +68,8 @@ class DataSpec(Section):
 
 
 class Schedule(Section):
-    micro_batch_size: int = Field(1, ge=1, description="Examples (packed rows with data.packing) per GPU per forward pass.")
-    global_batch_size: int = Field(1, ge=1, description="Examples (packed rows with data.packing) per optimizer step over all GPUs.")
+    micro_batch_size: int = Field(1, ge=1, description="Examples (packed rows with tokenize.packing) per GPU per forward pass.")
+    global_batch_size: int = Field(1, ge=1, description="Examples (packed rows with tokenize.packing) per optimizer step over all GPUs.")
     gradient_accumulation_steps: int | None = Field(None, ge=1, description="None: global / (micro × world). If set, must make the product exact.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1: use epochs).")
@@ -112,7 +112,7 @@ DEFAULT_PROBES = [
 ]
 
 
-class EvalSpec(Section):
+class EvalConfig(Section):
     probes: list[str] = Field(default_factory=lambda: list(DEFAULT_PROBES), description="Korean CBNU questions answered by the model in the eval report.")
     probe_source: str = Field("cbnu", description="Rows of this source's template format the probes, exactly as in training.")
     max_new_tokens: int = Field(64, ge=1, description="Generation length for probes.")
@@ -154,7 +154,7 @@ class InputLimits(Section):
     max_total_chars: int = Field(32_000, ge=1, description="Most characters in all messages of a request together.")
 
 
-class AnswerSpec(Section):
+class AnswerConfig(Section):
     source: str = Field("cbnu", description="Questions are rendered with this source's training template (the chat templates saved in the tokenizer default to it).")
     max_new_tokens: int = Field(200, ge=1, description="Most tokens per answer.")
     do_sample: bool = Field(False, description="Sample (temperature, top_p) instead of greedy decoding.")
@@ -173,13 +173,13 @@ class AnswerSpec(Section):
     limits: InputLimits = Field(default_factory=InputLimits, description="Bounds on what a student or client may send (chat, serve, demo).")
 
 
-class MergeAdapterSpec(Section):
+class MergeAdapterConfig(Section):
     dtype: Literal["bf16", "fp16", "fp32"] | None = Field(None, description="Dtype of the merged model (None: the base model's training dtype; fp32 on CPU).")
     max_shard_size: str = Field("2GB", description="Safetensors shard size.")
     atol: float | None = Field(None, gt=0, description="Largest allowed logit difference between merged and base + adapter (None: 1e-4 in fp32, 5e-2 in bf16/fp16).")
 
 
-class PublishSpec(Section):
+class PublishConfig(Section):
     target: Literal["local", "hub"] = Field("local", description="'hub': upload with huggingface_hub. 'local': write the same folder to local_dir.")
     what: Literal["merged", "adapter", "both"] = Field("both", description="Which folders to publish.")
     repo_id: str | None = Field(None, description="Hub repo for the merged model (the adapter goes to <repo_id>-lora).")
@@ -195,18 +195,26 @@ class TrainProfile(Section):
     name: str = Field(description="Profile name.")
     description: str = Field("", description="What hardware and run this profile is for.")
     hardware: Hardware = Field(default_factory=Hardware, description="Where it runs.")
-    model: ModelSpec = Field(description="Base model and how it is loaded.")
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter.")
-    data: DataSpec = Field(default_factory=DataSpec, description="Tokenization settings.")
+    model: ModelConfig = Field(description="Base model and how it is loaded.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter.")
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="The tokenize stage: cutoff, label masking, packing, template.")
     train: Schedule = Field(default_factory=Schedule, description="Batch sizes and schedule.")
     guards: Guards = Field(default_factory=Guards, description="Stop conditions for a diverging or collapsing run.")
     artifacts_root: Path = Field(Path("artifacts"), description="Runs, tokenized data and merged models go to runs/, tokenized/ and models/ below this.")
     samples_dir: Path = Field(Path("raw/samples"), description="Shipped samples; the tiny model's tokenizer is trained on them.")
-    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation and the eval gate.")
-    answer: AnswerSpec = Field(default_factory=AnswerSpec, description="How the model answers (chat, serve, demo and the answer-quality eval): template, generation, refusal.")
-    merge_adapter: MergeAdapterSpec = Field(default_factory=MergeAdapterSpec, description="Merging the adapter into the base model.")
-    publish: PublishSpec = Field(default_factory=PublishSpec, description="Where the model goes.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and the eval gate.")
+    answer: AnswerConfig = Field(default_factory=AnswerConfig, description="How the model answers (chat, serve, demo and the answer-quality eval): template, generation, refusal.")
+    merge_adapter: MergeAdapterConfig = Field(default_factory=MergeAdapterConfig, description="Merging the adapter into the base model.")
+    publish: PublishConfig = Field(default_factory=PublishConfig, description="Where the model goes.")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON in pipeline_config/deepspeed/ (or a path); needs launcher deepspeed or torchrun.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_sections(cls, data):
+        if isinstance(data, dict) and "data" in data:   # a profile written before the section took its stage's name
+            raise ValueError("section 'data' is now 'tokenize' (the stage it configures): rename it in the file, "
+                             "or use --train-set tokenize.FIELD=VALUE")
+        return data
 
     @model_validator(mode="after")
     def _batch_arithmetic(self):
@@ -258,9 +266,9 @@ def train_profiles() -> list[Path]:
 
 
 def load_train_profile(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] | dict = (), flags: dict | None = None) -> TrainProfile:
-    """A training profile by shipped name (pipeline_config/profiles/<name>.yaml) or path, with --set overrides and flag values."""
+    """A training profile by shipped name (pipeline_config/profiles/<name>.yaml) or path, with --train-set overrides and flag values."""
     path = find_config(name_or_path, PROFILE_DIR, "training profile")
-    prof = load_config(TrainProfile, path, overrides, flags, defaults={"name": path.stem})
+    prof = load_config(TrainProfile, path, overrides, flags, defaults={"name": path.stem}, override_flag="--train-set")
     ds = prof.deepspeed_path()
     if ds is not None and not ds.is_file():
         raise ConfigError(f"{path}: field 'deepspeed': {ds} not found")

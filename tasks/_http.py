@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from culbot.pipeline_config.schema import HttpPolicy
+from culbot.pipeline_config.schema import HttpPolicy, RetryPolicy
 
 log = logging.getLogger("culbot.http")
 
@@ -77,20 +77,10 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
     return (rng or random).uniform(d / 2, d)
 
 
-@dataclass(frozen=True)
-class RetryRule:
-    """How many times and how long to wait; ``setting`` names the config section in messages."""
-
-    max_retries: int
-    backoff_base_s: float
-    backoff_max_s: float
-    retry_after_max_s: float
-    setting: str = "retry_after_max_s"
-
-
-async def with_retries(attempt: Callable[[], Awaitable[T]], rule: RetryRule, *, what: str = "request",
+async def with_retries(attempt: Callable[[], Awaitable[T]], rule: RetryPolicy, *, what: str = "request", setting: str = "retry_after_max_s",
                        on_retry: Callable[[Transient, float, int], None] | None = None) -> T:
-    """Call ``attempt`` until it returns; a :class:`Transient` failure is retried after a backoff (or Retry-After)."""
+    """Call ``attempt`` until it returns; a :class:`Transient` failure is retried after a backoff (or Retry-After) as
+    ``rule`` says. ``setting`` names the rule's retry_after_max_s in the config, for the message that refuses a wait."""
     last: Transient | None = None
     for n in range(rule.max_retries + 1):
         try:
@@ -102,7 +92,7 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], rule: RetryRule, *, 
         delay = backoff_delay(n, rule.backoff_base_s, rule.backoff_max_s)
         if last.retry_after is not None:
             if last.retry_after > rule.retry_after_max_s:
-                raise GaveUp(f"{last.reason}; server asks to wait {last.retry_after:.0f}s, over {rule.setting}={rule.retry_after_max_s:.0f}", last.status)
+                raise GaveUp(f"{last.reason}; server asks to wait {last.retry_after:.0f}s, over {setting}={rule.retry_after_max_s:.0f}", last.status)
             delay = max(delay, last.retry_after)
         if on_retry:
             on_retry(last, delay, n)
@@ -179,7 +169,7 @@ class PoliteClient:
 
     def __init__(self, policy: HttpPolicy, *, transport: httpx.AsyncBaseTransport | None = None):
         self.policy = policy
-        self.rule = RetryRule(policy.max_retries, policy.backoff_base_s, policy.backoff_max_s, policy.retry_after_max_s)
+        self.rule: RetryPolicy = policy
         self._client = httpx.AsyncClient(
             headers={"User-Agent": policy.user_agent},
             timeout=httpx.Timeout(policy.timeout_s),
@@ -252,7 +242,7 @@ class PoliteClient:
             self.stats["retries"] += 1
 
         try:
-            return await with_retries(attempt, self.rule, what=url, on_retry=counted)
+            return await with_retries(attempt, self.rule, what=url, setting="http.retry_after_max_s", on_retry=counted)
         except GaveUp as e:
             raise FetchError(url, e.reason, e.status) from None
 

@@ -167,6 +167,18 @@ def stage_cache(module: str, key: Optional[Callable] = None) -> CachePolicy:
     return policy + StageKey(fn=key) if key else policy
 
 
+def stage_task(stage, **options):
+    """The Prefect task of a stage's task function, named and cached from the stage's declaration (contracts.Stage):
+    ``@stage_task(STAGE, retries=2)``. The first line of the module's docstring is the task's description."""
+    import sys
+
+    from prefect import task
+
+    doc = (sys.modules[stage.module].__doc__ or "").strip().split("\n", 1)[0]
+    return task(name=stage.name, description=doc or None, cache_policy=stage_cache(stage.module, key=stage.key), persist_result=True,
+                **options)
+
+
 def artifact_key(key: str) -> str:
     """A valid artifact key (lowercase letters, digits and dashes), so a name from config (a dataset's) can be part of it."""
     import re

@@ -319,11 +319,22 @@ def new_staging_dir(parent: Path, name: str) -> Path:
     return staging
 
 
-def promote(staging: Path, final: Path) -> Path:
-    """Move a finished staging folder to ``final``. An existing verified folder wins."""
+def reopen(folder: Path) -> Path:
+    """Start rewriting ``folder`` in place: its manifest goes first, so the folder counts as unfinished until
+    write_manifest lands the new one. For the stages that update one folder incrementally (the crawls keep their raw
+    responses, generate-qa and load-dataset their caches, eval and publish a run's subfolder); every other stage builds
+    in new_staging_dir and promotes."""
+    folder = Path(folder)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    return folder
+
+
+def promote(staging: Path, final: Path, replace: bool = False) -> Path:
+    """Move a finished staging folder to ``final``. An existing verified folder wins (its name is its content), unless
+    ``replace``: a folder named for something other than its content (a run's published copy) is replaced."""
     staging, final = Path(staging), Path(final)
     if final.exists():
-        if is_complete(final):
+        if is_complete(final) and not replace:
             shutil.rmtree(staging, ignore_errors=True)
             return final
         shutil.rmtree(final)  # a half or corrupt folder is never trusted

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from culbot.pipeline_config.train_schema import AnswerSpec, InputLimits
+from culbot.pipeline_config.train_schema import AnswerConfig, InputLimits
 
 from . import _store
 from .contracts import EVAL_REPORT_FILE, ContextFormat, Contract, EvalReport, RunCard, SpecialTokens, Template, short_hash
@@ -124,7 +124,7 @@ class Reply:
 class Generator(Protocol):
     name: str
 
-    def stream(self, prompt: str, spec: AnswerSpec, stops: list[str], meter: dict, tokens: SpecialTokens | None = None,
+    def stream(self, prompt: str, spec: AnswerConfig, stops: list[str], meter: dict, tokens: SpecialTokens | None = None,
                chat: bool = False) -> Iterator[str]:
         """``tokens``: the run's special tokens (BOS before an alpaca-style prompt, the stop ids); ``chat``: the prompt
         came from a chat template, which writes its own BOS."""
@@ -230,7 +230,7 @@ class LocalGenerator:
         self.model, self.tokenizer, self.name, self.without_adapter = model, tokenizer, name, without_adapter
         self.lock = lock or threading.Lock()
 
-    def stream(self, prompt: str, spec: AnswerSpec, stops: list[str], meter: dict, tokens: SpecialTokens | None = None,
+    def stream(self, prompt: str, spec: AnswerConfig, stops: list[str], meter: dict, tokens: SpecialTokens | None = None,
                chat: bool = False) -> Iterator[str]:
         """Text as it is generated; ``meter["tokens"]``: how many tokens were generated, once done."""
         import torch
@@ -294,7 +294,7 @@ class RemoteGenerator:
         self.name, self.tokenizer = model, tokenizer
         self._window: list[int | None] = []
 
-    def stream(self, prompt: str, spec: AnswerSpec, stops: list[str], meter: dict, tokens: SpecialTokens | None = None,
+    def stream(self, prompt: str, spec: AnswerConfig, stops: list[str], meter: dict, tokens: SpecialTokens | None = None,
                chat: bool = False) -> Iterator[str]:
         extra = {"repetition_penalty": spec.repetition_penalty} if spec.repetition_penalty != 1 else {}
         if chat:
@@ -357,13 +357,13 @@ def load_local(folder: Path, dtype: str | None = None):
     return (load_adapted if is_adapter(folder) else load_merged)(Path(folder), dtype)
 
 
-def office_for(question: str, spec: AnswerSpec) -> tuple[str, str]:
+def office_for(question: str, spec: AnswerConfig) -> tuple[str, str]:
     fallback = next((o for o in spec.offices if not o.topics), None)
     chosen = next((o for o in spec.offices if any(t in question for t in o.topics)), fallback)
     return (chosen.name, chosen.contact) if chosen else ("학교 담당 부서", "")
 
 
-def refusal_text(question: str, spec: AnswerSpec) -> str:
+def refusal_text(question: str, spec: AnswerConfig) -> str:
     name, contact = office_for(question, spec)
     return spec.refusal.replace("{office}", name).replace("{contact}", contact).replace("()", "")
 
@@ -375,10 +375,10 @@ class Answerer:
     evaluated with (eval.json), else the defaults."""
 
     def __init__(self, folder: Path, generator: Generator, tokenizer, card: RunCard, *, retriever=None,
-                 spec: AnswerSpec | None = None, index_dir: Path | None = None):
+                 spec: AnswerConfig | None = None, index_dir: Path | None = None):
         self.folder, self.generator, self.tokenizer, self.card, self.retriever = Path(folder), generator, tokenizer, card, retriever
         self.evaluation = eval_report_of(self.folder, card)
-        self.spec = spec or (self.evaluation.answer if self.evaluation and self.evaluation.answer else AnswerSpec())
+        self.spec = spec or (self.evaluation.answer if self.evaluation and self.evaluation.answer else AnswerConfig())
         self.template = card.template_for(self.spec.source)
         self.stops = stop_strings(self.template) if self.template.kind == "alpaca" else []
         self.context_format = card.templates.context or ContextFormat()
@@ -402,7 +402,7 @@ class Answerer:
         return own, f"calibrated for index {where} when it was built (off-topic and pseudo-questions)"
 
     @classmethod
-    def load(cls, folder: Path, index: Path | None = None, *, spec: AnswerSpec | None = None, upstream: str | None = None,
+    def load(cls, folder: Path, index: Path | None = None, *, spec: AnswerConfig | None = None, upstream: str | None = None,
              served_name: str | None = None, dtype: str | None = None, max_new_tokens: int | None = None) -> "Answerer":
         """``upstream``: an OpenAI-compatible base URL that generates (vLLM); only the tokenizer is loaded here.
         ``max_new_tokens``: overrides the answer settings' (the model's, or ``spec``)."""
@@ -454,7 +454,7 @@ class Answerer:
             return []
         return list(history)[-self.spec.history_turns:] if self.spec.history_turns else []
 
-    def reply(self, question: str, history: list[tuple[str, str]] = (), *, retrieval: bool = True, spec: AnswerSpec | None = None) -> Reply:
+    def reply(self, question: str, history: list[tuple[str, str]] = (), *, retrieval: bool = True, spec: AnswerConfig | None = None) -> Reply:
         """Retrieve, render and start generating; iterate the Reply for the text (or call .finish()).
         ``spec``: this request's generation settings (the API's max_tokens, temperature), else the model's."""
         spec = spec or self.spec
@@ -495,8 +495,8 @@ class Answerer:
         bos = len(self.card.special_tokens.bos) if self.card.special_tokens and self.template.kind != "chat" else 0
         return bos + self.generator.count_tokens(render_prompt(self.template, question, context, self.tokenizer, history=turns))
 
-    def fit(self, question: str, passages: list | None, turns: list[tuple[str, str]], spec: AnswerSpec,
-            notes: list[str]) -> tuple[str, list | None, list[tuple[str, str]], AnswerSpec]:
+    def fit(self, question: str, passages: list | None, turns: list[tuple[str, str]], spec: AnswerConfig,
+            notes: list[str]) -> tuple[str, list | None, list[tuple[str, str]], AnswerConfig]:
         """The prompt cut to the model's context, keeping room for the answer: the earliest turns go first, then the
         last passages, then the start of the question (its end, where the question is, stays); max_new_tokens is
         capped to what is left."""
@@ -534,7 +534,7 @@ class Answerer:
         return question, passages, turns, spec
 
     @staticmethod
-    def never_blank(deltas: Iterator[str], spec: AnswerSpec, notes: list[str], meter: dict) -> Iterator[str]:
+    def never_blank(deltas: Iterator[str], spec: AnswerConfig, notes: list[str], meter: dict) -> Iterator[str]:
         """The text as generated; if the model said nothing at all, the configured empty_answer (a student never gets a blank)."""
         said = False
         for d in deltas:
@@ -553,7 +553,7 @@ class Answerer:
         base = LocalGenerator(g.model, g.tokenizer, g.name + ":base", without_adapter=True, lock=g.lock)
         return Answerer(self.folder, base, self.tokenizer, self.card, retriever=self.retriever, spec=self.spec, index_dir=self.index_dir)
 
-    def answer(self, question: str, history: list[tuple[str, str]] = (), *, retrieval: bool = True, spec: AnswerSpec | None = None) -> Reply:
+    def answer(self, question: str, history: list[tuple[str, str]] = (), *, retrieval: bool = True, spec: AnswerConfig | None = None) -> Reply:
         return self.counted(self.reply(question, history, retrieval=retrieval, spec=spec).finish())
 
     def counted(self, r: Reply) -> Reply:

@@ -18,7 +18,7 @@ import re
 import statistics
 from pathlib import Path
 
-from culbot.pipeline_config.train_schema import EvalSpec
+from culbot.pipeline_config.train_schema import EvalConfig
 
 from . import _store, grounding
 from .answer import Answerer, Reply
@@ -121,7 +121,7 @@ def answer_all(answerer: Answerer, questions: list[dict]) -> list[Reply]:
     return out
 
 
-def compare(current: AnswerMetrics, previous: AnswerMetrics | None, spec: EvalSpec) -> tuple[list[MetricChange], list[str]]:
+def compare(current: AnswerMetrics, previous: AnswerMetrics | None, spec: EvalConfig) -> tuple[list[MetricChange], list[str]]:
     """Per-metric change against the baseline (regressed: worse by more than its margin), and the floors missed."""
     changes = []
     if previous is not None:
@@ -139,7 +139,7 @@ def compare(current: AnswerMetrics, previous: AnswerMetrics | None, spec: EvalSp
     return changes, missed
 
 
-def evaluate_answers(answerer: Answerer, questions: list[dict], spec: EvalSpec, *, previous: Release | None,
+def evaluate_answers(answerer: Answerer, questions: list[dict], spec: EvalConfig, *, previous: Release | None,
                      base_answerer: Answerer | None) -> AnswerQuality:
     """Answer and score; the baseline is ``previous`` (a release) or, without one, ``base_answerer`` on the same questions."""
     metrics, examples = score(questions, answer_all(answerer, questions), spec.grounding_min_overlap)
@@ -157,7 +157,7 @@ def evaluate_answers(answerer: Answerer, questions: list[dict], spec: EvalSpec, 
                          examples=examples, baseline_answers=base_answers)
 
 
-def verdict(q: AnswerQuality, spec: EvalSpec) -> tuple[bool, str]:
+def verdict(q: AnswerQuality, spec: EvalConfig) -> tuple[bool, str]:
     """(passes, what it says): regressions beyond margins and missed floors fail in 'enforce', are reported in 'report'."""
     problems = [f"{c.metric} {c.previous} -> {c.current} ({c.delta:+.4g}, margin {c.margin})" for c in q.changes if c.regressed]
     problems += q.floors_missed

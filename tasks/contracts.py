@@ -19,12 +19,13 @@ Pure types: no I/O here (``_store.read_model`` / ``write_model`` do that), no Pr
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from culbot.pipeline_config.train_schema import AnswerSpec, DataSpec, LoraSpec, ModelSpec, Schedule, TrainProfile
+from culbot.pipeline_config.train_schema import AnswerConfig, LoraConfig, ModelConfig, Schedule, TokenizeConfig, TrainProfile
 
 SHORT_HASH_LEN = 12
 
@@ -35,6 +36,29 @@ RUN_CONFIG_FILE = "config.json"        # RunConfig, in the run folder
 TRAIN_RESULT_FILE = "train_result.json"  # TrainResult, in the run folder
 RUN_CARD_FILE = "culbot.json"          # RunCard, in the adapter and merged-model folders
 EVAL_REPORT_FILE = "eval.json"         # EvalReport, in <run>/eval/
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage, declared once in its module as ``STAGE``, above its task.
+
+    Its Prefect task takes the name, the description and the cache policy from it (``_prefect.stage_task``); the flows
+    and the chain record key stage outputs by the name; the CLI command, the deployment and ``to_stage`` of the same
+    name are checked against it (tests/test_layout.py). The typed inputs and the output contract are the task
+    function's signature; ``key`` is the module's ``cache_key``: the inputs' values do not show everything the
+    output depends on (a crawl's time window, a folder's content), and adding such an input means editing that
+    function alone.
+    """
+
+    name: str                                   # "crawl-univ100": the command, the task, the deployment, to_stage
+    module: str                                 # its module, named as the stage (``__name__``)
+    profile: Literal["data", "train"]           # the profile it is configured by
+    section: str                                # the profile's field it reads (``rag`` for index, ``tokenize`` ...)
+    key: Callable[..., Any] | None = None       # the module's cache_key, or None when the inputs say it all
+
+    def __post_init__(self):
+        if self.module.rsplit(".", 1)[-1] != self.name.replace("-", "_"):
+            raise ValueError(f"stage {self.name!r} is declared in {self.module}: a stage's module is named as the stage")
 
 
 def short_hash(content_hash: str) -> str:
@@ -269,10 +293,10 @@ class SpecialTokens(Contract):
 
 
 class Hyperparameters(Contract):
-    lora: LoraSpec
+    lora: LoraConfig
     train: Schedule
-    data: DataSpec
-    model: ModelSpec
+    tokenize: TokenizeConfig = Field(validation_alias=AliasChoices("tokenize", "data"))   # "data" in cards written before the rename
+    model: ModelConfig
 
 
 class ProbeAnswer(Contract):
@@ -294,7 +318,7 @@ class EvalReport(Versioned):
     probes: list[ProbeAnswer]
     seconds: float
     retrieval: RetrievalMetrics | None = None
-    answer: AnswerSpec | None = None        # how the model answered (chat, serve and demo answer the same way)
+    answer: AnswerConfig | None = None        # how the model answered (chat, serve and demo answer the same way)
     answers: AnswerQuality | None = None    # answer quality, against the previous model
     index: str | None = None                # content hash of the index it was evaluated with
     index_name: str | None = None           # and its folder's name (artifacts/indexes/<name>)

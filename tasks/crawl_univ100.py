@@ -12,17 +12,17 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from prefect import task
 
-from culbot.pipeline_config.schema import Univ100Config
+from culbot.pipeline_config.schema import RetryPolicy, Univ100Config
 
 from . import _store, _text
-from ._http import FetchError, GaveUp, PoliteClient, Progress, RetryRule, RobotsDisallowed, Transient, with_retries
-from ._prefect import report, retry_on_network, stage_cache, time_window
-from .contracts import Manifest, StageOutput
+from ._http import FetchError, GaveUp, PoliteClient, Progress, RobotsDisallowed, Transient, with_retries
+from ._prefect import report, retry_on_network, stage_task, time_window
+from .contracts import Stage, Manifest, StageOutput
 
 log = logging.getLogger("culbot.crawl.univ100")
 
@@ -144,7 +144,7 @@ def build_rows(records: list[dict], rules: Univ100Config) -> tuple[list[dict], l
 
 class Univ100Source(Protocol):
     identity: str  # what the manifest records as the crawl's input
-    retry: RetryRule  # how often a malformed list page is asked for again
+    retry: RetryPolicy  # how often a malformed list page is asked for again
 
     async def list_page(self, offset: int) -> tuple[str, bytes]: ...
     async def detail(self, qid: str) -> tuple[str, bytes]: ...
@@ -182,7 +182,7 @@ class Univ100Snapshot:
         if not (self.folder / "list").is_dir():
             raise FileNotFoundError(f"{self.folder}: not a univ100 snapshot (no list/ folder)")
         self.identity = "snapshot " + _store.tree_hash(self.folder)
-        self.retry = RetryRule(0, 0.0, 0.0, 0.0)  # recorded files read the same every time
+        self.retry = RetryPolicy(max_retries=0, backoff_base_s=0.0, backoff_max_s=0.0, retry_after_max_s=0.0)  # recorded files read the same every time
 
     async def list_page(self, offset: int) -> tuple[str, bytes]:
         p = self.folder / "list" / f"offset-{offset}.json"
@@ -225,7 +225,7 @@ async def read_list_page(source: Univ100Source, offset: int) -> tuple[str, bytes
             raise Transient(f"malformed list page: {e}") from None
 
     try:
-        return await with_retries(attempt, source.retry, what=f"univ100 list page at offset {offset}")
+        return await with_retries(attempt, source.retry, what=f"univ100 list page at offset {offset}", setting="univ100.http.retry_after_max_s")
     except GaveUp as e:
         raise ListPageUnreadable(e.reason, last[0]) from None
 
@@ -234,6 +234,90 @@ class ListPageUnreadable(ParseError):
     def __init__(self, reason: str, body: bytes):
         super().__init__(reason)
         self.body = body
+
+
+@dataclass
+class ListScan:
+    """What paging the question list found."""
+
+    pages: int = 0
+    seen: set[str] = field(default_factory=set)       # every question id listed
+    new_ids: list[str] = field(default_factory=list)  # ids to fetch: unknown ones, and those that failed last time
+    expected: int | None = None                       # the total the API reports
+    unread: list[int] = field(default_factory=list)   # list offsets that could not be read
+    network_error: FetchError | None = None
+
+    def listed(self) -> str:
+        return f"listed {len(self.seen)}" + (f" of {self.expected} questions the API reports" if self.expected is not None else " questions")
+
+
+async def scan_list(source: Univ100Source, raw: Path, scan: ListScan, known: set[str], quarantine: list[dict], *, page_size: int,
+                    max_pages: int | None, stop_after_known_pages: int, full_scan: bool) -> ListScan:
+    """Page the list from offset 0 until an empty page, ``stop_after_known_pages`` pages of known questions in a row
+    (unless ``full_scan``), ``max_pages``, or a network failure. An unreadable page is quarantined and paged past."""
+    offset = known_streak = 0
+    while True:
+        try:
+            url, body, ids, total = await read_list_page(source, offset)
+        except RobotsDisallowed as e:
+            raise FetchError(e.url, "the list API is disallowed by robots.txt; nothing can be crawled") from None
+        except FetchError as e:  # the server keeps failing: stop paging here
+            scan.unread.append(offset)
+            scan.network_error = e
+            quarantine.append({"stage": "crawl-univ100", "offset": offset, "url": e.url, "reason": f"fetch_failed: {e.reason}"})
+            return scan
+        except ListPageUnreadable as e:  # malformed after every retry: name it and read on
+            scan.unread.append(offset)
+            _store.atomic_write_bytes(raw / "list" / f"offset-{offset}.json", e.body)
+            quarantine.append({"stage": "crawl-univ100", "offset": offset, "reason": f"malformed: {e}", "raw": e.body.decode("utf-8", "replace")[:20000]})
+            scan.pages += 1
+            offset += page_size
+            continue
+        _store.atomic_write_bytes(raw / "list" / f"offset-{offset}.json", body)
+        scan.pages += 1
+        scan.expected = total if total is not None else scan.expected
+        if not ids:
+            return scan
+        scan.seen.update(ids)
+        fresh = [i for i in ids if i not in known and i not in scan.new_ids]
+        scan.new_ids.extend(fresh)
+        known_streak = 0 if fresh else known_streak + 1
+        if stop_after_known_pages and not full_scan and known_streak >= stop_after_known_pages:
+            log.info("page at offset %d holds only known questions; stopping (incremental)", offset)
+            return scan
+        if max_pages and scan.pages >= max_pages:
+            return scan
+        offset += page_size
+
+
+async def fetch_details(source: Univ100Source, ids: list[str], raw: Path, records: dict[str, dict], quarantine: list[dict], *,
+                        campus_id: int, question_url: str) -> list[str]:
+    """Fetch and parse each question into ``records``; returns the ids that failed (quarantined, retried next crawl)."""
+    progress = Progress("univ100 details", total=len(ids), logger=log)
+    missing: list[str] = []
+
+    async def fetch_one(qid: str) -> None:
+        try:
+            url, body = await source.detail(qid)
+        except FetchError as e:
+            missing.append(qid)
+            quarantine.append({"stage": "crawl-univ100", "id": qid, "url": e.url, "reason": f"fetch_failed: {e.reason}"})
+            return
+        finally:
+            progress.advance()
+        _store.atomic_write_bytes(raw / "detail" / f"{qid}.json", body)
+        try:
+            rec = parse_question(body, campus_id=campus_id, question_url=question_url, fetched_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        except ParseError as e:
+            missing.append(qid)
+            quarantine.append({"stage": "crawl-univ100", "id": qid, "url": url, "reason": f"malformed: {e}", "raw": body.decode("utf-8", "replace")[:20000]})
+            return
+        records[rec["id"]] = rec
+
+    await asyncio.gather(*(fetch_one(q) for q in ids))
+    if ids:
+        log.info(progress.line())
+    return sorted(missing, key=lambda x: (len(x), x))
 
 
 async def crawl(
@@ -255,7 +339,7 @@ async def crawl(
     """
     out_dir = Path(out_dir)
     t0 = time.monotonic()
-    (out_dir / _store.MANIFEST).unlink(missing_ok=True)  # unfinished until the new manifest lands
+    _store.reopen(out_dir)
     raw = out_dir / "raw"
     records = {r["id"]: r for r in _store.read_jsonl(out_dir / "records.jsonl")}
     known = set(records)
@@ -264,88 +348,25 @@ async def crawl(
     if full_scan:
         log.warning("univ100: the last crawl could not read list offset(s) %s; paging to the end this time", pending["list_offsets"])
     quarantine: list[dict] = []
-    new_ids: list[str] = [q for q in pending["question_ids"] if q not in known]
-    seen: set[str] = set()
-    unread: list[int] = []
-    network_error: FetchError | None = None
-    expected: int | None = None
-    pages = known_streak = 0
-    offset = 0
-
-    while True:
-        try:
-            url, body, ids, total = await read_list_page(source, offset)
-        except RobotsDisallowed as e:
-            raise FetchError(e.url, "the list API is disallowed by robots.txt; nothing can be crawled") from None
-        except FetchError as e:  # the server keeps failing: stop paging here
-            unread.append(offset)
-            network_error = e
-            quarantine.append({"stage": "crawl-univ100", "offset": offset, "url": e.url, "reason": f"fetch_failed: {e.reason}"})
-            break
-        except ListPageUnreadable as e:  # malformed after every retry: name it and read on
-            unread.append(offset)
-            _store.atomic_write_bytes(raw / "list" / f"offset-{offset}.json", e.body)
-            quarantine.append({"stage": "crawl-univ100", "offset": offset, "reason": f"malformed: {e}", "raw": e.body.decode("utf-8", "replace")[:20000]})
-            pages += 1
-            offset += page_size
-            continue
-        _store.atomic_write_bytes(raw / "list" / f"offset-{offset}.json", body)
-        pages += 1
-        expected = total if total is not None else expected
-        if not ids:
-            break
-        seen.update(ids)
-        fresh = [i for i in ids if i not in known and i not in new_ids]
-        new_ids.extend(fresh)
-        known_streak = 0 if fresh else known_streak + 1
-        if stop_after_known_pages and not full_scan and known_streak >= stop_after_known_pages:
-            log.info("page at offset %d holds only known questions; stopping (incremental)", offset)
-            break
-        if max_pages and pages >= max_pages:
-            break
-        offset += page_size
-
-    listed = f"listed {len(seen)}" + (f" of {expected} questions the API reports" if expected is not None else " questions")
-    log.info("univ100: %d list pages, %s; %d new question(s) to fetch, %d already known", pages, listed, len(new_ids), len(known))
-    progress = Progress("univ100 details", total=len(new_ids), logger=log)
-    missing: list[str] = []
-
-    async def fetch_one(qid: str) -> None:
-        try:
-            url, body = await source.detail(qid)
-        except FetchError as e:
-            missing.append(qid)
-            quarantine.append({"stage": "crawl-univ100", "id": qid, "url": e.url, "reason": f"fetch_failed: {e.reason}"})
-            return
-        finally:
-            progress.advance()
-        _store.atomic_write_bytes(raw / "detail" / f"{qid}.json", body)
-        try:
-            rec = parse_question(body, campus_id=campus_id, question_url=question_url, fetched_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        except ParseError as e:
-            missing.append(qid)
-            quarantine.append({"stage": "crawl-univ100", "id": qid, "url": url, "reason": f"malformed: {e}", "raw": body.decode("utf-8", "replace")[:20000]})
-            return
-        records[rec["id"]] = rec
-
-    await asyncio.gather(*(fetch_one(q) for q in new_ids))
-    if new_ids:
-        log.info(progress.line())
-    missing.sort(key=lambda x: (len(x), x))
+    scan = await scan_list(source, raw, ListScan(new_ids=[q for q in pending["question_ids"] if q not in known]), known, quarantine,
+                           page_size=page_size, max_pages=max_pages, stop_after_known_pages=stop_after_known_pages, full_scan=full_scan)
+    new_ids, unread = scan.new_ids, scan.unread
+    log.info("univ100: %d list pages, %s; %d new question(s) to fetch, %d already known", scan.pages, scan.listed(), len(new_ids), len(known))
+    missing = await fetch_details(source, new_ids, raw, records, quarantine, campus_id=campus_id, question_url=question_url)
     if missing:
         log.warning("univ100: %d question(s) could not be fetched (ids %s); the next crawl retries them; see quarantine.jsonl",
                     len(missing), ", ".join(missing[:20]) + (" …" if len(missing) > 20 else ""))
     _store.atomic_write_json(out_dir / PENDING, {"list_offsets": unread, "question_ids": missing})
-    counts = {"list_pages": pages, "questions_listed": len(seen), **({"expected": expected} if expected is not None else {}),
+    counts = {"list_pages": scan.pages, "questions_listed": len(scan.seen), **({"expected": scan.expected} if scan.expected is not None else {}),
               "new": len(new_ids) - len(missing), "already_known": len(known), "failed": len(missing),
               "unread_list_offsets": unread, "missing_questions": missing}
     manifest = _write_outputs(out_dir, records, quarantine, rules, counts=counts, timings={"crawl": time.monotonic() - t0},
                               inputs={"source": source.identity, "campus_id": str(campus_id)}, finished=not unread)
     if unread:
         raise CrawlIncomplete(str(out_dir), f"crawl incomplete: the list page(s) at offset {', '.join(map(str, unread))} could not be read "
-                              f"({quarantine[0]['reason'] if quarantine else 'see quarantine.jsonl'}); {listed}; the {len(records)} "
+                              f"({quarantine[0]['reason'] if quarantine else 'see quarantine.jsonl'}); {scan.listed()}; the {len(records)} "
                               f"questions read are saved, and the next crawl pages to the end to find the rest",
-                              network=network_error is not None) from network_error
+                              network=scan.network_error is not None) from scan.network_error
     return manifest
 
 
@@ -376,7 +397,7 @@ def reparse(univ100: Univ100Config, out_dir: Path | None = None) -> StageOutput:
     if not raw:
         raise FileNotFoundError(f"nothing to reparse: {out_dir / 'raw' / 'detail'} holds no raw question responses (a crawl keeps "
                                 f"them there); crawl first (`culbot crawl univ100 --out {out_dir}`) or name the crawl's folder with --out")
-    (out_dir / _store.MANIFEST).unlink(missing_ok=True)
+    _store.reopen(out_dir)
     old = {r["id"]: r for r in _store.read_jsonl(out_dir / "records.jsonl")}
     records, quarantine = {}, []
     for p in raw:
@@ -417,8 +438,10 @@ def cache_key(univ100: Univ100Config) -> str:
     return "snapshot-" + _store.tree_hash(univ100.snapshot_dir) if univ100.source == "snapshot" else time_window(univ100.refresh_every_hours)
 
 
-@task(name="crawl-univ100", cache_policy=stage_cache(__name__, key=cache_key), persist_result=True, retries=2, retry_delay_seconds=[10, 60],
-      retry_condition_fn=retry_on_network)
+STAGE = Stage(name="crawl-univ100", module=__name__, profile="data", section="univ100", key=cache_key)
+
+
+@stage_task(STAGE, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_on_network)
 def crawl_univ100_task(univ100: Univ100Config) -> StageOutput:
     """Network stage: a network failure is retried, a bad page never (it is quarantined)."""
     out = run_crawl(univ100)

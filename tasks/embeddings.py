@@ -15,9 +15,9 @@ from typing import Protocol
 
 import numpy as np
 
-from culbot.pipeline_config.schema import ConfigError, RagConfig
+from culbot.pipeline_config.schema import ConfigError, RagConfig, RetryPolicy
 
-from ._http import GaveUp, Pacer, RetryRule, Transient, parse_retry_after, with_retries
+from ._http import GaveUp, Pacer, Transient, parse_retry_after, with_retries
 
 log = logging.getLogger("culbot.embeddings")
 
@@ -35,7 +35,7 @@ def _normalised(vectors) -> np.ndarray:
 
 class OpenAIEmbedder:
     def __init__(self, model: str, base_url: str | None, api_key_env: str, batch: int, *, requests_per_s: float = 10.0,
-                 in_flight: int = 4, rule: RetryRule | None = None):
+                 in_flight: int = 4, rule: RetryPolicy | None = None):
         import openai
 
         key = os.environ.get(api_key_env)
@@ -45,7 +45,7 @@ class OpenAIEmbedder:
             key = "not-needed"   # local servers (vLLM, TEI) usually ignore it
         self._openai, self.model, self.base_url, self.key, self.batch = openai, model, base_url, key, batch
         self.requests_per_s, self.in_flight = requests_per_s, in_flight
-        self.rule = rule or RetryRule(4, 1.0, 30.0, 120.0, setting="embeddings retry_after_max_s")
+        self.rule = rule or RetryPolicy(backoff_max_s=30.0, retry_after_max_s=120.0)
         self.name = f"openai:{model}"
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -70,7 +70,7 @@ class OpenAIEmbedder:
                 return [d.embedding for d in sorted(resp.data, key=lambda d: d.index)]
 
             try:
-                return await with_retries(attempt, self.rule, what=f"embeddings of {len(batch)} texts")
+                return await with_retries(attempt, self.rule, what=f"embeddings of {len(batch)} texts", setting="embeddings retry_after_max_s")
             except GaveUp as e:
                 raise RuntimeError(f"embeddings request failed: {e.reason}") from None
 

@@ -20,15 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from prefect import task
 
 from culbot.pipeline_config.schema import PACKAGE_DIR, ConfigError, QAGenConfig
 
 from . import _store, _text, grounding
 from ._http import Progress
-from ._prefect import report, retry_on_network, stage_cache, table
+from ._prefect import report, retry_on_network, stage_task, table
 from .chunking import Chunk, chunk_budget, chunk_page, estimate_tokens, make_counter
-from .contracts import StageOutput, StageRef, short_hash
+from .contracts import Stage, StageOutput, StageRef, short_hash
 from .llm_client import BudgetExceeded, Completion, Ledger, LLMClient, ReplayMiss, RequestFailed, RequestRejected, ResponseCache, make_backend
 
 log = logging.getLogger("culbot.generate_qa")
@@ -146,31 +145,50 @@ def validate_item(item: Any, source_text: str, rules: QAGenConfig) -> tuple[dict
     return fields, None
 
 
-async def generate(
-    chunks: list[Chunk],
-    prompt: QAPrompt,
-    client: LLMClient,
-    cache: ResponseCache,
-    qa: QAGenConfig,
-    *,
-    retry_failed: bool = False,
-    count: Callable[[str], int] = estimate_tokens,
-    record_to: Path | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[list[dict], list[dict], Ledger]:
-    """Answer every chunk (cache, then the client), validate, and return (rows, quarantine, ledger)."""
-    ledger = client.ledger
-    ledger.chunks = len(chunks)
-    live = client.backend.live
-    quarantine: list[dict] = []
+async def ask(ch: Chunk, key: str, prompt: QAPrompt, client: LLMClient, qa: QAGenConfig, count: Callable[[str], int]) -> tuple[Completion, str]:
+    """The model's answer for one chunk and its outcome (ok, truncated, unparsable); an unparsable answer from a live
+    model is asked again up to ``qa.parse_retries`` times."""
+    messages = prompt.messages(ch.information, qa.items_per_chunk)
+    est = sum(count(m["content"]) for m in messages)
+    for parse_try in range(qa.parse_retries + 1):
+        comp: Completion = await client.complete(messages, key, est)
+        if comp.finish_reason == "length":
+            return comp, "truncated"
+        try:
+            parse_answer(comp.content)
+            return comp, "ok"
+        except AnswerParseError:
+            if not (parse_try < qa.parse_retries and client.backend.live):
+                return comp, "unparsable"
+            log.info("answer for %s chunk %d is not a JSON list; asking again (%d/%d)", ch.url, ch.index, parse_try + 1, qa.parse_retries)
+    raise AssertionError("unreachable")
+
+
+def cache_entry(key: str, ch: Chunk, prompt: QAPrompt, qa: QAGenConfig, comp: Completion, outcome: str) -> dict:
+    """What the response cache keeps of an answer (and a recorded replay holds)."""
+    return {"key": key, "chunk_hash": ch.hash, "prompt_version": prompt.version, "model": qa.model,
+            "temperature": qa.temperature, "content": comp.content, "finish_reason": comp.finish_reason,
+            "prompt_tokens": comp.prompt_tokens, "completion_tokens": comp.completion_tokens,
+            "outcome": outcome, "url": ch.url, "chunk_index": ch.index, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+REQUEST_FAULTS = {ReplayMiss: "no_recorded_answer", RequestFailed: "request_failed", RequestRejected: "request_rejected"}
+
+
+async def answer_all(chunks: list[Chunk], prompt: QAPrompt, client: LLMClient, cache: ResponseCache, qa: QAGenConfig, *,
+                     retry_failed: bool, count: Callable[[str], int], on_progress: Callable[[int, int], None] | None,
+                     quarantine: list[dict]) -> tuple[dict[int, tuple[Chunk, dict]], list[dict]]:
+    """Every chunk's cache entry, from the cache or the client, by chunk position, and the entries answered live now.
+    A chunk whose request failed goes to ``quarantine``; a spent budget stops the client (the caller raises it)."""
+    ledger, live = client.ledger, client.backend.live
     answers: dict[int, tuple[Chunk, dict]] = {}
+    fresh: list[dict] = []
     progress = Progress("qa chunks", total=len(chunks), logger=log)
-    done = [0]
-    recorded: list[dict] = []
+    done = 0
 
     async def answer(i: int, ch: Chunk) -> None:
+        nonlocal done
         key = response_key(ch.hash, prompt.version, qa.model, qa.temperature)
-        where = {"stage": "generate-qa", "url": ch.url, "chunk_index": ch.index, "chunk_hash": ch.hash}
         try:
             entry = cache.get(key)
             if entry and retry_failed and entry.get("outcome") != "ok":
@@ -178,59 +196,40 @@ async def generate(
             if entry:
                 ledger.cache_hits += 1
             else:
-                messages = prompt.messages(ch.information, qa.items_per_chunk)
-                est = sum(count(m["content"]) for m in messages)
-                for parse_try in range(qa.parse_retries + 1):
-                    comp: Completion = await client.complete(messages, key, est)
-                    outcome = "ok"
-                    if comp.finish_reason == "length":
-                        outcome = "truncated"
-                        break
-                    try:
-                        parse_answer(comp.content)
-                        break
-                    except AnswerParseError:
-                        outcome = "unparsable"
-                        if parse_try < qa.parse_retries and live:
-                            log.info("answer for %s chunk %d is not a JSON list; asking again (%d/%d)", ch.url, ch.index, parse_try + 1, qa.parse_retries)
-                            continue
-                        break
-                if not live:
-                    ledger.replayed += 1
-                entry = {"key": key, "chunk_hash": ch.hash, "prompt_version": prompt.version, "model": qa.model,
-                         "temperature": qa.temperature, "content": comp.content, "finish_reason": comp.finish_reason,
-                         "prompt_tokens": comp.prompt_tokens, "completion_tokens": comp.completion_tokens,
-                         "outcome": outcome, "url": ch.url, "chunk_index": ch.index, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                entry = cache_entry(key, ch, prompt, qa, *await ask(ch, key, prompt, client, qa, count))
+                ledger.replayed += not live
                 await asyncio.to_thread(cache.put, key, entry)   # its fsync off the event loop: the other requests go on
-                if live and record_to is not None:
-                    recorded.append(entry)
+                if live:
+                    fresh.append(entry)
             answers[i] = (ch, entry)
-        except ReplayMiss as e:
-            quarantine.append({**where, "reason": "no_recorded_answer", "detail": str(e)})
-        except RequestFailed as e:
-            quarantine.append({**where, "reason": "request_failed", "detail": str(e)})
-        except RequestRejected as e:
-            quarantine.append({**where, "reason": "request_rejected", "detail": str(e)})
+        except tuple(REQUEST_FAULTS) as e:
+            quarantine.append({"stage": "generate-qa", "url": ch.url, "chunk_index": ch.index, "chunk_hash": ch.hash,
+                               "reason": next(r for cls, r in REQUEST_FAULTS.items() if isinstance(e, cls)), "detail": str(e)})
         except (BudgetExceeded, ConfigError) as e:
             client.stop(e)
         finally:
-            done[0] += 1
+            done += 1
             progress.advance()
             if on_progress:
-                on_progress(done[0], len(chunks))
+                on_progress(done, len(chunks))
 
     # Tasks, so that a stop (budget spent) can cancel the ones still waiting for their turn.
     await asyncio.gather(*(asyncio.create_task(answer(i, ch)) for i, ch in enumerate(chunks)), return_exceptions=True)
-    if recorded:
-        existing = _store.read_jsonl(record_to) if Path(record_to).exists() else []
-        keys = {r["key"] for r in recorded}
-        _store.atomic_write_jsonl(record_to, [r for r in existing if r["key"] not in keys] + recorded)
-    if client.stopped is not None:
-        ledger.errors["stopped"] = 1
-        raise client.stopped
+    return answers, fresh
 
-    # Validate in chunk order so results and dedup are deterministic.
-    candidates: list[tuple[dict, dict, Chunk]] = []   # (row, where it came from, chunk)
+
+def record_replay(record_to: Path, entries: list[dict]) -> None:
+    """Add live answers to a replay file, replacing older answers with the same key."""
+    existing = _store.read_jsonl(record_to) if Path(record_to).exists() else []
+    keys = {r["key"] for r in entries}
+    _store.atomic_write_jsonl(record_to, [r for r in existing if r["key"] not in keys] + entries)
+
+
+def candidate_rows(answers: dict[int, tuple[Chunk, dict]], qa: QAGenConfig, ledger: Ledger,
+                   quarantine: list[dict]) -> list[tuple[dict, dict, Chunk]]:
+    """(row, where it came from, chunk) for every item that parses and validates, in chunk order (so results and dedup
+    are deterministic); the rest go to ``quarantine`` with their reason."""
+    candidates: list[tuple[dict, dict, Chunk]] = []
     seen: set[str] = set()
     for i in sorted(answers):
         ch, entry = answers[i]
@@ -246,16 +245,14 @@ async def generate(
             ledger.answers_unparsable += 1
             quarantine.append({**base, "reason": f"unparsable: {e}", "raw": entry["content"]})
             continue
-        if len(items) < qa.items_per_chunk:
-            ledger.answers_short += 1
+        ledger.answers_short += len(items) < qa.items_per_chunk
         for n, item in enumerate(items):
             clean, reason = validate_item(item, ch.information, qa)
             if clean is not None:
                 dedup = _text.one_line(clean["instruction"] + " " + clean["input"]).lower()
                 if dedup in seen:
                     clean, reason = None, "duplicate_instruction"
-                else:
-                    seen.add(dedup)
+                seen.add(dedup)
             if clean is None:
                 ledger.items_quarantined += 1
                 quarantine.append({**base, "item_index": n, "reason": reason, "item": item})
@@ -264,6 +261,33 @@ async def generate(
                    "input": clean["input"], "output": clean["output"], "url": ch.url, "title": ch.title,
                    "chunk_hash": ch.hash, "grounding": clean["grounding"]}
             candidates.append((row, {**base, "item_index": n, "item": item}, ch))
+    return candidates
+
+
+async def generate(
+    chunks: list[Chunk],
+    prompt: QAPrompt,
+    client: LLMClient,
+    cache: ResponseCache,
+    qa: QAGenConfig,
+    *,
+    retry_failed: bool = False,
+    count: Callable[[str], int] = estimate_tokens,
+    record_to: Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[dict], list[dict], Ledger]:
+    """Answer every chunk (cache, then the client), validate, judge if asked, and return (rows, quarantine, ledger)."""
+    ledger = client.ledger
+    ledger.chunks = len(chunks)
+    quarantine: list[dict] = []
+    answers, fresh = await answer_all(chunks, prompt, client, cache, qa, retry_failed=retry_failed, count=count,
+                                      on_progress=on_progress, quarantine=quarantine)
+    if fresh and record_to is not None:
+        record_replay(record_to, fresh)
+    if client.stopped is not None:
+        ledger.errors["stopped"] = 1
+        raise client.stopped
+    candidates = candidate_rows(answers, qa, ledger, quarantine)
     verdicts = await judge_rows(candidates, client, cache, qa, count) if qa.judge else [(True, "")] * len(candidates)
     rows: list[dict] = []
     for (row, where, _), (supported, why) in zip(candidates, verdicts):
@@ -324,7 +348,7 @@ def run_generate(qa: QAGenConfig, pages_dir: Path, out_dir: Path | None = None, 
         hard += h
     log.info("qa: %d pages -> %d chunks (budget %d tokens each, %d split mid-sentence); prompt %s, model %s, backend %s",
              len(pages), len(chunks), budget, hard, prompt.version, qa.model, qa.backend)
-    (out_dir / _store.MANIFEST).unlink(missing_ok=True)
+    _store.reopen(out_dir)
     backend = make_backend(qa)
     client = LLMClient(qa, backend, Ledger(qa.model, qa.price_input_per_million, qa.price_output_per_million))
 
@@ -377,8 +401,10 @@ def cache_key(qa: QAGenConfig) -> str | None:
     return _store.tree_hash(Path(qa.replay_dir)) if qa.backend == "replay" and qa.replay_dir and Path(qa.replay_dir).is_dir() else None
 
 
-@task(name="generate-qa", cache_policy=stage_cache(__name__, key=cache_key), persist_result=True, retries=1, retry_delay_seconds=30,
-      retry_condition_fn=retry_on_network)
+STAGE = Stage(name="generate-qa", module=__name__, profile="data", section="qa", key=cache_key)
+
+
+@stage_task(STAGE, retries=1, retry_delay_seconds=30, retry_condition_fn=retry_on_network)
 def generate_qa_task(qa: QAGenConfig, pages: StageRef) -> StageOutput:
     """Network stage (LLM API): retried once after a network failure, never after a spent budget; the response cache makes a retry cheap."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact

@@ -14,13 +14,12 @@ import logging
 import time
 from pathlib import Path
 
-from prefect import task
 
 from culbot.pipeline_config.schema import RagConfig
 
 from . import _store, _text
-from ._prefect import stage_cache
-from .contracts import StageOutput, StageRef, short_hash
+from ._prefect import stage_task
+from .contracts import Stage, StageOutput, StageRef, short_hash
 from .documents import read_directory
 from .passages import doc_name, split_passages, subject
 from .retrieval import IndexInfo, Lexical, Retriever, calibrate, ngrams
@@ -141,7 +140,10 @@ def build_index(pages: Path | StageRef, rag: RagConfig, out_root: Path | None = 
     return StageOutput.of(final, m)
 
 
-@task(name="index", cache_policy=stage_cache(__name__), persist_result=True)
+STAGE = Stage(name="index", module=__name__, profile="data", section="rag")
+
+
+@stage_task(STAGE)
 def index_task(rag: RagConfig, pages: StageRef, qa: StageRef | None, dataset: StageRef | None, univ100: StageRef | None) -> StageOutput:
     from .embeddings import make_embedder
 

@@ -18,7 +18,7 @@ from typing import Protocol
 from culbot.pipeline_config.schema import ConfigError, QAGenConfig
 
 from . import _store
-from ._http import GaveUp, Pacer, RetryRule, Transient, parse_retry_after, with_retries
+from ._http import GaveUp, Pacer, Transient, parse_retry_after, with_retries
 from .contracts import short_hash
 
 log = logging.getLogger("culbot.llm")
@@ -257,7 +257,7 @@ class LLMClient:
         self.qa, self.backend, self.ledger = qa, backend, ledger
         rate = qa.requests_per_minute / 60.0   # a burst of up to one second's worth: per-second limits allow it
         self.pacer = Pacer(rate, qa.max_in_flight, burst=min(qa.max_in_flight, max(1, int(rate))))
-        self.rule = RetryRule(qa.max_retries, qa.backoff_base_s, 60.0, qa.retry_after_max_s, setting="qa.retry_after_max_s")
+        self.rule = qa   # QAGenConfig is a RetryPolicy
         self.stopped: BaseException | None = None
         self.held_usd = 0.0
         self._budget = asyncio.Condition()
@@ -338,7 +338,8 @@ class LLMClient:
 
         self._waiting.add(me)
         try:
-            return await with_retries(attempt, self.rule, what=f"LLM request {short_hash(key)}…", on_retry=counted)
+            return await with_retries(attempt, self.rule, what=f"LLM request {short_hash(key)}…", setting="qa.retry_after_max_s",
+                                      on_retry=counted)
         except GaveUp as e:
             raise RequestFailed(e.reason) from None
         finally:

@@ -16,13 +16,12 @@ import logging
 import time
 from pathlib import Path
 
-from prefect import task
 
-from culbot.pipeline_config.train_schema import MergeAdapterSpec
+from culbot.pipeline_config.train_schema import MergeAdapterConfig
 
 from . import _store
-from ._prefect import stage_cache
-from .contracts import EVAL_REPORT_FILE, RUN_CARD_FILE, TEMPLATES_FILE, EvalReport, MergeInfo, RunCard, RunRef, StageOutput, StageRef, short_hash
+from ._prefect import stage_task
+from .contracts import Stage, EVAL_REPORT_FILE, RUN_CARD_FILE, TEMPLATES_FILE, EvalReport, MergeInfo, RunCard, RunRef, StageOutput, StageRef, short_hash
 from .model_io import load_adapted, torch_dtype
 from .run_folder import ADAPTER, read_run_card, require_completed
 from .special_tokens import check_end
@@ -35,12 +34,12 @@ class MergeMismatch(RuntimeError):
     """Merged logits differ from base + adapter beyond the tolerance."""
 
 
-def merge_dtype(card: RunCard, spec: MergeAdapterSpec) -> str:
+def merge_dtype(card: RunCard, spec: MergeAdapterConfig) -> str:
     """The configured dtype, else the dtype the base was trained in."""
     return spec.dtype or card.hyperparameters.model.dtype
 
 
-def run_merge_adapter(run_dir: Path, spec: MergeAdapterSpec, out_root: Path, probes: list[str], eval_dir: Path | None = None) -> StageOutput:
+def run_merge_adapter(run_dir: Path, spec: MergeAdapterConfig, out_root: Path, probes: list[str], eval_dir: Path | None = None) -> StageOutput:
     """Merge, verify before and after saving, and write <out_root>/<short hash>/. ``eval_dir``: the eval it passed, if any."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -102,6 +101,9 @@ def run_merge_adapter(run_dir: Path, spec: MergeAdapterSpec, out_root: Path, pro
     return StageOutput.of(final, m)
 
 
-@task(name="merge-adapter", cache_policy=stage_cache(__name__), persist_result=True)
-def merge_adapter_task(spec: MergeAdapterSpec, run: RunRef, evaluation: StageRef, models_root: Path, probes: list[str]) -> StageOutput:
+STAGE = Stage(name="merge-adapter", module=__name__, profile="train", section="merge_adapter")
+
+
+@stage_task(STAGE)
+def merge_adapter_task(spec: MergeAdapterConfig, run: RunRef, evaluation: StageRef, models_root: Path, probes: list[str]) -> StageOutput:
     return run_merge_adapter(run.run_dir, spec, models_root, probes, evaluation.path)

@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
 
 from culbot.pipeline_config.schema import MergeDataConfig
 
 from . import _store, _text
-from ._prefect import report, stage_cache
-from .contracts import StageOutput, StageRef, short_hash
+from ._prefect import report, stage_task
+from .contracts import Stage, StageOutput, StageRef, short_hash
 from .conversations import as_row, check_messages, dedup_text
 
 log = logging.getLogger("culbot.merge")
@@ -176,7 +175,10 @@ def run_merge(inputs: dict[str, Path | StageRef], merge_data: MergeDataConfig, o
     return StageOutput.of(final, m)
 
 
-@task(name="merge-data", cache_policy=stage_cache(__name__), persist_result=True)
+STAGE = Stage(name="merge-data", module=__name__, profile="data", section="merge_data")
+
+
+@stage_task(STAGE)
 def merge_data_task(merge_data: MergeDataConfig, inputs: dict[str, StageRef]) -> StageOutput:
     """``inputs``: source name -> its stage folder; the content hashes make the cache key."""
     from prefect.artifacts import create_markdown_artifact

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from culbot.pipeline_config.train_schema import TINY_FAMILIES, ModelSpec
+from culbot.pipeline_config.train_schema import TINY_FAMILIES, ModelConfig
 
 from .contracts import BaseModelRef
 from .run_folder import read_run_card
@@ -54,7 +54,7 @@ def check_local_base(folder: Path) -> None:
                                    f"manifest.json to use it as it is now")
 
 
-def resolve_base(model: ModelSpec, *, models_root: Path, samples_dir: Path) -> BaseModelRef:
+def resolve_base(model: ModelConfig, *, models_root: Path, samples_dir: Path) -> BaseModelRef:
     """The base model to load on this host. The tiny model is built on first use; a Hub id is pinned to its commit.
 
     A local base comes back with an absolute ``path``; writers store it relative to their folder

@@ -1,6 +1,6 @@
 """The planner: per-GPU memory, the largest micro batch that fits, and time and cost for a training profile.
 
-Run as: culbot plan --train-profile a6000x4 [--set train.micro_batch_size=4] [--examples 160000]
+Run as: culbot plan --train-profile a6000x4 [--train-set train.micro_batch_size=4] [--examples 160000]
 
 The model's shape (linear layers, embeddings, heads, KV heads) comes from its config.json, for any architecture
 (tasks/architecture.py). The memory model (constants in pipeline_config/planner/planner.yaml, per-architecture
@@ -68,7 +68,7 @@ def memory_gb(profile: TrainProfile, planner: PlannerConfig, micro_batch: int | 
     shape, mem, m = model_shape(profile), planner.memory, profile.model
     b = micro_batch or profile.train.micro_batch_size
     gc = m.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
-    s, h, L = profile.data.cutoff_len, shape.hidden, shape.layers
+    s, h, L = profile.tokenize.cutoff_len, shape.hidden, shape.layers
     act = shape.family().activation_bytes
     world, zero = profile.hardware.gpus, _zero_stage(profile)
     dt = DTYPE_BYTES[m.dtype]
@@ -124,7 +124,7 @@ def largest_micro_batch(profile: TrainProfile, planner: PlannerConfig, gradient_
 def flops_per_token(shape: ModelShape, profile: TrainProfile) -> float:
     """Model FLOPs per trained token (see the module docstring for the convention)."""
     n = param_counts(shape)["total"]
-    return 4 * n + 6 * lora_params(shape, profile) + 6 * shape.layers * profile.data.cutoff_len * shape.hidden
+    return 4 * n + 6 * lora_params(shape, profile) + 6 * shape.layers * profile.tokenize.cutoff_len * shape.hidden
 
 
 @dataclass
@@ -158,7 +158,7 @@ def plan(profile: TrainProfile, planner: PlannerConfig | None = None, *, example
     shape, hw = model_shape(profile), profile.hardware
     mem = memory_gb(profile, planner)
     tok_ex = tokens_per_example or planner.time.average_tokens_per_example
-    strategy = "packing" if profile.data.packing else "group_by_length" if profile.data.group_by_length else "random"
+    strategy = "packing" if profile.tokenize.packing else "group_by_length" if profile.tokenize.group_by_length else "random"
     eff = planner.time.real_token_share[strategy]  # computed tokens include the padding
     tokens_epoch = examples * tok_ex / eff
     fpt = flops_per_token(shape, profile)

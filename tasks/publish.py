@@ -12,20 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from huggingface_hub import ModelCard
-from prefect import task
 
-from culbot.pipeline_config.train_schema import PublishSpec
+from culbot.pipeline_config.train_schema import PublishConfig
 
 from . import _store
-from ._prefect import retry_on_network, stage_cache
-from .contracts import EVAL_REPORT_FILE, RUN_CARD_FILE, ContextFormat, Contract, EvalReport, PublishOutput, Release, RunCard, RunRef, StageRef, short_hash
+from ._prefect import retry_on_network, stage_task
+from .contracts import Stage, EVAL_REPORT_FILE, RUN_CARD_FILE, ContextFormat, Contract, EvalReport, PublishOutput, Release, RunCard, RunRef, StageRef, short_hash
 from .releases import RELEASE_FILE, PublishRefused, hub_token, record_release, release_of
 from .run_folder import ADAPTER, EVAL, PUBLISH, read_run_card, require_completed
 from .templates import EXAMPLE_QUESTION, render_context, render_prompt
@@ -74,30 +72,25 @@ def architecture_tags(card: RunCard) -> list[str]:
     return fam.tags if fam else [card.model_type]
 
 
-def model_card(card: RunCard, evaluation: EvalReport, kind: str, repo_name: str, license: str) -> str:
-    """README.md with Hub metadata: base model, data mix, template, hyperparameters, profile, eval, use and limits."""
+def _hyperparameter_rows(card: RunCard) -> str:
     hp = card.hyperparameters
-    base = card.base
-    mix = card.data_mix
-    t = card.template_for("cbnu")
-    rows = "\n".join(f"| {s} | {n} | {mix['validation'].get(s, 0)} |" for s, n in sorted(mix["train"].items()))
-    hyper = "\n".join(f"| {k} | {v} |" for k, v in [
+    return "\n".join(f"| {k} | {v} |" for k, v in [
         ("LoRA r / alpha / dropout", f"{hp.lora.r} / {hp.lora.alpha} / {hp.lora.dropout}"),
         ("LoRA targets", ", ".join(card.lora_targets)),
         ("micro batch × accumulation → global", f"{hp.train.micro_batch_size} × {hp.train.gradient_accumulation_steps} → {hp.train.global_batch_size}"),
         ("epochs / max steps", f"{hp.train.epochs} / {hp.train.max_steps}"),
         ("learning rate / schedule / warmup", f"{hp.train.learning_rate} / {hp.train.lr_scheduler} / {hp.train.warmup_steps}"),
-        ("cutoff / train on inputs / packing", f"{hp.data.cutoff_len} / {hp.data.train_on_inputs} / {hp.data.packing}"),
+        ("cutoff / train on inputs / packing", f"{hp.tokenize.cutoff_len} / {hp.tokenize.train_on_inputs} / {hp.tokenize.packing}"),
         ("dtype / quantisation", f"{hp.model.dtype} / {hp.model.quantization}"),
         ("optimizer steps", card.global_step)])
-    probe = evaluation.probes[0] if evaluation.probes else None
-    spec = evaluation.answer
-    if spec is not None:
-        t = card.template_for(spec.source)
-    example_ctx = render_context([("생활관 입사 안내", "신입생 입사 신청은 합격자 발표 후 생활관 홈페이지에서 받습니다.")],
-                                 card.templates.context or ContextFormat())
+
+
+def _prompt_section(card: RunCard, t) -> str:
+    """The template exactly as trained, how retrieved passages go in, and an example prompt."""
+    ctx = card.templates.context
     if t.kind == "alpaca":
-        example = render_prompt(t, EXAMPLE_QUESTION, example_ctx if card.templates.context else "")
+        example_ctx = render_context([("생활관 입사 안내", "신입생 입사 신청은 합격자 발표 후 생활관 홈페이지에서 받습니다.")], ctx or ContextFormat())
+        example = render_prompt(t, EXAMPLE_QUESTION, example_ctx if ctx else "")
         example_block = ("\nA student's question with one retrieved passage, exactly as the model was trained and evaluated:\n\n"
                          f"```\n{example}\n```\n")
         template_block = f"```\n{t.prompt_no_input}\n```"
@@ -105,35 +98,65 @@ def model_card(card: RunCard, evaluation: EvalReport, kind: str, repo_name: str,
         example_block = ""
         template_block = (f"The tokenizer's own chat template with this system persona (used when a conversation brings none):\n\n"
                           f"> {t.system}\n\nA student's question, rendered exactly as in training:\n\n```\n{card.prompt_example}\n```")
-    tokens = card.special_tokens
-    stops = tokens.stop_ids if tokens else None
-    quality = ""
-    if evaluation.answers is not None:
-        from .answer_quality import markdown as answer_markdown
-
-        quality = "\n".join(answer_markdown(evaluation.answers, examples=3)[2:]) + "\n"
-    index = (f"Evaluated with the retrieval index `artifacts/indexes/{evaluation.index_name}` (content hash `{evaluation.index}`); "
-             "serve with the same index.\n") if evaluation.index else ""
-    index_dir = f"artifacts/indexes/{evaluation.index_name or '<index>'}"
-    ctx = card.templates.context
     context = ""
     if ctx is not None:
         shown = [json.dumps(x, ensure_ascii=False) for x in (ctx.passage, ctx.joiner)]   # newlines as \n
         context = (f"\nWith retrieval, put the retrieved passages in `input`, each as `{shown[0][1:-1]}`, joined by `{shown[1][1:-1]}`; "
                    f"the instruction is the student's question.\nIn training, {', '.join(ctx.sources)} rows had {ctx.k} passages "
                    f"(the source passage and {ctx.k - 1} retrieved distractors, shuffled); {ctx.no_context_share:.0%} had none.\n")
+    return f"{template_block}\n{context}{example_block}"
+
+
+def _generation_section(spec, tokens, t) -> str:
+    """How answers are decoded and when Culbot refuses instead."""
+    decoding = "greedy" if not spec or not spec.do_sample else f"sampling (temperature {spec.temperature}, top_p {spec.top_p})"
+    end = f"`{tokens.end_token}`" if tokens else "the tokenizer's EOS"
+    if t.kind == "alpaca":
+        end += " or the template's next section header"
+    threshold = spec.no_answer_threshold if spec and spec.no_answer_threshold is not None else \
+        "the index's own threshold (calibrated when it is built)"
+    return (f"Generation: {decoding}, at most {spec.max_new_tokens if spec else 256} new tokens,\n"
+            f"repetition penalty {spec.repetition_penalty if spec else 1.1}; the answer ends at {end}.\n"
+            "When the retrieval confidence (the idf-weighted share of the question's words in the top document) is under\n"
+            f"{threshold}, Culbot does not generate:\nit says it does not know and names the office to ask.")
+
+
+def _evaluation_section(evaluation: EvalReport) -> str:
     ret = evaluation.retrieval
     retrieval = "" if ret is None else (f"Retrieval over the CBNU documents ({ret.questions} questions): recall@1 **{ret.recall_at_1:.3f}**, "
                                         f"recall@5 **{ret.recall_at_5:.3f}**, MRR **{ret.mrr:.3f}**.\n")
+    index = (f"Evaluated with the retrieval index `artifacts/indexes/{evaluation.index_name}` (content hash `{evaluation.index}`); "
+             "serve with the same index.\n") if evaluation.index else ""
+    quality = ""
+    if evaluation.answers is not None:
+        from .answer_quality import markdown as answer_markdown
+
+        quality = "\n".join(answer_markdown(evaluation.answers, examples=3)[2:]) + "\n"
+    probe = evaluation.probes[0] if evaluation.probes else None
+    example = f"Example: **Q:** {probe.question} **A:** {probe.answer or '(empty)'}" if probe else ""
+    return (f"Validation loss **{evaluation.eval_loss:.4f}**, perplexity **{evaluation.perplexity:.2f}** ({evaluation.status}: {evaluation.reason}).\n"
+            f"{retrieval}{index}{quality}{example}")
+
+
+def _usage(kind: str, repo_name: str, stops: list[int] | None) -> str:
     load = ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n"
             f"model = AutoPeftModelForCausalLM.from_pretrained(\"{repo_name}\")") if kind == "adapter" \
         else f"from transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained(\"{repo_name}\")"
-    usage = (f"{load}\ntokenizer = AutoTokenizer.from_pretrained(\"{repo_name}\")\n"
-             "# The tokenizer's chat template is the training prompt; retrieved passages go in `documents`.\n"
-             "prompt = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": \"기숙사 신청은 언제 해요?\"}],\n"
-             "                                       documents=[{\"title\": \"생활관 입사 안내\", \"text\": \"...\"}], tokenize=False)\n"
-             "inputs = tokenizer(prompt, return_tensors=\"pt\", add_special_tokens=False)\n"
-             f"answer = model.generate(**inputs, max_new_tokens=200, eos_token_id={stops or 'tokenizer.eos_token_id'})")
+    return (f"{load}\ntokenizer = AutoTokenizer.from_pretrained(\"{repo_name}\")\n"
+            "# The tokenizer's chat template is the training prompt; retrieved passages go in `documents`.\n"
+            "prompt = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": \"기숙사 신청은 언제 해요?\"}],\n"
+            "                                       documents=[{\"title\": \"생활관 입사 안내\", \"text\": \"...\"}], tokenize=False)\n"
+            "inputs = tokenizer(prompt, return_tensors=\"pt\", add_special_tokens=False)\n"
+            f"answer = model.generate(**inputs, max_new_tokens=200, eos_token_id={stops or 'tokenizer.eos_token_id'})")
+
+
+def model_card(card: RunCard, evaluation: EvalReport, kind: str, repo_name: str, license: str) -> str:
+    """README.md with Hub metadata: base model, data mix, template, hyperparameters, profile, eval, use and limits."""
+    base, mix, spec, tokens = card.base, card.data_mix, evaluation.answer, card.special_tokens
+    t = card.template_for(spec.source if spec is not None else "cbnu")
+    rows = "\n".join(f"| {s} | {n} | {mix['validation'].get(s, 0)} |" for s, n in sorted(mix["train"].items()))
+    folder = repo_name.split('/')[-1]
+    index_dir = f"artifacts/indexes/{evaluation.index_name or '<index>'}"
     body = f"""# {repo_name}
 
 A Korean campus assistant for Chungbuk National University (충북대학교, CBNU), built by the Culbot pipeline:
@@ -151,20 +174,15 @@ Dataset version `{short_hash(card.lineage.dataset or '')}` (KULLM-v2, QA generat
 
 Format prompts exactly like this (the templates are also saved as `templates.json`, and as the tokenizer's chat template):
 
-{template_block}
-{context}{example_block}
+{_prompt_section(card, t)}
 ## Chat with it
 
 ```bash
-culbot chat --model ./{repo_name.split('/')[-1]} --index {index_dir} --once "기숙사 신청은 언제 해요?"
-culbot serve --model ./{repo_name.split('/')[-1]} --index {index_dir} --port 8000   # OpenAI-compatible API
+culbot chat --model ./{folder} --index {index_dir} --once "기숙사 신청은 언제 해요?"
+culbot serve --model ./{folder} --index {index_dir} --port 8000   # OpenAI-compatible API
 ```
 
-Generation: {'greedy' if not spec or not spec.do_sample else f'sampling (temperature {spec.temperature}, top_p {spec.top_p})'}, at most {spec.max_new_tokens if spec else 256} new tokens,
-repetition penalty {spec.repetition_penalty if spec else 1.1}; the answer ends at {f"`{tokens.end_token}`" if tokens else "the tokenizer's EOS"}{" or the template's next section header" if t.kind == "alpaca" else ""}.
-When the retrieval confidence (the idf-weighted share of the question's words in the top document) is under
-{spec.no_answer_threshold if spec and spec.no_answer_threshold is not None else "the index's own threshold (calibrated when it is built)"}, Culbot does not generate:
-it says it does not know and names the office to ask.
+{_generation_section(spec, tokens, t)}
 
 ## Training
 
@@ -172,17 +190,16 @@ Profile `{card.profile}`.
 
 | setting | value |
 |---|---|
-{hyper}
+{_hyperparameter_rows(card)}
 
 ## Evaluation
 
-Validation loss **{evaluation.eval_loss:.4f}**, perplexity **{evaluation.perplexity:.2f}** ({evaluation.status}: {evaluation.reason}).
-{retrieval}{index}{quality}{f"Example: **Q:** {probe.question} **A:** {probe.answer or '(empty)'}" if probe else ''}
+{_evaluation_section(evaluation)}
 
 ## Use
 
 ```python
-{usage}
+{_usage(kind, repo_name, tokens.stop_ids if tokens else None)}
 ```
 
 ## Intended use and limits
@@ -217,7 +234,7 @@ def card_data(card: RunCard, evaluation: EvalReport, kind: str, repo_name: str, 
                          model_name=repo_name, eval_results=results or None)
 
 
-def _folders(spec: PublishSpec, run_dir: Path, model_dir: Path | None) -> dict[str, Path]:
+def _folders(spec: PublishConfig, run_dir: Path, model_dir: Path | None) -> dict[str, Path]:
     out = {}
     if spec.what in ("merged", "both"):
         if model_dir is None or not _store.is_complete(model_dir):
@@ -239,7 +256,7 @@ def _copy_with_card(folder: Path, dest: Path, card_text: str, local_base: bool, 
     _store.write_model(dest / RUN_CARD_FILE, card.model_copy(update={"base": base}))
 
 
-def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishSpec) -> PublishRecord:
+def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishConfig) -> PublishRecord:
     run_dir = Path(run_dir).resolve()
     evaluation = check_publishable(run_dir)
     card = read_run_card(run_dir / ADAPTER)
@@ -257,11 +274,6 @@ def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishSpec) -> Pub
             _copy_with_card(folder, staging / kind, model_card(card, evaluation, kind, names[kind], spec.license), local_base=True,
                             release=release_of(run_dir, card, evaluation, spec.target, {k: str(root / k) for k in folders}))
             published[kind] = Published(where=str(root / kind))
-        _store.write_manifest(staging, stage="publish", inputs={"adapter": _store.read_manifest(run_dir / ADAPTER).content_hash},
-                              lineage=card.lineage, config=spec.model_dump(mode="json"), counts={"folders": len(folders)})
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staging, root)
     else:
         from huggingface_hub import HfApi
 
@@ -283,17 +295,21 @@ def run_publish(run_dir: Path, model_dir: Path | None, spec: PublishSpec) -> Pub
     record = PublishRecord(target=spec.target, run=run_dir.name, dataset=card.lineage.dataset, published=published,
                            folder=str(root) if root else None, at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     record_release(spec, release_of(run_dir, card, evaluation, spec.target, {k: p.where for k, p in published.items()}))
-    out = run_dir / PUBLISH
-    (out / _store.MANIFEST).unlink(missing_ok=True)
+    # One output folder, one manifest: the published folder itself for a local target, else the run's publish/ record.
+    out = staging if root else _store.reopen(run_dir / PUBLISH)
     _store.write_model(out / RECORD, record)
     _store.write_manifest(out, stage="publish", inputs={"adapter": _store.read_manifest(run_dir / ADAPTER).content_hash},
                           lineage=card.lineage, config=spec.model_dump(mode="json"), counts={"published": len(published)})
+    if root:
+        _store.promote(staging, root, replace=True)   # named by its run, not its content: a republish replaces it
     return record
 
 
-@task(name="publish", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=30,
-      retry_condition_fn=retry_on_network)
-def publish_task(spec: PublishSpec, run: RunRef, model: StageRef | None, evaluation: StageRef) -> PublishOutput:
+STAGE = Stage(name="publish", module=__name__, profile="train", section="publish")
+
+
+@stage_task(STAGE, retries=2, retry_delay_seconds=30, retry_condition_fn=retry_on_network)
+def publish_task(spec: PublishConfig, run: RunRef, model: StageRef | None, evaluation: StageRef) -> PublishOutput:
     """Network stage for the Hub target: a network failure is retried. ``evaluation`` ties the cache to the eval verdict."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 

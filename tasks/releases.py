@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from culbot.pipeline_config.train_schema import PublishSpec
+from culbot.pipeline_config.train_schema import PublishConfig
 
 from . import _store
 from .contracts import EvalReport, Registry, Release, RunCard
@@ -26,7 +26,7 @@ class PublishRefused(RuntimeError):
     """The run did not pass the guards and the eval gate, or there is no Hub token."""
 
 
-def hub_token(spec: PublishSpec) -> str:
+def hub_token(spec: PublishConfig) -> str:
     tok = os.environ.get("HF_TOKEN")
     if not tok and spec.token_secret_block:
         from prefect.blocks.system import Secret
@@ -37,11 +37,11 @@ def hub_token(spec: PublishSpec) -> str:
     return tok
 
 
-def registry_path(spec: PublishSpec) -> Path:
+def registry_path(spec: PublishConfig) -> Path:
     return Path(spec.local_dir) / REGISTRY
 
 
-def _hub_release(spec: PublishSpec) -> Release | None:
+def _hub_release(spec: PublishConfig) -> Release | None:
     """The release file of the Hub repo's current revision (None: no repo, no file, or no access)."""
     from huggingface_hub import hf_hub_download
 
@@ -63,7 +63,7 @@ def release_problems(release: Release) -> list[str]:
     return [p for root in sorted(roots) for p in _store.verify(root)]
 
 
-def previous_release(spec: PublishSpec, exclude_run: str | None = None) -> Release | None:
+def previous_release(spec: PublishConfig, exclude_run: str | None = None) -> Release | None:
     """The last model published to this target by another run (a run is never its own baseline) whose published folder
     still verifies: the local registry, else (target hub) the repo's release file. A release that no longer verifies is
     skipped with a warning, and the one before it is the baseline (issue 22: a corrupted release stayed the gate's
@@ -85,7 +85,7 @@ def previous_release(spec: PublishSpec, exclude_run: str | None = None) -> Relea
     return None
 
 
-def record_release(spec: PublishSpec, release: Release) -> Path:
+def record_release(spec: PublishConfig, release: Release) -> Path:
     """Append a release; publishing the same run to the same target again replaces its entry."""
     reg = registry_path(spec)
     old = _store.read_model(reg, Registry).releases if reg.is_file() else []

@@ -27,14 +27,13 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from prefect import task
 
 from culbot.pipeline_config.train_schema import TrainProfile
 
 from . import _store
-from ._prefect import stage_cache
+from ._prefect import stage_task
 from .contracts import (
-    RUN_CONFIG_FILE, TEMPLATES_FILE, TRAIN_RESULT_FILE, Hyperparameters, RunCard, RunConfig, RunOutput, StageRef, TemplateSet,
+    RUN_CONFIG_FILE, TEMPLATES_FILE, TRAIN_RESULT_FILE, Hyperparameters, RunCard, RunConfig, RunOutput, Stage, StageRef, TemplateSet,
     TokenCounts, TrainResult, short_hash,
 )
 from . import artifact_root as _artifact_root
@@ -112,7 +111,7 @@ def prepare_run(tp: TrainProfile, tokenized_dir: Path | StageRef, *, runs_root: 
         lineage=tokenized.lineage.then(tokenized=tokenized.content_hash),
         templates=_store.read_model(tokenized_dir / TEMPLATES_FILE, TemplateSet),
         profile=tp.name,
-        hyperparameters=Hyperparameters(lora=tp.lora, train=tp.train, data=tp.data, model=tp.model),
+        hyperparameters=Hyperparameters(lora=tp.lora, train=tp.train, tokenize=tp.tokenize, model=tp.model),
         token_counts=TokenCounts.model_validate(tokenized.counts),
     )
     ds = tp.deepspeed_path()
@@ -130,8 +129,9 @@ def launch_command(tp: TrainProfile, config_path: Path) -> list[str]:
     hw = tp.hardware
     entry = ["--config", str(config_path)]
     if hw.launcher == "deepspeed":
-        script = str(Path(__file__).resolve().with_name("train_entry.py"))
-        return ["deepspeed", "--num_gpus", str(hw.gpus), script, *entry]
+        # as a module, like the other launchers: a script path would put tasks/ first on sys.path, where tokenize.py
+        # would shadow the standard library's tokenize
+        return ["deepspeed", "--num_gpus", str(hw.gpus), "--module", "culbot.tasks.train_entry", *entry]
     if hw.launcher == "torchrun" and (hw.gpus > 1 or tp.deepspeed):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(hw.gpus),
                 "-m", "culbot.tasks.train_entry", *entry]
@@ -285,8 +285,10 @@ def _link(path: Path) -> str:
         return str(path.resolve())
 
 
-@task(name="train", cache_policy=stage_cache(__name__), persist_result=True, retries=2, retry_delay_seconds=5,
-      retry_condition_fn=_retry_if_preempted)
+STAGE = Stage(name="train", module=__name__, profile="train", section="train")
+
+
+@stage_task(STAGE, retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_preempted)
 def train_task(tp: TrainProfile, tokenized: StageRef) -> RunOutput:
     """Launch the training subprocess and stream it; a retry after preemption resumes."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact

@@ -101,7 +101,7 @@ def final_state(checkpoint: Path | None) -> dict | None:
 # ----- model -----------------------------------------------------------------------
 
 def load_model(spec, model_path: str, revision: str | None, use_cpu: bool):
-    """The base model per the profile's ``model`` section (a ModelSpec): dtype, quantisation, checkpointing, no KV cache."""
+    """The base model per the profile's ``model`` section (a ModelConfig): dtype, quantisation, checkpointing, no KV cache."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = {"dtype": torch_dtype(spec.dtype), "attn_implementation": spec.attn_implementation, "revision": revision}
@@ -138,7 +138,7 @@ def generation_config(model, tokenizer, stop_ids: list[int]):
 
 
 def apply_lora(model, lora):
-    """LoRA per the profile's ``lora`` section (a LoraSpec): the names given, peft's own 'all-linear', or the
+    """LoRA per the profile's ``lora`` section (a LoraConfig): the names given, peft's own 'all-linear', or the
     architecture's default (pipeline_config/models/families.yaml). Returns the layers peft actually adapted."""
     from peft import LoraConfig, get_peft_model
 
@@ -277,6 +277,81 @@ def wandb_offline_unless_the_key_works(report: str) -> None:
 
 # ----- main ---------------------------------------------------------------------------
 
+def training_data(run: RunConfig, run_dir: Path, pad_token_id: int):
+    """The tokenized splits, the collator, and packing statistics when the profile packs."""
+    import datasets
+
+    from culbot.tasks.collate import PackedRows, PadCollator, PositionCollator
+
+    settings, sched = run.profile.tokenize, run.profile.train
+    tok_dir = run.data_dir(run_dir)
+    train_ds = datasets.Dataset.from_parquet(str(tok_dir / "train.parquet")).select_columns(["input_ids", "labels", "length"])
+    eval_ds = datasets.Dataset.from_parquet(str(tok_dir / "validation.parquet")).select_columns(["input_ids", "labels"])
+    if not settings.packing:
+        return train_ds, eval_ds, PadCollator(pad_token_id), None
+    # Whole rows of up to cutoff_len tokens; position_ids keep examples apart, because load_model turned the KV cache off.
+    train_ds = PackedRows(train_ds, settings.cutoff_len)
+    packing = train_ds.stats()
+    say(f"packed {packing.examples:,} examples into {packing.rows:,} rows of <= {packing.max_len} tokens: "
+        f"{packing.real_token_share:.1%} real tokens, {packing.examples_per_row} examples per row")
+    return train_ds, eval_ds, PositionCollator(pad_token_id, pad_to=settings.cutoff_len if sched.torch_compile else None), packing
+
+
+def training_arguments(run: RunConfig, run_dir: Path, with_eval: bool):
+    """transformers' TrainingArguments from the profile's schedule and hardware."""
+    from transformers import TrainingArguments
+
+    hw, spec, sched = run.profile.hardware, run.profile.model, run.profile.train
+    report = sched.report_to
+    if report != "none":
+        wandb_offline_unless_the_key_works(report)
+        report = "wandb"
+    precision = {} if hw.use_cpu or spec.dtype == "fp32" else {spec.dtype: True}
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINTS), run_name=run.run_name, seed=sched.seed, use_cpu=hw.use_cpu,
+        per_device_train_batch_size=sched.micro_batch_size, per_device_eval_batch_size=sched.micro_batch_size,
+        gradient_accumulation_steps=sched.gradient_accumulation_steps, num_train_epochs=sched.epochs, max_steps=sched.max_steps,
+        learning_rate=sched.learning_rate, lr_scheduler_type=sched.lr_scheduler, warmup_steps=sched.warmup_steps,
+        weight_decay=sched.weight_decay, max_grad_norm=sched.max_grad_norm, optim=sched.optim,
+        logging_steps=sched.logging_steps, save_strategy="steps", save_steps=sched.save_steps, save_total_limit=sched.save_total_limit,
+        eval_strategy="steps" if with_eval else "no", eval_steps=sched.eval_steps,
+        dataloader_num_workers=sched.dataloader_num_workers, dataloader_pin_memory=not hw.use_cpu,
+        gradient_checkpointing=False,  # enabled on the model itself, before LoRA, where needed
+        train_sampling_strategy="group_by_length" if run.profile.tokenize.group_by_length else "random", length_column_name="length",
+        remove_unused_columns=False, report_to=report, disable_tqdm=True, torch_compile=sched.torch_compile,
+        ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        deepspeed=str(run_dir / run.deepspeed) if run.deepspeed else None, **precision,
+    )
+
+
+def train_from(trainer, model, resume: Path | None, preempt, run_dir: Path) -> tuple[int, list, dict] | int:
+    """(global step, log history, trainer metrics) of the run: trained from ``resume`` (or step 0), or taken from ``resume``
+    when it is already the last step. An exit status instead when a guard tripped or the run was preempted."""
+    last = final_state(resume)
+    if last is not None:
+        # The newest checkpoint is the run's last step, so its weights are the result (resuming there would train a step more).
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        say(f"{resume.name} is the last step of the run; saving its adapter")
+        set_peft_model_state_dict(model, load_file(str(resume / "adapter_model.safetensors")))
+        return last["global_step"], last["log_history"], {}
+    say(f"resuming from {resume.name}" if resume else "starting from step 0")
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except GuardTripped as e:
+        say(f"GUARD: {e}")
+        if rank() == 0:
+            _store.write_model(run_dir / TRAIN_RESULT_FILE, TrainResult(status="failed_guard", reason=str(e), global_step=trainer.state.global_step,
+                                                                        log_history=trainer.state.log_history))
+        return EXIT_GUARD
+    if preempt.requested:
+        if rank() == 0:
+            _store.write_model(run_dir / TRAIN_RESULT_FILE, TrainResult(status="preempted", global_step=trainer.state.global_step))
+        return EXIT_PREEMPTED
+    return trainer.state.global_step, trainer.state.log_history, result.metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Culbot LoRA training entrypoint")
     ap.add_argument("--config", type=Path, required=True, help="The run's config.json, written by `culbot train`.")
@@ -290,115 +365,62 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.config.resolve().parent
     ckpt_dir = run_dir / CHECKPOINTS
 
-    import datasets
-    from transformers import AutoConfig, AutoTokenizer, PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers import AutoConfig, AutoTokenizer, PrinterCallback, Trainer, set_seed
 
-    from culbot.tasks.collate import PackedRows, PadCollator, PositionCollator
     from culbot.tasks.model_io import check_eos
     from culbot.tasks.special_tokens import special_tokens
 
     prof = run.profile
-    hw, spec, sched, data = prof.hardware, prof.model, prof.train, prof.data
     base, revision = run.base_location(run_dir), run.card.base.revision
-    set_seed(sched.seed)  # before LoRA init, which draws random A matrices; the Trainer seeds only later
+    set_seed(prof.train.seed)  # before LoRA init, which draws random A matrices; the Trainer seeds only later
     tokenizer = AutoTokenizer.from_pretrained(base, revision=revision)
     base_config = AutoConfig.from_pretrained(base, revision=revision)
     if any(t.kind != "chat" for t in run.card.templates.templates.values()):
         check_eos(tokenizer, base_config)
     serving = run.card.templates.for_source(prof.answer.source)
     tokens = {name: special_tokens(tokenizer, t, base_config.model_type) for name, t in run.card.templates.templates.items()}
-    model = load_model(spec, base, revision, hw.use_cpu)
+    model = load_model(prof.model, base, revision, prof.hardware.use_cpu)
     # The adapter's own files (adapter_config.json, README.md) name the base as peft finds it here: make
     # that the Hub id, or the name the profile gave, never a path of this machine.
     model.config.name_or_path = model.name_or_path = run.card.base.name
     model, targets = apply_lora(model, prof.lora)
 
-    tok_dir = run.data_dir(run_dir)
-    train_ds = datasets.Dataset.from_parquet(str(tok_dir / "train.parquet")).select_columns(["input_ids", "labels", "length"])
-    eval_ds = datasets.Dataset.from_parquet(str(tok_dir / "validation.parquet")).select_columns(["input_ids", "labels"])
-    packing = None
-    if data.packing:
-        # Whole rows of up to cutoff_len tokens; position_ids keep examples apart, because load_model turned the KV cache off.
-        train_ds = PackedRows(train_ds, data.cutoff_len)
-        packing = train_ds.stats()
-        say(f"packed {packing.examples:,} examples into {packing.rows:,} rows of <= {packing.max_len} tokens: "
-            f"{packing.real_token_share:.1%} real tokens, {packing.examples_per_row} examples per row")
-        collator = PositionCollator(tokenizer.pad_token_id, pad_to=data.cutoff_len if sched.torch_compile else None)
-    else:
-        collator = PadCollator(tokenizer.pad_token_id)
-
-    report = sched.report_to
-    if report != "none":
-        wandb_offline_unless_the_key_works(report)
-        report = "wandb"
-    precision = {} if hw.use_cpu or spec.dtype == "fp32" else {spec.dtype: True}
-    targs = TrainingArguments(
-        output_dir=str(ckpt_dir), run_name=run.run_name, seed=sched.seed, use_cpu=hw.use_cpu,
-        per_device_train_batch_size=sched.micro_batch_size, per_device_eval_batch_size=sched.micro_batch_size,
-        gradient_accumulation_steps=sched.gradient_accumulation_steps, num_train_epochs=sched.epochs, max_steps=sched.max_steps,
-        learning_rate=sched.learning_rate, lr_scheduler_type=sched.lr_scheduler, warmup_steps=sched.warmup_steps,
-        weight_decay=sched.weight_decay, max_grad_norm=sched.max_grad_norm, optim=sched.optim,
-        logging_steps=sched.logging_steps, save_strategy="steps", save_steps=sched.save_steps, save_total_limit=sched.save_total_limit,
-        eval_strategy="steps" if len(eval_ds) else "no", eval_steps=sched.eval_steps,
-        dataloader_num_workers=sched.dataloader_num_workers, dataloader_pin_memory=not hw.use_cpu,
-        gradient_checkpointing=False,  # enabled on the model itself, before LoRA, where needed
-        train_sampling_strategy="group_by_length" if data.group_by_length else "random", length_column_name="length",
-        remove_unused_columns=False, report_to=report, disable_tqdm=True, torch_compile=sched.torch_compile,
-        ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        deepspeed=str(run_dir / run.deepspeed) if run.deepspeed else None, **precision,
-    )
-    say("batches: " + ("packed rows" if packing else "length-grouped (LengthGroupedSampler)" if data.group_by_length else "random, padded to the longest")
-        + f", micro {sched.micro_batch_size} x accumulation {sched.gradient_accumulation_steps}")
+    train_ds, eval_ds, collator, packing = training_data(run, run_dir, tokenizer.pad_token_id)
+    targs = training_arguments(run, run_dir, with_eval=len(eval_ds) > 0)
+    say("batches: " + ("packed rows" if packing else "length-grouped (LengthGroupedSampler)" if prof.tokenize.group_by_length
+                       else "random, padded to the longest")
+        + f", micro {prof.train.micro_batch_size} x accumulation {prof.train.gradient_accumulation_steps}")
     guard, preempt, marker, lines = make_callbacks(prof.guards, ckpt_dir, run_dir)
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds if len(eval_ds) else None,
                       data_collator=collator, processing_class=tokenizer, callbacks=[guard, preempt, marker, lines])
     trainer.remove_callback(PrinterCallback)  # LogLines prints the same logs as parseable JSON
     resume = newest_complete_checkpoint(ckpt_dir)
-    resumed_step = int(resume.name.split("-")[1]) if resume else 0
     t0 = time.time()
-    last = final_state(resume)
-    if last is not None:
-        # The newest checkpoint is the run's last step, so its weights are the result (resuming there would train a step more).
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        say(f"{resume.name} is the last step of the run; saving its adapter")
-        set_peft_model_state_dict(model, load_file(str(resume / "adapter_model.safetensors")))
-        step, history, trainer_metrics = last["global_step"], last["log_history"], {}
-    else:
-        say(f"resuming from {resume.name}" if resume else "starting from step 0")
-        try:
-            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        except GuardTripped as e:
-            say(f"GUARD: {e}")
-            if rank() == 0:
-                _store.write_model(run_dir / TRAIN_RESULT_FILE, TrainResult(status="failed_guard", reason=str(e), global_step=trainer.state.global_step,
-                                                                            log_history=trainer.state.log_history))
-            return EXIT_GUARD
-        if preempt.requested:
-            if rank() == 0:
-                _store.write_model(run_dir / TRAIN_RESULT_FILE, TrainResult(status="preempted", global_step=trainer.state.global_step))
-            return EXIT_PREEMPTED
-        step, history, trainer_metrics = trainer.state.global_step, trainer.state.log_history, result.metrics
-    if trainer.is_world_process_zero():
-        adapter = run_dir / ADAPTER
-        trainer.model.save_pretrained(adapter)
-        # The training prompt as the tokenizer's chat template: apply_chat_template, vLLM and TGI render it exactly.
-        example = render_prompt(serving, EXAMPLE_QUESTION, "", tokenizer)
-        install_chat_templates(tokenizer, run.card.templates, prof.answer.source)
-        tokenizer.save_pretrained(adapter)   # with the pad token chosen above
-        stops = sorted({i for t in tokens.values() for i in t.stop_ids})
-        generation_config(model.get_base_model(), tokenizer, stops).save_pretrained(adapter)
-        metrics = run_metrics(trainer_metrics, history, resumed_step, step)
-        card = run.card.model_copy(update={"base": run.card.base.relocated(run_dir, adapter), "lora_targets": targets,
-                                           "special_tokens": tokens[serving.name], "prompt_example": example,
-                                           "model_type": base_config.model_type,
-                                           "train_metrics": metrics, "global_step": step, "resumed_from": resume.name if resume else None})
-        _store.write_model(adapter / RUN_CARD_FILE, card)
-        _store.write_model(run_dir / TRAIN_RESULT_FILE, TrainResult(
-            status="completed", metrics=metrics, seconds=time.time() - t0, global_step=step, packing=packing, log_history=history,
-            resumed_from=resume.name if resume else None))
-        say(f"done: {step} steps, train loss {metrics.get('train_loss'):.4f}; adapter at {adapter}")
+    trained = train_from(trainer, model, resume, preempt, run_dir)
+    if isinstance(trained, int):
+        return trained
+    step, history, trainer_metrics = trained
+    if not trainer.is_world_process_zero():
+        return 0
+    adapter = run_dir / ADAPTER
+    trainer.model.save_pretrained(adapter)
+    # The training prompt as the tokenizer's chat template: apply_chat_template, vLLM and TGI render it exactly.
+    example = render_prompt(serving, EXAMPLE_QUESTION, "", tokenizer)
+    install_chat_templates(tokenizer, run.card.templates, prof.answer.source)
+    tokenizer.save_pretrained(adapter)   # with the pad token chosen above
+    stops = sorted({i for t in tokens.values() for i in t.stop_ids})
+    generation_config(model.get_base_model(), tokenizer, stops).save_pretrained(adapter)
+    resumed_step = int(resume.name.split("-")[1]) if resume else 0
+    metrics = run_metrics(trainer_metrics, history, resumed_step, step)
+    card = run.card.model_copy(update={"base": run.card.base.relocated(run_dir, adapter), "lora_targets": targets,
+                                       "special_tokens": tokens[serving.name], "prompt_example": example,
+                                       "model_type": base_config.model_type,
+                                       "train_metrics": metrics, "global_step": step, "resumed_from": resume.name if resume else None})
+    _store.write_model(adapter / RUN_CARD_FILE, card)
+    _store.write_model(run_dir / TRAIN_RESULT_FILE, TrainResult(
+        status="completed", metrics=metrics, seconds=time.time() - t0, global_step=step, packing=packing, log_history=history,
+        resumed_from=resume.name if resume else None))
+    say(f"done: {step} steps, train loss {metrics.get('train_loss'):.4f}; adapter at {adapter}")
     return 0
 
 

@@ -124,16 +124,17 @@ def qa_config(tmp_path, base, **kw):
 def sample_formatted(tmp_path_factory) -> Path:
     """The sample data half run through the stage cores (no Prefect): a formatted dataset folder."""
     from culbot.pipeline_config.schema import load_data_profile
-    from culbot.tasks import crawl_cbnu, crawl_univ100, format_prompts, generate_qa, load_datasets, merge_data
+    from culbot.tasks import crawl_cbnu, crawl_univ100, generate_qa, load_dataset, merge_data
+    from culbot.tasks.format import run_format
 
     root = tmp_path_factory.mktemp("sample-data")
     dp = load_data_profile(sample_profile_file(root))
     crawl_univ100.run_crawl(dp.univ100)
     crawl_cbnu.run_crawl(dp.cbnu)
     generate_qa.run_generate(dp.qa, dp.cbnu.out_dir)
-    kullm = load_datasets.run_load_dataset(dp.dataset("kullm"))
+    kullm = load_dataset.run_load_dataset(dp.dataset("kullm"))
     d = merge_data.run_merge({"univ100": dp.univ100.out_dir, "cbnu": dp.qa.out_dir, "kullm": kullm.path}, dp.merge_data)
-    return format_prompts.run_format(d.path, dp.format).path
+    return run_format(d.path, dp.format).path
 
 
 @pytest.fixture(scope="session")
@@ -156,13 +157,13 @@ def tiny_base(tiny_model: Path):
 def sample_tokenized(tmp_path_factory, sample_formatted, tiny_model) -> Path:
     """The sample data tokenized with the tiny model's tokenizer, as the cpu-tiny profile does."""
     from culbot.pipeline_config.train_schema import load_train_profile
-    from culbot.tasks.tokenize_data import run_tokenize
+    from culbot.tasks.tokenize import run_tokenize
 
-    return run_tokenize(sample_formatted, tiny_base(tiny_model), tmp_path_factory.mktemp("tokenized"), load_train_profile("cpu-tiny").data).path
+    return run_tokenize(sample_formatted, tiny_base(tiny_model), tmp_path_factory.mktemp("tokenized"), load_train_profile("cpu-tiny").tokenize).path
 
 
 def prepare_tiny_run(root: Path, tokenized: Path, tiny_model: Path, *overrides: str):
-    """(profile, config path) of a cpu-tiny run under ``root`` with --set style overrides."""
+    """(profile, config path) of a cpu-tiny run under ``root`` with --train-set style overrides."""
     from culbot.pipeline_config.train_schema import load_train_profile
     from culbot.tasks.train import prepare_run
 
@@ -173,14 +174,14 @@ def prepare_tiny_run(root: Path, tokenized: Path, tiny_model: Path, *overrides: 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, sample_tokenized, tiny_model) -> Path:
     """One finished cpu-tiny run (8 steps) with a passing eval: what eval, merge-adapter and publish start from."""
-    from culbot.pipeline_config.train_schema import EvalSpec
-    from culbot.tasks.evaluate import run_eval
+    from culbot.pipeline_config.train_schema import EvalConfig
+    from culbot.tasks.eval import run_eval
     from culbot.tasks.train import run_training
 
     prof, cfg = prepare_tiny_run(tmp_path_factory.mktemp("release"), sample_tokenized, tiny_model,
                                  "train.max_steps=8", "train.save_steps=8", "train.eval_steps=8")
     run_training(cfg, prof)
-    run_eval(cfg.parent, EvalSpec(probes=["도서관은 몇 시에 여나요?"], max_new_tokens=8, answer_questions=0))
+    run_eval(cfg.parent, EvalConfig(probes=["도서관은 몇 시에 여나요?"], max_new_tokens=8, answer_questions=0))
     return cfg.parent
 
 

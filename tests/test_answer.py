@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from culbot.pipeline_config.train_schema import AnswerSpec
+from culbot.pipeline_config.train_schema import AnswerConfig
 from culbot.tasks.contracts import ContextFormat, TemplateSet
 from culbot.tasks.templates import available_templates, chat_template_jinja, chat_templates, load_template, render_context, render_prompt
 
@@ -66,7 +66,7 @@ def test_cut_at_stops_holds_back_a_split_stop_string():
 def test_refusal_names_the_office_of_the_topic():
     from culbot.tasks.answer import refusal_text
 
-    spec = AnswerSpec()
+    spec = AnswerConfig()
     assert "생활관 행정실" in refusal_text("기숙사 통금은 몇 시예요?", spec)
     assert "043-261-2114" in refusal_text("총장님 생일은?", spec)
 
@@ -91,7 +91,7 @@ def test_the_answerer_retrieves_renders_the_training_prompt_and_streams(trained_
     from culbot.tasks.answer import Answerer
     from culbot.tasks.run_folder import read_run_card
 
-    a = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerSpec(max_new_tokens=12, no_answer_threshold=0.0))
+    a = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerConfig(max_new_tokens=12, no_answer_threshold=0.0))
     card = read_run_card(trained_run / "adapter")
     r = a.reply("기숙사 신청은 언제 해요?")
     deltas = list(r)
@@ -105,7 +105,7 @@ def test_the_answerer_retrieves_renders_the_training_prompt_and_streams(trained_
 def test_below_the_threshold_it_refuses_without_generating(trained_run, cbnu_index):
     from culbot.tasks.answer import Answerer
 
-    a = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerSpec(no_answer_threshold=1e9))
+    a = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerConfig(no_answer_threshold=1e9))
     r = a.answer("기숙사 통금은 몇 시예요?")
     assert r.refused and r.prompt == "" and r.sources == [] and "생활관 행정실" in r.text and r.tokens == a.generator.count_tokens(r.text) > 0   # usage counts the refusal given
     assert "< no-answer threshold" in r.notes[0]
@@ -114,7 +114,7 @@ def test_below_the_threshold_it_refuses_without_generating(trained_run, cbnu_ind
 def test_history_with_an_alpaca_template_is_dropped_and_said(trained_run):
     from culbot.tasks.answer import Answerer
 
-    a = Answerer.load(trained_run / "adapter", spec=AnswerSpec(max_new_tokens=4))
+    a = Answerer.load(trained_run / "adapter", spec=AnswerConfig(max_new_tokens=4))
     r = a.answer("주말에도 여나요?", history=[("도서관은 몇 시에 여나요?", "9시에 엽니다.")])
     assert "no conversation form" in " ".join(r.notes) and "no index" in " ".join(r.notes)
     assert "도서관은 몇 시에" not in r.prompt and r.prompt.endswith("### 명령어:\n주말에도 여나요?\n\n### 응답:\n")
@@ -127,9 +127,9 @@ def test_a_model_that_says_nothing_gets_the_empty_answer_notice_not_a_blank(trai
     from .servers.completions import CompletionsApp, CompletionsHandler
 
     with serve(CompletionsHandler, CompletionsApp(script=lambda p: "  \n### 명령어:\n다음")) as url:
-        a = Answerer.load(trained_run / "adapter", cbnu_index, upstream=f"{url}/v1", spec=AnswerSpec(no_answer_threshold=0.0))
+        a = Answerer.load(trained_run / "adapter", cbnu_index, upstream=f"{url}/v1", spec=AnswerConfig(no_answer_threshold=0.0))
         r = a.answer("기숙사 신청은 언제 해요?")
-    assert r.empty and not r.refused and r.text == AnswerSpec().empty_answer and r.sources
+    assert r.empty and not r.refused and r.text == AnswerConfig().empty_answer and r.sources
     assert "generated no text" in " ".join(r.notes) and r.as_dict()["empty"] is True
 
 
@@ -137,7 +137,7 @@ def test_a_cancelled_reply_stops_generating(trained_run):
     """What the API does when a streaming client goes away: the model is freed for the next request."""
     from culbot.tasks.answer import Answerer
 
-    base = Answerer.load(trained_run / "adapter", spec=AnswerSpec(max_new_tokens=400, repetition_penalty=1.0)).base_model()
+    base = Answerer.load(trained_run / "adapter", spec=AnswerConfig(max_new_tokens=400, repetition_penalty=1.0)).base_model()
     r = base.reply("도서관은 몇 시에 여나요?")   # the base tiny model never ends early: 400 tokens unless stopped
     it = iter(r)
     next(it)
@@ -155,9 +155,9 @@ def test_serving_refuses_at_the_index_s_own_threshold_and_says_which_it_uses(tra
 
     own = Retriever(cbnu_index).threshold
     with caplog.at_level(logging.INFO, logger="culbot.answer"):
-        a = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerSpec(max_new_tokens=4))
+        a = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerConfig(max_new_tokens=4))
     assert a.threshold == own and a.info().no_answer_threshold == own and "calibrated for index" in a.info().threshold_source
     assert f"no-answer threshold {own}: calibrated for index" in caplog.text
     assert a.reply("학교 앞 맛집 추천해 주세요").refused and not a.reply("중앙도서관 평일 운영 시간이 어떻게 되나요?").refused
-    fixed = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerSpec(max_new_tokens=4, no_answer_threshold=0.0))
+    fixed = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerConfig(max_new_tokens=4, no_answer_threshold=0.0))
     assert fixed.threshold == 0.0 and f"not the index's own {own}" in fixed.threshold_source

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from culbot.pipeline_config.train_schema import AnswerSpec, EvalSpec, PublishSpec
+from culbot.pipeline_config.train_schema import AnswerConfig, EvalConfig, PublishConfig
 from culbot.tasks import _store, grounding
 from culbot.tasks.answer_quality import compare, evaluate_answers, fact_recall, select_questions, verdict
 from culbot.tasks.contracts import AnswerMetrics, short_hash
@@ -29,7 +29,7 @@ def test_fact_recall_counts_numbers_dates_contacts_and_names():
 def test_compare_names_the_metric_and_the_regression():
     prev = AnswerMetrics(questions=10, answerable=8, unanswerable=2, fact_recall=0.6, chrf=40.0, false_refusal_rate=0.0)
     cur = AnswerMetrics(questions=10, answerable=8, unanswerable=2, fact_recall=0.5, chrf=40.5, false_refusal_rate=0.25)
-    changes, missed = compare(cur, prev, EvalSpec(floors={"chrf": 50}))
+    changes, missed = compare(cur, prev, EvalConfig(floors={"chrf": 50}))
     by = {c.metric: c for c in changes}
     assert by["fact_recall"].regressed and by["fact_recall"].delta == -0.1
     assert not by["chrf"].regressed and by["false_refusal_rate"].regressed   # lower is better there
@@ -62,23 +62,23 @@ def scripted(references: dict[str, str], how: str):
 
 def test_the_gate_refuses_a_worse_model_and_passes_a_better_one(trained_run, cbnu_index, dataset_dir, tmp_path):
     from culbot.tasks.answer import Answerer
-    from culbot.tasks.evaluate import evaluate_retrieval
+    from culbot.tasks.eval import evaluate_retrieval
     from culbot.tasks.releases import previous_release, record_release, release_of
     from culbot.tasks.run_folder import read_run_card
 
-    spec = EvalSpec(answer_questions=12, gate="enforce")
+    spec = EvalConfig(answer_questions=12, gate="enforce")
     threshold = evaluate_retrieval(cbnu_index, spec).no_answer_threshold
     hand = [q for q in _store.read_jsonl(SAMPLES / "rag_questions.jsonl")]
     questions = select_questions(dataset_dir, hand, spec.answer_questions)
     assert {q["set"].split()[0] for q in questions} == {"validation", "hand-written"} and any(not q["gold"] for q in questions)
     refs = {q["question"]: q["reference"] for q in questions if q["reference"]}
-    publish = PublishSpec(local_dir=tmp_path / "publish")
+    publish = PublishConfig(local_dir=tmp_path / "publish")
     card = read_run_card(trained_run / "adapter")
 
     def evaluate(how: str, previous):
         with serve(CompletionsHandler, CompletionsApp(script=scripted(refs, how))) as url:
             a = Answerer.load(trained_run / "adapter", cbnu_index, upstream=f"{url}/v1",
-                              spec=AnswerSpec(no_answer_threshold=threshold, max_new_tokens=64))
+                              spec=AnswerConfig(no_answer_threshold=threshold, max_new_tokens=64))
             return evaluate_answers(a, questions, spec, previous=previous, base_answerer=None)
 
     medium = evaluate("medium", None)
@@ -104,14 +104,14 @@ def test_the_gate_refuses_a_worse_model_and_passes_a_better_one(trained_run, cbn
 
 
 def test_the_eval_stage_reports_answer_quality_and_a_missed_floor_blocks_publishing(trained_run, cbnu_index, dataset_dir, tmp_path):
-    from culbot.tasks.evaluate import REPORT_MD, run_eval
+    from culbot.tasks.eval import REPORT_MD, run_eval
     from culbot.tasks.publish import PublishRefused, run_publish
 
     run = tmp_path / "runs" / trained_run.name   # at the fixture's depth: the run's relative paths still resolve
     shutil.copytree(trained_run, run, symlinks=True)
-    publish = PublishSpec(local_dir=tmp_path / "publish")
-    spec = EvalSpec(probes=["도서관은?"], max_new_tokens=4, answer_questions=6, gate="report")
-    res = run_eval(run, spec, cbnu_index, answer=AnswerSpec(max_new_tokens=8), dataset=dataset_dir, publish=publish)
+    publish = PublishConfig(local_dir=tmp_path / "publish")
+    spec = EvalConfig(probes=["도서관은?"], max_new_tokens=4, answer_questions=6, gate="report")
+    res = run_eval(run, spec, cbnu_index, answer=AnswerConfig(max_new_tokens=8), dataset=dataset_dir, publish=publish)
     assert res.passed and res.answers.baseline.startswith("base model") and res.index
     assert len(res.answers.examples) == 6 and res.answers.baseline_answers
     # serving answers as eval did: with the index's own threshold (issue 23: eval's measured one was copied to any index)
@@ -120,7 +120,7 @@ def test_the_eval_stage_reports_answer_quality_and_a_missed_floor_blocks_publish
     assert "## Answer quality" in md and "| fact_recall |" in md and "answers side by side" in md
 
     strict = spec.model_copy(update={"gate": "enforce", "floors": {"chrf": 99.0}})
-    res = run_eval(run, strict, cbnu_index, answer=AnswerSpec(max_new_tokens=8), dataset=dataset_dir, publish=publish)
+    res = run_eval(run, strict, cbnu_index, answer=AnswerConfig(max_new_tokens=8), dataset=dataset_dir, publish=publish)
     assert not res.passed and "chrf" in res.reason and "< floor 99.0" in res.reason
     with pytest.raises(PublishRefused, match="chrf"):
         run_publish(run, None, publish.model_copy(update={"what": "adapter"}))
@@ -128,10 +128,10 @@ def test_the_eval_stage_reports_answer_quality_and_a_missed_floor_blocks_publish
 
 def test_a_run_is_never_its_own_baseline_so_republishing_keeps_eval_cached(tmp_path):
     from culbot.tasks.contracts import Registry, Release
-    from culbot.tasks.evaluate import release_key
+    from culbot.tasks.eval import release_key
     from culbot.tasks.releases import previous_release, record_release
 
-    spec = PublishSpec(local_dir=tmp_path)
+    spec = PublishConfig(local_dir=tmp_path)
     assert release_key(spec, "run-a") is None
     record_release(spec, Release(run="run-a", at="t1", target="local", where={}))
     assert release_key(spec, "run-a") is None and previous_release(spec, exclude_run="run-a") is None

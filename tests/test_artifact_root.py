@@ -103,7 +103,7 @@ def _run_config(run, tokenized, base) -> RunConfig:
     zero = SplitCounts(rows=0, kept=0, truncated=0, over_cutoff=0, prompt_fills_cutoff=0, tokens=0, label_tokens=0)
     card = RunCard(base=BaseModelRef(name="culbot:tiny", path=os.path.relpath(base, run)), lineage=Lineage(),
                    templates=TemplateSet(map={}, default="kullm", templates={"kullm": load_template("kullm")}), profile=tp.name,
-                   hyperparameters=Hyperparameters(lora=tp.lora, train=tp.train, data=tp.data, model=tp.model),
+                   hyperparameters=Hyperparameters(lora=tp.lora, train=tp.train, data=tp.tokenize, model=tp.model),
                    token_counts=TokenCounts(train=zero, validation=zero))
     return RunConfig(run_name="r1", profile=tp, data=os.path.relpath(tokenized, run), card=card)
 

@@ -1,4 +1,4 @@
-"""Config: every shipped YAML loads, errors name the file and the field, --set works."""
+"""Config: every shipped YAML loads, errors name the file and the field, --data-set works."""
 
 import pytest
 import yaml
@@ -84,7 +84,7 @@ def test_set_overrides_are_typed_and_named_in_errors():
     prof = load_data_profile("sample", ["qa.max_in_flight=8", "univ100.keep_url_domains=[a.kr, b.kr]", "merge_data.validation_size=null"])
     assert prof.qa.max_in_flight == 8
     assert prof.univ100.keep_url_domains == ["a.kr", "b.kr"]
-    with pytest.raises(ConfigError, match=r"--set qa.max_in_flight: field 'qa.max_in_flight'"):
+    with pytest.raises(ConfigError, match=r"--data-set qa.max_in_flight: field 'qa.max_in_flight'"):
         load_data_profile("sample", ["qa.max_in_flight=0"])
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_data_profile("sample", ["qa.max_in_flight"])
@@ -123,7 +123,7 @@ def test_shipped_training_profiles_match_the_upstream_targets():
                                                   "cpu-tiny-llama"}
     a = load_train_profile("a6000x4")
     # upstream: 128 examples per step; packed rows hold ~3.5 examples, so 32 rows per step
-    assert (a.hardware.gpus, a.train.micro_batch_size, a.data.cutoff_len, a.train.global_batch_size, a.data.packing) == (4, 8, 1024, 32, True)
+    assert (a.hardware.gpus, a.train.micro_batch_size, a.tokenize.cutoff_len, a.train.global_batch_size, a.tokenize.packing) == (4, 8, 1024, 32, True)
     assert (a.lora.r, a.lora.alpha, a.lora.dropout, a.lora.target_modules) == (8, 16, 0.05, ["query_key_value"])
     assert (a.train.learning_rate, a.train.lr_scheduler, a.train.warmup_steps, a.train.gradient_accumulation_steps) == (3e-4, "linear", 100, 1)
     r = load_train_profile("runpod-a100x2")
@@ -133,7 +133,7 @@ def test_shipped_training_profiles_match_the_upstream_targets():
         ("4bit", "nf4", 2, True, "paged_adamw_8bit")
     # the persona chat model: Llama-3-Open-Ko-8B-Instruct, persona chat template, ZeRO-3, all linear layers, cosine, bf16
     c = load_train_profile("runpod-a100x2-llama3")
-    assert (c.model.base, c.data.template, c.deepspeed_path().name, c.lora.target_modules, c.train.lr_scheduler, c.model.dtype,
+    assert (c.model.base, c.tokenize.template, c.deepspeed_path().name, c.lora.target_modules, c.train.lr_scheduler, c.model.dtype,
             c.hardware.gpus, c.hardware.work_pool) == ("beomi/Llama-3-Open-Ko-8B-Instruct-preview", "persona", "zero3.json", "all-linear",
                                                       "cosine", "bf16", 2, "runpod-a100x2")
     lap = load_train_profile("laptop-6gb")   # the laptop QLoRA: polyglot-ko-1.3b, nf4 + double quant, checkpointing, paged 8-bit AdamW
@@ -150,9 +150,9 @@ def test_upstream_batch_bug_is_an_error_at_load(tmp_path):
 
 
 def test_packing_and_length_grouping_are_exclusive():
-    with pytest.raises(ConfigError, match=r"field 'data'.*packing and group_by_length are exclusive"):
-        load_train_profile("a6000x4", ["data.group_by_length=true"])
-    assert load_train_profile("a6000x4", ["data.packing=false", "data.group_by_length=true"]).data.group_by_length
+    with pytest.raises(ConfigError, match=r"field 'tokenize'.*packing and group_by_length are exclusive"):
+        load_train_profile("a6000x4", ["tokenize.group_by_length=true"])
+    assert load_train_profile("a6000x4", ["tokenize.packing=false", "tokenize.group_by_length=true"]).tokenize.group_by_length
 
 
 def test_training_profile_fields_are_documented():
@@ -162,7 +162,7 @@ def test_training_profile_fields_are_documented():
 def test_one_loader_names_the_flag_that_set_a_bad_value():
     with pytest.raises(ConfigError, match=r"--campus: field 'univ100.campus_id'"):
         load_data_profile("sample", flags={"univ100.campus_id": ("--campus", "twelve")})
-    with pytest.raises(ConfigError, match=r"--set train.micro_batch_size: field 'train.micro_batch_size'"):
+    with pytest.raises(ConfigError, match=r"--train-set train.micro_batch_size: field 'train.micro_batch_size'"):
         load_train_profile("cpu-tiny", ["train.micro_batch_size=0"])
     from culbot.flows.cli import build_parser, load_profile_for
 
@@ -181,7 +181,7 @@ def test_non_finite_out_of_range_and_malformed_overrides_exit_2(override, says, 
     """Issue 22: .inf passed validation and crashed training; -5 steps and malformed keys were applied silently."""
     from culbot.flows.cli import main
 
-    assert main(["plan", "--train-profile", "cpu-tiny", "--set", override]) == 2
+    assert main(["plan", "--train-profile", "cpu-tiny", "--train-set", override]) == 2
     assert says in capsys.readouterr().err
 
 
@@ -191,3 +191,25 @@ def test_a_flow_override_with_a_malformed_field_name_is_refused():
 
     with pytest.raises(ConfigError, match="'train..epochs' is not a field name"):
         load_train_profile("cpu-tiny", {"train..epochs": 3})
+
+
+def test_one_override_flag_per_profile_kind_on_every_command(capsys):
+    """Issue 25: --set meant data fields on some commands and training fields on others. Now --data-set is a data-profile
+    field and --train-set a training-profile field wherever a command reads that profile; --set says which to use."""
+    from culbot.flows.cli import COMMANDS, build_parser, load_profile_for
+
+    parser = build_parser()
+    for cmd in [c for c in COMMANDS if c.profile]:
+        flag, field = ("--data-set", "qa.max_in_flight=3") if cmd.profile == "data" else ("--train-set", "train.max_steps=3")
+        argv = [*cmd.name.split(), *(["full"] if cmd.name == "run" else []), flag, field,
+                *[x for a in cmd.args if a.kwargs.get("required") for x in (a.flag.split()[0], "somewhere")]]
+        a = parser.parse_args(argv)
+        profile = load_profile_for(a.command_spec, a)
+        assert (profile.qa.max_in_flight if cmd.profile == "data" else profile.train.max_steps) == 3, cmd.name
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([*cmd.name.split(), "--set", field])
+        assert e.value.code == 2 and "use --data-set for a data-profile field or --train-set" in capsys.readouterr().err
+    a = parser.parse_args(["run", "full", "--data-set", "qa.max_in_flight=3", "--train-set", "train.max_steps=3"])
+    assert a.data_overrides == ["qa.max_in_flight=3"] and a.train_overrides == ["train.max_steps=3"]
+    for argv in (["plan", "--train-set", "train.max_steps=3"], ["config", "show", "--data-set", "qa.max_in_flight=3"]):
+        parser.parse_args(argv)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from culbot.pipeline_config.train_schema import AnswerSpec
+from culbot.pipeline_config.train_schema import AnswerConfig
 
 from .servers.base import free_port
 
@@ -20,7 +20,7 @@ def test_the_demo_answers_in_a_browser_with_sources_and_the_model_version(traine
     from culbot.tasks.answer import Answerer
     from culbot.tasks.demo import build_demo
 
-    answerer = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerSpec(max_new_tokens=12, no_answer_threshold=0.0))
+    answerer = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerConfig(max_new_tokens=12, no_answer_threshold=0.0))
     port = free_port()
     demo = build_demo(answerer)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -75,7 +75,7 @@ def test_crafted_page_titles_and_urls_are_shown_as_text_in_the_browser(trained_r
                                   f"<p>생활관 입사 신청은 2월 3일부터 7일까지 학생생활관 누리집에서 합니다. {name} 문서의 안내입니다. "
                                   f"입사 서류와 비용, 점호 일정도 이곳에서 확인하세요.</p></body></html>", encoding="utf-8")
     index = build_index(pages, RagConfig(), tmp_path / "index").path
-    answerer = Answerer.load(trained_run / "adapter", index, spec=AnswerSpec(max_new_tokens=4, no_answer_threshold=0.0, context_k=5))
+    answerer = Answerer.load(trained_run / "adapter", index, spec=AnswerConfig(max_new_tokens=4, no_answer_threshold=0.0, context_k=5))
     assert {s.url for s in answerer.reply("생활관 입사 신청은 언제 해요?").sources} >= {"https://dorm.chungbuk.ac.kr/notice"}
     port = free_port()
     demo = build_demo(answerer)

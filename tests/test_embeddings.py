@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from culbot.pipeline_config.schema import ConfigError, RagConfig
-from culbot.tasks._http import RetryRule
+from culbot.pipeline_config.schema import RetryPolicy
 from culbot.tasks.embeddings import LocalEmbedder, OpenAIEmbedder, make_embedder
 from culbot.tasks.index import build_index
 from culbot.tasks.retrieval import Retriever
@@ -12,7 +12,7 @@ from tests.conftest import SAMPLES
 from tests.servers.base import serve
 from tests.servers.openai_api import OpenAIApp, OpenAIHandler, bigram_vector
 
-FAST = RetryRule(3, 0.01, 0.05, 1.0)
+FAST = RetryPolicy(max_retries=3, backoff_base_s=0.01, backoff_max_s=0.05, retry_after_max_s=1.0)
 
 
 def test_openai_embeddings_are_batched_normalised_and_carry_the_key_from_the_environment(monkeypatch):

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from culbot.pipeline_config.schema import ConfigError
-from culbot.pipeline_config.train_schema import DataSpec, MergeAdapterSpec
+from culbot.pipeline_config.train_schema import TokenizeConfig, MergeAdapterConfig
 from culbot.tasks import _store
 from culbot.tasks.contracts import BaseModelRef, TemplateSet
 from culbot.tasks.special_tokens import encode_prompt
 from culbot.tasks.templates import load_template, render_prompt
-from culbot.tasks.tokenize_data import IGNORE, SPECIAL_TOKENS_FILE, run_tokenize, tokenize_rows
+from culbot.tasks.tokenize import IGNORE, SPECIAL_TOKENS_FILE, run_tokenize, tokenize_rows
 from tests.conftest import SAMPLES
 
 TINY_IDS = {"gpt_neox": "culbot:tiny", "llama": "culbot:tiny-llama", "qwen2": "culbot:tiny-qwen2"}
@@ -55,7 +55,7 @@ def test_labels_decode_to_the_answer_and_the_end_token_of_the_family_and_templat
     import datasets
 
     start, end, pad, pad_from = CASES[(family, template)]
-    out = run_tokenize(sample_formatted, _base(models_root, family), tmp_path / "tok", DataSpec(cutoff_len=1024, template=template))
+    out = run_tokenize(sample_formatted, _base(models_root, family), tmp_path / "tok", TokenizeConfig(cutoff_len=1024, template=template))
     tokens = json.loads((out.path / SPECIAL_TOKENS_FILE).read_text())[template]
     assert (tokens["end_token"], tokens["pad_token"], tokens["pad_from"]) == (end, pad, pad_from)
     assert _store.read_model(out.path / "templates.json", TemplateSet).for_source("cbnu").name == template   # every source
@@ -81,7 +81,7 @@ def test_labels_decode_to_the_answer_and_the_end_token_of_the_family_and_templat
 
 def test_a_chat_template_on_a_model_without_one_is_a_clear_error(models_root, sample_formatted, tmp_path):
     with pytest.raises(ConfigError, match="needs a tokenizer with a chat template"):
-        run_tokenize(sample_formatted, _base(models_root, "gpt_neox"), tmp_path / "tok", DataSpec(template="persona"))
+        run_tokenize(sample_formatted, _base(models_root, "gpt_neox"), tmp_path / "tok", TokenizeConfig(template="persona"))
 
 
 @pytest.mark.parametrize("family,template", [("llama", "persona"), ("qwen2", "persona"), ("gpt_neox", "kullm")])
@@ -156,16 +156,16 @@ def test_a_trained_adapter_of_each_family_merges_into_the_same_logits(family, te
     from culbot.tasks.run_folder import read_run_card
     from culbot.tasks.train import prepare_run, run_training
 
-    sets = [f"model.base={TINY_IDS[family]}", f"data.template={template}", "train.max_steps=2", "train.save_steps=2", "train.eval_steps=2"]
+    sets = [f"model.base={TINY_IDS[family]}", f"tokenize.template={template}", "train.max_steps=2", "train.save_steps=2", "train.eval_steps=2"]
     sets += [f"lora.target_modules={targets}"] if targets else []
     prof = load_train_profile("cpu-tiny", sets)
-    tokenized = run_tokenize(sample_formatted, _base(models_root, family), tmp_path / "tok", prof.data).path
+    tokenized = run_tokenize(sample_formatted, _base(models_root, family), tmp_path / "tok", prof.tokenize).path
     cfg = prepare_run(prof, tokenized, runs_root=tmp_path / "runs", models_root=models_root, samples_dir=SAMPLES)
     assert run_training(cfg, prof).status == "completed"
     card = read_run_card(cfg.parent / "adapter")
     expected = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"] if targets else ["q_proj", "v_proj"]
     assert card.lora_targets == expected and card.model_type == family
-    m = run_merge_adapter(cfg.parent, MergeAdapterSpec(), tmp_path / "models", ["도서관은 몇 시에 여나요?", "장학금 종류는?"])
+    m = run_merge_adapter(cfg.parent, MergeAdapterConfig(), tmp_path / "models", ["도서관은 몇 시에 여나요?", "장학금 종류는?"])
     assert m.counts["max_logit_diff"] < 1e-4 and m.counts["saved_max_logit_diff"] < 1e-4
     gen = GenerationConfig.from_pretrained(m.path)
     stops = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
@@ -188,7 +188,7 @@ def test_tokenizing_a_split_in_batches_gives_what_one_batch_and_each_example_alo
 
     import pyarrow.parquet as pq
 
-    from culbot.tasks import tokenize_data as td
+    from culbot.tasks import tokenize as td
     from culbot.tasks.special_tokens import prefix_ids, special_tokens
 
     tok, t = _tokenizer(models_root, family), load_template(template)

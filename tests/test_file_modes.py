@@ -7,8 +7,9 @@ import stat
 import pytest
 
 from culbot.pipeline_config.schema import RagConfig, load_data_profile
-from culbot.pipeline_config.train_schema import MergeAdapterSpec, PublishSpec
-from culbot.tasks import crawl_cbnu, crawl_univ100, format_prompts, generate_qa, load_datasets, merge_data
+from culbot.pipeline_config.train_schema import MergeAdapterConfig, PublishConfig
+from culbot.tasks import crawl_cbnu, crawl_univ100, generate_qa, load_dataset, merge_data
+from culbot.tasks.format import run_format
 from culbot.tasks.export_dataset import export_dataset
 from culbot.tasks.index import build_index
 from culbot.tasks.merge_adapter import run_merge_adapter
@@ -37,13 +38,13 @@ def test_every_stage_output_has_the_modes_of_the_umask(mask, tmp_path, trained_r
         crawl_univ100.run_crawl(dp.univ100)
         crawl_cbnu.run_crawl(dp.cbnu)
         generate_qa.run_generate(dp.qa, dp.cbnu.out_dir)
-        kullm = load_datasets.run_load_dataset(dp.dataset("kullm"))
+        kullm = load_dataset.run_load_dataset(dp.dataset("kullm"))
         dataset = merge_data.run_merge({"univ100": dp.univ100.out_dir, "cbnu": dp.qa.out_dir, "kullm": kullm.path}, dp.merge_data)
-        format_prompts.run_format(dataset.path, dp.format)
+        run_format(dataset.path, dp.format)
         build_index(SAMPLES / "cbnu_pages", RagConfig(), out / "indexes")
         export_dataset(dataset.path, "sharegpt", out / "exports")
-        merged = run_merge_adapter(trained_run, MergeAdapterSpec(), out / "models", ["도서관 운영 시간은?"], trained_run / "eval")
-        run_publish(trained_run, merged.path, PublishSpec(target="local", local_dir=out / "publish"))
+        merged = run_merge_adapter(trained_run, MergeAdapterConfig(), out / "models", ["도서관 운영 시간은?"], trained_run / "eval")
+        run_publish(trained_run, merged.path, PublishConfig(target="local", local_dir=out / "publish"))
     finally:
         os.umask(old)
     made = {p.name for p in out.iterdir()} | {p.name for p in (out / "artifacts").iterdir()}

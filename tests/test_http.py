@@ -63,7 +63,7 @@ def test_timeouts_are_retried(app):
 def test_retry_after_over_the_cap_fails_clearly(app):
     app.faults["list:0"] = ["429"]
     with serve(Univ100Handler, app) as base:
-        with pytest.raises(FetchError, match="over retry_after_max_s"):
+        with pytest.raises(FetchError, match="over http.retry_after_max_s"):
             _get(base, _settings(retry_after_max_s=0.5), LIST, {"offset": 0})
 
 

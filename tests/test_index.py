@@ -8,7 +8,7 @@ import pytest
 
 from culbot.pipeline_config.schema import FormatConfig, RagConfig
 from culbot.tasks import _store
-from culbot.tasks.format_prompts import run_format
+from culbot.tasks.format import run_format
 from culbot.tasks.index import build_index
 from culbot.tasks.merge_data import COLUMNS
 from tests.conftest import SAMPLES

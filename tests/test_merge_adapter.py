@@ -1,14 +1,14 @@
 """Merging a tiny trained run: equal to base + adapter, sharded, idempotent, self-describing, right-padded."""
 import json
 
-from culbot.pipeline_config.train_schema import MergeAdapterSpec
+from culbot.pipeline_config.train_schema import MergeAdapterConfig
 from culbot.tasks import _store
 from culbot.tasks.contracts import RunCard, TemplateSet, short_hash
 from culbot.tasks.merge_adapter import run_merge_adapter
 
 
 def test_merge_matches_base_plus_adapter_and_is_idempotent(trained_run, tmp_path):
-    spec = MergeAdapterSpec(max_shard_size="200KB", atol=1e-4)
+    spec = MergeAdapterConfig(max_shard_size="200KB", atol=1e-4)
     m = run_merge_adapter(trained_run, spec, tmp_path / "models", ["도서관 운영 시간은?", "장학금 종류는?"], trained_run / "eval")
     folder = tmp_path / "models" / short_hash(m.content_hash)
     assert m.path == folder and m.counts["max_logit_diff"] < 1e-4 and m.counts["saved_max_logit_diff"] < 1e-4
@@ -27,14 +27,14 @@ def test_merge_matches_base_plus_adapter_and_is_idempotent(trained_run, tmp_path
 def test_the_merged_tokenizer_pads_on_the_right_as_trained(trained_run, tmp_path):
     from transformers import AutoTokenizer
 
-    m = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관 운영 시간은?", "장학금 종류는?"])
+    m = run_merge_adapter(trained_run, MergeAdapterConfig(), tmp_path / "models", ["도서관 운영 시간은?", "장학금 종류는?"])
     assert AutoTokenizer.from_pretrained(m.path).padding_side == "right"
     assert json.loads((m.path / "tokenizer.json").read_text())["padding"] is None   # no padding state saved from the probe batch
 
 
 def test_the_eval_it_passed_is_part_of_the_merged_models_key(trained_run, tmp_path):
-    without = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"])
-    with_eval = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], trained_run / "eval")
+    without = run_merge_adapter(trained_run, MergeAdapterConfig(), tmp_path / "models", ["도서관"])
+    with_eval = run_merge_adapter(trained_run, MergeAdapterConfig(), tmp_path / "models", ["도서관"], trained_run / "eval")
     assert without.content_hash != with_eval.content_hash
     assert _store.read_model(without.path / "culbot.json", RunCard).eval is None
 
@@ -46,7 +46,7 @@ def test_an_eval_rerun_that_changed_only_timings_merges_to_the_same_folder(train
 
     from culbot.tasks.contracts import EvalReport
 
-    first = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], trained_run / "eval")
+    first = run_merge_adapter(trained_run, MergeAdapterConfig(), tmp_path / "models", ["도서관"], trained_run / "eval")
     rerun = tmp_path / "eval-rerun"
     shutil.copytree(trained_run / "eval", rerun)
     report = _store.read_model(rerun / "eval.json", EvalReport)
@@ -54,9 +54,9 @@ def test_an_eval_rerun_that_changed_only_timings_merges_to_the_same_folder(train
     old = _store.read_manifest(trained_run / "eval")
     _store.write_manifest(rerun, stage=old.stage, inputs=old.inputs, config=old.config, counts=old.counts, lineage=old.lineage)
     assert _store.read_manifest(rerun).content_hash != old.content_hash
-    again = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], rerun)
+    again = run_merge_adapter(trained_run, MergeAdapterConfig(), tmp_path / "models", ["도서관"], rerun)
     assert again.path == first.path and len(list((tmp_path / "models").iterdir())) == 1
     # a different verdict is a different model
     _store.write_model(rerun / "eval.json", report.model_copy(update={"eval_loss": report.eval_loss + 1}))
     _store.write_manifest(rerun, stage=old.stage, inputs=old.inputs, config=old.config, counts=old.counts, lineage=old.lineage)
-    assert run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], rerun).path != first.path
+    assert run_merge_adapter(trained_run, MergeAdapterConfig(), tmp_path / "models", ["도서관"], rerun).path != first.path

@@ -1,7 +1,7 @@
 """Base models: the EOS check, resolving a base (the tiny model, a local folder), loading base + adapter from the run card."""
 import pytest
 
-from culbot.pipeline_config.train_schema import ModelSpec
+from culbot.pipeline_config.train_schema import ModelConfig
 from culbot.tasks.model_io import EosMismatch, check_eos, load_adapted, resolve_base
 from tests.conftest import SAMPLES
 
@@ -20,9 +20,9 @@ def test_eos_mismatch_is_a_clear_error():
 
 
 def test_the_tiny_base_is_built_once_and_a_local_base_keeps_the_name_it_was_given(tmp_path, tiny_model):
-    tiny = resolve_base(ModelSpec(base="culbot:tiny"), models_root=tmp_path / "models", samples_dir=SAMPLES)
+    tiny = resolve_base(ModelConfig(base="culbot:tiny"), models_root=tmp_path / "models", samples_dir=SAMPLES)
     assert tiny.name == "culbot:tiny" and tiny.revision is None and tiny.path == str((tmp_path / "models" / "tiny").resolve())
-    local = resolve_base(ModelSpec(base=str(tiny_model)), models_root=tmp_path / "models", samples_dir=SAMPLES)
+    local = resolve_base(ModelConfig(base=str(tiny_model)), models_root=tmp_path / "models", samples_dir=SAMPLES)
     assert local.name == str(tiny_model) and local.path == str(tiny_model)
 
 
@@ -44,7 +44,7 @@ def test_an_edited_local_base_is_refused_by_training_and_by_loading_its_adapter(
     cfg = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**cfg, "rope_theta": 1.0}))
     with pytest.raises(BaseModelChanged, match=r"base model .*base changed since it was written: .*config.json: content hash mismatch"):
-        resolve_base(ModelSpec(base=str(base)), models_root=tmp_path / "models", samples_dir=SAMPLES)
+        resolve_base(ModelConfig(base=str(base)), models_root=tmp_path / "models", samples_dir=SAMPLES)
     # the run's own base, edited after training: eval, merge and chat load it through load_adapted
     run = tmp_path / "run"
     shutil.copytree(trained_run / "adapter", run / "adapter")

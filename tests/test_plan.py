@@ -68,12 +68,12 @@ def test_llama3_8b_on_two_a100_with_zero3_matches_the_hand_estimate():
 
 def test_upstream_a6000_micro_8_cutoff_1024_is_about_40_gb():
     # Upstream: 16-bit weights, gradient checkpointing, eager attention, micro 8, cutoff 1024: about 40 of 48 GB.
-    p = plan(load_train_profile("a6000x4", ["model.gradient_checkpointing=true", "model.attn_implementation=eager", "data.packing=false"]))
+    p = plan(load_train_profile("a6000x4", ["model.gradient_checkpointing=true", "model.attn_implementation=eager", "tokenize.packing=false"]))
     assert abs(p.memory_gb["total"] - 40) / 40 < TOLERANCE and p.fits
 
 
 def test_upstream_l4_8bit_micro_2_is_about_19_gb_and_micro_4_runs_out():
-    base = ["model.quantization=8bit", "model.attn_implementation=eager", "data.packing=false", "train.global_batch_size=16"]
+    base = ["model.quantization=8bit", "model.attn_implementation=eager", "tokenize.packing=false", "train.global_batch_size=16"]
     two = plan(load_train_profile("gcp-l4", base + ["train.micro_batch_size=2"]))
     assert abs(two.memory_gb["total"] - 19) / 19 < TOLERANCE and two.fits
     four = plan(load_train_profile("gcp-l4", base + ["train.micro_batch_size=4"]))
@@ -109,7 +109,7 @@ def test_a_profile_that_does_not_fit_is_refused_before_anything_runs_unless_over
     with pytest.raises(PlanDoesNotFit, match=r"largest micro batch that fits: 1 \(13 with gradient checkpointing\)"):
         prepare_run(big, tmp_path / "no-such-dataset")  # refused before the dataset is even read
     assert check_fits(load_train_profile("a6000x4", ["model.gradient_checkpointing=false", "hardware.plan_check=false"])).fits is False
-    r = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "plan", "--train-profile", "a6000x4", "--set", "model.gradient_checkpointing=false"],
+    r = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "plan", "--train-profile", "a6000x4", "--train-set", "model.gradient_checkpointing=false"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 3 and "does not fit" in r.stdout
 

@@ -14,7 +14,7 @@ def test_a_stage_key_covers_exactly_the_project_modules_it_imports():
     # the entrypoint runs in a subprocess, but its code (and what it imports lazily) shapes the adapter
     assert {"culbot.tasks.train_entry", "culbot.tasks.collate", "culbot.tasks.model_io", "culbot.tasks.tiny_model",
             "culbot.tasks.plan", "culbot.tasks.run_folder"} <= set(train)
-    assert "culbot.tasks.tokenize_data" not in train and "culbot.tasks.evaluate" not in train
+    assert "culbot.tasks.tokenize" not in train and "culbot.tasks.eval" not in train
 
 
 def test_editing_an_imported_module_changes_the_key_and_an_unrelated_one_does_not(tmp_path, monkeypatch):
@@ -53,7 +53,7 @@ def test_every_retried_stage_retries_network_failures_only():
     from culbot.tasks.crawl_cbnu import crawl_cbnu_task
     from culbot.tasks.crawl_univ100 import crawl_univ100_task
     from culbot.tasks.generate_qa import generate_qa_task
-    from culbot.tasks.load_datasets import load_dataset_task
+    from culbot.tasks.load_dataset import load_dataset_task
     from culbot.tasks.publish import publish_task
     from culbot.tasks.train import _retry_if_preempted, train_task
 

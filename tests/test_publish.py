@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from culbot.pipeline_config.train_schema import MergeAdapterSpec, PublishSpec
+from culbot.pipeline_config.train_schema import MergeAdapterConfig, PublishConfig
 from culbot.tasks import _store
 from culbot.tasks.contracts import EvalReport, RunCard
 from culbot.tasks.merge_adapter import run_merge_adapter
@@ -18,8 +18,8 @@ TOKEN = "hf_test_token_never_leak_0123456789"
 
 
 def test_publish_local_writes_cards_and_refuses_failed_runs(trained_run, tmp_path):
-    m = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], trained_run / "eval")
-    rec = run_publish(trained_run, m.path, PublishSpec(target="local", local_dir=tmp_path / "pub"))
+    m = run_merge_adapter(trained_run, MergeAdapterConfig(), tmp_path / "models", ["도서관"], trained_run / "eval")
+    rec = run_publish(trained_run, m.path, PublishConfig(target="local", local_dir=tmp_path / "pub"))
     merged = tmp_path / "pub" / rec.published["merged"].where.rsplit("/", 2)[-2] / "merged"
     card = (merged / "README.md").read_text()
     assert "| kullm |" in card and "## Prompt template `cbnu2`" in card
@@ -48,19 +48,19 @@ def test_publish_local_writes_cards_and_refuses_failed_runs(trained_run, tmp_pat
     _store.write_model(ev_file, failed)
     try:
         with pytest.raises(PublishRefused, match="eval gate failed"):
-            run_publish(trained_run, m.path, PublishSpec(target="local", local_dir=tmp_path / "pub2"))
+            run_publish(trained_run, m.path, PublishConfig(target="local", local_dir=tmp_path / "pub2"))
     finally:
         ev_file.write_text(ev)
 
 
 def test_hub_round_trip_through_a_local_hub(trained_run, tmp_path):
-    m = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], trained_run / "eval")
+    m = run_merge_adapter(trained_run, MergeAdapterConfig(), tmp_path / "models", ["도서관"], trained_run / "eval")
     app = HubApp(token=TOKEN)
     with serve(HubHandler, app) as hub:
         env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN,
                "HF_HOME": str(tmp_path / "hf"), "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "10"}
         pub = subprocess.run([sys.executable, "-m", "culbot.flows.cli", "publish", "--run", str(trained_run), "--model", str(m.path),
-                              "--target", "hub", "--repo-id", "cbnu-lab/culbot-tiny", "--endpoint", hub, "--set", "publish.tag=v1"],
+                              "--target", "hub", "--repo-id", "cbnu-lab/culbot-tiny", "--endpoint", hub, "--train-set", "publish.tag=v1"],
                              capture_output=True, text=True, env=env, timeout=300)
         assert pub.returncode == 0, pub.stderr
         repo = app.repos["cbnu-lab/culbot-tiny"]
@@ -80,8 +80,8 @@ def test_hub_round_trip_through_a_local_hub(trained_run, tmp_path):
         assert "culbot_release.json" in repo["files"]
         # the next eval's baseline is read back from the Hub repo when there is no local registry
         prev = subprocess.run([sys.executable, "-c", (
-            "from culbot.pipeline_config.train_schema import PublishSpec\nfrom culbot.tasks.releases import previous_release\n"
-            f"r = previous_release(PublishSpec(target='hub', repo_id='cbnu-lab/culbot-tiny', endpoint={hub!r}, local_dir={str(tmp_path / 'none')!r}))\n"
+            "from culbot.pipeline_config.train_schema import PublishConfig\nfrom culbot.tasks.releases import previous_release\n"
+            f"r = previous_release(PublishConfig(target='hub', repo_id='cbnu-lab/culbot-tiny', endpoint={hub!r}, local_dir={str(tmp_path / 'none')!r}))\n"
             "print('PREVIOUS', r.run, r.target)\n")], capture_output=True, text=True, env=env, timeout=120)
         assert f"PREVIOUS {trained_run.name} hub" in prev.stdout, prev.stderr[-2000:]
     everything = pub.stdout + pub.stderr + load.stdout + load.stderr
@@ -101,8 +101,8 @@ def test_a_published_folder_is_verified_on_a_cache_hit_and_rebuilt_when_broken(t
     from culbot.tasks.run_folder import run_output
     from tests.conftest import task_states
 
-    model = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], trained_run / "eval")
-    spec = PublishSpec(target="local", local_dir=tmp_path / "pub")
+    model = run_merge_adapter(trained_run, MergeAdapterConfig(), tmp_path / "models", ["도서관"], trained_run / "eval")
+    spec = PublishConfig(target="local", local_dir=tmp_path / "pub")
 
     @flow(name="publish-check")
     def publish_once():
@@ -123,14 +123,14 @@ def test_different_runs_never_publish_into_the_same_folder(trained_run, tmp_path
 
     other = trained_run.parent / (trained_run.name + "-other-settings")
     shutil.copytree(trained_run, other, ignore=shutil.ignore_patterns("checkpoints"))
-    a = run_publish(trained_run, None, PublishSpec(target="local", what="adapter", local_dir=tmp_path / "pub"))
-    b = run_publish(other, None, PublishSpec(target="local", what="adapter", local_dir=tmp_path / "pub"))
+    a = run_publish(trained_run, None, PublishConfig(target="local", what="adapter", local_dir=tmp_path / "pub"))
+    b = run_publish(other, None, PublishConfig(target="local", what="adapter", local_dir=tmp_path / "pub"))
     assert a.published["adapter"].where != b.published["adapter"].where
     assert len([p for p in (tmp_path / "pub").iterdir() if p.is_dir()]) == 2
     # Both releases are in the registry, newest last: the next eval's baseline is the run published last.
     from culbot.tasks.releases import previous_release
 
-    spec = PublishSpec(target="local", local_dir=tmp_path / "pub")
+    spec = PublishConfig(target="local", local_dir=tmp_path / "pub")
     assert previous_release(spec).run == other.name and (tmp_path / "pub" / "registry.json").is_file()
     assert (Path(b.published["adapter"].where) / "culbot_release.json").is_file()
     # A published folder corrupted later is no baseline: the release before it is (issue 22: it stayed the gate's baseline).

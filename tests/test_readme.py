@@ -71,7 +71,7 @@ def _run_as_commands() -> list[tuple[str, str]]:
 
 
 def _argv(command: str) -> list[str]:
-    """The command's words: optional [groups] included (the first of a|b alternatives), [--set ...] left out."""
+    """The command's words: optional [groups] included (the first of a|b alternatives), [--data-set ...]/[--train-set ...] left out."""
     import shlex
 
     command = re.sub(r"\[[^\]]*\.\.\.[^\]]*\]", "", command)

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from culbot.pipeline_config.train_schema import AnswerSpec
+from culbot.pipeline_config.train_schema import AnswerConfig
 from culbot.tasks.templates import render_prompt
 
 from .servers.base import free_port, wait_for_health
@@ -49,7 +49,7 @@ def client(url: str, key: str = "unused") -> openai.OpenAI:
 def local_answerer(trained_run, cbnu_index):
     from culbot.tasks.answer import Answerer
 
-    return Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerSpec(max_new_tokens=16, no_answer_threshold=0.0))
+    return Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerConfig(max_new_tokens=16, no_answer_threshold=0.0))
 
 
 def test_the_api_answers_the_openai_client_streaming_and_not(local_answerer):
@@ -82,7 +82,7 @@ def test_as_a_proxy_it_sends_the_training_prompt_upstream(trained_run, cbnu_inde
     app = CompletionsApp(script=lambda p: "2월 3일부터 신청합니다.\n\n### 명령어:\n다른 질문")
     with serve_scripted(CompletionsHandler, app) as upstream:
         a = Answerer.load(trained_run / "adapter", cbnu_index, upstream=f"{upstream}/v1", served_name="culbot-test",
-                          spec=AnswerSpec(no_answer_threshold=0.0))
+                          spec=AnswerConfig(no_answer_threshold=0.0))
         with running(create_app(a)) as url:
             c = client(url)
             history = [{"role": "user", "content": "안녕"}, {"role": "assistant", "content": "안녕하세요"}]
@@ -102,7 +102,7 @@ def test_as_a_proxy_it_sends_the_training_prompt_upstream(trained_run, cbnu_inde
 def scripted_answerer(trained_run, upstream: str, **spec):
     from culbot.tasks.answer import Answerer
 
-    return Answerer.load(trained_run / "adapter", upstream=f"{upstream}/v1", served_name="m", spec=AnswerSpec(**spec))
+    return Answerer.load(trained_run / "adapter", upstream=f"{upstream}/v1", served_name="m", spec=AnswerConfig(**spec))
 
 
 def test_bad_requests_get_openai_shaped_errors(trained_run):
@@ -177,11 +177,11 @@ def test_vllm_renders_the_training_prompt_live(trained_run, tmp_path):   # pragm
 
     from transformers import AutoTokenizer
 
-    from culbot.pipeline_config.train_schema import MergeAdapterSpec
+    from culbot.pipeline_config.train_schema import MergeAdapterConfig
     from culbot.tasks.merge_adapter import run_merge_adapter
     from culbot.tasks.run_folder import read_run_card
 
-    merged = run_merge_adapter(trained_run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], trained_run / "eval").path
+    merged = run_merge_adapter(trained_run, MergeAdapterConfig(), tmp_path / "models", ["도서관"], trained_run / "eval").path
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "culbot.flows.cli", "serve", "--engine", "vllm", "--model", str(merged), "--port", str(port)])
     try:

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from culbot.pipeline_config.train_schema import AnswerSpec, InputLimits
+from culbot.pipeline_config.train_schema import AnswerConfig, InputLimits
 
 from .servers.base import free_port, wait_for_health
 from .servers.base import serve as serve_scripted
@@ -28,7 +28,7 @@ SMALL = InputLimits(max_body_bytes=4096, max_messages=4, max_message_chars=300, 
 def scripted(trained_run, upstream: str, **spec):
     from culbot.tasks.answer import Answerer
 
-    return Answerer.load(trained_run / "adapter", upstream=f"{upstream}/v1", served_name="m", spec=AnswerSpec(**spec))
+    return Answerer.load(trained_run / "adapter", upstream=f"{upstream}/v1", served_name="m", spec=AnswerConfig(**spec))
 
 
 def test_requests_past_the_limits_get_413_or_400_naming_the_limit(trained_run):
@@ -63,7 +63,7 @@ def test_chat_and_the_answering_core_apply_the_same_limits(trained_run, cbnu_ind
     from culbot.flows.cli import main
     from culbot.tasks.answer import Answerer, InputRejected
 
-    a = Answerer.load(trained_run / "adapter", spec=AnswerSpec(limits=SMALL, max_new_tokens=2))
+    a = Answerer.load(trained_run / "adapter", spec=AnswerConfig(limits=SMALL, max_new_tokens=2))
     with pytest.raises(InputRejected, match="max_message_chars"):
         a.reply("가" * 301)
     lines = iter(["가" * 5000, "/exit"])
@@ -79,7 +79,7 @@ def test_the_prompt_is_fitted_to_the_context_keeping_the_end_of_the_question(tra
     then the start of the question; max_new_tokens is capped to what is left."""
     from culbot.tasks.answer import Answerer
 
-    a = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerSpec(max_new_tokens=300, no_answer_threshold=0.0))
+    a = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerConfig(max_new_tokens=300, no_answer_threshold=0.0))
     window = a.generator.context_window()
     assert window == 2048
     ending = "그래서 기숙사 신청은 언제 해요?"
@@ -157,7 +157,7 @@ def test_a_refusal_reports_its_usage(trained_run, cbnu_index):
     from culbot.tasks.answer import Answerer
     from culbot.tasks.serve_api import create_app
 
-    a = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerSpec(no_answer_threshold=1e9))
+    a = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerConfig(no_answer_threshold=1e9))
     with running(create_app(a)) as url:
         r = client(url).chat.completions.create(model=a.info().id, messages=[{"role": "user", "content": QUESTION}])
     assert r.model_extra["culbot"]["refused"] and r.choices[0].finish_reason == "stop"
@@ -170,7 +170,7 @@ def test_a_stream_nobody_reads_stops_within_a_decoding_step(trained_run, cbnu_in
     from culbot.tasks.answer import Answerer
     from culbot.tasks.serve_api import create_app
 
-    a = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerSpec(max_new_tokens=1500, no_answer_threshold=0.0))
+    a = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerConfig(max_new_tokens=1500, no_answer_threshold=0.0))
     lock = a.generator.lock
     with running(create_app(a)) as url:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}],
@@ -243,14 +243,14 @@ def test_vllm_serves_a_gpt_neox_adapter_as_its_merged_model(trained_run, cbnu_in
     import shutil
 
     from culbot.flows.cli import main
-    from culbot.pipeline_config.train_schema import MergeAdapterSpec
+    from culbot.pipeline_config.train_schema import MergeAdapterConfig
     from culbot.tasks.merge_adapter import run_merge_adapter
 
     run = shutil.copytree(trained_run, tmp_path / "runs" / trained_run.name)
     adapter = run / "adapter"
     assert main(["serve", "--engine", "vllm", "--model", str(adapter), "--port", "9000", "--dry-run"]) == 2
     assert "no LoRA support for GPTNeoXForCausalLM" in capsys.readouterr().err
-    merged = run_merge_adapter(run, MergeAdapterSpec(), tmp_path / "models", ["도서관"], run / "eval").path
+    merged = run_merge_adapter(run, MergeAdapterConfig(), tmp_path / "models", ["도서관"], run / "eval").path
     assert main(["serve", "--engine", "vllm", "--model", str(adapter), "--index", str(cbnu_index), "--port", "9000", "--dry-run"]) == 0
     out = capsys.readouterr().out
     vllm = next(line for line in out.splitlines() if line.startswith("vllm: "))

@@ -165,12 +165,12 @@ def test_packed_training_twice_gives_the_same_adapter(tmp_path, sample_tokenized
 
     runs = []
     for name in ("a", "b"):
-        prof, cfg = _run(tmp_path / name, sample_tokenized, tiny_model, "data.packing=true", "train.max_steps=3", "train.save_steps=3")
+        prof, cfg = _run(tmp_path / name, sample_tokenized, tiny_model, "tokenize.packing=true", "train.max_steps=3", "train.save_steps=3")
         result = run_training(cfg, prof)
         assert result.status == "completed" and result.global_step == 3
         assert all(h["loss"] == h["loss"] for h in result.log_history if "loss" in h)   # finite losses
         packed = result.packing
-        cutoff = prof.data.cutoff_len
+        cutoff = prof.tokenize.cutoff_len
         assert packed.rows < packed.examples and packed.max_len == cutoff
         assert packed.tokens <= packed.rows * cutoff and packed.real_token_share > 0.9
         runs.append(load_file(str(cfg.parent / "adapter" / "adapter_model.safetensors")))
@@ -179,7 +179,7 @@ def test_packed_training_twice_gives_the_same_adapter(tmp_path, sample_tokenized
 
 
 def test_length_grouped_training_uses_the_length_sampler(tmp_path, sample_tokenized, tiny_model):
-    prof, cfg = _run(tmp_path, sample_tokenized, tiny_model, "data.packing=false", "data.group_by_length=true", "train.max_steps=2", "train.save_steps=2")
+    prof, cfg = _run(tmp_path, sample_tokenized, tiny_model, "tokenize.packing=false", "tokenize.group_by_length=true", "train.max_steps=2", "train.save_steps=2")
     lines = []
     result = run_training(cfg, prof, on_line=lines.append)
     assert result.status == "completed" and result.global_step == 2

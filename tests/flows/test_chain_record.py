@@ -46,10 +46,11 @@ def test_a_stage_declared_key_part_decides_both_the_task_cache_and_the_chain_rec
 
 def test_every_stage_with_inputs_its_values_do_not_show_declares_them():
     """Live sources, local folders, the eval's questions and baseline: each stage's key parts are in its module."""
-    from culbot.tasks import crawl_cbnu, crawl_univ100, evaluate, generate_qa, load_datasets, tokenize_data
+    from culbot.tasks import crawl_cbnu, crawl_univ100, generate_qa, load_dataset
+    from culbot.tasks import eval as eval_stage, tokenize as tokenize_stage
     from culbot.tasks._prefect import StageKey
 
-    for module, task in [(crawl_cbnu, "crawl_cbnu_task"), (crawl_univ100, "crawl_univ100_task"), (load_datasets, "load_dataset_task"),
-                         (generate_qa, "generate_qa_task"), (evaluate, "eval_task"), (tokenize_data, "tokenize_task")]:
+    for module, task in [(crawl_cbnu, "crawl_cbnu_task"), (crawl_univ100, "crawl_univ100_task"), (load_dataset, "load_dataset_task"),
+                         (generate_qa, "generate_qa_task"), (eval_stage, "eval_task"), (tokenize_stage, "tokenize_task")]:
         policies = getattr(module, task).cache_policy.policies
         assert [p.fn for p in policies if isinstance(p, StageKey)] == [module.cache_key]

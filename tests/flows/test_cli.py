@@ -52,17 +52,17 @@ def test_config_docs_and_show_cover_training_profiles_too():
     for line in ("qa.max_in_flight = 4", "merge_data.validation_fraction = 0.05", "train.micro_batch_size = 1",
                  "merge_adapter.max_shard_size = \"2GB\"", "memory.usable_fraction = 0.94"):
         assert line in docs.stdout, line
-    show = culbot("config", "show", "--train-profile", "gcp-l4", "--set", "train.micro_batch_size=1")
+    show = culbot("config", "show", "--train-profile", "gcp-l4", "--train-set", "train.micro_batch_size=1")
     assert show.returncode == 0 and json.loads(show.stdout)["train"]["micro_batch_size"] == 1
     assert json.loads(show.stdout)["model"]["quantization"] == "4bit"
-    bad = culbot("crawl", "univ100", "--campus", "3", "--set", "univ100.page_size=0")
-    assert bad.returncode == 2 and "--set univ100.page_size: field 'univ100.page_size'" in bad.stderr
+    bad = culbot("crawl", "univ100", "--campus", "3", "--data-set", "univ100.page_size=0")
+    assert bad.returncode == 2 and "--data-set univ100.page_size: field 'univ100.page_size'" in bad.stderr
 
 
 def test_config_error_exits_2_naming_field():
-    r = culbot("config", "show", "--set", "qa.max_in_flight=0")
+    r = culbot("config", "show", "--data-set", "qa.max_in_flight=0")
     assert r.returncode == 2
-    assert "sample.yaml" in r.stderr and "--set qa.max_in_flight: field 'qa.max_in_flight'" in r.stderr
+    assert "sample.yaml" in r.stderr and "--data-set qa.max_in_flight: field 'qa.max_in_flight'" in r.stderr
 
 
 def test_crawl_univ100_stage_alone_against_a_url(tmp_path):
@@ -70,7 +70,7 @@ def test_crawl_univ100_stage_alone_against_a_url(tmp_path):
     app = Univ100App(questions=qs, answers=ans)
     with serve(Univ100Handler, app) as base:
         r = culbot("crawl", "univ100", "--base-url", base, "--campus", "122", "--out", str(tmp_path / "u"),
-                   "--set", "univ100.http.rate_per_host=100")
+                   "--data-set", "univ100.http.rate_per_host=100")
     assert r.returncode == 0, r.stderr
     assert '"new": 25' in r.stdout and '"rows": 25' in r.stdout
     assert _store.is_complete(tmp_path / "u")
@@ -84,7 +84,7 @@ def test_generate_qa_stage_alone_against_a_url(tmp_path):
     app = OpenAIApp(script={"도서관": [Reply(content=items_json([("도서관 운영 시간은?", "", "중앙도서관은 평일 오전 9시부터 오후 10시까지 운영합니다.")]))]})
     with serve(OpenAIHandler, app) as base:
         r = culbot("generate-qa", "--pages", str(pages), "--out", str(tmp_path / "qa"), "--backend", "openai", "--base-url", base + "/v1",
-                   "--set", f"qa.cache_dir={tmp_path / 'cache'}", env={"OPENAI_API_KEY": "sk-cli-test"})
+                   "--data-set", f"qa.cache_dir={tmp_path / 'cache'}", env={"OPENAI_API_KEY": "sk-cli-test"})
     assert r.returncode == 0, r.stderr
     assert re.search(r"API requests +1\n", r.stderr)  # the ledger is printed at the end
     assert "sk-cli-test" not in r.stdout + r.stderr
@@ -125,7 +125,7 @@ def test_crawl_cbnu_stage_alone_against_a_url(tmp_path):
                          "/www/b.do": (page("두 번째", body), "text/html", "utf-8")})
     with serve(SiteHandler, app) as base:
         r = culbot("crawl", "cbnu", "--seed", base + "/www/index.do", "--allow-domain", "127.0.0.1", "--out", str(tmp_path / "c"),
-                   "--set", "cbnu.http.rate_per_host=100")
+                   "--data-set", "cbnu.http.rate_per_host=100")
     assert r.returncode == 0, r.stderr
     assert '"pages": 2' in r.stdout and _store.is_complete(tmp_path / "c")
 
@@ -143,12 +143,12 @@ def _work(tmp_path, name):
 def test_a_run_is_read_from_any_folder_and_ships_no_path_of_its_machine(tmp_path, sample_formatted):
     """The README's layout (relative artifacts/ under the working folder): train there, evaluate from elsewhere."""
     work = _work(tmp_path, "work")
-    r = culbot("train", "--data", str(sample_formatted), "--set", "train.max_steps=2", "--set", "train.save_steps=2", cwd=work)
+    r = culbot("train", "--data", str(sample_formatted), "--train-set", "train.max_steps=2", "--train-set", "train.save_steps=2", cwd=work)
     assert r.returncode == 0, r.stderr[-2000:]
     run = next((work / "artifacts" / "runs").iterdir())
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    e = culbot("eval", "--run", str(run), "--set", "eval.max_new_tokens=2", cwd=elsewhere)
+    e = culbot("eval", "--run", str(run), "--train-set", "eval.max_new_tokens=2", cwd=elsewhere)
     assert e.returncode == 0, e.stderr[-2000:]
     report = Path(e.stdout.split("report ")[1].strip())
     assert report == run / "eval" / "eval.md" and report.is_file()
@@ -169,7 +169,7 @@ def test_a_crawl_that_missed_a_list_page_exits_non_zero_naming_the_offset(tmp_pa
     app.faults["list:20"] = ["cut"] * 20
     with serve(Univ100Handler, app) as base:
         r = culbot("crawl", "univ100", "--base-url", base, "--out", str(tmp_path / "u"),
-                   "--set", "univ100.http.rate_per_host=100", "--set", "univ100.http.backoff_base_s=0.01")
+                   "--data-set", "univ100.http.rate_per_host=100", "--data-set", "univ100.http.backoff_base_s=0.01")
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: CrawlIncomplete:") and "offset 20" in last and "listed 25 of 45" in last
@@ -178,8 +178,8 @@ def test_a_crawl_that_missed_a_list_page_exits_non_zero_naming_the_offset(tmp_pa
 def _train_until_step(tmp_path, tokenized, name):
     """`culbot train` in its own session, trained until its log shows step 3; returns (process, its working folder)."""
     work = _work(tmp_path, name)
-    cmd = [sys.executable, "-m", "culbot.flows.cli", "train", "--data", str(tokenized), "--set", "train.max_steps=400",
-           "--set", "train.save_steps=1000", "--set", "train.logging_steps=1", "--set", "train.eval_steps=1000"]
+    cmd = [sys.executable, "-m", "culbot.flows.cli", "train", "--data", str(tokenized), "--train-set", "train.max_steps=400",
+           "--train-set", "train.save_steps=1000", "--train-set", "train.logging_steps=1", "--train-set", "train.eval_steps=1000"]
     proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
@@ -222,7 +222,7 @@ def test_rough_edges_found_operating_from_the_ui(tmp_path):
     assert p.wait(timeout=120) == 0 and b"BrokenPipe" not in p.stderr.read()
     r = culbot("crawl", "univ100", "--help")
     assert "None" not in r.stdout and "(unset: until an empty" in r.stdout
-    r = culbot("plan", "--train-profile", "a6000x4", "--set", "train.global_batch_size=30")
+    r = culbot("plan", "--train-profile", "a6000x4", "--train-set", "train.global_batch_size=30")
     assert r.returncode == 2 and "field ''" not in r.stderr and "Value error" not in r.stderr
     assert "global_batch_size 30 is not a multiple of micro_batch_size 8 × gpus 4" in r.stderr
     r = culbot("plan", "--profile", "a6000x4")

@@ -34,7 +34,9 @@ def test_full_chain_then_a_cached_rerun_on_a_host_without_the_artifacts(tmp_path
         assert _store.is_complete(out.model.path) and _store.is_complete(out.run.path) and _store.is_complete(out.tokenized.path)
         pub = tmp_path / "publish"
         folder = next(p for p in pub.iterdir() if p.is_dir())
-        assert sorted(p.name for p in folder.iterdir()) == ["adapter", "manifest.json", "merged"]
+        # one output, one manifest (issue 25): the publish record is in the published folder, none in the run folder
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter", "manifest.json", "merged", "record.json"]
+        assert out.publish.path == folder.resolve() and not (out.run.path / "publish").exists()
         card = (folder / "merged" / "README.md").read_text()
         assert card.startswith("---\n") and "language:\n- ko\n" in card and "model-index:" in card and "With retrieval, put the retrieved passages in `input`, each as `[참고 {n}] {title}\\n{text}`" in card
         assert "25% had none" in card and "Retrieval over the CBNU documents (" in card and "recall@5" in card

@@ -22,16 +22,15 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
-from prefect import task
 
 from culbot.pipeline_config.schema import DatasetEntry
 
 from . import _store, _text
-from ._prefect import report, retry_on_network, stage_cache, time_window
-from .contracts import StageOutput
+from ._prefect import report, retry_on_network, stage_task, time_window
+from .contracts import Stage, StageOutput
 from .conversations import as_row, check_messages
 
-log = logging.getLogger("culbot.load_datasets")
+log = logging.getLogger("culbot.load_dataset")
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant", "system": "system"}
 
@@ -160,7 +159,7 @@ def convert_row(row: dict, entry: DatasetEntry, n: int) -> tuple[dict | None, st
 def run_load_dataset(entry: DatasetEntry) -> StageOutput:
     out_dir = entry.folder()
     t0 = time.monotonic()
-    (out_dir / _store.MANIFEST).unlink(missing_ok=True)
+    _store.reopen(out_dir)
     sha = resolve_revision(entry.hub_id, entry.revision) if entry.hub_id else None
     loaded, quarantine, where = load_raw(entry, sha)
     quarantine = [{"stage": "load-dataset", "dataset": entry.name, **q} for q in quarantine]
@@ -203,8 +202,10 @@ def cache_key(entry: DatasetEntry) -> str:
     return f"{entry.hub_id}@{entry.revision}" + ("" if pinned else "-" + time_window(24))
 
 
-@task(name="load-dataset", task_run_name="load-dataset-{entry.name}", cache_policy=stage_cache(__name__, key=cache_key), persist_result=True,
-      retries=2, retry_delay_seconds=30, retry_condition_fn=retry_on_network)
+STAGE = Stage(name="load-dataset", module=__name__, profile="data", section="datasets", key=cache_key)
+
+
+@stage_task(STAGE, task_run_name="load-dataset-{entry.name}", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_on_network)
 def load_dataset_task(entry: DatasetEntry) -> StageOutput:
     """Network stage when loading from the Hub (network failures are retried)."""
     out = run_load_dataset(entry)

@@ -1,5 +1,5 @@
 """Tokenization: EOS only when not truncated, prompt labels masked, cutoff handling, EOS agreement."""
-from culbot.tasks.tokenize_data import IGNORE, build_example
+from culbot.tasks.tokenize import IGNORE, build_example
 from tests.conftest import tiny_base
 
 
@@ -28,14 +28,14 @@ def test_tokenize_formatted_sample_with_the_tiny_tokenizer(tmp_path, sample_form
     import datasets
     from transformers import AutoTokenizer
 
-    from culbot.pipeline_config.train_schema import DataSpec
+    from culbot.pipeline_config.train_schema import TokenizeConfig
     from culbot.tasks import _store
     from culbot.tasks.contracts import TEMPLATES_FILE, TemplateSet, TokenCounts, short_hash
     from culbot.tasks.templates import load_template, render_prompt
-    from culbot.tasks.tokenize_data import run_tokenize
+    from culbot.tasks.tokenize import run_tokenize
 
     base = tiny_base(tiny_model)
-    m = run_tokenize(sample_formatted, base, tmp_path / "tok", DataSpec(cutoff_len=128))
+    m = run_tokenize(sample_formatted, base, tmp_path / "tok", TokenizeConfig(cutoff_len=128))
     train = datasets.Dataset.from_parquet(str(tmp_path / "tok" / short_hash(m.content_hash) / "train.parquet")).to_list()
     counts = TokenCounts.model_validate(m.counts)
     n_train = len(_store.read_table(sample_formatted / "train.parquet", ["id"]))
@@ -57,9 +57,9 @@ def test_tokenize_formatted_sample_with_the_tiny_tokenizer(tmp_path, sample_form
     assert ex["input_ids"][:n_prompt] == tok(src["prompt"], add_special_tokens=False)["input_ids"]
     assert ex["labels"][:n_prompt] == [IGNORE] * n_prompt and ex["input_ids"][-1] == 2 and ex["labels"][-1] == 2
     assert tok.decode(ex["input_ids"][n_prompt:-1]) == src["response"]
-    again = run_tokenize(sample_formatted, base, tmp_path / "tok", DataSpec(cutoff_len=128, packing=True))   # packing does not shape tokens
+    again = run_tokenize(sample_formatted, base, tmp_path / "tok", TokenizeConfig(cutoff_len=128, packing=True))   # packing does not shape tokens
     assert _store.read_manifest(again.path).created_at == manifest.created_at
-    assert run_tokenize(sample_formatted, base, tmp_path / "tok", DataSpec(cutoff_len=64)).content_hash != m.content_hash
+    assert run_tokenize(sample_formatted, base, tmp_path / "tok", TokenizeConfig(cutoff_len=64)).content_hash != m.content_hash
     assert _store.is_complete(m.path)
 
 
@@ -82,7 +82,7 @@ def test_the_columnar_tokenizer_makes_exactly_what_build_from_pieces_makes(tiny_
     from culbot.tasks.contracts import TemplateSet
     from culbot.tasks.special_tokens import special_tokens
     from culbot.tasks.templates import load_template, render_prompt
-    from culbot.tasks.tokenize_data import build_from_pieces, encode_texts, tokenize_rows
+    from culbot.tasks.tokenize import build_from_pieces, encode_texts, tokenize_rows
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     t = load_template("kullm")
@@ -122,7 +122,7 @@ def test_a_tokenizer_json_that_sets_truncation_or_padding_still_encodes_every_te
     batched encoder (which calls the Rust tokenizer directly) must too, without changing the caller's tokenizer."""
     from transformers import AutoTokenizer
 
-    from culbot.tasks.tokenize_data import encode_texts
+    from culbot.tasks.tokenize import encode_texts
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     texts = ["충북대학교 도서관은 평일 오전 9시에 엽니다. 학생증을 꼭 가져오세요.", "기숙사"]
@@ -137,13 +137,13 @@ def test_a_tokenizer_json_that_sets_truncation_or_padding_still_encodes_every_te
 def test_tokenize_logs_its_progress(tmp_path, sample_formatted, tiny_model, monkeypatch, caplog):
     import logging
 
-    from culbot.pipeline_config.train_schema import DataSpec
-    from culbot.tasks import _store, tokenize_data
+    from culbot.pipeline_config.train_schema import TokenizeConfig
+    from culbot.tasks import _store, tokenize as tokenize_stage
 
-    monkeypatch.setattr(tokenize_data, "PROGRESS_EVERY_S", 0.0)
-    monkeypatch.setattr(tokenize_data, "BATCH_ROWS", 16)
+    monkeypatch.setattr(tokenize_stage, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(tokenize_stage, "BATCH_ROWS", 16)
     with caplog.at_level(logging.INFO, logger="culbot.tokenize"):
-        tokenize_data.run_tokenize(sample_formatted, tiny_base(tiny_model), tmp_path / "tok", DataSpec(cutoff_len=128))
+        tokenize_stage.run_tokenize(sample_formatted, tiny_base(tiny_model), tmp_path / "tok", TokenizeConfig(cutoff_len=128))
     n = _store.count_rows(sample_formatted / "train.parquet")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenize train:")]
     assert n > 16 and len(lines) == -(-n // 16)

@@ -29,13 +29,12 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
 
-from prefect import task
 
-from culbot.pipeline_config.train_schema import DataSpec, TrainProfile
+from culbot.pipeline_config.train_schema import TokenizeConfig, TrainProfile
 
 from . import _store
-from ._prefect import stage_cache
-from .contracts import TEMPLATES_FILE, BaseModelRef, SpecialTokens, StageOutput, StageRef, Template, SplitCounts, TemplateSet, TokenCounts, short_hash
+from ._prefect import stage_task
+from .contracts import Stage, TEMPLATES_FILE, BaseModelRef, SpecialTokens, StageOutput, StageRef, Template, SplitCounts, TemplateSet, TokenCounts, short_hash
 from .model_io import check_eos
 from .conversations import COMPLETION
 from .special_tokens import prefix_ids, special_tokens
@@ -44,7 +43,7 @@ from .templates import conversation, load_template, render_segments
 log = logging.getLogger("culbot.tokenize")
 
 IGNORE = -100
-SETTINGS = {"cutoff_len", "train_on_inputs", "overlength"}  # the DataSpec fields that shape tokens (and template, in the key as text)
+SETTINGS = {"cutoff_len", "train_on_inputs", "overlength"}  # the TokenizeConfig fields that shape tokens (and template, in the key as text)
 SPECIAL_TOKENS_FILE = "special_tokens.json"   # template name -> SpecialTokens
 
 
@@ -179,7 +178,7 @@ def render_rows(rows: list[dict], tokenizer, templates: TemplateSet, tokens: dic
 def assemble(batch: Rendered, encoded: list, *, cutoff_len: int, overlength: str):
     """The examples of a rendered batch from its texts' encodings: (an Arrow table of the kept examples, counts).
 
-    Each example is what :func:`build_from_pieces` makes of its pieces (tests/test_tokenize_data.py checks it), but
+    Each example is what :func:`build_from_pieces` makes of its pieces (tests/test_tokenize.py checks it), but
     the Python loop only copies each text's ids into one flat buffer: the cuts, drops and labels are made on flat
     numpy arrays, and the table from the buffer and offsets (bench/bench_prep.py)."""
     import numpy as np
@@ -313,14 +312,14 @@ def count_sources(table) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def training_templates(formatted: TemplateSet, data: DataSpec) -> TemplateSet:
+def training_templates(formatted: TemplateSet, data: TokenizeConfig) -> TemplateSet:
     """The templates a run trains with: the formatted data's, or every source through ``data.template``."""
     if not data.template:
         return formatted
     return TemplateSet(map={}, default=data.template, templates={data.template: load_template(data.template)}, context=formatted.context)
 
 
-def run_tokenize(formatted_dir: Path | StageRef, base: BaseModelRef, out_root: Path, data: DataSpec) -> StageOutput:
+def run_tokenize(formatted_dir: Path | StageRef, base: BaseModelRef, out_root: Path, data: TokenizeConfig) -> StageOutput:
     """Tokenize both splits with the base model's tokenizer into <out_root>/<short hash>/."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -369,7 +368,10 @@ def cache_key(tp: TrainProfile) -> str | None:
     return _store.tree_hash(Path(tp.samples_dir)) if tp.model.base in TINY_FAMILIES and Path(tp.samples_dir).is_dir() else None
 
 
-@task(name="tokenize", cache_policy=stage_cache(__name__, key=cache_key), persist_result=True)
+STAGE = Stage(name="tokenize", module=__name__, profile="train", section="tokenize", key=cache_key)
+
+
+@stage_task(STAGE)
 def tokenize_task(tp: TrainProfile, formatted: StageRef) -> StageOutput:
     """With the training profile's base model and data settings; refuses a profile that cannot fit before any download."""
     from .model_io import resolve_base
@@ -377,4 +379,4 @@ def tokenize_task(tp: TrainProfile, formatted: StageRef) -> StageOutput:
 
     check_fits(tp)
     base = resolve_base(tp.model, models_root=tp.models_root, samples_dir=tp.samples_dir)
-    return run_tokenize(formatted, base, tp.tokenized_root, tp.data)
+    return run_tokenize(formatted, base, tp.tokenized_root, tp.tokenize)

@@ -22,14 +22,13 @@ import math
 import time
 from pathlib import Path
 
-from prefect import task
 
-from culbot.pipeline_config.train_schema import AnswerSpec, EvalSpec, PublishSpec
+from culbot.pipeline_config.train_schema import AnswerConfig, EvalConfig, PublishConfig
 
 from . import _store
-from ._prefect import stage_cache, table
+from ._prefect import stage_task, table
 from .contracts import (EVAL_REPORT_FILE, AnswerQuality, EvalOutput, EvalReport, ProbeAnswer, Release, RetrievalMetrics, RunCard, RunRef, SpecialTokens,
-                        StageRef, Template, short_hash)
+                        Stage, StageRef, Template, short_hash)
 from .model_io import load_adapted
 from .releases import previous_release, registry_path
 from .run_folder import ADAPTER, EVAL, read_config, require_completed
@@ -108,7 +107,7 @@ def report_markdown(res: EvalReport) -> str:
     return "\n".join(lines)
 
 
-def metrics_table(res: EvalReport, spec: EvalSpec) -> list[dict]:
+def metrics_table(res: EvalReport, spec: EvalConfig) -> list[dict]:
     """The eval's figures as table-artifact rows: metric, value, the baseline's value and the gate that applies to it."""
     rows = [{"metric": "validation loss", "value": round(res.eval_loss, 4), "baseline": None,
              "gate": f"≤ {spec.max_eval_loss}" if spec.max_eval_loss is not None else "finite (no ceiling set)"},
@@ -131,7 +130,7 @@ def metrics_table(res: EvalReport, spec: EvalSpec) -> list[dict]:
     return rows
 
 
-def gate(loss: float, spec: EvalSpec, retrieval: RetrievalMetrics | None = None, answers: AnswerQuality | None = None) -> tuple[bool, str]:
+def gate(loss: float, spec: EvalConfig, retrieval: RetrievalMetrics | None = None, answers: AnswerQuality | None = None) -> tuple[bool, str]:
     """The eval gate: a finite validation loss, at most ``max_eval_loss`` when set; retrieval recall@5 at least ``min_recall_at_5``;
     answer quality no worse than the baseline beyond eval.margins and above eval.floors (eval.gate 'enforce')."""
     if not math.isfinite(loss):
@@ -156,7 +155,7 @@ def gate(loss: float, spec: EvalSpec, retrieval: RetrievalMetrics | None = None,
     return True, reason
 
 
-def evaluate_retrieval(index: Path | StageRef, spec: EvalSpec) -> RetrievalMetrics:
+def evaluate_retrieval(index: Path | StageRef, spec: EvalConfig) -> RetrievalMetrics:
     """The index scored on the validation split's CBNU questions and the hand-written set (when its file is there)."""
     from .retrieval import Retriever, evaluate, read_questions, validation_questions
 
@@ -176,9 +175,9 @@ def find_dataset(card: RunCard, root: Path = Path("artifacts/datasets")) -> Path
     return folder if card.lineage.dataset and _store.is_complete(folder) else None
 
 
-def evaluate_answer_quality(model, tokenizer, card: RunCard, adapter_dir: Path, spec: EvalSpec, answer: AnswerSpec,
+def evaluate_answer_quality(model, tokenizer, card: RunCard, adapter_dir: Path, spec: EvalConfig, answer: AnswerConfig,
                             index: Path | None, retrieval: RetrievalMetrics | None, dataset: Path | None,
-                            previous: Release | None) -> tuple[AnswerQuality, AnswerSpec]:
+                            previous: Release | None) -> tuple[AnswerQuality, AnswerConfig]:
     """Answer quality through the serving core; returns it and the answer settings used. Refusal uses the threshold
     serving will: the answer settings' if set, else the index's own."""
     from .answer import Answerer, LocalGenerator
@@ -199,8 +198,8 @@ def evaluate_answer_quality(model, tokenizer, card: RunCard, adapter_dir: Path, 
     return q, answer
 
 
-def run_eval(run_dir: Path, spec: EvalSpec, index: Path | StageRef | None = None, *, answer: AnswerSpec | None = None,
-             dataset: Path | StageRef | None = None, publish: PublishSpec | None = None) -> EvalReport:
+def run_eval(run_dir: Path, spec: EvalConfig, index: Path | StageRef | None = None, *, answer: AnswerConfig | None = None,
+             dataset: Path | StageRef | None = None, publish: PublishConfig | None = None) -> EvalReport:
     """``publish``: where the previous release is recorded (the answer-quality baseline); ``dataset``: the dataset version
     whose validation questions are answered (None: found by the run's lineage under artifacts/datasets)."""
     import datasets
@@ -219,7 +218,7 @@ def run_eval(run_dir: Path, spec: EvalSpec, index: Path | StageRef | None = None
     if index is not None:
         index_dir, im = _store.read_input(index, "eval: the index is not a finished index")
         index_hash = im.content_hash
-    answers, answer = None, answer or AnswerSpec()
+    answers, answer = None, answer or AnswerConfig()
     if spec.answer_questions > 0:
         dataset_dir = _store.read_input(dataset, "eval: the dataset is not a finished dataset version")[0] if dataset else find_dataset(card)
         answers, answer = evaluate_answer_quality(model, tokenizer, card, run_dir / ADAPTER, spec, answer, index_dir, retrieval, dataset_dir,
@@ -230,7 +229,7 @@ def run_eval(run_dir: Path, spec: EvalSpec, index: Path | StageRef | None = None
                      template=template.name, probes=probes, seconds=round(time.monotonic() - t0, 2), retrieval=retrieval,
                      answer=answer, answers=answers, index=index_hash, index_name=index_dir.name if index_dir else None)
     out = run_dir / EVAL
-    (out / _store.MANIFEST).unlink(missing_ok=True)
+    _store.reopen(out)
     _store.write_model(out / EVAL_REPORT_FILE, res)
     _store.atomic_write_text(out / REPORT_MD, report_markdown(res))
     inputs = {"adapter": _store.read_manifest(run_dir / ADAPTER).content_hash, **({"index": index_hash} if index_hash else {})}
@@ -254,14 +253,14 @@ def eval_output(run_dir: Path) -> EvalOutput:
                       reason=res.reason, eval_loss=res.eval_loss)
 
 
-def release_key(publish: PublishSpec, run: str) -> str | None:
+def release_key(publish: PublishConfig, run: str) -> str | None:
     """The baseline release of ``run`` (the last one of another run): a new release is a new baseline, while
     publishing this run itself changes nothing (a rerun stays cached)."""
     prev = previous_release(publish, exclude_run=run) if registry_path(publish).is_file() else None
     return f"{prev.run}@{prev.at}" if prev else None
 
 
-def cache_key(spec: EvalSpec, run: RunRef, publish: PublishSpec | None = None) -> dict:
+def cache_key(spec: EvalConfig, run: RunRef, publish: PublishConfig | None = None) -> dict:
     """What the inputs do not show: the content of the hand-written question file (editing it reruns eval) and the
     baseline release (a new release reruns it)."""
     p = spec.retrieval_questions
@@ -269,9 +268,12 @@ def cache_key(spec: EvalSpec, run: RunRef, publish: PublishSpec | None = None) -
             "baseline": release_key(publish, run.run_dir.name) if publish else None}
 
 
-@task(name="eval", cache_policy=stage_cache(__name__, key=cache_key), persist_result=True)
-def eval_task(spec: EvalSpec, run: RunRef, index: StageRef | None = None, *, answer: AnswerSpec | None = None,
-              dataset: StageRef | None = None, publish: PublishSpec | None = None) -> EvalOutput:
+STAGE = Stage(name="eval", module=__name__, profile="train", section="eval", key=cache_key)
+
+
+@stage_task(STAGE)
+def eval_task(spec: EvalConfig, run: RunRef, index: StageRef | None = None, *, answer: AnswerConfig | None = None,
+              dataset: StageRef | None = None, publish: PublishConfig | None = None) -> EvalOutput:
     """The answer-quality eval of a run against the last release (``publish``'s registry)."""
     from prefect.artifacts import create_markdown_artifact
 

@@ -2,7 +2,7 @@
 from culbot.pipeline_config.schema import FormatConfig, MergeDataConfig
 from culbot.tasks import _store
 from culbot.tasks.contracts import TEMPLATES_FILE, TemplateSet, short_hash
-from culbot.tasks.format_prompts import run_format
+from culbot.tasks.format import run_format
 from culbot.tasks.merge_data import run_merge
 from tests.test_templates import KULLM_INPUT, tiny_chat_tokenizer
 

@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
 
 from culbot.pipeline_config.schema import FormatConfig, RagConfig
 
 from . import _store
-from ._prefect import stage_cache
-from .contracts import TEMPLATES_FILE, ContextFormat, StageOutput, StageRef, TemplateSet, short_hash
+from ._prefect import stage_task
+from .contracts import Stage, TEMPLATES_FILE, ContextFormat, StageOutput, StageRef, TemplateSet, short_hash
 from .templates import RENDERER_VERSION, load_template, render_context, render_prompt
 
 log = logging.getLogger("culbot.format")
@@ -124,6 +123,9 @@ def run_format(dataset_dir: Path | StageRef, fmt: FormatConfig, out_root: Path |
     return StageOutput.of(final, m)
 
 
-@task(name="format", cache_policy=stage_cache(__name__), persist_result=True)
+STAGE = Stage(name="format", module=__name__, profile="data", section="format")
+
+
+@stage_task(STAGE)
 def format_task(fmt: FormatConfig, dataset: StageRef, rag: RagConfig | None = None, index: StageRef | None = None) -> StageOutput:
     return run_format(dataset, fmt, rag=rag, index=index)

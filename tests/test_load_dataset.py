@@ -6,7 +6,7 @@ import pytest
 
 from culbot.pipeline_config.schema import ConfigError, DatasetEntry, load_data_profile
 from culbot.tasks import _store
-from culbot.tasks.load_datasets import NoUsableRows, run_load_dataset
+from culbot.tasks.load_dataset import NoUsableRows, run_load_dataset
 from tests.conftest import SAMPLES
 
 
