@@ -163,6 +163,15 @@ def generate_qa(a, dp: DataProfile) -> int:
     return 0
 
 
+def feedback_data(a, dp: DataProfile) -> int:
+    from culbot.tasks.feedback_data import REPORT_MD, run_feedback_data
+
+    out = run_feedback_data(dp.feedback)
+    _print_output(out)
+    print(f"report: {Path(out.path) / REPORT_MD}")
+    return 0
+
+
 def load_dataset(a, dp: DataProfile) -> int:
     from culbot.pipeline_config.schema import DatasetEntry
     from culbot.tasks.load_dataset import run_load_dataset
@@ -428,6 +437,27 @@ def _answerer(a, **kw):
     return answerer
 
 
+def _feedback_store(a):
+    """The feedback store named by --feedback-db (else $CULBOT_FEEDBACK_DB, else the default SQLite file), with answers
+    past --feedback-retention-days removed; None with --no-feedback."""
+    if getattr(a, "no_feedback", False):
+        return None
+    from sqlalchemy.engine import make_url
+
+    from culbot.tasks.feedback_store import DEFAULT_URL, FeedbackStore
+
+    url = a.feedback_db or os.environ.get("CULBOT_FEEDBACK_DB") or DEFAULT_URL
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)   # a PostgreSQL URL may hold a password
+    except Exception:
+        raise ConfigError(f"--feedback-db: {url.split('@')[-1]!r} is not a SQLAlchemy URL (e.g. sqlite:///artifacts/feedback/feedback.db)") from None
+    store = FeedbackStore(url)
+    days = getattr(a, "feedback_retention_days", None)
+    removed = store.purge(days) if days else 0
+    logging.getLogger("culbot.feedback").info("feedback store %s%s", shown, f" ({removed} answers past {days:g} days removed)" if removed else "")
+    return store
+
+
 def _print_reply(r, show_prompt: bool) -> None:
     if show_prompt and r.prompt:
         print(f"----- prompt ({r.template}) -----\n{r.prompt}\n----- answer -----")
@@ -440,22 +470,48 @@ def _print_reply(r, show_prompt: bool) -> None:
         print(f"  ({note})")
 
 
+CHAT_FEEDBACK = {"/good": "up", "/bad": "down"}   # and /fix TEXT: a correction of the last answer
+
+
+def _chat_feedback(store, last, line: str) -> str:
+    """What to say after /good, /bad or /fix TEXT about the last answer."""
+    if store is None:
+        return "feedback is off (--no-feedback)"
+    if last is None:
+        return "no answer yet to give feedback on"
+    command, _, text = line.partition(" ")
+    if command == "/fix" and not text.strip():
+        return "write the right answer after /fix, e.g. /fix 3월 2일부터 신청합니다"
+    store.add(last.id, rating=CHAT_FEEDBACK.get(command), correction=text if command == "/fix" else None)
+    return f"thank you: feedback on {last.id} kept for review"
+
+
 def chat(a, _) -> int:
     from culbot.tasks.answer import InputRejected
+    from culbot.tasks.feedback_store import answer_fields
 
     answerer = _answerer(a)
+    store = _feedback_store(a)
+    info = answerer.info()
+
+    def keep(r):
+        if store is not None:
+            store.record_answer(**answer_fields(r, info, channel="chat"))
+
     if a.once is not None:
         r = answerer.reply(a.once, retrieval=not a.no_retrieval)
         if a.json:
             r = answerer.counted(r.finish())
-            print(json.dumps(r.as_dict(), ensure_ascii=False, indent=2))
+            print(json.dumps({"id": r.id, **r.as_dict()}, ensure_ascii=False, indent=2))
         else:
             _print_reply(r, a.show_prompt)
+        keep(r)
         return 0
-    info = answerer.info()
     print(f"Culbot: {info.id} (run {info.run}, dataset {info.dataset}, template {info.template}"
-          f"{f', index {info.index}' if info.index else ', no index'}). /reset clears the conversation, /exit leaves.")
+          f"{f', index {info.index}' if info.index else ', no index'}). /reset clears the conversation, /exit leaves; "
+          "/good or /bad rates the last answer, /fix TEXT corrects it.")
     history: list[tuple[str, str]] = []
+    last = None
     while True:
         try:
             q = input("\n질문> ").strip()
@@ -467,6 +523,9 @@ def chat(a, _) -> int:
         if q == "/reset":
             history = []
             continue
+        if q.split(" ", 1)[0] in ("/good", "/bad", "/fix"):
+            print(f"({_chat_feedback(store, last, q)})")
+            continue
         if not q:
             continue
         try:
@@ -475,7 +534,9 @@ def chat(a, _) -> int:
             print(f"({e})")
             continue
         _print_reply(r, a.show_prompt)
+        keep(r)
         history.append((q, r.text))
+        last = r
 
 
 def serve(a, _) -> int:
@@ -492,7 +553,7 @@ def serve(a, _) -> int:
     if os.environ.get(a.api_key_env):
         print(f"requests need Authorization: Bearer ${a.api_key_env}")
     # SIGTERM: stop accepting, let answers in progress finish for --drain-seconds, then cancel what is left.
-    uvicorn.run(create_app(answerer, max_queue=a.max_queue, api_key_env=a.api_key_env), host=a.host, port=a.port, log_level="info",
+    uvicorn.run(create_app(answerer, max_queue=a.max_queue, api_key_env=a.api_key_env, feedback=_feedback_store(a)), host=a.host, port=a.port, log_level="info",
                 timeout_graceful_shutdown=a.drain_seconds)
     return 0
 
@@ -548,12 +609,84 @@ def _serve_vllm(a) -> int:
         child.terminate()
 
 
+def _day(text: str):
+    import datetime as dt
+
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%d")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a day as YYYY-MM-DD") from None
+
+
+def _one_line(text: str | None, width: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def feedback_list(a, _) -> int:
+    items = _feedback_store(a).items(status=a.status, rating=a.rating, since=a.since, with_correction=True if a.corrections else None,
+                                     limit=a.limit)
+    if a.json:
+        for item in items:
+            print(json.dumps(item, ensure_ascii=False))
+        return 0
+    if not items:
+        print("no feedback matches")
+        return 0
+    print(f"{'id':>5}  {'rating':6}  {'status':8}  {'when (UTC)':16}  question / correction")
+    for i in items:
+        print(f"{i['id']:>5}  {i['rating'] or '-':6}  {i['status']:8}  {i['created_at'][:16].replace('T', ' '):16}  {_one_line(i['question'], 60)}")
+        if i["correction"]:
+            print(f"{'':42}→ {_one_line(i['correction'], 60)}")
+    return 0
+
+
+def feedback_show(a, _) -> int:
+    item = _feedback_store(a).item(a.id)
+    if item is None:
+        raise ConfigError(f"no feedback item {a.id} (culbot feedback list shows them)")
+    for key in ("id", "status", "rating", "reviewer", "reviewed_at", "used_in", "created_at", "channel", "model", "dataset", "index",
+                "confidence", "refused", "answer_id"):
+        print(f"{key}: {item[key]}")
+    for key in ("question", "answer", "correction", "comment", "prompt"):
+        if item[key]:
+            print(f"----- {key} -----\n{item[key]}")
+    for n, s in enumerate(item["sources"], 1):
+        print(f"  [{n}] {s.get('title', '')} {s.get('url') or ''}".rstrip())
+    return 0
+
+
+def _review(a, approve: bool) -> int:
+    store = _feedback_store(a)
+    ids = list(a.ids)
+    if getattr(a, "all_pending", False):
+        ids += [i["id"] for i in store.items(status="pending", rating=a.rating, with_correction=True if a.corrections else None)]
+    if not ids:
+        raise ConfigError("name feedback ids (culbot feedback list --status pending), or --all-pending")
+    if not a.reviewer.strip():
+        raise ConfigError("--reviewer: say who reviews (no $USER here)")
+    try:
+        n = store.review(sorted(set(ids)), approve=approve, reviewer=a.reviewer)
+    except KeyError as e:
+        raise ConfigError(str(e).strip('"')) from None
+    print(f"{'approved' if approve else 'rejected'} {n} item(s) as {a.reviewer.strip()}")
+    return 0
+
+
+def feedback_approve(a, _) -> int:
+    return _review(a, approve=True)
+
+
+def feedback_reject(a, _) -> int:
+    return _review(a, approve=False)
+
+
 def demo(a, _) -> int:
     from culbot.tasks.demo import build_demo
 
     answerer = _answerer(a)
     answerer.warm_up()
-    build_demo(answerer).launch(server_name=a.host, server_port=a.port, share=False)
+    build_demo(answerer, feedback=_feedback_store(a)).launch(server_name=a.host, server_port=a.port, share=False)
     return 0
 
 
@@ -569,6 +702,16 @@ MAX_NEW = Arg("--max-new-tokens", "Most tokens per answer. Default: the model's 
 LIMIT = Arg("--limit", "Override a bound on what a request may hold (answer.limits: max_body_bytes 262144, max_messages 64, "
                        "max_message_chars 4000, max_total_chars 32000), e.g. --limit max_message_chars=2000 (repeatable).",
             {"action": "append", "default": [], "metavar": "KEY=VALUE"})
+
+FEEDBACK_DB = Arg("--feedback-db", "Where answers and students' feedback are kept: a SQLAlchemy URL (sqlite:///FILE, or "
+                                   "postgresql://... for several servers). Default: $CULBOT_FEEDBACK_DB, else "
+                                   "sqlite:///artifacts/feedback/feedback.db.", {"metavar": "URL"})
+FEEDBACK_ARGS = (
+    FEEDBACK_DB,
+    Arg("--no-feedback", "Keep no answers and take no feedback.", {"action": "store_true"}),
+    Arg("--feedback-retention-days", "Answers (and their feedback) older than this are deleted when the server starts. Default: 365.",
+        {"type": float, "default": 365.0, "metavar": "DAYS"}),
+)
 
 # One override flag per profile kind, the same on every command: --data-set for data-profile fields, --train-set for
 # training-profile fields (`run full` takes both).
@@ -683,7 +826,7 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--json", "With --once: print the answer, sources, prompt and timings as JSON.", {"action": "store_true"}),
         Arg("--show-prompt", "Print the exact rendered prompt before each answer.", {"action": "store_true"}),
         Arg("--no-retrieval", "Answer without the index.", {"action": "store_true"}),
-        MAX_NEW, LIMIT,
+        MAX_NEW, LIMIT, *FEEDBACK_ARGS,
     )),
     Command("serve", "Serve a model folder as an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health) with retrieval; "
                      "or print and exec the `vllm serve` command for a GPU host (--engine vllm).", serve, args=(
@@ -701,14 +844,43 @@ COMMANDS: tuple[Command, ...] = (
         Arg("--dry-run", "--engine vllm: print the commands and exit.", {"action": "store_true"}),
         Arg("--drain-seconds", "On SIGTERM, answers in progress may finish for this long; then they are cancelled. Default: 5.",
             {"type": float, "default": 5.0}),
-        MAX_NEW, LIMIT,
+        MAX_NEW, LIMIT, *FEEDBACK_ARGS,
     )),
     Command("demo", "A web chat (gradio) over a model folder: streamed answers, sources as links, a retrieval switch, example questions "
                     "and the model's version.", demo, args=(
         MODEL, INDEX,
         Arg("--host", "Address to listen on. Default: 127.0.0.1.", {"default": "127.0.0.1"}),
         Arg("--port", "Port. Default: 7860.", {"type": int, "default": 7860}),
-        MAX_NEW, LIMIT,
+        MAX_NEW, LIMIT, *FEEDBACK_ARGS,
+    )),
+    Command("feedback list", "List students' feedback on answers, newest first: its id, rating, status, question and correction.",
+            feedback_list, args=(
+        FEEDBACK_DB,
+        Arg("--status", "Only this review status.", {"choices": ["pending", "approved", "rejected"]}),
+        Arg("--rating", "Only this rating.", {"choices": ["up", "down"]}),
+        Arg("--corrections", "Only items with a correction.", {"action": "store_true"}),
+        Arg("--since", "Only feedback from this day on (YYYY-MM-DD, UTC).", {"type": _day, "metavar": "DAY"}),
+        Arg("--limit", "At most this many. Default: 50.", {"type": int, "default": 50}),
+        Arg("--json", "One JSON object per line, with the prompt, answer and sources.", {"action": "store_true"}),
+    )),
+    Command("feedback show", "Show one feedback item whole: the question, the exact prompt, the answer, its sources and versions.",
+            feedback_show, args=(FEEDBACK_DB, Arg("id", "A feedback id (from `culbot feedback list`).", {"type": int}))),
+    Command("feedback approve", "Approve feedback items for training (recorded with the reviewer and the time).", feedback_approve, args=(
+        FEEDBACK_DB,
+        Arg("ids", "Feedback ids.", {"type": int, "nargs": "*"}),
+        Arg("--all-pending", "Approve every pending item (with --rating and --corrections as filters).", {"action": "store_true"}),
+        Arg("--rating", "With --all-pending: only this rating.", {"choices": ["up", "down"]}),
+        Arg("--corrections", "With --all-pending: only items with a correction.", {"action": "store_true"}),
+        Arg("--reviewer", "Who reviews. Default: $USER.", {"default": os.environ.get("USER", "")}),
+    )),
+    Command("feedback data", "Turn approved feedback into training data: corrections as rows, ratings as preference pairs, and a "
+                             "report of what students ask that Culbot cannot answer.", feedback_data, "data", flags=(
+        Flag("--feedback-db", "feedback.store"), Flag("--out", "feedback.out_dir"),
+    )),
+    Command("feedback reject", "Reject feedback items: they never reach training.", feedback_reject, args=(
+        FEEDBACK_DB,
+        Arg("ids", "Feedback ids.", {"type": int, "nargs": "+"}),
+        Arg("--reviewer", "Who reviews. Default: $USER.", {"default": os.environ.get("USER", "")}),
     )),
     Command("plan", "Per-GPU memory, the largest micro batch that fits, and time and cost of training profiles.", plan, args=(
         Arg("--train-profile --profile", "Training profile (repeatable). Default: every shipped profile.",
@@ -793,6 +965,9 @@ def _profile_args(p: argparse.ArgumentParser, profile: Profile) -> None:
     p.add_argument(over.flag, help=over.help, **over.kwargs)
 
 
+GROUPS = {"crawl": "Crawl a source.", "feedback": "Review students' feedback on answers before it reaches training."}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="culbot", description="Culbot: build the CBNU campus chatbot, stage by stage. "
                                                             "`culbot COMMAND --help` says what a command does and lists its options.")
@@ -804,8 +979,9 @@ def build_parser() -> argparse.ArgumentParser:
         where = sub
         if len(words) == 2:
             if words[0] not in groups:
-                g = sub.add_parser(words[0], help=f"{words[0].capitalize()} a source.", description=f"{words[0].capitalize()} a source.")
-                groups[words[0]] = g.add_subparsers(dest="source", required=True, metavar="SOURCE")
+                what = GROUPS[words[0]]
+                g = sub.add_parser(words[0], help=what, description=what)
+                groups[words[0]] = g.add_subparsers(dest="source", required=True, metavar="SOURCE" if words[0] == "crawl" else "ACTION")
             where = groups[words[0]]
         p = where.add_parser(words[-1], help=cmd.help, description=cmd.help)
         p.set_defaults(command_spec=cmd)

@@ -1,4 +1,5 @@
-"""The `data-refresh` flow: crawl univ100 -> crawl CBNU -> generate QA -> load datasets (KULLM-v2, ...) -> merge-data -> index -> format.
+"""The `data-refresh` flow: crawl univ100 -> crawl CBNU -> generate QA -> load datasets (KULLM-v2, ...) -> feedback data ->
+merge-data -> index -> format.
 
 Run as: culbot run data-refresh [--data-profile sample] [--data-set qa.max_in_flight=8] [--force]
 
@@ -23,6 +24,7 @@ from culbot.tasks import artifact_root as _artifact_root
 from culbot.tasks.contracts import DataRefreshResult, StageOutput, short_hash
 from culbot.tasks.crawl_cbnu import crawl_cbnu_task
 from culbot.tasks.crawl_univ100 import crawl_univ100_task
+from culbot.tasks.feedback_data import feedback_data_task, mark_used
 from culbot.tasks.format import format_task
 from culbot.tasks.generate_qa import generate_qa_task
 from culbot.tasks.index import index_task
@@ -101,12 +103,16 @@ def _refresh(dp: DataProfile, force: bool, artifact_root: str, choice: DataProfi
     for entry in dp.datasets:
         if entry.enabled:
             sources[entry.name] = stage(load_dataset_task, f"-{entry.name}", entry=entry)
+    if dp.feedback.enabled:
+        sources["feedback"] = stage(feedback_data_task, feedback=dp.feedback)
     if not sources:
         raise ValueError(f"data profile {dp.name!r}: every source stage is disabled; nothing to merge")
     known = {v["content_hash"] for v in _store.read_jsonl(Path(dp.merge_data.out_root) / "versions.jsonl")}
     dataset = stage(merge_data_task, merge_data=dp.merge_data, inputs={k: v.ref() for k, v in sources.items()})
     if dataset.content_hash not in known:
         announce_new_version(choice, dataset)
+    if "feedback" in sources:
+        mark_used(dp.feedback, sources["feedback"], dataset)
     index = None
     if dp.rag.enabled and pages is not None:
         index = stage(index_task, rag=dp.rag, pages=pages.ref(), dataset=dataset.ref(), qa=sources["cbnu"].ref() if "cbnu" in sources else None,

@@ -118,6 +118,8 @@ def _format_errors(err: ValidationError, source: str, labels: dict[str, str]) ->
         where = labels.get(loc, source)
         msg = "unknown field (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         got = f" (got {e['input']!r})" if e["type"] not in ("missing", "extra_forbidden") and not isinstance(e.get("input"), dict) else ""
+        if "password" in msg:   # a value refused for holding a secret is not repeated in the error
+            got = ""
         # a check across fields (a model validator of the whole profile) has no one field to name: its message names them
         lines.append(f"  {where}: field '{loc}': {msg}{got}" if loc else f"  {where}: {msg}")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .loader import DEFAULT_DATA_PROFILE, PACKAGE_DIR, ConfigError, Section, find_config, load_config
 
@@ -178,8 +178,34 @@ class DatasetEntry(Section):
 KULLM_V2 = DatasetEntry(name="kullm", hub_id="nlpai-lab/kullm-v2", revision="main", type="alpaca")
 
 
+class FeedbackConfig(Section):
+    enabled: bool = Field(False, description="Run the feedback-data stage in data-refresh: approved corrections become training rows (source 'feedback'), approved ratings become preference pairs.")
+    store: str = Field("sqlite:///artifacts/feedback/feedback.db", description="The feedback store that culbot serve, demo and chat write: a SQLAlchemy URL without a password (a URL with one goes in the variable named by store_env).")
+    store_env: str = Field("CULBOT_FEEDBACK_DB", description="Environment variable whose URL, when set, replaces `store` (the way to give a PostgreSQL password).")
+    out_dir: Path = Field(Path("raw/feedback"), description="rows.jsonl, pairs.jsonl, the unanswered-questions report and the manifest.")
+    report_examples: int = Field(3, ge=0, description="Example questions per topic in the report of what students ask that Culbot cannot answer.")
+
+    @field_validator("store")
+    @classmethod
+    def _no_password(cls, url: str) -> str:
+        from sqlalchemy.engine import make_url
+
+        try:
+            parsed = make_url(url)
+        except Exception:
+            raise ValueError("not a SQLAlchemy URL, e.g. sqlite:///artifacts/feedback/feedback.db") from None
+        if parsed.password:
+            raise ValueError("holds a password: put this URL in the environment variable named by store_env instead")
+        return url
+
+    def url(self) -> str:
+        import os
+
+        return os.environ.get(self.store_env) or self.store
+
+
 class MergeDataConfig(Section):
-    source_priority: list[str] = Field(["cbnu", "univ100", "kullm"], description="On a duplicate (instruction, input), the row from the earliest source here wins.")
+    source_priority: list[str] = Field(["feedback", "cbnu", "univ100", "kullm"], description="On a duplicate (instruction, input), the row from the earliest source here wins.")
     validation_fraction: float | None = Field(0.05, gt=0, lt=1, description="Share of each source held out for validation.")
     validation_size: int | None = Field(None, ge=1, description="Total validation rows, spread over sources by size (overrides validation_fraction).")
     seed: int = Field(42, description="Seed of the deterministic split.")
@@ -187,7 +213,7 @@ class MergeDataConfig(Section):
 
 
 class FormatConfig(Section):
-    template_map: dict[str, str] = Field({"kullm": "kullm", "cbnu": "cbnu2", "univ100": "cbnu"}, description="Template per source, as upstream chose by its row tag.")
+    template_map: dict[str, str] = Field({"kullm": "kullm", "cbnu": "cbnu2", "univ100": "cbnu", "feedback": "cbnu2"}, description="Template per source, as upstream chose by its row tag.")
     default_template: str = Field("kullm", description="Template for sources not in template_map.")
     chat_tokenizer: str | None = Field(None, description="Tokenizer (path or hub id) whose chat template renders the `prompt` column of rows with a 'chat' template, for reading; training renders every row with the base model's own tokenizer (tokenize), so this is optional.")
     out_root: Path = Field(Path("artifacts/formatted"), description="Formatted datasets go to <out_root>/<content-hash>/.")
@@ -239,14 +265,15 @@ class DataProfile(Section):
     merge_data: MergeDataConfig = Field(default_factory=MergeDataConfig, description="Merge of the sources: dedup, split and versioning.")
     format: FormatConfig = Field(default_factory=FormatConfig, description="Prompt formatting.")
     rag: RagConfig = Field(default_factory=RagConfig, description="The retrieval index over CBNU pages, and retrieved context in training rows.")
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig, description="Students' reviewed feedback as training data.")
 
     @model_validator(mode="after")
     def _unique_sources(self):
         names = [d.name for d in self.datasets]
-        taken = {"cbnu", "univ100"}
+        taken = {"cbnu", "univ100", "feedback"}
         clash = sorted({n for n in names if names.count(n) > 1 or n in taken})
         if clash:
-            raise ValueError(f"datasets: names {clash} are used twice or by a built-in source (cbnu, univ100)")
+            raise ValueError(f"datasets: names {clash} are used twice or by a built-in source (cbnu, univ100, feedback)")
         return self
 
     def dataset(self, name: str) -> DatasetEntry:

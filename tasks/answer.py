@@ -17,6 +17,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -75,6 +76,7 @@ class Reply:
     first_token_s: float | None = None
     seconds: float | None = None
     tokens: int = 0
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")   # as OpenAI's API shapes it; feedback names it
     _t0: float = field(default_factory=time.monotonic)
 
     @property

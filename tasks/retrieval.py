@@ -69,6 +69,24 @@ def tagged_morphemes(texts: list[str]) -> list[list[tuple[str, str]]]:
     return [[(t.form.lower(), t.tag) for t in tokens if t.tag.startswith(_CONTENT_TAGS) and t.form not in _STOP] for tokens in _kiwi().tokenize(texts)]
 
 
+def noun_phrases(texts: list[str]) -> list[list[str]]:
+    """The nouns of each text, adjacent ones joined as written: 학생식당 메뉴는 어디서 봐요? -> 학생식당, 메뉴."""
+    out = []
+    for tokens in _kiwi().tokenize(texts):
+        phrases, end = [], None
+        for t in tokens:
+            if t.tag.startswith("NN"):
+                if phrases and t.start == end:
+                    phrases[-1] += t.form
+                else:
+                    phrases.append(t.form)
+                end = t.start + t.len
+            else:
+                end = None
+        out.append([p for p in phrases if p not in _STOP])
+    return out
+
+
 def morphemes(texts: list[str]) -> list[list[str]]:
     """Content morphemes of each text, lower-cased: 장학금은 언제 신청해요? -> 장학금, 신청 (particles and endings dropped)."""
     return [[form for form, _ in text] for text in tagged_morphemes(texts)]

@@ -24,7 +24,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -68,6 +67,17 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     retrieval: bool = True
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a student's judgement of one answer, by the id the completion returned."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(max_length=64, description="The completion's id (chatcmpl-...).")
+    rating: Literal["up", "down"] | None = None
+    correction: str | None = Field(None, description="The right answer, in the student's words.")
+    comment: str | None = None
 
 
 class Busy(Exception):
@@ -199,9 +209,23 @@ def install_auth(app, api_key_env: str) -> None:
 class Completions:
     """The chat completions of one served answerer: the queue gate, the replies in progress, the OpenAI shapes."""
 
-    def __init__(self, answerer: Answerer, max_queue: int):
+    def __init__(self, answerer: Answerer, max_queue: int, feedback=None):
         self.answerer, self.info, self.gate = answerer, answerer.info(), Gate(max_queue)
         self.active: dict[int, Reply] = {}   # id -> the replies being generated
+        self.feedback = feedback             # a feedback.FeedbackStore: every finished answer is kept under its id
+
+    async def record(self, r: Reply, cid: str) -> None:
+        """Keep a finished answer with its context, before the client can see its end (and post feedback on it)."""
+        if self.feedback is None:
+            return
+        from starlette.concurrency import run_in_threadpool
+
+        from .feedback_store import answer_fields
+
+        try:
+            await run_in_threadpool(self.feedback.record_answer, **answer_fields(r, self.info, channel="serve"))
+        except Exception:   # the answer still goes out; its feedback will be refused as unknown
+            log.exception("could not record answer %s in the feedback store", cid)
 
     def stop_all(self) -> None:
         for r in list(self.active.values()):
@@ -261,6 +285,7 @@ class Completions:
         finally:
             self.done(r)
         self.answerer.counted(r)
+        await self.record(r, cid)
         return {"id": cid, "object": "chat.completion", "created": created, "model": self.info.id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}],
                 "usage": self.usage(r), **self.extra(r)}
@@ -278,6 +303,7 @@ class Completions:
             while (d := await _next_piece(pieces)) is not None:
                 yield chunk({"content": d})
             self.answerer.counted(r)
+            await self.record(r, cid)
             yield chunk({}, r.finish_reason, **self.extra(r))
             if req.stream_options and req.stream_options.include_usage:
                 yield chunk(None, usage=self.usage(r))
@@ -289,12 +315,14 @@ class Completions:
             self.done(r)
 
 
-def create_app(answerer: Answerer, *, max_queue: int = 8, api_key_env: str = "CULBOT_API_KEY"):
+def create_app(answerer: Answerer, *, max_queue: int = 8, api_key_env: str = "CULBOT_API_KEY", feedback=None):
+    """The OpenAI-compatible app; with ``feedback`` (a feedback.FeedbackStore) answers are kept and POST /v1/feedback
+    takes students' ratings and corrections."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
-    completions = Completions(answerer, max_queue)
+    completions = Completions(answerer, max_queue, feedback)
     info, gate = completions.info, completions.gate
 
     @contextlib.asynccontextmanager
@@ -332,6 +360,27 @@ def create_app(answerer: Answerer, *, max_queue: int = 8, api_key_env: str = "CU
                          "model", "model_not_found")
         return model_card()
 
+    @app.post("/v1/feedback")
+    async def post_feedback(req: FeedbackRequest):
+        from .feedback_store import UnknownAnswer
+
+        if feedback is None:
+            return error(404, "feedback is not collected by this server (culbot serve --no-feedback)", "invalid_request_error",
+                         code="feedback_off")
+        if req.rating is None and not (req.correction or "").strip() and not (req.comment or "").strip():
+            return error(400, "feedback needs a rating ('up' or 'down'), a correction or a comment", "invalid_request_error", "rating")
+        for name in ("correction", "comment"):
+            text = getattr(req, name)
+            if text is not None and len(text) > answerer.spec.limits.max_message_chars:
+                return error(400, f"{name} has {len(text)} characters; at most {answerer.spec.limits.max_message_chars} "
+                                  f"(answer.limits.max_message_chars)", "invalid_request_error", name, "input_too_long")
+        try:
+            fid = await run_in_threadpool(lambda: feedback.add(req.id, rating=req.rating, correction=req.correction, comment=req.comment))
+        except UnknownAnswer:
+            return error(404, f"no answer {req.id!r} was given by this server (or it is past the retention period)",
+                         "invalid_request_error", "id", "answer_not_found")
+        return {"object": "feedback", "id": fid, "answer_id": req.id, "status": "pending"}
+
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         parsed = completions.parse(req)
@@ -341,12 +390,13 @@ def create_app(answerer: Answerer, *, max_queue: int = 8, api_key_env: str = "CU
             gate.enter()
         except Busy as e:
             return error(503, str(e), "server_busy", headers={"Retry-After": "5"})
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        created = int(time.time())
         try:
             r = await completions.start(req, *parsed)
         except BaseException:
             gate.leave()
             raise
+        cid = r.id
         if not req.stream:
             return JSONResponse(await completions.whole(r, cid, created))
         return StreamingResponse(completions.events(r, req, cid, created), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -19,6 +19,7 @@ os.environ.update({
     "PREFECT_LOGGING_EXTRA_LOGGERS": "culbot",
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "DO_NOT_TRACK": "1",
+    "CULBOT_FEEDBACK_DB": f"sqlite:///{os.path.join(_HOME, 'feedback.db')}",   # chat, serve and demo keep answers here
 })
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("OPENAI_API_KEY", None)

@@ -168,7 +168,7 @@ def test_one_loader_names_the_flag_that_set_a_bad_value():
 
     a = build_parser().parse_args(["format", "--dataset", "d", "--template", "univ100=koalpaca"])
     prof = load_profile_for(a.command_spec, a)
-    assert prof.format.template_map == {"kullm": "kullm", "cbnu": "cbnu2", "univ100": "koalpaca"}   # merged into the mapping
+    assert prof.format.template_map == {"kullm": "kullm", "cbnu": "cbnu2", "univ100": "koalpaca", "feedback": "cbnu2"}   # merged into the mapping
 
 
 @pytest.mark.parametrize("override, says", [

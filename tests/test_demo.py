@@ -14,6 +14,16 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium fonts-noto-cjk; .ci/run does)")
 
 
+def ask(page, port: int, question: str) -> None:
+    """Open the demo, ask ``question`` and wait for the answer's sources."""
+    page.goto(f"http://127.0.0.1:{port}/", wait_until="load")   # gradio keeps a connection open: never "networkidle"
+    page.wait_for_selector("textarea", timeout=60_000)
+    box = page.locator("textarea").first
+    box.fill(question)
+    box.press("Enter")
+    page.get_by_text("출처").first.wait_for(timeout=60_000)
+
+
 def test_the_demo_answers_in_a_browser_with_sources_and_the_model_version(trained_run, cbnu_index, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -86,12 +96,7 @@ def test_crafted_page_titles_and_urls_are_shown_as_text_in_the_browser(trained_r
             page = browser.new_page(viewport={"width": 1100, "height": 1400})
             asked: list[str] = []
             page.on("request", lambda r: asked.append(r.url))
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
-            page.wait_for_selector("textarea", timeout=60_000)
-            box = page.locator("textarea").first
-            box.fill("생활관 입사 신청은 언제 해요?")
-            box.press("Enter")
-            page.get_by_text("출처").first.wait_for(timeout=60_000)
+            ask(page, port, "생활관 입사 신청은 언제 해요?")
             bot = page.locator(".message.bot, [data-testid='bot']").last
             shown = bot.inner_text()
             page.screenshot(path=str(tmp_path / "crafted.png"), full_page=True)
@@ -105,3 +110,39 @@ def test_crafted_page_titles_and_urls_are_shown_as_text_in_the_browser(trained_r
     assert '<img src="https://evil.example/pixel.png"' in shown and '<form action="https://evil.example/steal">' in shown
     assert "[공지 보기](https://evil.example/md)" in shown   # a title's markdown, as text
     assert not [u for u in asked if "evil.example" in u], asked
+
+
+def test_thumbs_and_a_correction_in_the_browser_reach_the_feedback_store(trained_run, cbnu_index, tmp_path):
+    """Issue 26: each answer in the demo has 👍/👎, and "정답 알려주기" corrects the last one; both are stored under the
+    answer's id, with the question, the exact prompt and the sources, waiting for review."""
+    from playwright.sync_api import sync_playwright
+
+    from culbot.tasks.answer import Answerer
+    from culbot.tasks.demo import build_demo
+    from culbot.tasks.feedback_store import FeedbackStore
+
+    answerer = Answerer.load(trained_run / "adapter", cbnu_index, spec=AnswerConfig(max_new_tokens=8, no_answer_threshold=0.0))
+    store = FeedbackStore(f"sqlite:///{tmp_path}/fb.db")
+    port = free_port()
+    demo = build_demo(answerer, feedback=store)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            ask(page, port, "기숙사 신청은 언제 해요?")
+            page.get_by_role("button", name="Dislike").last.click()
+            page.get_by_text("평가 고맙습니다").wait_for(timeout=30_000)
+            page.get_by_label("정답 알려주기").fill("생활관 홈페이지에서 2월에 신청합니다.")
+            page.get_by_role("button", name="보내기").click()
+            page.get_by_text("정답 고맙습니다").wait_for(timeout=30_000)
+            assert page.get_by_label("정답 알려주기").input_value() == ""
+            page.screenshot(path=str(tmp_path / "feedback.png"), full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+    items = store.items()
+    assert [(i["rating"], i["correction"]) for i in reversed(items)] == [("down", None), ("down", "생활관 홈페이지에서 2월에 신청합니다.")]
+    kept = items[0]
+    assert kept["channel"] == "demo" and kept["question"] == "기숙사 신청은 언제 해요?" and kept["answer_id"] == items[1]["answer_id"]
+    assert kept["prompt"] == answerer.reply("기숙사 신청은 언제 해요?").prompt and kept["sources"] and kept["status"] == "pending"

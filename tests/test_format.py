@@ -34,7 +34,7 @@ def test_format_picks_templates_per_source_and_saves_their_text(tmp_path):
     assert rows["k1"]["response"] == "요약"
     saved = _store.read_model(folder / TEMPLATES_FILE, TemplateSet)
     assert saved.templates["kullm"].prompt_input == KULLM_INPUT
-    assert saved.map == {"kullm": "kullm", "cbnu": "cbnu2", "univ100": "cbnu"} and set(saved.templates) == {"kullm", "cbnu", "cbnu2"}
+    assert saved.map == {"kullm": "kullm", "cbnu": "cbnu2", "univ100": "cbnu", "feedback": "cbnu2"} and set(saved.templates) == {"kullm", "cbnu", "cbnu2"}
     assert m.stage == "format" and m.counts["by_template"] == {"kullm": 2, "cbnu2": 1, "cbnu": 1}
     assert _store.read_manifest(folder).lineage.dataset == d.content_hash   # the lineage travels forward
     m2 = run_format(d.path, FormatConfig(template_map={"cbnu": "koalpaca"}, out_root=tmp_path / "fmt"))

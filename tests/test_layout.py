@@ -30,7 +30,7 @@ def _is_stage(path: Path) -> bool:
 def test_stages_import_helpers_only_and_helpers_import_no_stage():
     modules = {p.stem: p for p in TASKS.glob("*.py") if p.stem != "__init__"}
     stages = {name for name, p in modules.items() if _is_stage(p)}
-    assert stages == {"crawl_univ100", "crawl_cbnu", "generate_qa", "load_dataset", "merge_data", "index", "format", "tokenize",
+    assert stages == {"crawl_univ100", "crawl_cbnu", "generate_qa", "load_dataset", "feedback_data", "merge_data", "index", "format", "tokenize",
                       "train", "eval", "merge_adapter", "publish"}
     bad = {}
     for name, path in modules.items():
@@ -108,7 +108,7 @@ def test_each_stage_is_declared_once_and_everything_named_after_it_agrees():
         assert stage.section in profile.model_fields, (path, stage.section)
         assert commands[stage.name].profile == stage.profile, stage.name   # `culbot index` reads the profile index does
         declared[stage.name] = stage
-    assert len(declared) == 12
+    assert len(declared) == 13
     assert set(STAGES) <= set(declared) and typing.get_args(ToStage) == STAGES
     deployments = {d["name"] for d in yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text())["deployments"]}
     single = {d.removeprefix("train-") if d.startswith("train-") else d for d in deployments} & set(declared)

@@ -119,3 +119,43 @@ def test_two_refreshes_at_once_take_turns_on_the_raw_lock(tmp_path, prefect_harn
             spans.append((min(r.start_time for r in runs), max(r.end_time for r in runs)))
     first, second = sorted(spans)
     assert second[0] >= first[1], spans   # no stage of the second began before the first's last one ended
+
+
+@pytest.mark.slow
+def test_approved_feedback_reaches_the_dataset_and_a_new_approval_reruns_its_stage(tmp_path, prefect_harness, monkeypatch):
+    """Issue 26: with feedback.enabled, data-refresh runs feedback-data; an approved correction becomes a dataset row of
+    source feedback, and the store says which version used it. A new approval reruns feedback-data and merge-data, and
+    nothing upstream."""
+    import yaml
+
+    from culbot.flows.data_refresh import data_refresh
+    from culbot.tasks.feedback_store import FeedbackStore
+
+    monkeypatch.delenv("CULBOT_FEEDBACK_DB", raising=False)
+    url = f"sqlite:///{tmp_path}/fb.db"
+    store = FeedbackStore(url)
+    for n, question in enumerate(["셔틀버스는 주말에도 다녀요?", "휴학 신청은 어디서 해요?"]):
+        store.record_answer(id=f"chatcmpl-{n}", channel="demo", question=question, prompt=f"### 질문:\n{question}", answer="모르겠습니다.",
+                            sources=[], confidence=0.1, refused=False, model="m", dataset=None, index=None)
+    first = store.add("chatcmpl-0", rating="down", correction="주말에는 셔틀버스가 다니지 않습니다.")
+    second = store.add("chatcmpl-1", rating="down", correction="휴학 신청은 개신누리 포털에서 합니다.")
+    store.review([first], approve=True, reviewer="kim")
+    profile = sample_profile_file(tmp_path)
+    data = yaml.safe_load(open(profile))
+    data["feedback"] = {"enabled": True, "store": url, "out_dir": str(tmp_path / "raw" / "feedback")}
+    with open(profile, "w") as f:
+        yaml.safe_dump(data, f, allow_unicode=True)
+
+    state = data_refresh(data_profile_file=profile, return_state=True)
+    out = state.result()
+    assert "feedback-data" in out.stages and out.dataset.counts["rows_in"]["feedback"] == 1
+    rows = _store.read_table(out.dataset.path / "train.parquet") + _store.read_table(out.dataset.path / "validation.parquet")
+    assert [r["output"] for r in rows if r["source"] == "feedback"] == ["주말에는 셔틀버스가 다니지 않습니다."]
+    assert {i["id"]: i["used_in"] for i in store.items()}[first] == out.dataset.content_hash
+
+    store.review([second], approve=True, reviewer="kim")
+    state2 = data_refresh(data_profile_file=profile, return_state=True)
+    states = dict(task_states(state2.state_details.flow_run_id))
+    assert states["feedback-data"] == "Completed" and states["merge-data"] == "Completed"
+    assert states["crawl-cbnu"] == states["generate-qa"] == states["load-dataset"] == "Cached"
+    assert state2.result().dataset.counts["rows_in"]["feedback"] == 2
