@@ -185,6 +185,9 @@ class TrainerLines:
         log.info(line.removeprefix("[culbot.train] "))
 
 
+FAULT_LINE = re.compile(r"Error|Exception|terminate called|what\(\):|Abort|Segmentation fault|Killed|out of memory")
+
+
 def run_training(config_path: Path, tp: TrainProfile, *, on_line: Callable[[str], None] | None = None,
                  env: dict[str, str] | None = None) -> TrainResult:
     """Launch, stream, and map the exit status; a finished run returns its result at once."""
@@ -198,6 +201,7 @@ def run_training(config_path: Path, tp: TrainProfile, *, on_line: Callable[[str]
     cmd = launch_command(tp, config_path)
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=40)
+    first_errors: list[str] = []   # a rank's own error comes before the launcher's summary, which fills the tail
     lines = TrainerLines()
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **QUIET_ENV, **(env or {})}
     t0 = time.monotonic()
@@ -207,6 +211,8 @@ def run_training(config_path: Path, tp: TrainProfile, *, on_line: Callable[[str]
             for line in proc.stdout:
                 line = line.rstrip("\n")
                 tail.append(line)
+                if len(first_errors) < 12 and FAULT_LINE.search(line):
+                    first_errors.append(line)
                 (on_line or lines)(line)
         except BaseException:
             # Prefect's cancellation (TerminationSignal) or an interrupt: the trainer checkpoints on SIGTERM, then we go on.
@@ -217,6 +223,8 @@ def run_training(config_path: Path, tp: TrainProfile, *, on_line: Callable[[str]
             raise
         code = proc.wait()
     last = "\n".join(tail)
+    if first_errors and not set(first_errors) <= set(tail):
+        last = "First error lines:\n" + "\n".join(first_errors) + "\n...\n" + last
     if code == EXIT_GUARD:
         raise GuardFailure(f"training stopped by a guard (exit {code}); this run can never be published.\n{last}")
     if code == EXIT_PREEMPTED:

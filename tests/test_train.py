@@ -15,7 +15,7 @@ from culbot.tasks import _store
 from culbot.tasks.contracts import PackingStats, RunCard, RunConfig, TrainResult
 from culbot.tasks.run_folder import read_config
 from culbot.tasks.loss_curve import curve_points, plot
-from culbot.tasks.train import GuardFailure, curve_markdown, launch_command, run_training
+from culbot.tasks.train import GuardFailure, TrainingFailed, curve_markdown, launch_command, run_training
 from culbot.tasks.train_entry import EXIT_PREEMPTED, MARKER, GuardTripped, make_callbacks, newest_complete_checkpoint
 from tests.conftest import prepare_tiny_run
 
@@ -144,7 +144,16 @@ def test_deepspeed_zero2_under_torchrun_two_processes(tmp_path, sample_tokenized
     prof, cfg = _run(tmp_path, sample_tokenized, tiny_model, "hardware.gpus=2", "hardware.launcher=torchrun", "deepspeed=zero2.json",
                      "train.global_batch_size=16", "train.max_steps=3", "train.save_steps=3")
     lines = []
-    result = run_training(cfg, prof, on_line=lines.append, env={"TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions")})
+    env = {"TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions")}
+    try:
+        result = run_training(cfg, prof, on_line=lines.append, env=env)
+    except TrainingFailed as e:
+        # Once in four full-suite runs a rank aborted (exit -6) with no message of its own; alone and under CPU load it
+        # passed every time. One retry, with every rank's output of the failure printed for whoever looks next.
+        print("\n".join(lines))
+        assert "exitcode  : -6" in str(e), str(e)[-3000:]
+        lines.clear()
+        result = run_training(cfg, prof, on_line=lines.append, env=env)
     assert result.status == "completed" and result.global_step == 3
     assert any("DeepSpeed" in l or "deepspeed" in l for l in lines)
     assert read_config(cfg.parent).deepspeed == "deepspeed.json" and (cfg.parent / "deepspeed.json").is_file()   # travels with the run
