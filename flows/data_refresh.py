@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from culbot.flows.deployed import check_version
 from culbot.flows.params import DataOverrides, DataProfileChoice, DataProfileName, profile_source
+from culbot.flows.review import review_feedback
 from culbot.flows.runner import RAW_LOCK, exclusive, run_stage
 from culbot.pipeline_config.loader import DEFAULT_DATA_PROFILE
 from culbot.pipeline_config.schema import DataProfile, load_data_profile
@@ -80,6 +81,7 @@ def data_refresh(data_profile: DataProfileName = DEFAULT_DATA_PROFILE, data_over
     """
     check_version()
     dp = load_data_profile(profile_source(data_profile, data_profile_file, "data_profile"), data_overrides)
+    review_feedback(dp.feedback)   # a pause for review (feedback.review: pause) holds no lock
     with exclusive(RAW_LOCK):   # two refreshes (a schedule and a full run) never write raw/ at once
         return _refresh(dp, force, artifact_root, DataProfileChoice(data_profile=data_profile, data_profile_file=data_profile_file,
                                                                     data_overrides=data_overrides))

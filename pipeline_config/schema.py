@@ -184,6 +184,8 @@ class FeedbackConfig(Section):
     store_env: str = Field("CULBOT_FEEDBACK_DB", description="Environment variable whose URL, when set, replaces `store` (the way to give a PostgreSQL password).")
     out_dir: Path = Field(Path("raw/feedback"), description="rows.jsonl, pairs.jsonl, the unanswered-questions report and the manifest.")
     report_examples: int = Field(3, ge=0, description="Example questions per topic in the report of what students ask that Culbot cannot answer.")
+    review: Literal["cli", "pause"] = Field("cli", description="'pause': with feedback pending, data-refresh pauses before it takes any lock, for a review in the Prefect UI (a form listing the items: ids to approve and to reject, and the reviewer). 'cli': reviews happen with `culbot feedback approve|reject` only.")
+    review_timeout_hours: float = Field(24.0, gt=0, description="How long a paused refresh waits for the review; then it fails, and nothing is recorded.")
 
     @field_validator("store")
     @classmethod

@@ -159,3 +159,57 @@ def test_approved_feedback_reaches_the_dataset_and_a_new_approval_reruns_its_sta
     assert states["feedback-data"] == "Completed" and states["merge-data"] == "Completed"
     assert states["crawl-cbnu"] == states["generate-qa"] == states["load-dataset"] == "Cached"
     assert state2.result().dataset.counts["rows_in"]["feedback"] == 2
+
+
+@pytest.mark.slow
+def test_a_refresh_pauses_for_review_in_the_ui_and_records_the_answer(tmp_path, prefect_harness, monkeypatch):
+    """Issue 26: with feedback.review: pause and feedback pending, data-refresh pauses (Prefect's pause with a form of the
+    pending items); resumed as the UI does it, with ids to approve and to reject, it records them and goes on with the
+    approved correction in the dataset."""
+    import threading
+    import time
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.flow_runs import resume_flow_run
+
+    from culbot.flows.data_refresh import data_refresh
+    from culbot.tasks.feedback_store import FeedbackStore
+
+    monkeypatch.delenv("CULBOT_FEEDBACK_DB", raising=False)
+    monkeypatch.setattr("culbot.flows.review.REVIEW_POLL_S", 1)
+    url = f"sqlite:///{tmp_path}/fb.db"
+    store = FeedbackStore(url)
+    for n, question in enumerate(["계절학기는 몇 학점까지 들을 수 있어요?", "기숙사 와이파이 비밀번호 알려줘"]):
+        store.record_answer(id=f"chatcmpl-{n}", channel="serve", question=question, prompt=question, answer="모르겠습니다.",
+                            sources=[], confidence=0.1, refused=False, model="m", dataset=None, index=None)
+    keep = store.add("chatcmpl-0", rating="down", correction="계절학기는 최대 6학점까지 신청할 수 있습니다.")
+    drop = store.add("chatcmpl-1", rating="down", correction="광고입니다")
+    profile = sample_profile_file(tmp_path)
+    data = yaml.safe_load(open(profile))
+    data["feedback"] = {"enabled": True, "store": url, "out_dir": str(tmp_path / "raw" / "feedback"), "review": "pause"}
+    with open(profile, "w") as f:
+        yaml.safe_dump(data, f, allow_unicode=True)
+
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(state=data_refresh(data_profile_file=profile, return_state=True)))
+    worker.start()
+    paused, deadline = [], time.monotonic() + 120
+    while not paused:
+        assert time.monotonic() < deadline and worker.is_alive(), "the refresh did not pause"
+        time.sleep(0.5)
+        with get_client(sync_client=True) as client:
+            paused = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["PAUSED"]))))
+    assert store.items(status="pending") and not (tmp_path / "raw" / "univ100").exists()   # nothing ran, no lock held
+    from prefect.input.actions import read_flow_run_input
+    from prefect.input.run_input import keyset_from_paused_state
+
+    form = read_flow_run_input(keyset_from_paused_state(paused[0].state)["description"], flow_run_id=paused[0].id)
+    assert "2 feedback item(s) wait for review" in form and "계절학기는 몇 학점까지" in form and f"| {keep} | down |" in form
+    resume_flow_run(paused[0].id, run_input={"approve": [keep], "reject": [drop], "reviewer": "park"})
+    worker.join(300)
+    out = result["state"].result()
+    assert {i["id"]: (i["status"], i["reviewer"]) for i in store.items()} == {keep: ("approved", "park"), drop: ("rejected", "park")}
+    rows = _store.read_table(out.dataset.path / "train.parquet") + _store.read_table(out.dataset.path / "validation.parquet")
+    assert [r["output"] for r in rows if r["source"] == "feedback"] == ["계절학기는 최대 6학점까지 신청할 수 있습니다."]
