@@ -94,8 +94,39 @@ class ShownAnswers:
         return self.at(history, index)
 
 
+def add_feedback(demo, feedback, shown: ShownAnswers, max_chars: int) -> None:
+    """👍/👎 on each answer and "정답 알려주기" for the last one, stored under the answers' ids."""
+    import gradio as gr
+
+    def on_like(history: list[dict], data: gr.LikeData):
+        answer_id = shown.at(history, data.index if isinstance(data.index, int) else data.index[0])
+        if answer_id is None:
+            return "이 답에는 평가를 남길 수 없어요 (no answer id)."
+        feedback.add(answer_id, rating="up" if data.liked else "down")
+        return "평가 고맙습니다. 검토 후 다음 모델 학습에 반영됩니다."
+    on_like.__annotations__["data"] = gr.LikeData   # gradio passes the event by this type; the module's annotations are strings
+
+    def on_fix(text: str, history: list[dict]):
+        answer_id = shown.last(history)
+        if answer_id is None:
+            return "먼저 질문해 주세요: 정답은 마지막 답에 붙습니다.", text
+        if not (text or "").strip():
+            return "정답을 적어 주세요.", text
+        feedback.add(answer_id, rating="down", correction=text)
+        return "정답 고맙습니다. 검토 후 다음 모델 학습에 반영됩니다.", ""
+
+    with demo:
+        with gr.Row():
+            fix = gr.Textbox(label="정답 알려주기", placeholder="마지막 답이 틀렸다면 맞는 답을 적어 주세요", scale=4,
+                             max_length=max_chars)
+            send = gr.Button("보내기", scale=1)
+        status = gr.Markdown()
+        demo.chatbot.like(on_like, [demo.chatbot], [status])
+        send.click(on_fix, [fix, demo.chatbot], [status, fix])
+
+
 def build_demo(answerer: Answerer, feedback=None):
-    """The gradio app; with ``feedback`` (a feedback.FeedbackStore) answers are kept and students can rate and correct them."""
+    """The gradio app; with ``feedback`` (a feedback_store.FeedbackStore) answers are kept and students can rate and correct them."""
     import gradio as gr
 
     from .feedback_store import answer_fields
@@ -136,32 +167,6 @@ def build_demo(answerer: Answerer, feedback=None):
         flagging_mode="never",
         save_history=False,
     )
-    if feedback is None:
-        return demo
-
-    def on_like(history: list[dict], data: gr.LikeData):
-        answer_id = shown.at(history, data.index if isinstance(data.index, int) else data.index[0])
-        if answer_id is None:
-            return "이 답에는 평가를 남길 수 없어요 (no answer id)."
-        feedback.add(answer_id, rating="up" if data.liked else "down")
-        return "평가 고맙습니다. 검토 후 다음 모델 학습에 반영됩니다."
-    on_like.__annotations__["data"] = gr.LikeData   # gradio passes the event by this type; the module's annotations are strings
-
-    def on_fix(text: str, history: list[dict]):
-        answer_id = shown.last(history)
-        if answer_id is None:
-            return "먼저 질문해 주세요: 정답은 마지막 답에 붙습니다.", text
-        if not (text or "").strip():
-            return "정답을 적어 주세요.", text
-        feedback.add(answer_id, rating="down", correction=text)
-        return "정답 고맙습니다. 검토 후 다음 모델 학습에 반영됩니다.", ""
-
-    with demo:
-        with gr.Row():
-            fix = gr.Textbox(label="정답 알려주기", placeholder="마지막 답이 틀렸다면 맞는 답을 적어 주세요", scale=4,
-                             max_length=answerer.spec.limits.max_message_chars)
-            send = gr.Button("보내기", scale=1)
-        status = gr.Markdown()
-        demo.chatbot.like(on_like, [demo.chatbot], [status])
-        send.click(on_fix, [fix, demo.chatbot], [status, fix])
+    if feedback is not None:
+        add_feedback(demo, feedback, shown, answerer.spec.limits.max_message_chars)
     return demo

@@ -212,7 +212,7 @@ class Completions:
     def __init__(self, answerer: Answerer, max_queue: int, feedback=None):
         self.answerer, self.info, self.gate = answerer, answerer.info(), Gate(max_queue)
         self.active: dict[int, Reply] = {}   # id -> the replies being generated
-        self.feedback = feedback             # a feedback.FeedbackStore: every finished answer is kept under its id
+        self.feedback = feedback             # a feedback_store.FeedbackStore: every finished answer is kept under its id
 
     async def record(self, r: Reply, cid: str) -> None:
         """Keep a finished answer with its context, before the client can see its end (and post feedback on it)."""
@@ -315,8 +315,34 @@ class Completions:
             self.done(r)
 
 
+def install_feedback(app, feedback, limits) -> None:
+    """POST /v1/feedback: a rating, correction or comment on an answer this server kept (404 without a store)."""
+    from starlette.concurrency import run_in_threadpool
+
+    @app.post("/v1/feedback")
+    async def post_feedback(req: FeedbackRequest):
+        from .feedback_store import UnknownAnswer
+
+        if feedback is None:
+            return error(404, "feedback is not collected by this server (culbot serve --no-feedback)", "invalid_request_error",
+                         code="feedback_off")
+        if req.rating is None and not (req.correction or "").strip() and not (req.comment or "").strip():
+            return error(400, "feedback needs a rating ('up' or 'down'), a correction or a comment", "invalid_request_error", "rating")
+        for name in ("correction", "comment"):
+            text = getattr(req, name)
+            if text is not None and len(text) > limits.max_message_chars:
+                return error(400, f"{name} has {len(text)} characters; at most {limits.max_message_chars} "
+                                  f"(answer.limits.max_message_chars)", "invalid_request_error", name, "input_too_long")
+        try:
+            fid = await run_in_threadpool(lambda: feedback.add(req.id, rating=req.rating, correction=req.correction, comment=req.comment))
+        except UnknownAnswer:
+            return error(404, f"no answer {req.id!r} was given by this server (or it is past the retention period)",
+                         "invalid_request_error", "id", "answer_not_found")
+        return {"object": "feedback", "id": fid, "answer_id": req.id, "status": "pending"}
+
+
 def create_app(answerer: Answerer, *, max_queue: int = 8, api_key_env: str = "CULBOT_API_KEY", feedback=None):
-    """The OpenAI-compatible app; with ``feedback`` (a feedback.FeedbackStore) answers are kept and POST /v1/feedback
+    """The OpenAI-compatible app; with ``feedback`` (a feedback_store.FeedbackStore) answers are kept and POST /v1/feedback
     takes students' ratings and corrections."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -360,26 +386,7 @@ def create_app(answerer: Answerer, *, max_queue: int = 8, api_key_env: str = "CU
                          "model", "model_not_found")
         return model_card()
 
-    @app.post("/v1/feedback")
-    async def post_feedback(req: FeedbackRequest):
-        from .feedback_store import UnknownAnswer
-
-        if feedback is None:
-            return error(404, "feedback is not collected by this server (culbot serve --no-feedback)", "invalid_request_error",
-                         code="feedback_off")
-        if req.rating is None and not (req.correction or "").strip() and not (req.comment or "").strip():
-            return error(400, "feedback needs a rating ('up' or 'down'), a correction or a comment", "invalid_request_error", "rating")
-        for name in ("correction", "comment"):
-            text = getattr(req, name)
-            if text is not None and len(text) > answerer.spec.limits.max_message_chars:
-                return error(400, f"{name} has {len(text)} characters; at most {answerer.spec.limits.max_message_chars} "
-                                  f"(answer.limits.max_message_chars)", "invalid_request_error", name, "input_too_long")
-        try:
-            fid = await run_in_threadpool(lambda: feedback.add(req.id, rating=req.rating, correction=req.correction, comment=req.comment))
-        except UnknownAnswer:
-            return error(404, f"no answer {req.id!r} was given by this server (or it is past the retention period)",
-                         "invalid_request_error", "id", "answer_not_found")
-        return {"object": "feedback", "id": fid, "answer_id": req.id, "status": "pending"}
+    install_feedback(app, feedback, answerer.spec.limits)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
