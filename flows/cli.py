@@ -442,15 +442,17 @@ def _feedback_store(a):
     past --feedback-retention-days removed; None with --no-feedback."""
     if getattr(a, "no_feedback", False):
         return None
+    from pydantic import ValidationError
     from sqlalchemy.engine import make_url
 
-    from culbot.tasks.feedback_store import DEFAULT_URL, FeedbackStore
+    from culbot.pipeline_config.schema import FeedbackConfig
+    from culbot.tasks.feedback_store import FeedbackStore
 
-    url = a.feedback_db or os.environ.get("CULBOT_FEEDBACK_DB") or DEFAULT_URL
-    try:
-        shown = make_url(url).render_as_string(hide_password=True)   # a PostgreSQL URL may hold a password
-    except Exception:
-        raise ConfigError(f"--feedback-db: {url.split('@')[-1]!r} is not a SQLAlchemy URL (e.g. sqlite:///artifacts/feedback/feedback.db)") from None
+    try:   # the stage's rule: the URL given, else $CULBOT_FEEDBACK_DB (which may hold a password), else the default file
+        url = FeedbackConfig(store=a.feedback_db).url()
+    except ValidationError as e:
+        raise ConfigError(f"--feedback-db: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    shown = make_url(url).render_as_string(hide_password=True)
     store = FeedbackStore(url)
     days = getattr(a, "feedback_retention_days", None)
     removed = store.purge(days) if days else 0
@@ -488,7 +490,6 @@ def _chat_feedback(store, last, line: str) -> str:
 
 def chat(a, _) -> int:
     from culbot.tasks.answer import InputRejected
-    from culbot.tasks.feedback_store import answer_fields
 
     answerer = _answerer(a)
     store = _feedback_store(a)
@@ -496,6 +497,8 @@ def chat(a, _) -> int:
 
     def keep(r):
         if store is not None:
+            from culbot.tasks.feedback_store import answer_fields
+
             store.record_answer(**answer_fields(r, info, channel="chat"))
 
     if a.once is not None:
@@ -523,7 +526,7 @@ def chat(a, _) -> int:
         if q == "/reset":
             history = []
             continue
-        if q.split(" ", 1)[0] in ("/good", "/bad", "/fix"):
+        if q.split(" ", 1)[0] in (*CHAT_FEEDBACK, "/fix"):
             print(f"({_chat_feedback(store, last, q)})")
             continue
         if not q:
@@ -618,12 +621,9 @@ def _day(text: str):
         raise argparse.ArgumentTypeError(f"{text!r}: expected a day as YYYY-MM-DD") from None
 
 
-def _one_line(text: str | None, width: int) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def feedback_list(a, _) -> int:
+    from culbot.tasks._text import shorten
+
     items = _feedback_store(a).items(status=a.status, rating=a.rating, since=a.since, with_correction=True if a.corrections else None,
                                      limit=a.limit)
     if a.json:
@@ -635,9 +635,9 @@ def feedback_list(a, _) -> int:
         return 0
     print(f"{'id':>5}  {'rating':6}  {'status':8}  {'when (UTC)':16}  question / correction")
     for i in items:
-        print(f"{i['id']:>5}  {i['rating'] or '-':6}  {i['status']:8}  {i['created_at'][:16].replace('T', ' '):16}  {_one_line(i['question'], 60)}")
+        print(f"{i['id']:>5}  {i['rating'] or '-':6}  {i['status']:8}  {i['created_at'][:16].replace('T', ' '):16}  {shorten(i['question'], 60)}")
         if i["correction"]:
-            print(f"{'':42}→ {_one_line(i['correction'], 60)}")
+            print(f"{'':42}→ {shorten(i['correction'], 60)}")
     return 0
 
 
@@ -704,8 +704,8 @@ LIMIT = Arg("--limit", "Override a bound on what a request may hold (answer.limi
             {"action": "append", "default": [], "metavar": "KEY=VALUE"})
 
 FEEDBACK_DB = Arg("--feedback-db", "Where answers and students' feedback are kept: a SQLAlchemy URL (sqlite:///FILE, or "
-                                   "postgresql://... for several servers). Default: $CULBOT_FEEDBACK_DB, else "
-                                   "sqlite:///artifacts/feedback/feedback.db.", {"metavar": "URL"})
+                                   "postgresql+psycopg://... for several servers; a URL with a password goes in $CULBOT_FEEDBACK_DB, not here). "
+                                   "Default: $CULBOT_FEEDBACK_DB, else sqlite:///artifacts/feedback/feedback.db.", {"metavar": "URL"})
 FEEDBACK_ARGS = (
     FEEDBACK_DB,
     Arg("--no-feedback", "Keep no answers and take no feedback.", {"action": "store_true"}),

@@ -89,9 +89,10 @@ def data_refresh(data_profile: DataProfileName = DEFAULT_DATA_PROFILE, data_over
 
 def _refresh(dp: DataProfile, force: bool, artifact_root: str, choice: DataProfileChoice) -> DataRefreshResult:
     stages: dict[str, StageOutput] = {}   # by stage name (each load-dataset by its dataset's too)
+    root = _artifact_root.configured(artifact_root)
 
     def stage(task, suffix: str = "", **inputs) -> StageOutput:
-        stages[task.name + suffix] = out = run_stage(task, force=force, root=_artifact_root.configured(artifact_root), **inputs)
+        stages[task.name + suffix] = out = run_stage(task, force=force, root=root, **inputs)
         return out
 
     sources: dict[str, StageOutput] = {}

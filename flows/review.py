@@ -6,12 +6,14 @@ The Prefect UI shows the form on the paused run (Resume); `resume_flow_run(id, r
 from __future__ import annotations
 
 import os
+from functools import partial
 
 from prefect import get_run_logger, pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
 from culbot.pipeline_config.schema import FeedbackConfig
+from culbot.tasks._text import table_cell
 from culbot.tasks.feedback_store import FeedbackStore
 
 REVIEW_POLL_S = int(os.environ.get("CULBOT_REVIEW_POLL_S", "10"))   # how often a paused run checks for the answer
@@ -30,7 +32,7 @@ class FeedbackReview(RunInput):
 
 def review_markdown(pending: list[dict]) -> str:
     """The pending items as the pause form shows them: id, rating, question, answer and correction."""
-    cell = lambda text: " ".join((text or "").split()).replace("|", "\\|")[:200]   # noqa: E731
+    cell = partial(table_cell, width=200)
     lines = [f"# {len(pending)} feedback item(s) wait for review", "",
              "Put the ids to train on in **approve** and the others in **reject**; items in neither stay pending.", "",
              "| id | rating | question | answer | correction |", "|---:|---|---|---|---|"]
@@ -53,7 +55,7 @@ def review_feedback(feedback: FeedbackConfig) -> None:
         log.info("feedback: nothing pending review")
         return
     log.info("feedback: %d item(s) pending; pausing for review in the Prefect UI (up to %g h)", len(pending), feedback.review_timeout_hours)
-    form = FeedbackReview.with_initial_data(description=review_markdown(pending), approve=[], reject=[], reviewer="")
+    form = FeedbackReview.with_initial_data(description=review_markdown(pending))
     answer = pause_flow_run(wait_for_input=form, timeout=int(feedback.review_timeout_hours * 3600), poll_interval=REVIEW_POLL_S)
     if not answer.reviewer.strip():
         raise ValueError("feedback review: the form's reviewer is empty; say who reviewed (nothing was recorded)")

@@ -178,10 +178,13 @@ class DatasetEntry(Section):
 KULLM_V2 = DatasetEntry(name="kullm", hub_id="nlpai-lab/kullm-v2", revision="main", type="alpaca")
 
 
+DEFAULT_FEEDBACK_URL = "sqlite:///artifacts/feedback/feedback.db"
+
+
 class FeedbackConfig(Section):
     enabled: bool = Field(False, description="Run the feedback-data stage in data-refresh: approved corrections become training rows (source 'feedback'), approved ratings become preference pairs.")
-    store: str = Field("sqlite:///artifacts/feedback/feedback.db", description="The feedback store that culbot serve, demo and chat write: a SQLAlchemy URL without a password (a URL with one goes in the variable named by store_env).")
-    store_env: str = Field("CULBOT_FEEDBACK_DB", description="Environment variable whose URL, when set, replaces `store` (the way to give a PostgreSQL password).")
+    store: str | None = Field(None, description=f"The feedback store that culbot serve, demo and chat write: a SQLAlchemy URL without a password (a URL with one goes in the variable named by store_env). None: that variable, else {DEFAULT_FEEDBACK_URL}.")
+    store_env: str = Field("CULBOT_FEEDBACK_DB", description="Environment variable holding the store's URL when `store` is unset (the way to give a PostgreSQL password).")
     out_dir: Path = Field(Path("raw/feedback"), description="rows.jsonl, pairs.jsonl, the unanswered-questions report and the manifest.")
     report_examples: int = Field(3, ge=0, description="Example questions per topic in the report of what students ask that Culbot cannot answer.")
     review: Literal["cli", "pause"] = Field("cli", description="'pause': with feedback pending, data-refresh pauses before it takes any lock, for a review in the Prefect UI (a form listing the items: ids to approve and to reject, and the reviewer). 'cli': reviews happen with `culbot feedback approve|reject` only.")
@@ -189,21 +192,26 @@ class FeedbackConfig(Section):
 
     @field_validator("store")
     @classmethod
-    def _no_password(cls, url: str) -> str:
+    def _no_password(cls, url: str | None) -> str | None:
         from sqlalchemy.engine import make_url
 
+        if url is None:
+            return None
         try:
             parsed = make_url(url)
         except Exception:
             raise ValueError("not a SQLAlchemy URL, e.g. sqlite:///artifacts/feedback/feedback.db") from None
         if parsed.password:
-            raise ValueError("holds a password: put this URL in the environment variable named by store_env instead")
+            raise ValueError("holds a password: put this URL in the environment variable named by feedback.store_env "
+                             "($CULBOT_FEEDBACK_DB by default) instead")
         return url
 
     def url(self) -> str:
+        """The store's URL, the same way everywhere: the one given (config or --feedback-db), else $CULBOT_FEEDBACK_DB,
+        else the default SQLite file."""
         import os
 
-        return os.environ.get(self.store_env) or self.store
+        return self.store or os.environ.get(self.store_env) or DEFAULT_FEEDBACK_URL
 
 
 class MergeDataConfig(Section):

@@ -74,6 +74,17 @@ def one_line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def shorten(text: str | None, width: int) -> str:
+    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
+    one = one_line(text or "")
+    return one if len(one) <= width else one[: width - 1] + "…"
+
+
+def table_cell(text: str | None, width: int = 120) -> str:
+    """``text`` as a markdown table cell: one line, ``|`` escaped, at most ``width`` characters."""
+    return shorten((text or "").replace("|", "\\|"), width)
+
+
 _URL_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f<>\"'`{}|\\^]")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from culbot.pipeline_config.train_schema import EvalConfig
 
-from . import _store, grounding
+from . import _store, _text, grounding
 from .answer import Answerer, Reply
 from .contracts import LOWER_IS_BETTER, AnswerExample, AnswerMetrics, AnswerQuality, MetricChange, Release
 
@@ -169,11 +169,6 @@ def verdict(q: AnswerQuality, spec: EvalConfig) -> tuple[bool, str]:
     return False, text
 
 
-def _cell(text: str, n: int = 120) -> str:
-    one = " ".join((text or "").split()).replace("|", "\\|")
-    return one if len(one) <= n else one[: n - 1] + "…"
-
-
 def markdown(q: AnswerQuality, examples: int = 10) -> list[str]:
     names = ["fact_recall", "chrf", "groundedness", "refusal_rate", "false_refusal_rate"]
     changes = {c.metric: c for c in q.changes}
@@ -194,6 +189,7 @@ def markdown(q: AnswerQuality, examples: int = 10) -> list[str]:
     lines += [f"### {min(examples, len(q.examples))} answers side by side", "",
               "| question | reference | previous | this model | sources |", "|---|---|---|---|---|"]
     for e in q.examples[:examples]:
-        lines.append(f"| {_cell(e.question, 60)} | {_cell(e.reference)} | {_cell(q.baseline_answers.get(e.id, '—'))} | "
-                     f"{_cell(e.answer)} | {_cell(', '.join(e.sources[:3]), 60)} |")
+        cell = _text.table_cell
+        lines.append(f"| {cell(e.question, 60)} | {cell(e.reference)} | {cell(q.baseline_answers.get(e.id, '—'))} | "
+                     f"{cell(e.answer)} | {cell(', '.join(e.sources[:3]), 60)} |")
     return lines + [""]

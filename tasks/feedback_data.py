@@ -23,7 +23,7 @@ from pathlib import Path
 
 from culbot.pipeline_config.schema import FeedbackConfig
 
-from . import _store
+from . import _store, _text
 from ._prefect import stage_task
 from .contracts import Stage, StageOutput
 from .feedback_store import FeedbackStore
@@ -87,7 +87,7 @@ def report_markdown(groups: list[dict], since: str | None, until: str | None) ->
              f"Refused questions and answers voted down, {since or '?'} to {until or '?'} (UTC), grouped by topic.", "",
              "| topic | questions | refused | voted down | examples |", "|---|---:|---:|---:|---|"]
     for g in groups:
-        shown = " / ".join(e.replace("|", "\\|").replace("\n", " ") for e in g["examples"])
+        shown = " / ".join(_text.table_cell(e, 200) for e in g["examples"])
         lines.append(f"| {g['topic']} | {g['questions']} | {g['refused']} | {g['voted_down']} | {shown} |")
     return "\n".join(lines) + "\n"
 

@@ -26,7 +26,6 @@ from . import _text
 
 log = logging.getLogger("culbot.feedback")
 
-DEFAULT_URL = "sqlite:///artifacts/feedback/feedback.db"
 MIGRATIONS = Path(__file__).with_name("feedback_migrations")
 Rating = Literal["up", "down"]
 Status = Literal["pending", "approved", "rejected"]
@@ -113,7 +112,7 @@ def migrate(engine: Engine) -> None:
 class FeedbackStore:
     """``FeedbackStore(url)``: answers and feedback in the database at ``url`` (created and migrated on open)."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, max_text_chars: int = 4000):
+    def __init__(self, url: str, *, max_text_chars: int = 4000):
         self.url = url
         self.max_text_chars = max_text_chars
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
@@ -193,12 +192,10 @@ class FeedbackStore:
     def state_key(self) -> str:
         """A hash of everything the feedback-data stage reads: approved items (their texts and reviews) and the questions
         of the unanswered report. Its cache key: a new approval or a new refused question rebuilds it."""
-        import hashlib
-        import json
+        from . import _store
 
-        payload = json.dumps([[(i["id"], i["answer_id"], i["rating"], i["correction"], i["reviewed_at"]) for i in self.items(status="approved")],
-                              self.unanswered()], ensure_ascii=False, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()
+        return _store.hash_json([[(i["id"], i["answer_id"], i["rating"], i["correction"], i["reviewed_at"]) for i in self.items(status="approved")],
+                                 self.unanswered()])
 
     def mark_used(self, ids: list[int], dataset: str) -> None:
         with Session(self.engine) as s, s.begin():

@@ -91,3 +91,22 @@ def test_a_reviewed_correction_wins_a_duplicate_in_merge_data_and_the_store_reco
     used = {i["id"]: i["used_in"] for i in store.items(status="approved")}
     assert used[ids["fix"]] == used[ids["down"]] == used[ids["up"]] == dataset.content_hash   # its row and its pairs
     assert used[ids["lib_up"]] is None                                                      # no pair, no row: not used
+
+
+def test_every_reader_finds_the_store_the_same_way(monkeypatch, capsys):
+    """The URL given (feedback.store, or --feedback-db) wins; else $CULBOT_FEEDBACK_DB, which alone may hold a password;
+    else the default SQLite file. A password in config or on the command line is refused without being repeated."""
+    from culbot.flows.cli import main
+    from culbot.pipeline_config.loader import ConfigError
+    from culbot.pipeline_config.schema import DEFAULT_FEEDBACK_URL, load_data_profile
+
+    assert FeedbackConfig().url() == DEFAULT_FEEDBACK_URL
+    monkeypatch.setenv("CULBOT_FEEDBACK_DB", "postgresql+psycopg://lab:pw@db.example/culbot")
+    assert FeedbackConfig().url() == "postgresql+psycopg://lab:pw@db.example/culbot"
+    assert FeedbackConfig(store="sqlite:///x.db").url() == "sqlite:///x.db"
+    with pytest.raises(ConfigError, match="holds a password") as e:
+        load_data_profile("sample", ["feedback.store=postgresql://lab:s3cret@db/culbot"])
+    assert "s3cret" not in str(e.value)
+    assert main(["feedback", "list", "--feedback-db", "postgresql://lab:s3cret@db/culbot"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a password" in err and "s3cret" not in err
